@@ -13,7 +13,7 @@
 
 mod state;
 
-pub use state::{CpuState, DescriptorTable, Segment};
+pub use state::{CpuState, DescriptorTable, FpuState, Segment};
 pub use vm_memory::GuestMemoryMmap;
 
 use std::sync::Arc;

@@ -114,6 +114,41 @@ pub struct CpuState {
     pub cr4: u64,
     pub cr8: u64,
     pub efer: u64,
+    /// x87/MMX/SSE state, as FXSAVE lays it out.
+    pub fpu: FpuState,
+}
+
+/// The x87, MMX and SSE state (the FXSAVE image, field by field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FpuState {
+    pub fcw: u16,
+    pub fsw: u16,
+    /// Abridged tag word as FXSAVE stores it: bit i set = ST(i)'s register valid.
+    pub ftw: u8,
+    pub fop: u16,
+    pub fip: u64,
+    pub fdp: u64,
+    pub mxcsr: u32,
+    /// ST0..ST7 / MM0..MM7 as 80-bit values in the low 10 bytes.
+    pub st: [[u8; 16]; 8],
+    pub xmm: [u128; 16],
+}
+
+impl Default for FpuState {
+    /// The state after FNINIT and with MXCSR at its reset value.
+    fn default() -> Self {
+        FpuState {
+            fcw: 0x37f,
+            fsw: 0,
+            ftw: 0,
+            fop: 0,
+            fip: 0,
+            fdp: 0,
+            mxcsr: 0x1f80,
+            st: [[0; 16]; 8],
+            xmm: [0; 16],
+        }
+    }
 }
 
 impl CpuState {
