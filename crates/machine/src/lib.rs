@@ -1,1 +1,264 @@
-//! TODO
+//! The virtual machine: guest memory laid out per `vmplay_boot::layout`,
+//! the port-I/O and MMIO buses with their devices, one thread per vCPU,
+//! and the lifecycle from boot to the reason the VM stopped.
+//!
+//! Data flows one way: a [`MachineConfig`] builds a [`Machine`]; `run`
+//! starts the vCPU loops; each exit goes to a bus, each bus to a device;
+//! devices ask [`VmControl`] to stop the VM. This crate never names a
+//! backend: it drives whatever `Hypervisor` it is handed.
+
+mod memory;
+mod vcpu_loop;
+
+pub use memory::{host_memory_bytes, parse_size};
+pub use vmplay_boot::{KernelEntry, Protocol};
+pub use vmplay_devices::control::{StopReason, VmControl};
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+use vmplay_boot::layout;
+use vmplay_devices::bus::{Bus, BusError};
+use vmplay_devices::{AcpiPm, DebugExit, I8042, PostPort, Rtc, Serial};
+use vmplay_hypervisor::{Hypervisor, Vcpu, VmSpec};
+
+/// Where the guest's COM1 goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialMode {
+    /// stdin → guest, guest → stdout (raw mode when stdin is a TTY).
+    Stdio,
+    /// guest → this file, no input.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+/// Everything needed to build and boot one VM.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub entry: KernelEntry,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub vcpus: u32,
+    pub serial: SerialMode,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("memory {0}: {1}")]
+    Memory(String, String),
+    #[error("vCPU count {count}: {reason}")]
+    Vcpus { count: u32, reason: String },
+    #[error(transparent)]
+    Boot(#[from] vmplay_boot::BootError),
+    #[error("{backend}: {source}")]
+    Backend {
+        backend: &'static str,
+        #[source]
+        source: vmplay_hypervisor::Error,
+    },
+    #[error("serial output {path}: {source}")]
+    SerialFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device map: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot start vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A built VM, ready to run.
+pub struct Machine {
+    backend: &'static str,
+    control: Arc<VmControl>,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<Serial>>,
+    stdio: bool,
+    protocol: Protocol,
+    // Keeps the guest RAM mapped while the vCPUs run.
+    _memory: vmplay_hypervisor::GuestMemory,
+    _vm: Arc<dyn vmplay_hypervisor::Vm>,
+}
+
+/// How long stopped vCPU threads get to leave their loops before vmplay
+/// gives up on them: a wedged backend must not wedge the VMM.
+const VCPU_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Machine {
+    /// Validates `config`, builds memory, the VM, its devices and vCPUs,
+    /// and loads the kernel.
+    pub fn new(hv: &dyn Hypervisor, config: &MachineConfig) -> Result<Machine, MachineError> {
+        let backend = hv.name();
+        let max = hv.max_vcpus();
+        if config.vcpus == 0 || config.vcpus > max {
+            return Err(MachineError::Vcpus {
+                count: config.vcpus,
+                reason: format!("must be between 1 and {max} (the {backend} backend's limit)"),
+            });
+        }
+        if config.vcpus > 255 {
+            return Err(MachineError::Vcpus {
+                count: config.vcpus,
+                reason: "xAPIC IDs stop at 254".into(),
+            });
+        }
+        let memory = memory::create(config.memory)?;
+        let backend_err = |source| MachineError::Backend { backend, source };
+        let vm = hv
+            .create_vm(
+                &VmSpec {
+                    vcpus: config.vcpus,
+                },
+                &memory,
+            )
+            .map_err(backend_err)?;
+        let control = VmControl::new();
+
+        let serial_output: Box<dyn std::io::Write + Send> = match &config.serial {
+            SerialMode::Stdio => Box::new(std::io::stdout()),
+            SerialMode::File(path) => Box::new(std::fs::File::create(path).map_err(|source| {
+                MachineError::SerialFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
+            SerialMode::None => Box::new(std::io::sink()),
+        };
+        let serial = Arc::new(Mutex::new(Serial::new(
+            vm.irq_line(layout::COM1_IRQ).map_err(backend_err)?,
+            serial_output,
+        )));
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), layout::COM1_PORT.into(), 8)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(control.clone()))),
+            layout::I8042_DATA_PORT.into(),
+            5,
+        )?;
+        pio.insert(Arc::new(Mutex::new(Rtc::new())), layout::RTC_PORT.into(), 2)?;
+        pio.insert(
+            Arc::new(Mutex::new(DebugExit::new(control.clone()))),
+            layout::DEBUG_EXIT_PORT.into(),
+            4,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
+            layout::ACPI_SLEEP_CONTROL_PORT.into(),
+            3,
+        )?;
+        pio.insert(Arc::new(Mutex::new(PostPort)), layout::POST_PORT.into(), 1)?;
+        let mmio = Bus::new();
+
+        let boot = vmplay_boot::load(
+            &memory,
+            &vmplay_boot::BootConfig {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                entry: config.entry,
+                vcpus: config.vcpus,
+                virtio_mmio: &[],
+            },
+        )?;
+
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let mut vcpu = vm.create_vcpu(id).map_err(backend_err)?;
+            if id == 0 {
+                vcpu.set_state(&boot.bsp_state).map_err(backend_err)?;
+            }
+            control.add_kicker(vcpu.kicker());
+            vcpus.push(vcpu);
+        }
+        tracing::info!(
+            backend,
+            protocol = %boot.protocol,
+            vcpus = config.vcpus,
+            memory = config.memory,
+            "machine built"
+        );
+        Ok(Machine {
+            backend,
+            control,
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            serial,
+            stdio: config.serial == SerialMode::Stdio,
+            protocol: boot.protocol,
+            _memory: memory,
+            _vm: vm,
+        })
+    }
+
+    /// The handle to stop this VM from elsewhere (signal threads, tests).
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+
+    /// The boot protocol the kernel was loaded with.
+    pub fn protocol(&self) -> &Protocol {
+        &self.protocol
+    }
+
+    /// The backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// Runs the VM until something stops it and returns why.
+    pub fn run(self) -> Result<StopReason, MachineError> {
+        let Machine {
+            control,
+            vcpus,
+            pio,
+            mmio,
+            serial,
+            stdio,
+            ..
+        } = self;
+        let _raw_terminal = stdio.then(vmplay_devices::console::RawTerminal::new);
+        if stdio {
+            vmplay_devices::console::spawn_stdin_forwarder(serial, control.clone());
+        }
+        let count = vcpus.len();
+        let (done_tx, done_rx) = mpsc::channel();
+        let ctx = Arc::new(vcpu_loop::VcpuContext {
+            pio,
+            mmio,
+            control: control.clone(),
+            halted: AtomicUsize::new(0),
+            vcpu_count: count,
+        });
+        for vcpu in vcpus {
+            let ctx = ctx.clone();
+            let done = done_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.id()))
+                .spawn(move || {
+                    vcpu_loop::run(vcpu, &ctx);
+                    let _ = done.send(());
+                })
+                .map_err(MachineError::Thread)?;
+        }
+        drop(done_tx);
+        let reason = control.wait();
+        let deadline = std::time::Instant::now() + VCPU_JOIN_TIMEOUT;
+        for _ in 0..count {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if done_rx.recv_timeout(left).is_err() {
+                tracing::warn!("a vCPU thread did not stop within {VCPU_JOIN_TIMEOUT:?}");
+                break;
+            }
+        }
+        Ok(reason)
+    }
+}
