@@ -180,6 +180,6 @@ mod tests {
         ] {
             assert!(addr < EBDA_START);
         }
-        assert!(PD + PD_COUNT * 0x1000 <= CMDLINE);
+        const { assert!(PD + PD_COUNT * 0x1000 <= CMDLINE) };
     }
 }
