@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IsTerminal};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -57,25 +58,10 @@ impl RawTerminal {
         if !io::stdin().is_terminal() {
             return Ok(RawTerminal { active: false });
         }
-        let current = get_termios().map_err(ConsoleError::GetAttr)?;
+        let current = get_termios(libc::STDIN_FILENO).map_err(ConsoleError::GetAttr)?;
         // The first original wins: entering twice must not save raw mode.
         let original = *SAVED.get_or_init(|| current);
-        let mut raw = original;
-        raw.c_iflag &= !(libc::IGNBRK
-            | libc::BRKINT
-            | libc::PARMRK
-            | libc::ISTRIP
-            | libc::INLCR
-            | libc::IGNCR
-            | libc::ICRNL
-            | libc::IXON);
-        raw.c_oflag |= libc::OPOST;
-        raw.c_lflag &= !(libc::ECHO | libc::ECHONL | libc::ICANON | libc::IEXTEN | libc::ISIG);
-        raw.c_cflag &= !(libc::CSIZE | libc::PARENB);
-        raw.c_cflag |= libc::CS8;
-        raw.c_cc[libc::VMIN] = 1;
-        raw.c_cc[libc::VTIME] = 0;
-        set_termios(&raw).map_err(ConsoleError::SetAttr)?;
+        set_termios(libc::STDIN_FILENO, &raw_termios(&original)).map_err(ConsoleError::SetAttr)?;
         RAW.store(true, Ordering::Release);
         Ok(RawTerminal { active: true })
     }
@@ -102,27 +88,48 @@ impl Drop for RawTerminal {
 pub fn restore() {
     if RAW.swap(false, Ordering::AcqRel)
         && let Some(original) = SAVED.get()
-        && let Err(e) = set_termios(original)
+        && let Err(e) = set_termios(libc::STDIN_FILENO, original)
     {
         tracing::warn!(error = %e, "cannot restore the terminal settings of stdin");
     }
 }
 
-fn get_termios() -> io::Result<libc::termios> {
+/// `original` with QEMU's `-nographic` raw mode applied (see the module docs).
+fn raw_termios(original: &libc::termios) -> libc::termios {
+    let mut raw = *original;
+    raw.c_iflag &= !(libc::IGNBRK
+        | libc::BRKINT
+        | libc::PARMRK
+        | libc::ISTRIP
+        | libc::INLCR
+        | libc::IGNCR
+        | libc::ICRNL
+        | libc::IXON);
+    raw.c_oflag |= libc::OPOST;
+    raw.c_lflag &= !(libc::ECHO | libc::ECHONL | libc::ICANON | libc::IEXTEN | libc::ISIG);
+    raw.c_cflag &= !(libc::CSIZE | libc::PARENB);
+    raw.c_cflag |= libc::CS8;
+    raw.c_cc[libc::VMIN] = 1;
+    raw.c_cc[libc::VTIME] = 0;
+    raw
+}
+
+fn get_termios(fd: RawFd) -> io::Result<libc::termios> {
     // SAFETY: termios is plain old data; all-zeroes is a valid value that
     // tcgetattr overwrites.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: fd 0 is only queried; `t` is a valid, writable termios.
-    if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
+    // SAFETY: `fd` is only queried (a bad one makes the call fail); `t` is
+    // a valid, writable termios.
+    if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(t)
 }
 
-fn set_termios(t: &libc::termios) -> io::Result<()> {
+fn set_termios(fd: RawFd, t: &libc::termios) -> io::Result<()> {
     // SAFETY: `t` points to a valid termios that tcsetattr only reads; a
-    // bad fd 0 makes it fail with an error, not misbehave.
-    if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) } != 0 {
+    // bad `fd` makes it fail with an error, not misbehave.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, t) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -184,7 +191,7 @@ pub fn spawn_stdin_forwarder(
 ) -> Result<JoinHandle<()>, ConsoleError> {
     std::thread::Builder::new()
         .name("vmplay-stdin".into())
-        .spawn(move || forward(&mut Stdin, &serial, &control))
+        .spawn(move || forward(&mut FdInput(libc::STDIN_FILENO), &serial, &control))
         .map_err(ConsoleError::Spawn)
 }
 
@@ -201,14 +208,16 @@ trait InputSource {
     fn read(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Input>;
 }
 
-/// File descriptor 0, read directly: std's `Stdin` buffers, and buffered
-/// bytes would be invisible to `poll`.
-struct Stdin;
+/// A file descriptor (stdin), read directly: std's `Stdin` buffers, and
+/// buffered bytes would be invisible to `poll`. Blocking reads are fine
+/// since `poll` said there is data; the fd's flags are left alone because
+/// the open file description is shared with the parent shell.
+struct FdInput(RawFd);
 
-impl InputSource for Stdin {
+impl InputSource for FdInput {
     fn read(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Input> {
         let mut fds = libc::pollfd {
-            fd: libc::STDIN_FILENO,
+            fd: self.0,
             events: libc::POLLIN,
             revents: 0,
         };
@@ -227,11 +236,11 @@ impl InputSource for Stdin {
             return Ok(Input::Idle);
         }
         if fds.revents & libc::POLLNVAL != 0 {
-            // Nothing is open on fd 0.
+            // Nothing is open on the fd.
             return Ok(Input::Eof);
         }
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {
@@ -445,6 +454,87 @@ mod tests {
         };
         control.request_stop(StopReason::PowerOff);
         t.join().unwrap();
+    }
+
+    #[test]
+    fn reads_a_pipe_until_it_closes() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let (reader, mut writer) = io::pipe().unwrap();
+        let mut input = FdInput(reader.as_raw_fd());
+        let mut buf = [0u8; 16];
+        let idle = input.read(&mut buf, Duration::from_millis(1)).unwrap();
+        assert_eq!(idle, Input::Idle);
+        writer.write_all(b"ab").unwrap();
+        assert_eq!(input.read(&mut buf, IDLE_POLL).unwrap(), Input::Data(2));
+        assert_eq!(&buf[..2], b"ab");
+        writer.write_all(b"\x01x").unwrap();
+        drop(writer);
+        let serial = serial();
+        let control = VmControl::new();
+        forward(&mut input, &serial, &control);
+        assert_eq!(control.reason(), Some(StopReason::ConsoleEscape));
+    }
+
+    #[test]
+    fn closed_pipe_is_end_of_input() {
+        use std::os::fd::AsRawFd;
+        let (reader, writer) = io::pipe().unwrap();
+        drop(writer);
+        let mut input = FdInput(reader.as_raw_fd());
+        assert_eq!(input.read(&mut [0; 4], IDLE_POLL).unwrap(), Input::Eof);
+    }
+
+    #[test]
+    fn raw_mode_is_qemus_nographic_mode() {
+        // SAFETY: termios is plain old data.
+        let mut cooked: libc::termios = unsafe { std::mem::zeroed() };
+        cooked.c_iflag = libc::ICRNL | libc::IXON | libc::BRKINT;
+        cooked.c_oflag = libc::OPOST | libc::ONLCR;
+        cooked.c_lflag = libc::ICANON | libc::ECHO | libc::ISIG | libc::IEXTEN;
+        cooked.c_cflag = libc::CS7 | libc::PARENB | libc::CREAD;
+        let raw = raw_termios(&cooked);
+        assert_eq!(raw.c_iflag, 0, "no CR/LF mapping, no flow control");
+        assert_eq!(
+            raw.c_oflag,
+            libc::OPOST | libc::ONLCR,
+            "output processing kept"
+        );
+        assert_eq!(raw.c_lflag, 0, "no echo, line editing or signals");
+        assert_eq!(raw.c_cflag, libc::CS8 | libc::CREAD);
+        assert_eq!((raw.c_cc[libc::VMIN], raw.c_cc[libc::VTIME]), (1, 0));
+    }
+
+    #[test]
+    fn termios_round_trips_on_a_pty() {
+        let (mut master, mut slave) = (-1, -1);
+        // SAFETY: the out-pointers are valid; null name/termios/winsize
+        // are allowed.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let original = get_termios(slave).unwrap();
+        assert_ne!(original.c_lflag & libc::ICANON, 0, "a new pty is cooked");
+        set_termios(slave, &raw_termios(&original)).unwrap();
+        assert_eq!(
+            get_termios(slave).unwrap().c_lflag & (libc::ICANON | libc::ECHO),
+            0
+        );
+        set_termios(slave, &original).unwrap();
+        assert_ne!(get_termios(slave).unwrap().c_lflag & libc::ICANON, 0);
+        // SAFETY: both fds were opened above and are not used again.
+        unsafe {
+            libc::close(master);
+            libc::close(slave);
+        }
+        assert!(get_termios(slave).is_err(), "closed fd is an error");
     }
 
     #[test]

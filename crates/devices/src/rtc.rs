@@ -279,8 +279,8 @@ impl Rtc {
     fn set_time(&mut self, image: &[u8; 128]) {
         match self.decode_image(image) {
             Some(t) => {
-                let host = self.guest_now().0 - self.offset;
-                self.offset = t.to_unix() - host;
+                let host = self.guest_now().0.saturating_sub(self.offset);
+                self.offset = t.to_unix().saturating_sub(host);
                 tracing::debug!(?t, offset = self.offset, "guest set the RTC");
             }
             None => tracing::debug!("RTC: guest wrote an invalid time; ignored"),
@@ -618,6 +618,16 @@ mod tests {
             5,
             "1970-01-01 was a Thursday"
         );
+    }
+
+    #[test]
+    fn absurd_host_clocks_do_not_panic() {
+        for secs in [0, u64::MAX] {
+            let mut rtc = rtc_at(secs);
+            clock_regs(&mut rtc);
+            set(&mut rtc, YEAR, 0x99);
+            clock_regs(&mut rtc);
+        }
     }
 
     #[test]
