@@ -1,7 +1,7 @@
 //! The devices a guest talks to, and the bus that routes accesses to them.
 //! Devices know nothing of vCPUs or backends: they see reads and writes at
 //! offsets, raise interrupts through `hypervisor::IrqLine`, and ask the
-//! machine to stop through [`VmControl`](control::VmControl).
+//! machine to stop through [`VmControl`].
 //!
 //! The legacy PC set lives here: the COM1 UART ([`Serial`]) and the host
 //! console plumbing ([`console`]), the i8042 ([`I8042`], for its reset
