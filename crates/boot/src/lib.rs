@@ -491,3 +491,600 @@ fn write_cmdline(
     bytes.push(0);
     e820::write(memory, "command line", layout::CMDLINE, &bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bzimage::tests::fake_bzimage;
+    use crate::cpu_setup::tests::{assert_segments_match_gdt, memory};
+    use crate::elf::tests::ElfBuilder;
+    use crate::unpack::tests::{gzip, lz4_legacy_frame};
+    use linux_loader::loader::bootparam::boot_params;
+    use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MIB: u64 = 1 << 20;
+
+    /// A scratch directory removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new() -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "vmplay-boot-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+        fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config<'a>(kernel: &'a Path, initrd: Option<&'a Path>) -> BootConfig<'a> {
+        BootConfig {
+            kernel,
+            initrd,
+            cmdline: "console=ttyS0 panic=-1",
+            entry: KernelEntry::Auto,
+            vcpus: 2,
+            virtio_mmio: &[],
+        }
+    }
+
+    fn read(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    fn cstr(mem: &GuestMemory, addr: u64) -> String {
+        let bytes = read(mem, addr, 4096);
+        let end = bytes.iter().position(|&b| b == 0).unwrap();
+        String::from_utf8(bytes[..end].to_vec()).unwrap()
+    }
+
+    /// An ELF vmlinux with a PVH note at 0x1000050 and a BSS.
+    fn pvh_vmlinux() -> Vec<u8> {
+        ElfBuilder::new(true).pvh_note(0x100_0050, 4).build()
+    }
+
+    /// A bzImage whose payload is `payload` behind a 0x100-byte stub.
+    fn bzimage_with_payload(payload: &[u8]) -> Vec<u8> {
+        let mut kernel = vec![0x90u8; 0x100];
+        kernel.extend_from_slice(payload);
+        kernel.resize(kernel.len().div_ceil(16) * 16, 0);
+        let mut image = fake_bzimage(4, &kernel);
+        // The exact length, without the padding to whole paragraphs.
+        image[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        image
+    }
+
+    #[test]
+    fn rejects_missing_kernel_naming_the_file() {
+        let mem = memory(64 << 20);
+        let err = load(&mem, &config("/nonexistent/bzImage".as_ref(), None)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("kernel /nonexistent/bzImage: "), "{text}");
+        assert!(matches!(err, BootError::KernelRead { .. }));
+    }
+
+    #[test]
+    fn rejects_empty_kernel() {
+        let s = Scratch::new();
+        let k = s.file("empty", &[]);
+        let err = load(&memory(64 << 20), &config(&k, None)).unwrap_err();
+        assert!(matches!(
+            err,
+            BootError::Kernel {
+                problem: KernelProblem::Empty,
+                ..
+            }
+        ));
+        assert!(err.to_string().ends_with("empty: empty file"), "{err}");
+    }
+
+    #[test]
+    fn rejects_unknown_kernel_format() {
+        let s = Scratch::new();
+        let k = s.file("notes.txt", &[b'x'; 10_000]);
+        let err = load(&memory(64 << 20), &config(&k, None)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BootError::Kernel {
+                    problem: KernelProblem::UnknownFormat,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_elf_of_another_architecture_by_name() {
+        let s = Scratch::new();
+        let mut b = ElfBuilder::new(true);
+        b.machine = 243;
+        let k = s.file("riscv", &b.build());
+        let err = load(&memory(64 << 20), &config(&k, None)).unwrap_err();
+        assert!(
+            err.to_string().contains("ELF for RISC-V (e_machine 243)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_missing_and_empty_initrd() {
+        let s = Scratch::new();
+        let k = s.file("vmlinux", &pvh_vmlinux());
+        let missing = s.0.join("nope.cpio");
+        let err = load(&memory(64 << 20), &config(&k, Some(&missing))).unwrap_err();
+        assert!(matches!(err, BootError::InitrdRead { .. }), "{err}");
+        assert!(err.to_string().starts_with("initrd "), "{err}");
+        let empty = s.file("empty.cpio", &[]);
+        let err = load(&memory(64 << 20), &config(&k, Some(&empty))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("initrd {}: empty file", empty.display())
+        );
+    }
+
+    #[test]
+    fn rejects_initrd_larger_than_memory() {
+        let s = Scratch::new();
+        let k = s.file("bzImage", &fake_bzimage(4, &[0u8; 0x1000]));
+        let big = s.file("big.cpio", &vec![1u8; (40 * MIB) as usize]);
+        let err = load(&memory(32 << 20), &config(&k, Some(&big))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "initrd {} (41943040 bytes) does not fit in guest memory (33554432 bytes)",
+                big.display()
+            )
+        );
+    }
+
+    #[test]
+    fn rejects_cmdline_longer_than_the_kernel_accepts() {
+        let s = Scratch::new();
+        let k = s.file("bzImage", &fake_bzimage(4, &[0u8; 0x1000]));
+        let long = "x".repeat(2048);
+        let cfg = BootConfig {
+            cmdline: &long,
+            ..config(&k, None)
+        };
+        let err = load(&memory(64 << 20), &cfg).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "command line is 2048 bytes but the kernel (setup header cmdline_size) accepts at \
+             most 2047"
+        );
+        let nul = BootConfig {
+            cmdline: "a\0b",
+            ..config(&k, None)
+        };
+        assert!(matches!(
+            load(&memory(64 << 20), &nul),
+            Err(BootError::CmdlineNul { offset: 1 })
+        ));
+    }
+
+    #[test]
+    fn rejects_bzimage_whose_footprint_exceeds_ram() {
+        let s = Scratch::new();
+        let k = s.file("bzImage", &fake_bzimage(4, &[0u8; 0x1000]));
+        // Loads at 16 MiB with init_size 4 MiB: 18 MiB of RAM is too little.
+        let err = load(&memory(18 << 20), &config(&k, None)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "kernel {}: loads at [0x1000000, 0x1400000), beyond guest RAM (18874368 bytes)",
+                k.display()
+            )
+        );
+    }
+
+    #[test]
+    fn rejects_kernel_overlapping_the_mmio_hole() {
+        let s = Scratch::new();
+        let mut b = ElfBuilder::new(true);
+        let start = layout::MMIO_HOLE_START - MIB;
+        b.entry = start;
+        b.segments = vec![(start, start, vec![0; 16], 2 * MIB)];
+        let k = s.file("vmlinux", &b.build());
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(4 << 30)
+            .into_iter()
+            .map(|(a, l)| (GuestAddress(a), l as usize))
+            .collect();
+        let mem = GuestMemory::from_ranges(&ranges).unwrap();
+        let err = load(&mem, &config(&k, None)).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("loads at [0xcff00000, 0xd0100000), which overlaps the MMIO hole [0xd0000000, 0x100000000)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn boots_bzimage_with_the_64_bit_protocol() {
+        let s = Scratch::new();
+        let kernel: Vec<u8> = (0..0x2000u32).map(|i| i as u8).collect();
+        let image = fake_bzimage(4, &kernel);
+        let k = s.file("bzImage", &image);
+        let initrd_bytes = vec![0x5au8; 0x1801];
+        let i = s.file("initrd", &initrd_bytes);
+        let mem = memory(64 << 20);
+        let boot = load(&mem, &config(&k, Some(&i))).unwrap();
+        assert_eq!(boot.protocol, Protocol::LinuxBzImage);
+        assert_eq!(boot.kernel, 0x100_0000..0x140_0000);
+        assert_eq!(read(&mem, 0x100_0000, kernel.len()), kernel);
+
+        // Highest page-aligned place below the top of RAM.
+        let initrd = boot.initrd.clone().unwrap();
+        assert_eq!(initrd, 64 * MIB - 0x2000..64 * MIB - 0x2000 + 0x1801);
+        assert_eq!(read(&mem, initrd.start, initrd_bytes.len()), initrd_bytes);
+
+        let zp: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE)).unwrap();
+        let raw = read(&mem, layout::ZERO_PAGE, 4096);
+        // Header copied from the file, loader fields filled in.
+        assert_eq!(&raw[0x1f1..0x210], &image[0x1f1..0x210]);
+        assert_eq!(&raw[0x248..0x26c], &image[0x248..0x26c]);
+        let hdr = zp.hdr;
+        assert_eq!(hdr.type_of_loader, 0xff);
+        assert_eq!({ hdr.cmd_line_ptr }, layout::CMDLINE as u32);
+        assert_eq!({ hdr.ramdisk_image } as u64, initrd.start);
+        assert_eq!({ hdr.ramdisk_size }, 0x1801);
+        assert_eq!({ zp.acpi_rsdp_addr }, layout::RSDP);
+        assert_eq!(
+            usize::from(zp.e820_entries),
+            layout::e820_map(64 * MIB).len()
+        );
+        assert_eq!(cstr(&mem, layout::CMDLINE), "console=ttyS0 panic=-1");
+
+        let st = &boot.bsp_state;
+        assert_eq!(st.rip, 0x100_0200);
+        assert_eq!(st.gpr[CpuState::RSI], layout::ZERO_PAGE);
+        assert_eq!(st.efer & cpu_setup::EFER_LMA, cpu_setup::EFER_LMA);
+        assert_eq!((st.cs.selector, st.ds.selector), (0x10, 0x18));
+        assert_segments_match_gdt(&mem, st);
+        assert_eq!(boot.rsdp, layout::RSDP);
+        assert_eq!(&read(&mem, layout::RSDP, 8), b"RSD PTR ");
+    }
+
+    #[test]
+    fn initrd_respects_initrd_addr_max() {
+        let s = Scratch::new();
+        let mut image = fake_bzimage(4, &[0u8; 0x1000]);
+        image[0x22c..0x230].copy_from_slice(&0x01ff_ffffu32.to_le_bytes());
+        let k = s.file("bzImage", &image);
+        let i = s.file("initrd", &[1u8; 0x3000]);
+        let boot = load(&memory(64 << 20), &config(&k, Some(&i))).unwrap();
+        // 32 MiB limit, but the kernel owns [16, 20) MiB: just below 32 MiB.
+        assert_eq!(boot.initrd, Some(32 * MIB - 0x3000..32 * MIB));
+    }
+
+    #[test]
+    fn unpacks_gzip_and_lz4_payloads_and_boots_pvh() {
+        for (compression, payload) in [
+            (Compression::Gzip, gzip(&pvh_vmlinux())),
+            (
+                Compression::Lz4Legacy,
+                lz4_legacy_frame(&pvh_vmlinux(), true),
+            ),
+        ] {
+            let s = Scratch::new();
+            let k = s.file("bzImage", &bzimage_with_payload(&payload));
+            let i = s.file("initrd", &[7u8; 0x800]);
+            let mem = memory(64 << 20);
+            let boot = load(&mem, &config(&k, Some(&i))).unwrap();
+            assert_eq!(boot.protocol, Protocol::Pvh, "{compression:?}");
+            assert_eq!(boot.unpacked, Some(compression));
+            assert_eq!(boot.kernel, 0x100_0000..0x100_2000);
+            assert_eq!(read(&mem, 0x100_0000, 0x100), vec![0x90; 0x100]);
+            let st = &boot.bsp_state;
+            assert_eq!(st.rip, 0x100_0050);
+            assert_eq!(st.gpr[CpuState::RBX], layout::PVH_INFO);
+            assert_eq!(st.cr0 & cpu_setup::CR0_PG, 0);
+            assert_segments_match_gdt(&mem, st);
+
+            let info: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_INFO)).unwrap();
+            assert_eq!((info.magic, info.version), (0x336e_c578, 1));
+            assert_eq!(info.rsdp_paddr, layout::RSDP);
+            assert_eq!(cstr(&mem, info.cmdline_paddr), "console=ttyS0 panic=-1");
+            assert_eq!(info.nr_modules, 1);
+            let module: [u64; 2] = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+            assert_eq!(module, [64 * MIB - 0x1000, 0x800]);
+            let map = layout::e820_map(64 * MIB);
+            assert_eq!(info.memmap_entries as usize, map.len());
+            for (n, e) in map.iter().enumerate() {
+                let m: hvm_memmap_table_entry = mem
+                    .read_obj(GuestAddress(info.memmap_paddr + 24 * n as u64))
+                    .unwrap();
+                assert_eq!((m.addr, m.size, m.type_), (e.addr, e.size, e.kind as u32));
+            }
+        }
+    }
+
+    #[test]
+    fn bzimage_entry_keeps_the_in_guest_decompressor() {
+        let s = Scratch::new();
+        let k = s.file("bzImage", &bzimage_with_payload(&gzip(&pvh_vmlinux())));
+        let cfg = BootConfig {
+            entry: KernelEntry::BzImage,
+            ..config(&k, None)
+        };
+        let boot = load(&memory(64 << 20), &cfg).unwrap();
+        assert_eq!(boot.protocol, Protocol::LinuxBzImage);
+        assert_eq!(boot.unpacked, None);
+    }
+
+    #[test]
+    fn auto_falls_back_to_bzimage_without_pvh_note() {
+        let s = Scratch::new();
+        let plain = ElfBuilder::new(true).build();
+        let k = s.file("bzImage", &bzimage_with_payload(&gzip(&plain)));
+        let boot = load(&memory(64 << 20), &config(&k, None)).unwrap();
+        assert_eq!(boot.protocol, Protocol::LinuxBzImage);
+        let pvh = BootConfig {
+            entry: KernelEntry::Pvh,
+            ..config(&k, None)
+        };
+        let err = load(&memory(64 << 20), &pvh).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY) in the vmlinux unpacked from the bzImage; try --kernel-entry auto"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn auto_falls_back_to_bzimage_for_payloads_it_cannot_unpack() {
+        let s = Scratch::new();
+        let zstd = [0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3, 4];
+        let k = s.file("bzImage", &bzimage_with_payload(&zstd));
+        let boot = load(&memory(64 << 20), &config(&k, None)).unwrap();
+        assert_eq!(boot.protocol, Protocol::LinuxBzImage);
+        let pvh = BootConfig {
+            entry: KernelEntry::Pvh,
+            ..config(&k, None)
+        };
+        let err = load(&memory(64 << 20), &pvh).unwrap_err().to_string();
+        assert!(err.contains("compressed with zstd"), "{err}");
+    }
+
+    #[test]
+    fn rejects_corrupt_payload() {
+        let s = Scratch::new();
+        let mut payload = gzip(&pvh_vmlinux());
+        let n = payload.len();
+        payload[10..n - 8].fill(0xee);
+        let k = s.file("bzImage", &bzimage_with_payload(&payload));
+        let err = load(&memory(64 << 20), &config(&k, None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bzImage payload: corrupt gzip data"), "{err}");
+    }
+
+    #[test]
+    fn elf64_without_note_uses_the_64_bit_entry() {
+        let s = Scratch::new();
+        let k = s.file("vmlinux", &ElfBuilder::new(true).build());
+        let i = s.file("initrd", &[3u8; 100]);
+        let mem = memory(64 << 20);
+        let boot = load(&mem, &config(&k, Some(&i))).unwrap();
+        assert_eq!(boot.protocol, Protocol::LinuxElf64);
+        assert_eq!(boot.bsp_state.rip, 0x100_0000);
+        assert_eq!(boot.bsp_state.gpr[CpuState::RSI], layout::ZERO_PAGE);
+        let zp: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE)).unwrap();
+        let hdr = zp.hdr;
+        assert_eq!(({ hdr.boot_flag }, { hdr.header }), (0xaa55, 0x5372_6448));
+        assert_eq!({ hdr.ramdisk_image } as u64, boot.initrd.unwrap().start);
+        assert_eq!({ hdr.cmd_line_ptr }, layout::CMDLINE as u32);
+        assert_eq!({ zp.acpi_rsdp_addr }, layout::RSDP);
+        assert_segments_match_gdt(&mem, &boot.bsp_state);
+        let pvh = BootConfig {
+            entry: KernelEntry::Pvh,
+            ..config(&k, None)
+        };
+        assert!(matches!(
+            load(&memory(64 << 20), &pvh),
+            Err(BootError::Kernel {
+                problem: KernelProblem::NoPvhNote(_),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn elf64_with_note_boots_pvh_unless_told_otherwise() {
+        let s = Scratch::new();
+        let k = s.file("vmlinux", &pvh_vmlinux());
+        let boot = load(&memory(64 << 20), &config(&k, None)).unwrap();
+        assert_eq!(
+            (boot.protocol, boot.bsp_state.rip),
+            (Protocol::Pvh, 0x100_0050)
+        );
+        let bz = BootConfig {
+            entry: KernelEntry::BzImage,
+            ..config(&k, None)
+        };
+        let boot = load(&memory(64 << 20), &bz).unwrap();
+        assert_eq!(
+            (boot.protocol, boot.bsp_state.rip),
+            (Protocol::LinuxElf64, 0x100_0000)
+        );
+    }
+
+    #[test]
+    fn rejects_pvh_entry_outside_the_kernel() {
+        let s = Scratch::new();
+        let k = s.file(
+            "vmlinux",
+            &ElfBuilder::new(true).pvh_note(0x200_0000, 4).build(),
+        );
+        let err = load(&memory(64 << 20), &config(&k, None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("PVH entry 0x2000000 is outside every loaded segment"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_32_bit_elf_without_an_entry_protocol() {
+        let s = Scratch::new();
+        let mut b = ElfBuilder::new(false);
+        b.segments = vec![(0x10_0000, 0x10_0000, vec![0; 16], 0x1000)];
+        b.entry = 0x10_0000;
+        let k = s.file("kernel32", &b.build());
+        let err = load(&memory(64 << 20), &config(&k, None)).unwrap_err();
+        assert!(matches!(
+            err,
+            BootError::Kernel {
+                problem: KernelProblem::Elf32WithoutEntry,
+                ..
+            }
+        ));
+        let bz = BootConfig {
+            entry: KernelEntry::BzImage,
+            ..config(&k, None)
+        };
+        let err = load(&memory(64 << 20), &bz).unwrap_err().to_string();
+        assert!(err.ends_with("--kernel-entry bzimage does not apply to a 32-bit ELF kernel"));
+    }
+
+    fn multiboot_elf32(flags: u32) -> Vec<u8> {
+        let mut b = ElfBuilder::new(false);
+        b.entry = 0x10_0010;
+        b.segments = vec![(0x10_0000, 0x10_0000, vec![0xf4; 0x40], 0x1800)];
+        b.prefix = crate::multiboot::tests::header(flags, [0; 5])[..12].to_vec();
+        b.build()
+    }
+
+    #[test]
+    fn boots_multiboot_elf_like_qemu() {
+        let s = Scratch::new();
+        let k = s.file("mb.elf", &multiboot_elf32(0x3));
+        let i = s.file("mod.bin", &[9u8; 0x1234]);
+        let mem = memory(32 << 20);
+        let boot = load(&mem, &config(&k, Some(&i))).unwrap();
+        assert_eq!(boot.protocol, Protocol::Multiboot);
+        assert_eq!(boot.kernel, 0x10_0000..0x10_1800);
+        // The module goes on the first page after the kernel.
+        assert_eq!(boot.initrd, Some(0x10_2000..0x10_3234));
+        assert_eq!(read(&mem, 0x10_2000, 0x1234), vec![9u8; 0x1234]);
+        let st = &boot.bsp_state;
+        assert_eq!(st.rip, 0x10_0010);
+        assert_eq!(st.gpr[CpuState::RAX], 0x2bad_b002);
+        assert_eq!(st.gpr[CpuState::RBX], layout::MULTIBOOT_INFO);
+        assert_eq!(st.cr0 & cpu_setup::CR0_PG, 0);
+        assert_segments_match_gdt(&mem, st);
+
+        let word = |off: u64| -> u32 {
+            mem.read_obj(GuestAddress(layout::MULTIBOOT_INFO + off))
+                .unwrap()
+        };
+        assert_eq!(
+            cstr(&mem, u64::from(word(16))),
+            format!("{} console=ttyS0 panic=-1", k.display())
+        );
+        assert_eq!((word(4), word(8)), (639, (31 << 20) / 1024));
+        assert_eq!(word(20), 1);
+        let mods = u64::from(word(24));
+        let m: [u32; 3] = mem.read_obj(GuestAddress(mods)).unwrap();
+        assert_eq!((m[0], m[1]), (0x10_2000, 0x10_3234));
+        assert_eq!(cstr(&mem, u64::from(m[2])), i.display().to_string());
+        assert_eq!(cstr(&mem, u64::from(word(64))), "vmplay");
+    }
+
+    #[test]
+    fn boots_multiboot_aout_kludge_binary() {
+        // A flat binary: 0x40 bytes of code, the header at 0x40, more code.
+        let mut image = vec![0xf4u8; 0x40];
+        image.extend(crate::multiboot::tests::header(
+            (1 << 16) | 0x2,
+            [0x20_0040, 0x20_0000, 0, 0x20_4000, 0x20_0000],
+        ));
+        image.extend(vec![0x90u8; 0x200]);
+        let s = Scratch::new();
+        let k = s.file("kernel.bin", &image);
+        let mem = memory(32 << 20);
+        mem.write_slice(&[0xcc; 0x100], GuestAddress(0x20_1000))
+            .unwrap();
+        let boot = load(&mem, &config(&k, None)).unwrap();
+        assert_eq!(boot.protocol, Protocol::Multiboot);
+        assert_eq!(boot.kernel, 0x20_0000..0x20_4000);
+        assert_eq!(read(&mem, 0x20_0000, image.len()), image);
+        assert_eq!(read(&mem, 0x20_1000, 0x100), vec![0; 0x100], "BSS zeroed");
+        assert_eq!(boot.bsp_state.rip, 0x20_0000);
+        assert_eq!(boot.initrd, None);
+    }
+
+    #[test]
+    fn rejects_multiboot_forms_qemu_rejects() {
+        let s = Scratch::new();
+        // Not ELF and no a.out kludge: nothing says where to load it.
+        let mut flat = vec![0u8; 0x40];
+        flat.extend(crate::multiboot::tests::header(0x2, [0; 5]));
+        let k = s.file("flat.bin", &flat);
+        let err = load(&memory(32 << 20), &config(&k, None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flag bit 16 (a.out kludge) is clear"), "{err}");
+        // A 64-bit ELF multiboot kernel without the kludge.
+        let mut b = ElfBuilder::new(true);
+        b.prefix = crate::multiboot::tests::header(0x2, [0; 5])[..12].to_vec();
+        let k = s.file("mb64.elf", &b.build());
+        let err = load(&memory(32 << 20), &config(&k, None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a 64-bit ELF needs the a.out kludge"), "{err}");
+        // Forcing a Linux entry onto a multiboot kernel.
+        let k = s.file("mb.elf", &multiboot_elf32(0x3));
+        let pvh = BootConfig {
+            entry: KernelEntry::Pvh,
+            ..config(&k, None)
+        };
+        assert!(load(&memory(32 << 20), &pvh).is_err());
+    }
+
+    #[test]
+    fn acpi_tables_are_written_with_the_virtio_slots() {
+        let s = Scratch::new();
+        let k = s.file("vmlinux", &pvh_vmlinux());
+        let slots = crate::acpi::tests::slots(2);
+        let cfg = BootConfig {
+            virtio_mmio: &slots,
+            ..config(&k, None)
+        };
+        let mem = memory(64 << 20);
+        load(&mem, &cfg).unwrap();
+        let tables = acpi::build(2, &slots).unwrap();
+        for t in &tables.tables {
+            assert_eq!(read(&mem, t.addr, t.bytes.len()), t.bytes, "{}", t.name);
+        }
+    }
+
+    #[test]
+    fn kernel_entry_parses_its_cli_names() {
+        for e in [KernelEntry::Auto, KernelEntry::BzImage, KernelEntry::Pvh] {
+            assert_eq!(e.name().parse::<KernelEntry>(), Ok(e));
+        }
+        assert!("bios".parse::<KernelEntry>().is_err());
+    }
+}
