@@ -28,6 +28,9 @@ pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 #[derive(Clone)]
 struct Entry {
     len: u64,
+    /// Added to the offset the device sees: lets one device answer at
+    /// several disjoint ranges (the i8042 at 0x60 and 0x64).
+    device_offset: u64,
     device: SharedDevice,
 }
 
@@ -45,6 +48,18 @@ impl Bus {
 
     /// Places `device` at `[base, base+len)`.
     pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+        self.insert_window(device, base, len, 0)
+    }
+
+    /// Places `device` at `[base, base+len)`, where it sees offsets from
+    /// `device_offset` up.
+    pub fn insert_window(
+        &mut self,
+        device: SharedDevice,
+        base: u64,
+        len: u64,
+        device_offset: u64,
+    ) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
@@ -55,7 +70,14 @@ impl Bus {
         {
             return Err(BusError::Overlap { base, len, other });
         }
-        self.ranges.insert(base, Entry { len, device });
+        self.ranges.insert(
+            base,
+            Entry {
+                len,
+                device_offset,
+                device,
+            },
+        );
         Ok(())
     }
 
@@ -63,7 +85,7 @@ impl Bus {
     fn resolve(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
         let (&base, entry) = self.ranges.range(..=addr).next_back()?;
         let offset = addr - base;
-        (offset < entry.len).then_some((offset, &entry.device))
+        (offset < entry.len).then_some((offset + entry.device_offset, &entry.device))
     }
 
     /// Dispatches a read; returns false when no device is there.
@@ -125,6 +147,18 @@ mod tests {
         assert_eq!(b, [0xff]);
         assert!(!bus.write(0x3f7, &[1]));
         assert_eq!(dev.lock().unwrap().0, vec![(2, vec![7])]);
+    }
+
+    #[test]
+    fn one_device_can_answer_at_two_windows() {
+        let dev = Arc::new(Mutex::new(Recorder(vec![])));
+        let mut bus = Bus::new();
+        bus.insert_window(dev.clone(), 0x60, 1, 0).unwrap();
+        bus.insert_window(dev.clone(), 0x64, 1, 4).unwrap();
+        assert!(bus.write(0x64, &[0xfe]));
+        assert!(bus.write(0x60, &[0x1]));
+        assert!(!bus.write(0x61, &[0x1]), "0x61 belongs to the PIT, not the i8042");
+        assert_eq!(dev.lock().unwrap().0, vec![(4, vec![0xfe]), (0, vec![1])]);
     }
 
     #[test]
