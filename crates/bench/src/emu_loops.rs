@@ -1,0 +1,306 @@
+//! `emu-loops`: guest instructions per second of vmplay's software CPU on
+//! three loops, against QEMU TCG running the same guest and against the
+//! same loop body run natively, all measured in this run.
+//!
+//! Each figure is n × (instructions per iteration) / (t(2n) − t(n)): the
+//! difference of two whole runs cancels VMM start, guest boot, the switch
+//! to 64-bit mode and teardown, leaving n iterations of the loop. n is
+//! grown until that difference is long enough to time reliably.
+
+use crate::guests::{self, EXIT_OK, EXIT_WRONG_RESULT, exit_status};
+use crate::kernels::LoopKind;
+use crate::measure::{self, RunResult};
+use crate::native::NativeLoop;
+use crate::report::{self, Goal};
+use crate::{BenchError, Ctx};
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+/// Guest RAM for both VMMs (QEMU's default, and plenty for the guests).
+const GUEST_MEMORY: &str = "128M";
+/// The goal: emu at most this many times slower than TCG on each loop.
+const GOAL_VS_TCG: f64 = 8.0;
+/// A single guest run longer than this is treated as hung.
+const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Who runs a guest image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runner {
+    Emu,
+    Tcg,
+}
+
+impl Runner {
+    fn label(self) -> &'static str {
+        match self {
+            Runner::Emu => "vmplay --accel emu",
+            Runner::Tcg => "qemu-system-x86_64 -accel tcg",
+        }
+    }
+}
+
+/// One loop's native checksums by n, so each guest can be checked.
+struct Checksums {
+    native: NativeLoop,
+    by_n: HashMap<u64, u64>,
+}
+
+impl Checksums {
+    fn get(&mut self, n: u64) -> u64 {
+        *self.by_n.entry(n).or_insert_with(|| self.native.run(n).0)
+    }
+}
+
+/// Δt targets: the difference must be at least this long to count.
+fn target(ctx: &Ctx) -> Duration {
+    if ctx.quick {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_millis(1500)
+    }
+}
+
+/// How much to grow n after a difference `d` that was shorter than `want`.
+fn growth(d: Duration, want: Duration) -> u64 {
+    if d.is_zero() {
+        return 16;
+    }
+    let f = (want.as_secs_f64() * 1.3 / d.as_secs_f64()).ceil();
+    (f as u64).clamp(2, 16)
+}
+
+fn run_guest(
+    ctx: &Ctx,
+    runner: Runner,
+    kind: LoopKind,
+    n: u64,
+    sums: &mut Checksums,
+) -> Result<RunResult, BenchError> {
+    let image = guests::long_mode_loop(kind, n, sums.get(n))?;
+    let name = format!("{}-{n}.elf", kind.name());
+    let path = ctx.scratch.write(&name, &image.to_elf())?;
+    let mut cmd = match runner {
+        Runner::Emu => {
+            let mut c = Command::new(&ctx.vmplay);
+            c.args(["run", "--accel", "emu", "--serial", "none", "--memory"])
+                .arg(GUEST_MEMORY)
+                .arg("--kernel")
+                .arg(&path);
+            c
+        }
+        Runner::Tcg => {
+            let mut c = Command::new(&ctx.qemu);
+            c.args(["-accel", "tcg", "-kernel"]).arg(&path).args([
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=4",
+                "-nographic",
+                "-no-reboot",
+                "-m",
+                GUEST_MEMORY,
+            ]);
+            c
+        }
+    };
+    let r = measure::run(&mut cmd, &ctx.scratch, &name, RUN_TIMEOUT)?;
+    let _ = std::fs::remove_file(&path);
+    if r.status == exit_status(EXIT_OK) {
+        Ok(r)
+    } else if r.status == exit_status(EXIT_WRONG_RESULT) {
+        Err(BenchError::Run(format!(
+            "wrong result: the guest's checksum for n={n} differs from the native run's"
+        )))
+    } else {
+        Err(BenchError::Run(format!(
+            "exit status {} (expected {} from the guest's debug-exit){}",
+            r.status,
+            exit_status(EXIT_OK),
+            if r.stderr_tail.is_empty() {
+                String::new()
+            } else {
+                format!("; stderr: {}", r.stderr_tail)
+            }
+        )))
+    }
+}
+
+/// One sample: t(2n) − t(n), wall time.
+fn sample(
+    ctx: &Ctx,
+    runner: Runner,
+    kind: LoopKind,
+    n: u64,
+    sums: &mut Checksums,
+) -> Result<Duration, BenchError> {
+    let one = run_guest(ctx, runner, kind, n, sums)?;
+    let two = run_guest(ctx, runner, kind, 2 * n, sums)?;
+    Ok(two.wall.saturating_sub(one.wall))
+}
+
+/// A measured rate: instructions per second and the n it was taken at.
+struct Rate {
+    per_sec: f64,
+    n: u64,
+    delta: f64,
+}
+
+/// Grows n until Δt is long enough, then takes `reps` samples (the
+/// qualifying calibration sample counts as the first).
+fn measure_rate(
+    reps: usize,
+    want: Duration,
+    insns_per_iter: u64,
+    mut sample: impl FnMut(u64) -> Result<Duration, BenchError>,
+) -> Result<Rate, BenchError> {
+    // Start at ~10M instructions: quick on any backend worth measuring.
+    let mut n = (10_000_000 / insns_per_iter).max(1);
+    let mut deltas = Vec::with_capacity(reps);
+    loop {
+        let d = sample(n)?;
+        if d >= want {
+            deltas.push(d.as_secs_f64());
+            break;
+        }
+        n = n.checked_mul(growth(d, want)).ok_or_else(|| {
+            BenchError::Run("the run time does not grow with n: is the loop running?".into())
+        })?;
+        if n > 1 << 40 {
+            return Err(BenchError::Run(
+                "the run time does not grow with n: is the loop running?".into(),
+            ));
+        }
+    }
+    while deltas.len() < reps {
+        deltas.push(sample(n)?.as_secs_f64());
+    }
+    let delta = measure::median(&mut deltas).unwrap_or(f64::NAN);
+    if delta <= 0.0 {
+        return Err(BenchError::Run("t(2n) ≤ t(n): the timing is noise".into()));
+    }
+    Ok(Rate {
+        per_sec: (n * insns_per_iter) as f64 / delta,
+        n,
+        delta,
+    })
+}
+
+fn mips(r: &Rate) -> String {
+    format!(
+        "{:>9.1} M insn/s   (n = {}, t(2n)-t(n) = {})",
+        r.per_sec / 1e6,
+        r.n,
+        report::ms(r.delta)
+    )
+}
+
+pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
+    report::heading(
+        "emu-loops",
+        "guest instructions/s, multiboot guest in 64-bit mode; rate = n*insns/iter / (t(2n) - t(n)), wall time, median",
+    );
+    report::note(&format!(
+        "vmplay: `{} run --accel emu --serial none --memory {GUEST_MEMORY} --kernel G`",
+        ctx.vmplay.display()
+    ));
+    report::note(&format!(
+        "peer:   `{} -accel tcg -kernel G -device isa-debug-exit,iobase=0xf4,iosize=4 -nographic -no-reboot -m {GUEST_MEMORY}`",
+        ctx.qemu.display()
+    ));
+    report::note("native: the same loop code in an executable mmap, called in-process");
+    report::note(
+        "every guest checks its checksum against the native run's and exits 0x21 only if equal",
+    );
+    let want = target(ctx);
+    for &kind in &ctx.loops {
+        let native = NativeLoop::new(kind)?;
+        let per_iter = native.insns_per_iter;
+        let mut sums = Checksums {
+            native,
+            by_n: HashMap::new(),
+        };
+        println!();
+        println!(
+            "   loop `{}`: {} ({per_iter} insns/iter)",
+            kind.name(),
+            kind.description()
+        );
+        // Native first: it also primes nothing the guests depend on.
+        let native_rate = {
+            let mut native = NativeLoop::new(kind)?;
+            measure_rate(ctx.reps, want / 4, per_iter, |n| {
+                let (_, one) = native.run(n);
+                let (_, two) = native.run(2 * n);
+                Ok(two.saturating_sub(one))
+            })
+        };
+        let tcg = measure_rate(ctx.reps, want, per_iter, |n| {
+            sample(ctx, Runner::Tcg, kind, n, &mut sums)
+        });
+        let emu = measure_rate(ctx.reps, want, per_iter, |n| {
+            sample(ctx, Runner::Emu, kind, n, &mut sums)
+        });
+        for (who, r) in [
+            (Runner::Emu.label(), &emu),
+            (Runner::Tcg.label(), &tcg),
+            ("native", &native_rate),
+        ] {
+            match r {
+                Ok(r) => report::figure(who, &mips(r)),
+                Err(e) => report::failed(who, &e.to_string()),
+            }
+        }
+        match (&emu, &tcg) {
+            (Ok(e), Ok(t)) => report::ratio(
+                "slowdown TCG/emu (rate ratio)",
+                t.per_sec / e.per_sec,
+                Goal {
+                    at_most: GOAL_VS_TCG,
+                },
+                "≤ 8 (emu within 8x of TCG)",
+            ),
+            _ => report::failed("slowdown TCG/emu", "needs both rates"),
+        }
+        match (&emu, &native_rate) {
+            (Ok(e), Ok(n)) => report::ratio_info("slowdown native/emu", n.per_sec / e.per_sec),
+            _ => report::failed("slowdown native/emu", "needs both rates"),
+        }
+        if let (Ok(t), Ok(n)) = (&tcg, &native_rate) {
+            report::ratio_info("slowdown native/TCG (context)", n.per_sec / t.per_sec);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_aims_past_the_target_within_bounds() {
+        let want = Duration::from_secs(1);
+        assert_eq!(growth(Duration::ZERO, want), 16);
+        assert_eq!(growth(Duration::from_millis(500), want), 3);
+        assert_eq!(growth(Duration::from_millis(900), want), 2);
+        assert_eq!(growth(Duration::from_millis(1), want), 16);
+    }
+
+    #[test]
+    fn rate_grows_n_until_the_difference_is_long_enough() {
+        // A fake backend: 1 ns per instruction, 10 insns/iter.
+        let mut seen = Vec::new();
+        let r = measure_rate(3, Duration::from_millis(50), 10, |n| {
+            seen.push(n);
+            Ok(Duration::from_nanos(10 * n))
+        })
+        .unwrap();
+        assert!(r.delta >= 0.05);
+        assert!((r.per_sec - 1e9).abs() < 1.0, "{}", r.per_sec);
+        assert!(seen.len() >= 3 && seen.windows(2).any(|w| w[1] > w[0]));
+    }
+
+    #[test]
+    fn rate_gives_up_on_a_loop_whose_time_never_grows() {
+        let r = measure_rate(3, Duration::from_millis(50), 10, |_| Ok(Duration::ZERO));
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,166 @@
+//! `vmplay-bench`: vmplay's benchmarks. Each one prints what it measured,
+//! vmplay's figure, a peer's figure measured in the same run (or, where no
+//! peer can run here, the peer's published figure), their ratio, the goal
+//! and PASS/MISS.
+//!
+//! These are whole-process and whole-VM measurements taken with wall
+//! clocks and rusage, repeated and reduced to medians; they are not tests
+//! and assert nothing about speed. `scripts/bench` builds in release and
+//! runs them; BENCHMARKS.md records the figures.
+
+mod elf;
+mod emu_loops;
+mod guests;
+mod kernels;
+mod measure;
+mod native;
+mod report;
+mod start;
+
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// QEMU's isa-debug-exit port, which vmplay implements too.
+pub const DEBUG_EXIT_PORT: u16 = vmplay_boot::layout::DEBUG_EXIT_PORT;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("assembling a guest: {0}")]
+    Asm(#[from] iced_x86::IcedError),
+    #[error("guest image: {0}")]
+    Guest(String),
+    #[error("{0}: {1}")]
+    Host(&'static str, #[source] std::io::Error),
+    #[error("{}: {}", .0.display(), .1)]
+    File(PathBuf, #[source] std::io::Error),
+    #[error("cannot start {0}: {1}")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("killed after {0:?} without exiting (stderr: {1})")]
+    Timeout(Duration, String),
+    #[error("reading smaps: {0}")]
+    Smaps(String),
+    #[error("{0}")]
+    Run(String),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Bench {
+    /// Every benchmark below.
+    All,
+    /// Port-I/O exit round trip through the vmplay vCPU loop and bus vs a bare kvm-ioctls loop.
+    PioExit,
+    /// VMM start to first guest instruction (CPU ms) and VMM resident memory vs Firecracker's published figures.
+    Start,
+    /// Guest instructions/s of the emu backend vs QEMU TCG and native, on three loops.
+    EmuLoops,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "vmplay-bench",
+    about = "vmplay's benchmarks, each a ratio to a peer measured in the same run"
+)]
+struct Cli {
+    /// Which benchmarks to run.
+    #[arg(value_enum, default_value = "all")]
+    bench: Vec<Bench>,
+    /// The vmplay binary to measure [default: `vmplay` next to this program].
+    #[arg(long, value_name = "PATH")]
+    vmplay: Option<PathBuf>,
+    /// The QEMU binary for the TCG peer.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Repetitions per figure (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Smaller workloads for a quick smoke run (figures are noisier).
+    #[arg(long)]
+    quick: bool,
+    /// emu-loops only: which loops (default all).
+    #[arg(long = "loop", value_name = "int|mem|bignum")]
+    loops: Vec<String>,
+}
+
+/// What every benchmark gets.
+pub struct Ctx {
+    pub vmplay: PathBuf,
+    pub qemu: PathBuf,
+    pub reps: usize,
+    pub quick: bool,
+    pub loops: Vec<kernels::LoopKind>,
+    pub scratch: measure::Scratch,
+}
+
+fn default_vmplay() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("vmplay")))
+        .unwrap_or_else(|| PathBuf::from("vmplay"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut loops = Vec::new();
+    for name in &cli.loops {
+        match kernels::LoopKind::ALL.iter().find(|k| k.name() == name) {
+            Some(k) => loops.push(*k),
+            None => {
+                eprintln!("vmplay-bench: --loop {name:?}: expected int, mem or bignum");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if loops.is_empty() {
+        loops = kernels::LoopKind::ALL.to_vec();
+    }
+    if cli.reps == 0 {
+        eprintln!("vmplay-bench: --reps must be at least 1");
+        return ExitCode::from(2);
+    }
+    let scratch = match measure::Scratch::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmplay-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ctx = Ctx {
+        vmplay: cli.vmplay.unwrap_or_else(default_vmplay),
+        qemu: cli.qemu,
+        reps: cli.reps,
+        quick: cli.quick,
+        loops,
+        scratch,
+    };
+    let mut benches = cli.bench;
+    if benches.contains(&Bench::All) {
+        benches = vec![Bench::PioExit, Bench::Start, Bench::EmuLoops];
+    }
+    benches.dedup();
+    println!(
+        "vmplay-bench: vmplay = {}, reps = {}{}",
+        ctx.vmplay.display(),
+        ctx.reps,
+        if ctx.quick { ", quick" } else { "" }
+    );
+    let mut ok = true;
+    for bench in benches {
+        let (name, result) = match bench {
+            Bench::PioExit => ("pio-exit", Err(BenchError::Run("pending".into()))),
+            Bench::Start => ("start", start::run(&ctx)),
+            Bench::EmuLoops => ("emu-loops", emu_loops::run(&ctx)),
+            Bench::All => unreachable!("expanded above"),
+        };
+        if let Err(e) = result {
+            report::failed(name, &e.to_string());
+            ok = false;
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
