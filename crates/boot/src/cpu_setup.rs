@@ -20,7 +20,7 @@ pub const DATA_SELECTOR: u16 = 0x18;
 /// The TSS descriptor (16 bytes in long mode, so it comes last).
 pub const TSS_SELECTOR: u16 = 0x20;
 /// GDT slots: null, unused, code, data, TSS (two slots).
-const GDT_SLOTS: usize = 6;
+const GDT_SLOTS: usize = layout::BOOT_GDT_SIZE as usize / 8;
 /// A TSS without an I/O permission bitmap is 0x68 bytes.
 const TSS_LIMIT: u32 = 0x67;
 /// Offset of the I/O map base field in both the 32- and 64-bit TSS.

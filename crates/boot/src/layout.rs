@@ -6,6 +6,10 @@
 pub const LOW_RAM_START: u64 = 0;
 /// Loader-owned structures live in low memory below the EBDA.
 pub const BOOT_GDT: u64 = 0x500;
+/// The loaders' GDT: null, unused, code (0x10), data (0x18) and a 16-byte
+/// TSS descriptor (0x20). It covers `BOOT_IDT`, which the loaders leave
+/// unused: they enter kernels with no IDT (IDTR limit 0, interrupts off).
+pub const BOOT_GDT_SIZE: u64 = 0x30;
 pub const BOOT_IDT: u64 = 0x520;
 /// The TSS the loaders point TR at (PVH requires a valid one).
 pub const BOOT_TSS: u64 = 0x580;
@@ -181,5 +185,6 @@ mod tests {
             assert!(addr < EBDA_START);
         }
         const { assert!(PD + PD_COUNT * 0x1000 <= CMDLINE) };
+        const { assert!(BOOT_GDT + BOOT_GDT_SIZE <= BOOT_TSS) };
     }
 }

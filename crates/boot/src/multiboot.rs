@@ -170,11 +170,18 @@ impl Kludge {
         } else {
             u64::from(self.bss_end_addr)
         };
+        let entry = u64::from(self.entry_addr);
+        if !(u64::from(self.load_addr)..bss_end).contains(&entry) {
+            return Err(err(format!(
+                "entry_addr {entry:#x} is outside the loaded image [{:#x}, {bss_end:#x})",
+                self.load_addr
+            )));
+        }
         Ok(KludgeLoad {
             file_range: start..start + len,
             load_addr: u64::from(self.load_addr),
             bss_end,
-            entry: u64::from(self.entry_addr),
+            entry,
         })
     }
 }
@@ -402,6 +409,12 @@ pub(crate) mod tests {
                 .to_string()
                 .contains("before the file")
         );
+        let wild = Kludge {
+            entry_addr: 0x50_0000,
+            ..k
+        };
+        let err = wild.plan(0x40, 0x1000).unwrap_err().to_string();
+        assert!(err.contains("entry_addr 0x500000 is outside"), "{err}");
     }
 
     #[test]
