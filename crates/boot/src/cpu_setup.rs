@@ -155,8 +155,8 @@ pub fn setup(memory: &GuestMemory, mode: EntryMode, entry: u64) -> Result<CpuSta
     Ok(state)
 }
 
-/// Identity-maps the low 4 GiB with 2 MiB pages: PML4[0] -> PDPT,
-/// PDPT[0..4] -> the four page directories at [`layout::PD`].
+/// Identity-maps the low 4 GiB with 2 MiB pages: `PML4[0]` -> PDPT,
+/// `PDPT[0..4]` -> the four page directories at [`layout::PD`].
 pub fn write_identity_page_tables(memory: &GuestMemory) -> Result<(), BootError> {
     let table = |entries: &mut dyn Iterator<Item = u64>| -> Vec<u8> {
         let mut page = vec![0u8; e820::PAGE_SIZE as usize];

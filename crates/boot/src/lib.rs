@@ -615,6 +615,21 @@ mod tests {
     }
 
     #[test]
+    fn rejects_truncated_bzimage_naming_the_file() {
+        let s = Scratch::new();
+        let image = fake_bzimage(39, &[0u8; 0x1000]);
+        let k = s.file("bzImage", &image[..1024]);
+        let err = load(&memory(64 << 20), &config(&k, None)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "kernel {}: truncated: setup header says 39 setup sectors but file has 1024 bytes",
+                k.display()
+            )
+        );
+    }
+
+    #[test]
     fn rejects_elf_of_another_architecture_by_name() {
         let s = Scratch::new();
         let mut b = ElfBuilder::new(true);

@@ -2,7 +2,7 @@
 //! them: the header is found in the first 8 KiB, the kernel is loaded from
 //! its ELF segments or, with flag bit 16, from the header's a.out-kludge
 //! addresses, and the multiboot information lists memory, the command
-//! line ("<kernel path> <cmdline>", as QEMU passes it) and the initrd as
+//! line (`"<kernel path> <cmdline>"`, as QEMU passes it) and the initrd as
 //! module 0, placed on the first page after the kernel.
 
 use std::ops::Range;
