@@ -79,7 +79,7 @@ fn run_guest(
 ) -> Result<RunResult, BenchError> {
     let image = guests::long_mode_loop(kind, n, sums.get(n))?;
     let name = format!("{}-{n}.elf", kind.name());
-    let path = ctx.scratch.write(&name, &image.to_elf())?;
+    let path = ctx.scratch.write(&name, &image)?;
     let mut cmd = match runner {
         Runner::Emu => {
             let mut c = Command::new(&ctx.vmplay);

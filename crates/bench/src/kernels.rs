@@ -68,14 +68,20 @@ fn mark(a: &CodeAssembler) -> u64 {
     a.instructions().len() as u64
 }
 
+/// Emits loop `kind` as a function into a 64-bit assembler and returns
+/// its instructions per iteration.
+pub fn emit(kind: LoopKind, a: &mut CodeAssembler) -> Result<u64, IcedError> {
+    match kind {
+        LoopKind::Int => emit_int(a),
+        LoopKind::Mem => emit_mem(a),
+        LoopKind::Bignum => emit_bignum(a),
+    }
+}
+
 /// Assembles `kind` to run at address `ip`.
 pub fn assemble(kind: LoopKind, ip: u64) -> Result<Assembled, BenchError> {
     let mut a = CodeAssembler::new(64)?;
-    let insns_per_iter = match kind {
-        LoopKind::Int => emit_int(&mut a)?,
-        LoopKind::Mem => emit_mem(&mut a)?,
-        LoopKind::Bignum => emit_bignum(&mut a)?,
-    };
+    let insns_per_iter = emit(kind, &mut a)?;
     let code = a.assemble(ip)?;
     Ok(Assembled {
         code,

@@ -8,12 +8,12 @@
 //! and assert nothing about speed. `scripts/bench` builds in release and
 //! runs them; BENCHMARKS.md records the figures.
 
-mod elf;
 mod emu_loops;
 mod guests;
 mod kernels;
 mod measure;
 mod native;
+mod pio_exit;
 mod report;
 mod start;
 
@@ -81,6 +81,37 @@ struct Cli {
     /// emu-loops only: which loops (default all).
     #[arg(long = "loop", value_name = "int|mem|bignum")]
     loops: Vec<String>,
+    /// Instead of benchmarking, write every benchmark guest into DIR (to
+    /// run one by hand under vmplay or QEMU) and exit.
+    #[arg(long, value_name = "DIR")]
+    write_guests: Option<PathBuf>,
+}
+
+/// Writes each guest as DIR/<name>.elf; the loop guests run n = 1000.
+fn write_guests(dir: &std::path::Path) -> Result<(), BenchError> {
+    std::fs::create_dir_all(dir).map_err(|e| BenchError::File(dir.to_path_buf(), e))?;
+    let mut images = vec![
+        (
+            "pio-exit-1000".to_string(),
+            guests::pio_loop(1000, pio_exit::PORT)?,
+        ),
+        ("start-exit".to_string(), guests::exit_at_once()?),
+        ("start-idle".to_string(), guests::idle_forever()?),
+    ];
+    for kind in kernels::LoopKind::ALL {
+        let n = 1000;
+        let expected = native::NativeLoop::new(kind)?.run(n).0;
+        images.push((
+            format!("loop-{}-{n}", kind.name()),
+            guests::long_mode_loop(kind, n, expected)?,
+        ));
+    }
+    for (name, image) in images {
+        let path = dir.join(format!("{name}.elf"));
+        std::fs::write(&path, image).map_err(|e| BenchError::File(path.clone(), e))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 /// What every benchmark gets.
@@ -119,6 +150,15 @@ fn main() -> ExitCode {
         eprintln!("vmplay-bench: --reps must be at least 1");
         return ExitCode::from(2);
     }
+    if let Some(dir) = &cli.write_guests {
+        return match write_guests(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmplay-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let scratch = match measure::Scratch::new() {
         Ok(s) => s,
         Err(e) => {
@@ -148,7 +188,7 @@ fn main() -> ExitCode {
     let mut ok = true;
     for bench in benches {
         let (name, result) = match bench {
-            Bench::PioExit => ("pio-exit", Err(BenchError::Run("pending".into()))),
+            Bench::PioExit => ("pio-exit", pio_exit::run(&ctx)),
             Bench::Start => ("start", start::run(&ctx)),
             Bench::EmuLoops => ("emu-loops", emu_loops::run(&ctx)),
             Bench::All => unreachable!("expanded above"),

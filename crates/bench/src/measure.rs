@@ -77,7 +77,7 @@ impl Child {
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
-            .map_err(|e| BenchError::Spawn(format!("{cmd:?}"), e))?;
+            .map_err(|e| BenchError::Spawn(cmd.get_program().to_string_lossy().into_owned(), e))?;
         // The std handle is dropped without waiting: this type reaps the
         // child itself so it gets the rusage.
         Ok(Child {

@@ -40,7 +40,7 @@ fn vmplay_cmd(ctx: &Ctx, kernel: &std::path::Path, serial: &str) -> Command {
 fn cpu_to_first_instruction(ctx: &Ctx) -> Result<(f64, f64), BenchError> {
     let kernel = ctx
         .scratch
-        .write("start-exit.elf", &guests::exit_at_once()?.to_elf())?;
+        .write("start-exit.elf", &guests::exit_at_once()?)?;
     let want = exit_status(START_EXIT_VALUE);
     let mut cpu = Vec::new();
     let mut wall = Vec::new();
@@ -168,7 +168,7 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
 
     let kernel = ctx
         .scratch
-        .write("start-idle.elf", &guests::idle_forever()?.to_elf())?;
+        .write("start-idle.elf", &guests::idle_forever()?)?;
     let reps = ctx.reps.min(3);
     let mut vmm = Vec::new();
     let mut last = None;
