@@ -36,6 +36,7 @@ pub struct KvmHypervisor {
     /// What KVM can show a guest; each vCPU gets a normalised copy.
     supported_cpuid: CpuId,
     tsc_deadline: bool,
+    xsave: bool,
 }
 
 impl std::fmt::Debug for KvmHypervisor {
@@ -88,6 +89,7 @@ impl KvmHypervisor {
             max_vcpus: u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX),
             max_memslots: kvm.get_nr_memslots(),
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            xsave: kvm.check_extension(Cap::Xsave),
             supported_cpuid,
             kvm,
         })
@@ -122,6 +124,7 @@ impl Hypervisor for KvmHypervisor {
                 max_memslots: self.max_memslots,
                 cpuid: self.supported_cpuid.clone(),
                 tsc_deadline: self.tsc_deadline,
+                xsave: self.xsave,
             },
             memory,
         )?;

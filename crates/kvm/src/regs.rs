@@ -107,6 +107,81 @@ pub(crate) fn to_kvm_fpu(f: &FpuState) -> kvm_fpu {
     }
 }
 
+/// Byte offsets in the XSAVE image (its first 512 bytes are the FXSAVE
+/// layout, then the XSAVE header).
+mod xsave {
+    pub const FCW: usize = 0;
+    pub const FSW: usize = 2;
+    pub const FTW: usize = 4;
+    pub const FOP: usize = 6;
+    pub const FIP: usize = 8;
+    pub const FDP: usize = 16;
+    pub const MXCSR: usize = 24;
+    pub const ST: usize = 32;
+    pub const XMM: usize = 160;
+    pub const XSTATE_BV: usize = 512;
+    /// XSTATE_BV bits of the x87 and SSE components.
+    pub const X87_SSE: u64 = 0b11;
+}
+
+fn region_bytes(region: &[u32; 1024]) -> [u8; 4096] {
+    let mut bytes = [0; 4096];
+    for (chunk, word) in bytes.chunks_exact_mut(4).zip(region) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    bytes
+}
+
+fn at<const N: usize>(bytes: &[u8], offset: usize) -> [u8; N] {
+    bytes[offset..offset + N]
+        .try_into()
+        .expect("offset inside the image")
+}
+
+/// Writes `f` into an XSAVE image from KVM_GET_XSAVE, marking the x87 and
+/// SSE components as present so the guest gets them rather than their
+/// init state. (KVM_SET_FPU cannot do this: it ignores MXCSR.)
+pub(crate) fn fpu_to_xsave(f: &FpuState, region: &mut [u32; 1024]) {
+    use xsave::*;
+    let mut b = region_bytes(region);
+    b[FCW..FCW + 2].copy_from_slice(&f.fcw.to_le_bytes());
+    b[FSW..FSW + 2].copy_from_slice(&f.fsw.to_le_bytes());
+    b[FTW] = f.ftw;
+    b[FOP..FOP + 2].copy_from_slice(&f.fop.to_le_bytes());
+    b[FIP..FIP + 8].copy_from_slice(&f.fip.to_le_bytes());
+    b[FDP..FDP + 8].copy_from_slice(&f.fdp.to_le_bytes());
+    b[MXCSR..MXCSR + 4].copy_from_slice(&f.mxcsr.to_le_bytes());
+    for (i, st) in f.st.iter().enumerate() {
+        b[ST + 16 * i..ST + 16 * (i + 1)].copy_from_slice(st);
+    }
+    for (i, xmm) in f.xmm.iter().enumerate() {
+        b[XMM + 16 * i..XMM + 16 * (i + 1)].copy_from_slice(&xmm.to_le_bytes());
+    }
+    let bv = u64::from_le_bytes(at(&b, XSTATE_BV)) | X87_SSE;
+    b[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+    for (word, chunk) in region.iter_mut().zip(b.chunks_exact(4)) {
+        *word = u32::from_le_bytes(chunk.try_into().expect("4-byte chunk"));
+    }
+}
+
+/// The x87/SSE state in an XSAVE image from KVM_GET_XSAVE (KVM has
+/// already filled in init values for components the guest has not used).
+pub(crate) fn fpu_from_xsave(region: &[u32; 1024]) -> FpuState {
+    use xsave::*;
+    let b = region_bytes(region);
+    FpuState {
+        fcw: u16::from_le_bytes(at(&b, FCW)),
+        fsw: u16::from_le_bytes(at(&b, FSW)),
+        ftw: b[FTW],
+        fop: u16::from_le_bytes(at(&b, FOP)),
+        fip: u64::from_le_bytes(at(&b, FIP)),
+        fdp: u64::from_le_bytes(at(&b, FDP)),
+        mxcsr: u32::from_le_bytes(at(&b, MXCSR)),
+        st: std::array::from_fn(|i| at(&b, ST + 16 * i)),
+        xmm: std::array::from_fn(|i| u128::from_le_bytes(at(&b, XMM + 16 * i))),
+    }
+}
+
 pub(crate) fn from_kvm(regs: &kvm_regs, sregs: &kvm_sregs, fpu: &kvm_fpu) -> CpuState {
     CpuState {
         gpr: [
@@ -198,6 +273,7 @@ mod tests {
         s.efer = 0xd01;
         s.fpu.fsw = 0x3800;
         s.fpu.ftw = 0x81;
+        s.fpu.mxcsr = 0x1fa0;
         s.fpu.fop = 0x7ff;
         s.fpu.fip = 0x4000;
         s.fpu.fdp = 0x5000;
@@ -217,6 +293,19 @@ mod tests {
         assert_eq!(sregs.apic_base, 0xfee0_0900, "KVM's APIC base kept");
         let back = from_kvm(&to_kvm_regs(&s), &sregs, &to_kvm_fpu(&s.fpu));
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn fpu_state_survives_the_trip_through_an_xsave_image() {
+        let f = busy_state().fpu;
+        let mut region = [0u32; 1024];
+        region[512 / 4] = 0b100; // AVX in use: kept
+        region[1000] = 0xabcd; // other components: kept
+        fpu_to_xsave(&f, &mut region);
+        assert_eq!(fpu_from_xsave(&region), f);
+        assert_eq!(region[512 / 4], 0b111, "x87 and SSE marked present");
+        assert_eq!(region[1000], 0xabcd);
+        assert_eq!(region[24 / 4], f.mxcsr, "MXCSR at byte 24");
     }
 
     #[test]

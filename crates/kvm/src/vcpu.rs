@@ -7,10 +7,10 @@ use std::sync::Arc;
 use kvm_bindings::{
     KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX,
     KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_fpu, kvm_lapic_state, kvm_msr_entry,
+    KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_lapic_state, kvm_msr_entry,
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
-use vmplay_hypervisor::{CpuState, Error, Result, Vcpu, VcpuExit, VcpuKicker};
+use vmplay_hypervisor::{CpuState, Error, FpuState, Result, Vcpu, VcpuExit, VcpuKicker};
 
 use crate::kick::{self, KickShared, KvmKicker};
 use crate::vm::VmShared;
@@ -69,7 +69,7 @@ pub(crate) struct KvmVcpu {
     thread: Option<libc::pid_t>,
     pending: Option<PendingIo>,
     /// Keeps the VM, hence guest RAM, alive while this vCPU can run.
-    _vm: Arc<VmShared>,
+    vm: Arc<VmShared>,
 }
 
 // SAFETY: the raw pointers point into the kvm_run mapping owned by `fd`,
@@ -84,13 +84,8 @@ impl KvmVcpu {
             .map_err(|e| host_error("KVM_CREATE_VCPU", format_args!("vCPU {id}"), e))?;
         setup_cpuid(&fd, &vm, id)?;
         setup_msrs(&fd, id)?;
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
-        fd.set_fpu(&fpu)
-            .map_err(|e| host_error("KVM_SET_FPU", format_args!("vCPU {id}"), e))?;
+        // FNINIT state with MXCSR at its reset value.
+        set_fpu(&fd, &vm, id, &FpuState::default())?;
         setup_lapic(&fd, id)?;
         // Nothing sets registers or MP state here: KVM makes vCPU 0
         // runnable at the reset vector and leaves the others waiting for
@@ -107,7 +102,7 @@ impl KvmVcpu {
             kick,
             thread: None,
             pending: None,
-            _vm: vm,
+            vm,
         })
     }
 
@@ -170,6 +165,31 @@ fn setup_cpuid(fd: &VcpuFd, vm: &VmShared, id: u32) -> Result<()> {
     })?;
     fd.set_cpuid2(&cpuid)
         .map_err(|e| host_error("KVM_SET_CPUID2", format_args!("vCPU {id}"), e))
+}
+
+/// Loads the x87/SSE state. Through KVM_SET_XSAVE where KVM has it:
+/// KVM_SET_FPU ignores MXCSR and leaves the XSAVE header saying "init
+/// state", which the guest's XRSTOR would then load instead.
+fn set_fpu(fd: &VcpuFd, vm: &VmShared, id: u32, fpu: &FpuState) -> Result<()> {
+    if !vm.xsave {
+        return fd
+            .set_fpu(&regs::to_kvm_fpu(fpu))
+            .map_err(|e| host_error("KVM_SET_FPU", format_args!("vCPU {id}"), e));
+    }
+    let mut xsave = fd
+        .get_xsave()
+        .map_err(|e| host_error("KVM_GET_XSAVE", format_args!("vCPU {id}"), e))?;
+    regs::fpu_to_xsave(fpu, &mut xsave.region);
+    // SAFETY: KVM_GET_XSAVE just succeeded on this vCPU, which it only
+    // does while the vCPU's XSAVE size fits in kvm_xsave (no dynamically
+    // enabled features such as AMX), so KVM_SET_XSAVE reads no further.
+    unsafe { fd.set_xsave(&xsave) }.map_err(|e| {
+        host_error(
+            "KVM_SET_XSAVE",
+            format_args!("vCPU {id} (fcw {:#x}, mxcsr {:#x})", fpu.fcw, fpu.mxcsr),
+            e,
+        )
+    })
 }
 
 fn setup_msrs(fd: &VcpuFd, id: u32) -> Result<()> {
@@ -303,47 +323,53 @@ impl Vcpu for KvmVcpu {
             self.pending = None;
         }
 
-        let raw = match self.fd.run() {
-            Ok(KvmExit::IoOut(port, data)) => Raw::Io {
-                out: true,
-                port,
-                data: data.as_ptr().cast_mut(),
-                len: data.len(),
-            },
-            Ok(KvmExit::IoIn(port, data)) => Raw::Io {
-                out: false,
-                port,
-                data: data.as_mut_ptr(),
-                len: data.len(),
-            },
-            Ok(KvmExit::MmioRead(addr, data)) => Raw::Mmio {
-                write: false,
-                addr,
-                data: data.as_mut_ptr(),
-                len: data.len(),
-            },
-            Ok(KvmExit::MmioWrite(addr, data)) => Raw::Mmio {
-                write: true,
-                addr,
-                data: data.as_ptr().cast_mut(),
-                len: data.len(),
-            },
-            Ok(KvmExit::Hlt) => Raw::Done(VcpuExit::Halt),
-            Ok(KvmExit::Shutdown) => Raw::Done(VcpuExit::Shutdown),
-            Ok(KvmExit::Intr) => Raw::Interrupted,
-            Ok(KvmExit::InternalError) => Raw::InternalError,
-            Ok(KvmExit::FailEntry(reason, cpu)) => Raw::Done(VcpuExit::InternalError(format!(
-                "KVM could not enter the guest: hardware entry failure reason {reason:#x} \
+        let raw = loop {
+            break match self.fd.run() {
+                Ok(KvmExit::IoOut(port, data)) => Raw::Io {
+                    out: true,
+                    port,
+                    data: data.as_ptr().cast_mut(),
+                    len: data.len(),
+                },
+                Ok(KvmExit::IoIn(port, data)) => Raw::Io {
+                    out: false,
+                    port,
+                    data: data.as_mut_ptr(),
+                    len: data.len(),
+                },
+                Ok(KvmExit::MmioRead(addr, data)) => Raw::Mmio {
+                    write: false,
+                    addr,
+                    data: data.as_mut_ptr(),
+                    len: data.len(),
+                },
+                Ok(KvmExit::MmioWrite(addr, data)) => Raw::Mmio {
+                    write: true,
+                    addr,
+                    data: data.as_ptr().cast_mut(),
+                    len: data.len(),
+                },
+                Ok(KvmExit::Hlt) => Raw::Done(VcpuExit::Halt),
+                Ok(KvmExit::Shutdown) => Raw::Done(VcpuExit::Shutdown),
+                Ok(KvmExit::Intr) => Raw::Interrupted,
+                Ok(KvmExit::InternalError) => Raw::InternalError,
+                Ok(KvmExit::FailEntry(reason, cpu)) => Raw::Done(VcpuExit::InternalError(format!(
+                    "KVM could not enter the guest: hardware entry failure reason {reason:#x} \
                  on host CPU {cpu}"
-            ))),
-            Ok(KvmExit::SystemEvent(kind, data)) => Raw::Done(system_event(kind, data)),
-            Ok(other) => Raw::Done(VcpuExit::InternalError(format!(
-                "unexpected KVM exit {other:?}"
-            ))),
-            Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => Raw::Interrupted,
-            Err(e) => {
-                return Err(host_error("KVM_RUN", format_args!("vCPU {}", self.id), e));
-            }
+                ))),
+                Ok(KvmExit::SystemEvent(kind, data)) => Raw::Done(system_event(kind, data)),
+                Ok(other) => Raw::Done(VcpuExit::InternalError(format!(
+                    "unexpected KVM exit {other:?}"
+                ))),
+                Err(e) if e.errno() == libc::EINTR => Raw::Interrupted,
+                // KVM asks to be called again, e.g. after an AP waiting for
+                // SIPI received INIT. Not a kick: a kick sets immediate_exit,
+                // so the retry returns EINTR if one is pending.
+                Err(e) if e.errno() == libc::EAGAIN => continue,
+                Err(e) => {
+                    return Err(host_error("KVM_RUN", format_args!("vCPU {}", self.id), e));
+                }
+            };
         };
 
         match raw {
@@ -410,7 +436,16 @@ impl Vcpu for KvmVcpu {
             .fd
             .get_fpu()
             .map_err(|e| host_error("KVM_GET_FPU", what, e))?;
-        Ok(regs::from_kvm(&r, &s, &f))
+        let mut state = regs::from_kvm(&r, &s, &f);
+        // KVM_GET_FPU leaves MXCSR out; the XSAVE image has everything.
+        if self.vm.xsave {
+            let xsave = self
+                .fd
+                .get_xsave()
+                .map_err(|e| host_error("KVM_GET_XSAVE", what, e))?;
+            state.fpu = regs::fpu_from_xsave(&xsave.region);
+        }
+        Ok(state)
     }
 
     fn set_state(&mut self, state: &CpuState) -> Result<()> {
@@ -426,9 +461,7 @@ impl Vcpu for KvmVcpu {
         self.fd
             .set_regs(&regs::to_kvm_regs(state))
             .map_err(|e| host_error("KVM_SET_REGS", format_args!("vCPU {id}"), e))?;
-        self.fd
-            .set_fpu(&regs::to_kvm_fpu(&state.fpu))
-            .map_err(|e| host_error("KVM_SET_FPU", format_args!("vCPU {id}"), e))
+        set_fpu(&self.fd, &self.vm, id, &state.fpu)
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {

@@ -27,6 +27,8 @@ pub(crate) struct VmConfig {
     pub max_memslots: usize,
     pub cpuid: CpuId,
     pub tsc_deadline: bool,
+    /// KVM_GET_XSAVE works (the only way to read MXCSR back).
+    pub xsave: bool,
 }
 
 /// State shared by the VM and every vCPU and interrupt line made from it:
@@ -36,6 +38,7 @@ pub(crate) struct VmShared {
     pub vcpus: u32,
     pub cpuid: CpuId,
     pub tsc_deadline: bool,
+    pub xsave: bool,
     /// KVM maps guest RAM by host address: the mappings must outlive the
     /// VM, so it holds its own reference to them.
     _memory: GuestMemory,
@@ -127,6 +130,7 @@ impl KvmVm {
                 vcpus: config.vcpus,
                 cpuid: config.cpuid,
                 tsc_deadline: config.tsc_deadline,
+                xsave: config.xsave,
                 _memory: memory.clone(),
                 created: Mutex::new(vec![false; config.vcpus as usize]),
             }),
