@@ -137,7 +137,7 @@ pub struct Runtime32 {
 /// Bytes of writable memory a [`Runtime32`] needs (see [`Runtime32::new`]).
 pub const RUNTIME32_SCRATCH: usize = rtc::SIZE;
 
-/// Offsets of the fields `rtc_now` fills, from [`Runtime32::rtc_fields`].
+/// Offsets of the fields `rtc_now` fills, from [`Runtime32::rtc_field`].
 pub mod rtc {
     pub const SECOND: i32 = 0;
     pub const MINUTE: i32 = 4;
@@ -256,7 +256,7 @@ impl Runtime32 {
         Ok(())
     }
 
-    /// Reads the RTC into the fields at [`Self::rtc_fields`], binary and in
+    /// Reads the RTC into the fields at [`Self::rtc_field`], binary and in
     /// 24-hour form whatever format register B says the clock keeps.
     pub fn rtc_now(&self, a: &mut CodeAssembler) -> Result<(), GuestError> {
         a.call(self.rtc_now)?;
