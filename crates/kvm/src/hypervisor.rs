@@ -1,6 +1,7 @@
 //! Opening `/dev/kvm` and checking that this host's KVM can run a vmplay
 //! machine.
 
+use std::ffi::CStr;
 use std::sync::Arc;
 
 use kvm_bindings::{CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES};
@@ -61,8 +62,16 @@ impl KvmHypervisor {
     /// the backend relies on, so a host that cannot run vmplay is reported
     /// here rather than halfway through building a VM.
     pub fn new() -> Result<KvmHypervisor> {
-        let kvm = Kvm::new().map_err(|e| {
-            unavailable(format!("cannot open /dev/kvm: {}", std::io::Error::from(e)))
+        Self::open(c"/dev/kvm")
+    }
+
+    fn open(path: &CStr) -> Result<KvmHypervisor> {
+        let kvm = Kvm::new_with_path(path).map_err(|e| {
+            unavailable(format!(
+                "cannot open {}: {}",
+                path.to_string_lossy(),
+                std::io::Error::from(e)
+            ))
         })?;
         let version = kvm.get_api_version();
         if version != KVM_API_VERSION as i32 {
@@ -129,5 +138,24 @@ impl Hypervisor for KvmHypervisor {
             memory,
         )?;
         Ok(Arc::new(vm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_device_is_reported_as_unavailable() {
+        match KvmHypervisor::open(c"/nonexistent/kvm") {
+            Err(Error::Unavailable { backend, reason }) => {
+                assert_eq!(backend, "kvm");
+                assert!(
+                    reason.starts_with("cannot open /nonexistent/kvm: No such file"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
     }
 }

@@ -46,7 +46,9 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// A `rep ins`/`rep outs` exit not yet handed to the machine in full.
 /// KVM reports up to a page of elements in one exit; the seam reports one
-/// access per exit, so the elements go out one `run` call at a time.
+/// access per exit, so the elements go out one `run` call at a time,
+/// without entering KVM. A kick meanwhile is honoured at the next entry,
+/// once the string is done.
 struct PendingIo {
     out: bool,
     port: u16,
@@ -271,13 +273,13 @@ enum Raw {
     Io {
         out: bool,
         port: u16,
-        data: *mut u8,
+        data: NonNull<u8>,
         len: usize,
     },
     Mmio {
         write: bool,
         addr: u64,
-        data: *mut u8,
+        data: NonNull<u8>,
         len: usize,
     },
     InternalError,
@@ -328,26 +330,26 @@ impl Vcpu for KvmVcpu {
                 Ok(KvmExit::IoOut(port, data)) => Raw::Io {
                     out: true,
                     port,
-                    data: data.as_ptr().cast_mut(),
                     len: data.len(),
+                    data: NonNull::from(data).cast(),
                 },
                 Ok(KvmExit::IoIn(port, data)) => Raw::Io {
                     out: false,
                     port,
-                    data: data.as_mut_ptr(),
                     len: data.len(),
+                    data: NonNull::from(data).cast(),
                 },
                 Ok(KvmExit::MmioRead(addr, data)) => Raw::Mmio {
                     write: false,
                     addr,
-                    data: data.as_mut_ptr(),
                     len: data.len(),
+                    data: NonNull::from(data).cast(),
                 },
                 Ok(KvmExit::MmioWrite(addr, data)) => Raw::Mmio {
                     write: true,
                     addr,
-                    data: data.as_ptr().cast_mut(),
                     len: data.len(),
+                    data: NonNull::from(data).cast(),
                 },
                 Ok(KvmExit::Hlt) => Raw::Done(VcpuExit::Halt),
                 Ok(KvmExit::Shutdown) => Raw::Done(VcpuExit::Shutdown),
@@ -384,7 +386,6 @@ impl Vcpu for KvmVcpu {
                 let io = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.io };
                 let (size, count) = (usize::from(io.size), io.count as usize);
                 if count > 1 && size * count == len {
-                    let data = NonNull::new(data).expect("kvm_run data is never null");
                     self.pending = Some(PendingIo {
                         out,
                         port,
@@ -399,7 +400,7 @@ impl Vcpu for KvmVcpu {
                 }
                 // SAFETY: the slice kvm-ioctls made for this exit, in the
                 // kvm_run mapping that lives as long as self.
-                Ok(unsafe { io_exit(out, port, data, len) })
+                Ok(unsafe { io_exit(out, port, data.as_ptr(), len) })
             }
             Raw::Mmio {
                 write,
@@ -409,11 +410,11 @@ impl Vcpu for KvmVcpu {
             } => Ok(if write {
                 // SAFETY: kvm_run.mmio.data, valid for `len` (<= 8) bytes
                 // for as long as self.
-                let data = unsafe { std::slice::from_raw_parts(data, len) };
+                let data = unsafe { std::slice::from_raw_parts(data.as_ptr(), len) };
                 VcpuExit::MmioWrite { addr, data }
             } else {
                 // SAFETY: as above; the machine fills it before the next run.
-                let data = unsafe { std::slice::from_raw_parts_mut(data, len) };
+                let data = unsafe { std::slice::from_raw_parts_mut(data.as_ptr(), len) };
                 VcpuExit::MmioRead { addr, data }
             }),
             Raw::InternalError => Ok(VcpuExit::InternalError(self.internal_error())),

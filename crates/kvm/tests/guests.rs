@@ -476,11 +476,20 @@ fn kicker_outliving_its_vcpu_is_harmless() {
 fn application_processor_waits_for_sipi_until_kicked() {
     let Some(h) = kvm() else { return };
     let m = Machine::new(&h, 2);
+    m.load(
+        CODE,
+        &asm(16, CODE, |a| {
+            a.mov(dx, 0x3f8)?;
+            a.out(dx, al)?;
+            a.hlt()
+        }),
+    );
     let _bsp = m.vcpu(0, None);
-    let ap = m.vcpu(1, None);
+    // Registers loaded into an AP do not make it runnable: it still waits
+    // for INIT/SIPI (which will replace CS:IP anyway). A runnable AP would
+    // report the `out` at once.
+    let ap = m.vcpu(1, Some(&real_mode(CODE)));
     let kicker = ap.kicker();
-    // An AP made runnable would fetch from the reset vector, which is not
-    // RAM here, and report an MMIO read at once.
     let (rx, _handle) = run_on_thread(ap, 1);
     assert_quiet(&rx, "AP before SIPI");
     kicker.kick();
@@ -632,6 +641,7 @@ fn state_round_trips_through_kvm() {
         (s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer)
     );
     assert_eq!(back.fpu, s.fpu);
+    assert_eq!(back, s, "every field, the LDTR included");
 }
 
 #[test]
