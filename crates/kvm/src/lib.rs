@@ -8,10 +8,21 @@
 //! access per exit. It is not a machine: it builds no memory map, loads no
 //! kernel and owns no device; and no KVM type leaves it.
 //!
+//! What the machine should know about this backend:
+//! - With the in-kernel LAPIC, KVM keeps a halted vCPU in the kernel, even
+//!   after `cli; hlt`: [`VcpuExit::Halt`] never comes, and only a kick
+//!   brings such a vCPU back.
+//! - Kicks interrupt `KVM_RUN` with the real-time signal `SIGRTMIN()`,
+//!   whose handler this crate installs (a no-op, `SA_RESTART`).
+//! - `rep ins`/`rep outs` come out one element per exit.
+//! - `KVM_SYSTEM_EVENT` shutdown and reset both end as [`VcpuExit::Shutdown`].
+//!
 //! [`raw_loop`] is a bare kvm-ioctls exit loop, the peer the machine's own
 //! exit path is benchmarked against.
 //!
 //! [`VcpuExit`]: vmplay_hypervisor::VcpuExit
+//! [`VcpuExit::Halt`]: vmplay_hypervisor::VcpuExit::Halt
+//! [`VcpuExit::Shutdown`]: vmplay_hypervisor::VcpuExit::Shutdown
 
 mod cpuid;
 mod hypervisor;
