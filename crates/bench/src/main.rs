@@ -131,6 +131,17 @@ fn default_vmplay() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("vmplay"))
 }
 
+/// The 1, 5 and 15 minute load averages: how busy the shared host was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut loops = Vec::new();
@@ -185,6 +196,7 @@ fn main() -> ExitCode {
         ctx.reps,
         if ctx.quick { ", quick" } else { "" }
     );
+    println!("host: {} CPUs, load average {}", cpus(), loadavg());
     let mut ok = true;
     for bench in benches {
         let (name, result) = match bench {
@@ -198,6 +210,8 @@ fn main() -> ExitCode {
             ok = false;
         }
     }
+    println!();
+    println!("host load average at the end: {}", loadavg());
     if ok {
         ExitCode::SUCCESS
     } else {

@@ -56,6 +56,21 @@ fn timeval(tv: libc::timeval) -> Duration {
     Duration::from_secs(tv.tv_sec as u64) + Duration::from_micros(tv.tv_usec as u64)
 }
 
+/// CPU time (user + sys) of this whole process so far, every thread
+/// included, the ones that have exited too.
+pub fn process_cpu() -> Result<Duration, BenchError> {
+    // SAFETY: rusage is plain data that getrusage fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Err(BenchError::Host(
+            "getrusage",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(timeval(usage.ru_utime) + timeval(usage.ru_stime))
+}
+
 /// A running child, reaped exactly once with its rusage.
 pub struct Child {
     pid: libc::pid_t,
