@@ -19,8 +19,8 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use vmplay_boot::layout;
-use vmplay_devices::bus::{Bus, BusError};
-use vmplay_devices::{AcpiPm, DebugExit, I8042, PostPort, Rtc, Serial};
+use vmplay_devices::bus::{Bus, BusError, SharedDevice};
+use vmplay_devices::{AcpiPm, DebugExit, I8042, PostPort, Rtc, Serial, SerialOutput};
 use vmplay_hypervisor::{Hypervisor, Vcpu, VmSpec};
 
 /// Where the guest's COM1 goes.
@@ -61,14 +61,12 @@ pub enum MachineError {
         #[source]
         source: vmplay_hypervisor::Error,
     },
-    #[error("serial output {path}: {source}")]
-    SerialFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Serial(#[from] vmplay_devices::serial::SerialError),
     #[error("device map: {0}")]
     Bus(#[from] BusError),
+    #[error("console: {0}")]
+    Console(#[from] vmplay_devices::console::ConsoleError),
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
 }
@@ -122,27 +120,22 @@ impl Machine {
             .map_err(backend_err)?;
         let control = VmControl::new();
 
-        let serial_output: Box<dyn std::io::Write + Send> = match &config.serial {
-            SerialMode::Stdio => Box::new(std::io::stdout()),
-            SerialMode::File(path) => Box::new(std::fs::File::create(path).map_err(|source| {
-                MachineError::SerialFile {
-                    path: path.clone(),
-                    source,
-                }
-            })?),
-            SerialMode::None => Box::new(std::io::sink()),
-        };
+        let serial_output = match &config.serial {
+            SerialMode::Stdio => SerialOutput::Stdout,
+            SerialMode::File(path) => SerialOutput::File(path.clone()),
+            SerialMode::None => SerialOutput::Sink,
+        }
+        .open()?;
         let serial = Arc::new(Mutex::new(Serial::new(
             vm.irq_line(layout::COM1_IRQ).map_err(backend_err)?,
             serial_output,
         )));
         let mut pio = Bus::new();
         pio.insert(serial.clone(), layout::COM1_PORT.into(), 8)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(control.clone()))),
-            layout::I8042_DATA_PORT.into(),
-            5,
-        )?;
+        // The i8042 answers at 0x60 and 0x64 only: 0x61 is the PIT's.
+        let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(control.clone())));
+        pio.insert_window(i8042.clone(), layout::I8042_DATA_PORT.into(), 1, 0)?;
+        pio.insert_window(i8042, layout::I8042_COMMAND_PORT.into(), 1, 4)?;
         pio.insert(Arc::new(Mutex::new(Rtc::new())), layout::RTC_PORT.into(), 2)?;
         pio.insert(
             Arc::new(Mutex::new(DebugExit::new(control.clone()))),
@@ -225,10 +218,14 @@ impl Machine {
             stdio,
             ..
         } = self;
-        let _raw_terminal = stdio.then(vmplay_devices::console::RawTerminal::new);
-        if stdio {
-            vmplay_devices::console::spawn_stdin_forwarder(serial, control.clone());
-        }
+        let _raw_terminal = if stdio {
+            let raw = vmplay_devices::RawTerminal::enter().map_err(MachineError::Console)?;
+            vmplay_devices::spawn_stdin_forwarder(serial.clone(), control.clone())
+                .map_err(MachineError::Console)?;
+            Some(raw)
+        } else {
+            None
+        };
         let count = vcpus.len();
         let (done_tx, done_rx) = mpsc::channel();
         let ctx = Arc::new(vcpu_loop::VcpuContext {
@@ -259,6 +256,11 @@ impl Machine {
                 break;
             }
         }
+        // A last line without a newline must still reach the user.
+        serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush_output();
         Ok(reason)
     }
 }

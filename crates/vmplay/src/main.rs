@@ -26,6 +26,13 @@ struct Cli {
 enum Command {
     /// Boot a kernel in a new VM and run it until it powers off, resets or exits.
     Run(RunArgs),
+    /// Boot the built-in demo guest: it prints its command line, memory map,
+    /// RTC time and CPU vendor, then powers off.
+    Demo {
+        /// How to run the vCPU.
+        #[arg(long, value_enum, default_value_t = Accel::Auto)]
+        accel: Accel,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -200,6 +207,47 @@ fn run(args: &RunArgs) -> Result<StopReason> {
     Ok(machine.run()?)
 }
 
+/// Writes the demo guest to a temporary file and boots it.
+fn demo(accel: Accel) -> Result<StopReason> {
+    let path = std::env::temp_dir().join(format!("vmplay-demo-{}.elf", std::process::id()));
+    std::fs::write(&path, vmplay_guests::demo())
+        .with_context(|| format!("cannot write the demo guest to {}", path.display()))?;
+    let args = RunArgs::for_demo(path.clone(), accel);
+    let result = run(&args);
+    std::fs::remove_file(&path).ok();
+    result
+}
+
+impl RunArgs {
+    fn for_demo(kernel: PathBuf, accel: Accel) -> RunArgs {
+        RunArgs {
+            kernel: Some(kernel),
+            initrd: None,
+            cmdline: Some("demo from `vmplay demo`".into()),
+            memory: None,
+            cpus: None,
+            accel,
+            kernel_entry: EntryArg::Auto,
+            serial: "stdio".into(),
+            config: None,
+            trace: None,
+        }
+    }
+}
+
+/// Prints an error and its causes on one line, skipping a cause whose
+/// text the message already carries.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+    }
+    line
+}
+
 fn report(reason: &StopReason) {
     match reason {
         StopReason::PowerOff => eprintln!("vmplay: guest powered off"),
@@ -231,17 +279,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => match run(&args) {
-            Ok(reason) => {
-                report(&reason);
-                ExitCode::from(reason.exit_code() as u8)
-            }
-            Err(e) => {
-                eprintln!("vmplay: error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+    let result = match cli.command {
+        Command::Run(args) => run(&args),
+        Command::Demo { accel } => demo(accel),
+    };
+    match result {
+        Ok(reason) => {
+            report(&reason);
+            ExitCode::from(reason.exit_code() as u8)
+        }
+        Err(e) => {
+            eprintln!("vmplay: error: {}", error_line(&e));
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -267,7 +317,9 @@ mod tests {
             "vmplay", "run", "--kernel", "k", "--memory", "1G", "--cpus", "2",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("parsed as run")
+        };
         let c = machine_config(&args).unwrap();
         assert_eq!((c.memory, c.vcpus), (1 << 30, 2));
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
