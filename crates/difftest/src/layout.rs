@@ -27,9 +27,18 @@ pub const PT1_ADDR: u64 = SYS_ADDR + 0x4000;
 pub const GDT_ADDR: u64 = SYS_ADDR + 0x5000;
 pub const TSS_ADDR: u64 = SYS_ADDR + 0x5100;
 pub const IDT_ADDR: u64 = SYS_ADDR + 0x6000;
-/// 256 exception/interrupt stubs of `STUB_SIZE` bytes, each `hlt; jmp $-1`.
+/// Where the end marker and the stubs save RDX before they use DX for the
+/// port number.
+pub const SCRATCH_ADDR: u64 = SYS_ADDR + 0x5200;
+/// 256 exception/interrupt stubs of `STUB_SIZE` bytes. Stub `v` saves RDX,
+/// writes AL to port `VECTOR_PORT_BASE + v`, then `hlt`s.
 pub const STUBS_ADDR: u64 = SYS_ADDR + 0x7000;
 pub const STUB_SIZE: u64 = 16;
+/// Ports that end a guest case: `VECTOR_PORT_BASE + vector` after an
+/// exception, `END_PORT` after the last instruction. Nothing in KVM or the
+/// platform devices listens there.
+pub const VECTOR_PORT_BASE: u16 = 0xe000;
+pub const END_PORT: u16 = 0xe100;
 /// The stack every exception is delivered on (IST1), so a sequence that
 /// broke RSP still reports its fault instead of double faulting.
 pub const IST_STACK_ADDR: u64 = SYS_ADDR + 0x8000;

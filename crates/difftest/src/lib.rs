@@ -7,10 +7,17 @@
 //! x87/SSE state and the touched memory must match. This crate is a test
 //! harness: it is not part of the VMM and nothing in the VMM depends on it.
 
+pub mod backend;
+pub mod check;
+pub mod compare;
 pub mod error;
+pub mod generate;
 pub mod layout;
 pub mod native;
 pub mod rng;
 pub mod state;
 
+pub use backend::{BackendRunner, RandomBytesReport, run_random_bytes};
+pub use check::{Config, assert_matches_host, assert_matches_host_with, check_class};
 pub use error::{Error, Result};
+pub use generate::Class;

@@ -330,13 +330,15 @@ impl NativeRunner {
                 slot.stack_in.copy_from_slice(&state.stack);
                 slot.recorded = 0;
             }
-            let n = self.wait_reply(Some(batch.len() as u32)).map_err(|e| match e {
-                Error::Native(msg) => Error::Native(format!(
-                    "{msg} (in batch {batch_no} of up to {} cases)",
-                    self.slots
-                )),
-                e => e,
-            })?;
+            let n = self
+                .wait_reply(Some(batch.len() as u32))
+                .map_err(|e| match e {
+                    Error::Native(msg) => Error::Native(format!(
+                        "{msg} (in batch {batch_no} of up to {} cases)",
+                        self.slots
+                    )),
+                    e => e,
+                })?;
             if n as usize != batch.len() {
                 return Err(Error::Native(format!(
                     "the child ran {n} cases of {}",
@@ -468,9 +470,7 @@ fn observe(slot: &Slot, code_len: usize) -> Result<Observed> {
         ));
     }
     if slot.recorded == 2 {
-        return Err(Error::Native(
-            "the signal frame had no FPU state".into(),
-        ));
+        return Err(Error::Native("the signal frame had no FPU state".into()));
     }
     let mut obs = Observed::blank();
     obs.gpr = slot.gpr_out;
@@ -637,7 +637,11 @@ unsafe fn run_slot(slot: *mut Slot) {
         (*ctx).rflags_in = (*slot).rflags_in;
         (*ctx).slot = slot;
         enter_case();
-        ptr::copy_nonoverlapping(DATA_ADDR as *const u8, (*slot).data_out.as_mut_ptr(), DATA_SIZE);
+        ptr::copy_nonoverlapping(
+            DATA_ADDR as *const u8,
+            (*slot).data_out.as_mut_ptr(),
+            DATA_SIZE,
+        );
         ptr::copy_nonoverlapping(
             STACK_ADDR as *const u8,
             (*slot).stack_out.as_mut_ptr(),
@@ -678,11 +682,11 @@ mod tests {
         store.gpr[0] = 0xab;
         store.fpu.xmm[3] = 0x1122;
         let cases: Vec<(&[u8], &InitialState)> = vec![
-            (&[0x48, 0x01, 0xc8], &add),                   // add rax, rcx
-            (&[0x48, 0xf7, 0xf1], &div0),                  // div rcx (rcx = 0)
+            (&[0x48, 0x01, 0xc8], &add),                           // add rax, rcx
+            (&[0x48, 0xf7, 0xf1], &div0),                          // div rcx (rcx = 0)
             (&[0x88, 0x03, 0x88, 0x04, 0x25, 0, 0, 0, 0], &store), // mov [rbx], al; mov [0], al
-            (&[0x0f, 0x0b], &add),                         // ud2
-            (&[0x66, 0x0f, 0xd4, 0xdb], &store),           // paddq xmm3, xmm3
+            (&[0x0f, 0x0b], &add),                                 // ud2
+            (&[0x66, 0x0f, 0xd4, 0xdb], &store),                   // paddq xmm3, xmm3
         ];
         let obs = runner.run(&cases).expect("run");
         assert_eq!(obs[0].outcome, Outcome::Completed);

@@ -67,7 +67,9 @@ mod tests {
 
     #[test]
     fn same_seed_same_stream() {
-        let a: Vec<u64> = (0..8).map(|_| Rng::for_case(7, "alu", 3).next_u64()).collect();
+        let a: Vec<u64> = (0..8)
+            .map(|_| Rng::for_case(7, "alu", 3).next_u64())
+            .collect();
         assert!(a.windows(2).all(|w| w[0] == w[1]));
         assert_ne!(
             Rng::for_case(7, "alu", 3).next_u64(),

@@ -1,0 +1,245 @@
+//! Comparing what the host did with what a backend did, and saying so.
+
+use crate::generate::Case;
+use crate::layout::{CODE_ADDR, DATA_ADDR, STACK_ADDR};
+use crate::state::{InitialState, Observed, USER_FLAGS};
+use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+use std::fmt::Write;
+
+const GPR_NAMES: [&str; 16] = [
+    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
+    "r14", "r15",
+];
+
+/// The differences between `native` and `backend`, one line each (empty:
+/// they agree). Undefined flags and the x87 last-instruction pointers
+/// (FIP/FDP/FOP, which AMD's FXSAVE omits) are not compared.
+pub fn differences(case: &Case, native: &Observed, backend: &Observed) -> Vec<String> {
+    let mut d = Vec::new();
+    if native.outcome != backend.outcome {
+        d.push(format!(
+            "outcome: host {}, backend {}",
+            native.outcome, backend.outcome
+        ));
+    }
+    if native.rip != backend.rip {
+        d.push(format!(
+            "rip: host {:#x}, backend {:#x}",
+            native.rip, backend.rip
+        ));
+    }
+    if native.cr2 != backend.cr2 {
+        d.push(format!(
+            "cr2: host {:#x}, backend {:#x}",
+            native.cr2, backend.cr2
+        ));
+    }
+    for (i, name) in GPR_NAMES.iter().enumerate() {
+        if native.gpr[i] != backend.gpr[i] {
+            d.push(format!(
+                "{name}: host {:#018x}, backend {:#018x}",
+                native.gpr[i], backend.gpr[i]
+            ));
+        }
+    }
+    let mask = USER_FLAGS & !case.undefined_rflags;
+    if (native.rflags ^ backend.rflags) & mask != 0 {
+        d.push(format!(
+            "rflags: host {:#x}, backend {:#x} (differing {}; compared {})",
+            native.rflags & mask,
+            backend.rflags & mask,
+            flag_names((native.rflags ^ backend.rflags) & mask),
+            flag_names(mask)
+        ));
+    }
+    let (n, b) = (&native.fpu, &backend.fpu);
+    if n.fcw != b.fcw {
+        d.push(format!("fcw: host {:#06x}, backend {:#06x}", n.fcw, b.fcw));
+    }
+    let fsw_mask = !case.undefined_fsw;
+    if (n.fsw ^ b.fsw) & fsw_mask != 0 {
+        d.push(format!(
+            "fsw: host {:#06x}, backend {:#06x} (undefined bits {:#06x} masked)",
+            n.fsw, b.fsw, case.undefined_fsw
+        ));
+    }
+    if n.ftw != b.ftw {
+        d.push(format!("ftw: host {:#04x}, backend {:#04x}", n.ftw, b.ftw));
+    }
+    if n.mxcsr != b.mxcsr {
+        d.push(format!(
+            "mxcsr: host {:#x}, backend {:#x}",
+            n.mxcsr, b.mxcsr
+        ));
+    }
+    for i in 0..8 {
+        if n.st[i][..10] != b.st[i][..10] {
+            d.push(format!(
+                "st{i}/mm{i}: host {}, backend {}",
+                f80(&n.st[i]),
+                f80(&b.st[i])
+            ));
+        }
+    }
+    for i in 0..16 {
+        if n.xmm[i] != b.xmm[i] {
+            d.push(format!(
+                "xmm{i}: host {:#034x}, backend {:#034x}",
+                n.xmm[i], b.xmm[i]
+            ));
+        }
+    }
+    memory_diff(&mut d, "data", DATA_ADDR, &native.data, &backend.data);
+    memory_diff(&mut d, "stack", STACK_ADDR, &native.stack, &backend.stack);
+    d
+}
+
+fn f80(v: &[u8; 16]) -> String {
+    let exp = u16::from_le_bytes([v[8], v[9]]);
+    let mant = u64::from_le_bytes(v[..8].try_into().unwrap_or([0; 8]));
+    format!("{exp:04x}:{mant:016x}")
+}
+
+fn flag_names(bits: u64) -> String {
+    let names = [
+        (0, "CF"),
+        (2, "PF"),
+        (4, "AF"),
+        (6, "ZF"),
+        (7, "SF"),
+        (10, "DF"),
+        (11, "OF"),
+    ];
+    let v: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| bits >> b & 1 == 1)
+        .map(|(_, n)| *n)
+        .collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(" ")
+    }
+}
+
+/// Up to 8 differing 8-byte groups of a page.
+fn memory_diff(d: &mut Vec<String>, what: &str, base: u64, host: &[u8], backend: &[u8]) {
+    let mut shown = 0;
+    let mut total = 0;
+    for (i, (h, b)) in host.chunks(8).zip(backend.chunks(8)).enumerate() {
+        if h != b {
+            total += 1;
+            if shown < 8 {
+                shown += 1;
+                d.push(format!(
+                    "{what} [{:#x}]: host {:02x?}, backend {:02x?}",
+                    base + 8 * i as u64,
+                    h,
+                    b
+                ));
+            }
+        }
+    }
+    if total > shown {
+        d.push(format!(
+            "{what}: {} more differing 8-byte groups",
+            total - shown
+        ));
+    }
+}
+
+/// The disassembly of `code` at `CODE_ADDR`, one instruction a line.
+pub fn disassemble(code: &[u8]) -> String {
+    let mut out = String::new();
+    let mut decoder = Decoder::with_ip(64, code, CODE_ADDR, DecoderOptions::NONE);
+    let mut fmt = IntelFormatter::new();
+    let mut text = String::new();
+    for ins in &mut decoder {
+        text.clear();
+        fmt.format(&ins, &mut text);
+        let start = (ins.ip() - CODE_ADDR) as usize;
+        let bytes = &code[start..start + ins.len()];
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let _ = writeln!(out, "    {:08x} {hex:<30} {text}", ins.ip());
+    }
+    out
+}
+
+/// The registers and control words a case starts with.
+pub fn describe_state(s: &InitialState) -> String {
+    let mut out = String::new();
+    for (i, name) in GPR_NAMES.iter().enumerate() {
+        let _ = write!(out, "{name:>4}={:016x}", s.gpr[i]);
+        out.push(if i % 4 == 3 { '\n' } else { ' ' });
+    }
+    let f = &s.fpu;
+    let _ = writeln!(
+        out,
+        "rflags={:#x} fcw={:#06x} fsw={:#06x} ftw={:#04x} mxcsr={:#x}",
+        s.loaded_rflags(),
+        f.fcw,
+        f.fsw,
+        f.ftw,
+        f.mxcsr
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::{Class, blank_state};
+    use crate::state::{FLAGS_CF, FLAGS_OF, Outcome};
+
+    fn case() -> Case {
+        Case {
+            class: Class::IntegerAlu,
+            seed: 1,
+            index: 0,
+            code: vec![0x48, 0x01, 0xc8],
+            init: blank_state(),
+            undefined_rflags: FLAGS_OF,
+            undefined_fsw: 0,
+        }
+    }
+
+    fn obs() -> Observed {
+        let mut o = Observed::blank();
+        o.outcome = Outcome::Completed;
+        o
+    }
+
+    #[test]
+    fn agreeing_observations_have_no_differences() {
+        assert!(differences(&case(), &obs(), &obs()).is_empty());
+    }
+
+    #[test]
+    fn undefined_flags_are_masked_and_defined_ones_are_not() {
+        let mut b = obs();
+        b.rflags = FLAGS_OF;
+        assert!(differences(&case(), &obs(), &b).is_empty());
+        b.rflags = FLAGS_CF;
+        let d = differences(&case(), &obs(), &b);
+        assert_eq!(d.len(), 1);
+        assert!(d[0].contains("CF"), "{d:?}");
+    }
+
+    #[test]
+    fn registers_memory_and_outcome_differences_are_named() {
+        let mut b = obs();
+        b.gpr[13] = 5;
+        b.data[0x10] = 1;
+        b.fpu.xmm[2] = 9;
+        b.outcome = Outcome::Exception { vector: 6 };
+        let d = differences(&case(), &obs(), &b).join("\n");
+        for needle in ["r13", "data [0x40100010]", "xmm2", "#UD"] {
+            assert!(d.contains(needle), "{needle} missing in:\n{d}");
+        }
+    }
+
+    #[test]
+    fn disassembly_shows_the_instruction() {
+        assert!(disassemble(&[0x48, 0x01, 0xc8]).contains("add rax,rcx"));
+    }
+}
