@@ -169,9 +169,18 @@ impl Vm for KvmVm {
                 "GSI {gsi} does not exist: the in-kernel IOAPIC has pins 0..{IOAPIC_PINS}"
             )));
         }
+        // Edges go through an irqfd, as virtio interrupts will: one write(2)
+        // from any thread, no vCPU or VM lock involved.
+        let edge =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::host("eventfd for an irqfd", e))?;
+        self.shared
+            .fd
+            .register_irqfd(&edge, gsi)
+            .map_err(|e| host_error("KVM_IRQFD", format!("GSI {gsi}"), e))?;
         Ok(Arc::new(KvmIrqLine {
             vm: Arc::clone(&self.shared),
             gsi,
+            edge,
         }))
     }
 
@@ -238,6 +247,8 @@ impl Vm for KvmVm {
 struct KvmIrqLine {
     vm: Arc<VmShared>,
     gsi: u32,
+    /// Registered with KVM_IRQFD: each write is one edge on `gsi`.
+    edge: EventFd,
 }
 
 impl KvmIrqLine {
@@ -257,8 +268,9 @@ impl KvmIrqLine {
 
 impl IrqLine for KvmIrqLine {
     fn pulse(&self) {
-        self.set(true);
-        self.set(false);
+        if let Err(e) = self.edge.write(1) {
+            tracing::error!(gsi = self.gsi, "irqfd write failed: {e}");
+        }
     }
 
     fn set_level(&self, high: bool) {
