@@ -1425,7 +1425,7 @@ impl Builder<'_> {
                 });
                 self.push(ret)
             }
-            4 => {
+            4 if self.base != Register::RBP => {
                 // enter n, 0 ... leave (level 0: no frame copying).
                 let n = 8 * self.rng.below(8) as i32;
                 self.push(Instruction::with2(Code::Enterq_imm16_imm8, n, 0).ok())
@@ -1515,5 +1515,159 @@ impl Builder<'_> {
         BlockEncoder::encode(64, block, BlockEncoderOptions::NONE)
             .map(|r| r.code_buffer)
             .map_err(|e| Error::Generate(format!("encoding failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::CODE_ADDR;
+    use crate::state::{FLAGS_CF, FLAGS_SF, FLAGS_ZF};
+    use iced_x86::{Decoder, DecoderOptions};
+
+    fn generator(class: Class) -> Generator {
+        Generator::new(class, &Features::baseline(), 0xffbf).expect("generator")
+    }
+
+    #[test]
+    fn every_class_generates_decodable_reproducible_cases() {
+        for class in Class::ALL {
+            let g = generator(class);
+            for i in 0..200 {
+                let c = g.case(42, i).expect("case");
+                assert!(!c.code.is_empty(), "{class} case {i} is empty");
+                let mut dec = Decoder::with_ip(64, &c.code, CODE_ADDR, DecoderOptions::NONE);
+                let mut len = 0;
+                for ins in &mut dec {
+                    assert_ne!(
+                        ins.code(),
+                        Code::INVALID,
+                        "{class} case {i}: {:02x?}",
+                        c.code
+                    );
+                    len += ins.len();
+                }
+                assert_eq!(len, c.code.len());
+                let again = g.case(42, i).expect("case");
+                assert_eq!((&again.code, &again.init), (&c.code, &c.init));
+            }
+        }
+    }
+
+    /// Every explicit memory operand uses RSP or a register that starts in
+    /// the data page and that no instruction of the sequence writes.
+    #[test]
+    fn memory_operands_only_use_reserved_registers() {
+        let mut info = InstructionInfoFactory::new();
+        for class in Class::ALL {
+            let g = generator(class);
+            for i in 0..200 {
+                let c = g.case(7, i).expect("case");
+                let dec = Decoder::with_ip(64, &c.code, CODE_ADDR, DecoderOptions::NONE);
+                let list: Vec<Instruction> = dec.into_iter().collect();
+                let mut written = Vec::new();
+                for ins in &list {
+                    for u in info.info(ins).used_registers() {
+                        if matches!(
+                            u.access(),
+                            OpAccess::Write
+                                | OpAccess::ReadWrite
+                                | OpAccess::CondWrite
+                                | OpAccess::ReadCondWrite
+                        ) {
+                            written.push(u.register().full_register());
+                        }
+                    }
+                }
+                for ins in &list {
+                    if ins.mnemonic() == Mnemonic::Lea {
+                        continue;
+                    }
+                    for op in 0..ins.op_count() {
+                        if ins.op_kind(op) != OpKind::Memory {
+                            continue;
+                        }
+                        let base = ins.memory_base();
+                        let v = c.init.gpr[gpr_index(base)];
+                        let ok = base == Register::RSP
+                            || ((DATA_ADDR..DATA_ADDR + DATA_SIZE as u64).contains(&v)
+                                && !written.contains(&base));
+                        assert!(ok, "{class} case {i}: {ins} uses {base:?} = {v:#x}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn flags_of(list: &[(Instruction, Option<usize>)]) -> Option<u32> {
+        let mut rng = Rng::new(1);
+        let mut b = Builder {
+            rng: &mut rng,
+            base: Register::RBX,
+            base_value: DATA_ADDR + 0x800,
+            straddles: false,
+            no_memory: false,
+            rsp_value: STACK_START,
+            items: Vec::new(),
+            data_patches: Vec::new(),
+            info: InstructionInfoFactory::new(),
+        };
+        for &(ins, target) in list {
+            b.items.push(Item {
+                ins,
+                target,
+                maybe_keeps_flags: false,
+                reads_c_bits: false,
+            });
+        }
+        b.check_flags()
+    }
+
+    fn ins2(code: Code, a: Register, b: Register) -> (Instruction, Option<usize>) {
+        (Instruction::with2(code, a, b).expect("instruction"), None)
+    }
+
+    #[test]
+    fn reading_an_undefined_flag_rejects_the_sequence() {
+        let mul = (
+            Instruction::with1(Code::Mul_rm32, Register::ECX).expect("mul"),
+            None,
+        );
+        let setz = (
+            Instruction::with1(Code::Sete_rm8, Register::AL).expect("sete"),
+            None,
+        );
+        assert_eq!(flags_of(&[mul, setz]), None, "mul leaves ZF undefined");
+        let test = ins2(Code::Test_rm32_r32, Register::EAX, Register::EAX);
+        let undef = flags_of(&[mul, test, setz]).expect("test defines ZF");
+        assert_eq!(rflags_from_iced(undef) & (FLAGS_ZF | FLAGS_SF), 0);
+    }
+
+    #[test]
+    fn a_skipped_instruction_does_not_define_flags() {
+        // imul; jc 3; test eax, eax; (3:) end. SF is undefined along the
+        // path that jumps over the test.
+        let imul = ins2(Code::Imul_r32_rm32, Register::EAX, Register::ECX);
+        let jc = (
+            Instruction::with_branch(Code::Jb_rel32_64, 0).expect("jc"),
+            Some(3),
+        );
+        let test = ins2(Code::Test_rm32_r32, Register::EAX, Register::EAX);
+        let undef = rflags_from_iced(flags_of(&[imul, jc, test]).expect("valid"));
+        assert_ne!(undef & FLAGS_SF, 0);
+        assert_eq!(undef & FLAGS_CF, 0, "imul defines CF");
+        let straight = rflags_from_iced(flags_of(&[imul, test]).expect("valid"));
+        assert_eq!(straight & FLAGS_SF, 0);
+    }
+
+    #[test]
+    fn thirty_two_bit_cmpxchg_into_a_register_is_not_generated() {
+        let g = generator(Class::Exchange);
+        for i in 0..500 {
+            let c = g.case(3, i).expect("case");
+            for ins in Decoder::with_ip(64, &c.code, CODE_ADDR, DecoderOptions::NONE) {
+                assert!(!vendor_specific(&ins), "case {i}: {ins}");
+            }
+        }
     }
 }
