@@ -719,6 +719,9 @@ fn excluded(code: Code) -> bool {
         code,
         // Result undefined.
         Code::Bswap_r16
+            // MOVSXD without REX.W: vendors disagree on what it loads.
+            | Code::Movsxd_r16_rm16
+            | Code::Movsxd_r32_rm32
     ) || {
         // Undocumented SAL (/6) aliases of SHL.
         code.mnemonic() == Mnemonic::Sal

@@ -235,7 +235,9 @@ fn host_mxcsr_mask() -> u32 {
 }
 
 impl NativeRunner {
-    /// Forks the child that runs up to `slots` cases per batch.
+    /// Forks the child that runs up to `slots` cases per batch. The child
+    /// dies with the thread that created it (PR_SET_PDEATHSIG), so use the
+    /// runner on that thread.
     pub fn new(slots: usize) -> Result<Self> {
         let slots = slots.max(1);
         let bytes = slots * size_of::<Slot>();
