@@ -71,7 +71,7 @@ pub fn exit_at_once() -> Result<Vec<u8>, BenchError> {
     Ok(img.build()?)
 }
 
-/// A guest that writes [`IDLE_READY_BYTE`] to COM1 and then sleeps in
+/// A guest that writes [`IDLE_READY_BYTE`] and a newline to COM1 and then sleeps in
 /// `hlt` with interrupts enabled forever (every vector just `iret`s), so
 /// the VMM sits idle while its memory is measured.
 pub fn idle_forever() -> Result<Vec<u8>, BenchError> {
@@ -96,6 +96,9 @@ pub fn idle_forever() -> Result<Vec<u8>, BenchError> {
         a.lidt(ptr(idtr))?;
         a.mov(edx, u32::from(vmplay_boot::layout::COM1_PORT))?;
         a.mov(al, u32::from(IDLE_READY_BYTE))?;
+        a.out(dx, al)?;
+        // A whole line: a VMM may hold a partial line back.
+        a.mov(al, u32::from(b'\n'))?;
         a.out(dx, al)?;
         let mut idle = a.create_label();
         a.set_label(&mut idle)?;
