@@ -127,7 +127,7 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
         "{reps} pairs, the two sides alternating; ratio = median of the pairs' ratios; CPU = this process's user+sys"
     ));
     report::note(
-        "kvm_pvm host: ring-0 guest code is emulated by the host (~1M insn/s) and every exit is a nested round trip, so both figures are dominated by the host",
+        "kvm_pvm host (nested KVM): ring-0 guest code is emulated by the host (~1M insn/s) and every exit is a nested round trip, so both figures are dominated by the host",
     );
     // One warm-up run each: first-use costs (page faults, KVM paths).
     if let Err(e) = vmplay_run(ctx, 100) {

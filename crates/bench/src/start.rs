@@ -141,7 +141,7 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
         "peer: Firecracker's published SPECIFICATION.md figures (1 vCPU, 128 MiB), not run here",
     );
     report::note(
-        "kvm_pvm host: guest entry and every exit are emulated by the host (~26 µs per exit)",
+        "kvm_pvm host (nested KVM): guest entry and exits are nested round trips through the host",
     );
     match cpu_to_first_instruction(ctx) {
         Ok((cpu, wall)) => {
