@@ -21,8 +21,27 @@ use std::time::Duration;
 const GUEST_MEMORY: &str = "128M";
 /// The goal: emu at most this many times slower than TCG on each loop.
 const GOAL_VS_TCG: f64 = 8.0;
-/// A single guest run longer than this is treated as hung.
-const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+/// A guest run may take this long on top of 3x what the runner's pace so
+/// far predicts; past that it is treated as hung and killed.
+const RUN_SLACK: Duration = Duration::from_secs(60);
+
+/// A runner's observed pace, so a hung run is caught in proportion to
+/// how long a healthy one takes.
+#[derive(Default)]
+struct Pace {
+    secs_per_iter: Option<f64>,
+}
+
+impl Pace {
+    fn timeout(&self, n: u64) -> Duration {
+        let predicted = self.secs_per_iter.map_or(0.0, |s| s * n as f64);
+        RUN_SLACK + Duration::from_secs_f64(3.0 * predicted)
+    }
+
+    fn observe(&mut self, n: u64, wall: Duration) {
+        self.secs_per_iter = Some(wall.as_secs_f64() / n as f64);
+    }
+}
 
 /// Who runs a guest image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +95,7 @@ fn run_guest(
     kind: LoopKind,
     n: u64,
     sums: &mut Checksums,
+    pace: &mut Pace,
 ) -> Result<RunResult, BenchError> {
     let image = guests::long_mode_loop(kind, n, sums.get(n))?;
     let name = format!("{}-{n}.elf", kind.name());
@@ -102,8 +122,10 @@ fn run_guest(
             c
         }
     };
-    let r = measure::run(&mut cmd, &ctx.scratch, &name, RUN_TIMEOUT)?;
+    let r = measure::run(&mut cmd, &ctx.scratch, &name, pace.timeout(n));
     let _ = std::fs::remove_file(&path);
+    let r = r?;
+    pace.observe(n, r.wall);
     if r.status == exit_status(EXIT_OK) {
         Ok(r)
     } else if r.status == exit_status(EXIT_WRONG_RESULT) {
@@ -131,9 +153,10 @@ fn sample(
     kind: LoopKind,
     n: u64,
     sums: &mut Checksums,
+    pace: &mut Pace,
 ) -> Result<Duration, BenchError> {
-    let one = run_guest(ctx, runner, kind, n, sums)?;
-    let two = run_guest(ctx, runner, kind, 2 * n, sums)?;
+    let one = run_guest(ctx, runner, kind, n, sums, pace)?;
+    let two = run_guest(ctx, runner, kind, 2 * n, sums, pace)?;
     Ok(two.wall.saturating_sub(one.wall))
 }
 
@@ -233,11 +256,13 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
                 Ok(two.saturating_sub(one))
             })
         };
+        let mut pace = Pace::default();
         let tcg = measure_rate(ctx.reps, want, per_iter, |n| {
-            sample(ctx, Runner::Tcg, kind, n, &mut sums)
+            sample(ctx, Runner::Tcg, kind, n, &mut sums, &mut pace)
         });
+        let mut pace = Pace::default();
         let emu = measure_rate(ctx.reps, want, per_iter, |n| {
-            sample(ctx, Runner::Emu, kind, n, &mut sums)
+            sample(ctx, Runner::Emu, kind, n, &mut sums, &mut pace)
         });
         for (who, r) in [
             (Runner::Emu.label(), &emu),
@@ -274,6 +299,14 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeout_scales_with_the_observed_pace() {
+        let mut pace = Pace::default();
+        assert_eq!(pace.timeout(1_000_000), RUN_SLACK);
+        pace.observe(1000, Duration::from_secs(2));
+        assert_eq!(pace.timeout(16_000), RUN_SLACK + Duration::from_secs(96));
+    }
 
     #[test]
     fn growth_aims_past_the_target_within_bounds() {
