@@ -71,6 +71,20 @@ pub fn process_cpu() -> Result<Duration, BenchError> {
     Ok(timeval(usage.ru_utime) + timeval(usage.ru_stime))
 }
 
+/// CPU time (user + sys) of the calling thread so far.
+pub fn thread_cpu() -> Result<Duration, BenchError> {
+    // SAFETY: rusage is plain data that getrusage fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return Err(BenchError::Host(
+            "getrusage",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(timeval(usage.ru_utime) + timeval(usage.ru_stime))
+}
+
 /// A running child, reaped exactly once with its rusage.
 pub struct Child {
     pid: libc::pid_t,
