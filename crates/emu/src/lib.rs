@@ -1,1 +1,85 @@
-//! TODO
+//! `vmplay-emu`: a software x86-64 CPU behind the `vmplay-hypervisor` seam.
+//!
+//! An interpreter tier: instructions are decoded once with iced-x86 into
+//! blocks cached by guest-physical address, each instruction resolved to a
+//! handler with pre-decoded operands; flags are lazy; memory goes through
+//! a software TLB of host pointers. Like KVM's in-kernel irqchip, the VM
+//! also owns the LAPICs, IOAPIC, 8259 PIC and PIT (`platform`), CPUID and
+//! MSRs. Everything else — devices, loaders, the memory map — belongs to
+//! the machine and is reached through `VcpuExit`s.
+//!
+//! It is not a JIT (yet) and does not model SMM, VMX, task switching,
+//! call gates or virtual-8086 mode. See DESIGN.md for the structure and
+//! how to add an instruction family.
+
+pub mod cpu;
+pub mod cpuid;
+pub mod decode;
+pub mod exec;
+pub mod isa;
+pub mod mem;
+pub mod mode;
+pub mod msr;
+pub mod platform;
+pub mod trace;
+pub mod vcpu;
+pub mod vm;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vmplay_hypervisor::{Error, GuestMemory, Hypervisor, Result, Vm, VmSpec};
+
+pub use vcpu::EmuVcpu;
+pub use vm::EmuVm;
+
+/// Options of the software CPU.
+#[derive(Debug, Clone, Default)]
+pub struct EmuOptions {
+    /// Write an instruction trace to this file (`--trace FILE`).
+    pub trace: Option<PathBuf>,
+}
+
+/// The `emu` backend.
+#[derive(Debug, Clone, Default)]
+pub struct EmuHypervisor {
+    opts: EmuOptions,
+}
+
+impl EmuHypervisor {
+    pub fn new(opts: EmuOptions) -> EmuHypervisor {
+        EmuHypervisor { opts }
+    }
+}
+
+/// Most vCPUs one VM may have (xAPIC IDs stay below the broadcast ID).
+pub const MAX_VCPUS: u32 = 254;
+
+impl Hypervisor for EmuHypervisor {
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+
+    fn max_vcpus(&self) -> u32 {
+        MAX_VCPUS
+    }
+
+    fn create_vm(&self, spec: &VmSpec, memory: &GuestMemory) -> Result<Arc<dyn Vm>> {
+        if !std::arch::is_x86_feature_detected!("cmpxchg16b") {
+            return Err(Error::Unavailable {
+                backend: "emu",
+                reason: "the host CPU lacks cmpxchg16b".into(),
+            });
+        }
+        if spec.vcpus > MAX_VCPUS {
+            return Err(Error::Unsupported(format!(
+                "emu supports at most {MAX_VCPUS} vCPUs, {} requested",
+                spec.vcpus
+            )));
+        }
+        Ok(Arc::new(EmuVm::new(spec, memory, self.opts.trace.as_deref())?))
+    }
+}

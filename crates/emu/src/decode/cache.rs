@@ -1,0 +1,175 @@
+//! The block cache: straight-line runs of decoded instructions keyed by
+//! the host address of their first byte (so, by guest physical address)
+//! and the code size, validated against the page's code generation.
+
+use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction};
+
+use super::Insn;
+use super::table::table;
+use crate::cpu::fault::{Fault, Res};
+use crate::cpu::{CS, Cpu, Mode};
+use crate::mem::access::Target;
+
+/// Most instructions in one block.
+pub const MAX_BLOCK: usize = 64;
+const SLOTS: usize = 1 << 15;
+
+pub struct Block {
+    key: u64,
+    frame: usize,
+    generation: u32,
+    pub insns: Box<[Insn]>,
+    /// Times this block ran (a future JIT tier picks hot blocks by it).
+    pub runs: u64,
+}
+
+pub struct BlockCache {
+    slots: Vec<Option<Box<Block>>>,
+    /// The uncached block for an instruction crossing a page or fetched
+    /// from outside RAM.
+    scratch: Option<Box<Block>>,
+    pub decoded: u64,
+}
+
+impl Default for BlockCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[inline(always)]
+fn slot_of(key: u64) -> usize {
+    ((key ^ (key >> 15) ^ (key >> 30)) as usize) & (SLOTS - 1)
+}
+
+impl BlockCache {
+    pub fn new() -> Self {
+        BlockCache {
+            slots: (0..SLOTS).map(|_| None).collect(),
+            scratch: None,
+            decoded: 0,
+        }
+    }
+
+    /// The block at the current CS:RIP, decoding it if needed.
+    #[inline]
+    pub fn lookup(&mut self, cpu: &mut Cpu) -> Res<&mut Block> {
+        let rip = cpu.rip();
+        let cs = cpu.seg[CS];
+        if cpu.mode != Mode::Long && rip > u64::from(cs.limit) {
+            return Err(Fault::gp(0));
+        }
+        let lin = cs.base.wrapping_add(rip) & cpu.lin_mask;
+        let target = cpu.fetch_target(lin)?;
+        let Target::Ram(loc) = target else {
+            return self.decode_scratch(cpu, lin, None);
+        };
+        let key = (loc.host as u64) << 2 | u64::from(cpu.bits >> 5);
+        let slot = slot_of(key);
+        let hit = matches!(&self.slots[slot], Some(b) if b.key == key && cpu.vm.code.generation(b.frame) == b.generation);
+        if !hit {
+            let avail = 0x1000 - (lin & 0xfff) as usize;
+            let avail = if cpu.mode != Mode::Long {
+                avail.min((u64::from(cs.limit) - rip + 1).min(0x1000) as usize)
+            } else {
+                avail
+            };
+            match self.decode(cpu, rip, loc.host, loc.frame, avail, key)? {
+                Some(block) => self.slots[slot] = Some(block),
+                None => return self.decode_scratch(cpu, lin, Some(loc.host)),
+            }
+        }
+        match self.slots[slot].as_deref_mut() {
+            Some(b) => Ok(b),
+            None => Err(Fault::ud()),
+        }
+    }
+
+    /// Decodes a cached block; `None` if its first instruction crosses the page.
+    fn decode(
+        &mut self,
+        cpu: &mut Cpu,
+        rip: u64,
+        host: *mut u8,
+        frame: usize,
+        avail: usize,
+        key: u64,
+    ) -> Res<Option<Box<Block>>> {
+        if cpu.vm.code.mark(frame) {
+            // First code on this page: no vCPU may write it through the TLB.
+            cpu.tlb.drop_write(frame);
+            cpu.vm.platform.code_page_marked(cpu.id);
+        }
+        let generation = cpu.vm.code.generation(frame);
+        let mut buf = [0u8; 0x1000];
+        // SAFETY: `host..host+avail` is inside the RAM page `fetch_target`
+        // found; other vCPUs may write it concurrently (the generation
+        // check catches that), so copy it out once with a raw copy.
+        unsafe { std::ptr::copy_nonoverlapping(host, buf.as_mut_ptr(), avail) };
+        let bytes = &buf[..avail];
+        let t = table();
+        let mut decoder = Decoder::with_ip(u32::from(cpu.bits), bytes, rip, DecoderOptions::NONE);
+        let mut insns = Vec::with_capacity(16);
+        let mut ins = Instruction::default();
+        while decoder.can_decode() && insns.len() < MAX_BLOCK {
+            decoder.decode_out(&mut ins);
+            if ins.is_invalid() && decoder.last_error() == DecoderError::NoMoreBytes {
+                break;
+            }
+            let (h, stop) = t.resolve(&ins);
+            insns.push(Insn::build(&ins, h));
+            if stop || ins.flow_control() != FlowControl::Next {
+                break;
+            }
+        }
+        if insns.is_empty() {
+            return Ok(None);
+        }
+        self.decoded += insns.len() as u64;
+        Ok(Some(Box::new(Block {
+            key,
+            frame,
+            generation,
+            insns: insns.into_boxed_slice(),
+            runs: 0,
+        })))
+    }
+
+    /// Decodes one instruction that crosses a page (or is outside RAM,
+    /// where fetches read all-ones) into the uncached scratch block.
+    #[cold]
+    fn decode_scratch(&mut self, cpu: &mut Cpu, lin: u64, host: Option<*mut u8>) -> Res<&mut Block> {
+        let mut buf = [0xffu8; 15];
+        if host.is_some() {
+            let first = (0x1000 - (lin & 0xfff) as usize).min(15);
+            for (k, b) in buf.iter_mut().enumerate() {
+                let a = lin.wrapping_add(k as u64) & cpu.lin_mask;
+                // Bytes from the next page fault as the instruction's own.
+                let _ = first;
+                if let Target::Ram(loc) = cpu.fetch_target(a)? {
+                    // SAFETY: one byte inside a RAM page just translated.
+                    *b = unsafe { loc.host.read_volatile() };
+                }
+            }
+        }
+        let mut decoder = Decoder::with_ip(u32::from(cpu.bits), &buf, cpu.rip(), DecoderOptions::NONE);
+        let ins = decoder.decode();
+        let (h, _) = table().resolve(&ins);
+        self.scratch = Some(Box::new(Block {
+            key: u64::MAX,
+            frame: 0,
+            generation: 0,
+            insns: vec![Insn::build(&ins, h)].into_boxed_slice(),
+            runs: 0,
+        }));
+        match self.scratch.as_deref_mut() {
+            Some(b) => Ok(b),
+            None => Err(Fault::ud()),
+        }
+    }
+
+    /// Forgets every block (tests, INIT).
+    pub fn clear(&mut self) {
+        self.slots.iter_mut().for_each(|s| *s = None);
+    }
+}

@@ -1,0 +1,178 @@
+//! The interpreter loop: look up the block at CS:RIP, run its handlers,
+//! and between blocks take interrupts, kicks, INIT/SIPI and halts.
+
+use crate::cpu::fault::{DB, Fault, Stop};
+use crate::cpu::flags::TF;
+use crate::cpu::{Cpu, RIP, RunState};
+use crate::decode::cache::BlockCache;
+use crate::mode::interrupt::Event as IntEvent;
+use crate::platform::signal;
+
+/// Why the loop returned to `run()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// An access needs the machine (`cpu.io.pending` or `cpu.io.posted`).
+    Io,
+    /// `hlt` with interrupts disabled.
+    Halt,
+    /// Triple fault.
+    Shutdown,
+    /// A kick.
+    Interrupted,
+}
+
+/// Runs until something needs the caller.
+pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
+    let vm = cpu.vm.clone();
+    let sig = &vm.platform.signals[cpu.id as usize];
+    let tracing = vm.trace.is_some();
+    loop {
+        if cpu.shutdown {
+            return Event::Shutdown;
+        }
+        if !cpu.io.posted.is_empty() || cpu.io.pending.is_some() {
+            return Event::Io;
+        }
+        let att = sig.attention.load(std::sync::atomic::Ordering::Acquire);
+        if (att != 0 || cpu.run_state != RunState::Running)
+            && let Some(ev) = service(cpu, att)
+        {
+            return ev;
+        }
+        if cpu.run_state != RunState::Running || cpu.shutdown {
+            continue;
+        }
+        let block = match cache.lookup(cpu) {
+            Ok(b) => b,
+            Err(s) => {
+                stopped(cpu, s);
+                continue;
+            }
+        };
+        block.runs += 1;
+        let single = cpu.int_shadow || cpu.rflags & TF != 0;
+        let trap = cpu.rflags & TF != 0;
+        cpu.int_shadow = false;
+        cpu.stop = single;
+        let mut done = 0u64;
+        let mut exit = false;
+        for insn in block.insns.iter() {
+            let cur = cpu.gpr[RIP];
+            if tracing {
+                crate::trace::record(cpu, insn);
+            }
+            cpu.gpr[RIP] = cur.wrapping_add(u64::from(insn.len)) & cpu.ip_mask;
+            match (insn.exec)(cpu, insn) {
+                Ok(()) => {
+                    done += 1;
+                    if cpu.stop {
+                        break;
+                    }
+                }
+                Err(Stop::Exit) => {
+                    cpu.gpr[RIP] = cur;
+                    exit = true;
+                    break;
+                }
+                Err(Stop::SoftInt(v)) => {
+                    done += 1;
+                    cpu.io.retire();
+                    crate::mode::interrupt::deliver(cpu, v, IntEvent::Software);
+                    break;
+                }
+                Err(Stop::Fault(f)) => {
+                    cpu.gpr[RIP] = cur;
+                    cpu.io.retire();
+                    crate::mode::interrupt::deliver_fault(cpu, f);
+                    break;
+                }
+            }
+        }
+        cpu.icount += done;
+        if exit {
+            return Event::Io;
+        }
+        if !cpu.io.log.is_empty() {
+            cpu.io.retire();
+        }
+        if trap && done > 0 && !cpu.shutdown {
+            // Single-step trap after the instruction (DR6.BS).
+            cpu.dr[6] |= 1 << 14;
+            crate::mode::interrupt::deliver(cpu, DB, IntEvent::Trap);
+        }
+    }
+}
+
+/// Delivers a fault raised outside a handler (instruction fetch).
+fn stopped(cpu: &mut Cpu, s: Stop) {
+    match s {
+        Stop::Fault(f) => crate::mode::interrupt::deliver_fault(cpu, f),
+        Stop::SoftInt(v) => crate::mode::interrupt::deliver(cpu, v, IntEvent::Software),
+        Stop::Exit => {}
+    }
+}
+
+/// Handles attention bits and non-running states at a block boundary.
+/// Returns an event for `run()` or `None` to go on.
+fn service(cpu: &mut Cpu, att: u32) -> Option<Event> {
+    let vm = cpu.vm.clone();
+    let id = cpu.id as usize;
+    let sig = &vm.platform.signals[id];
+    if att & signal::KICK != 0 {
+        sig.clear(signal::KICK);
+        return Some(Event::Interrupted);
+    }
+    if att & signal::FLUSH_CODE != 0 {
+        sig.clear(signal::FLUSH_CODE);
+        cpu.tlb.drop_write_code(&vm.code);
+    }
+    if att & signal::INIT != 0 {
+        sig.clear(signal::INIT);
+        cpu.reset();
+        cpu.run_state = RunState::WaitForSipi;
+    }
+    if att & signal::SIPI != 0 {
+        sig.clear(signal::SIPI);
+        if cpu.run_state == RunState::WaitForSipi {
+            let vector = sig.sipi_vector();
+            cpu.reset();
+            cpu.seg[crate::cpu::CS].set_real(u16::from(vector) << 8);
+            cpu.set_rip(0);
+            cpu.update_mode();
+            cpu.run_state = RunState::Running;
+        }
+    }
+    if cpu.run_state == RunState::WaitForSipi {
+        sig.wait();
+        return None;
+    }
+    if att & signal::NMI != 0 && !cpu.nmi_blocked {
+        sig.clear(signal::NMI);
+        cpu.run_state = RunState::Running;
+        cpu.nmi_blocked = true;
+        crate::mode::interrupt::deliver(cpu, crate::cpu::fault::NMI, IntEvent::Nmi);
+        return None;
+    }
+    if att & signal::IRQ != 0 && cpu.iff() && !cpu.int_shadow {
+        sig.clear(signal::IRQ);
+        if let Some(vector) = vm.platform.ack_interrupt(cpu.id) {
+            // More may be pending: look again at the next boundary.
+            sig.raise(signal::IRQ);
+            cpu.run_state = RunState::Running;
+            crate::mode::interrupt::deliver(cpu, vector, IntEvent::External);
+            return None;
+        }
+    }
+    if cpu.run_state == RunState::Halted {
+        if !cpu.iff() {
+            return Some(Event::Halt);
+        }
+        sig.wait();
+    }
+    None
+}
+
+/// Raises #UD from a context with no handler (used by tests).
+pub fn ud() -> Stop {
+    Fault::ud()
+}

@@ -1,0 +1,236 @@
+//! Shifts and rotates: shl/sal, shr, sar, rol, ror, rcl, rcr, shld, shrd.
+
+use crate::cpu::Cpu;
+use crate::cpu::fault::Res;
+use crate::cpu::flags::Flags;
+use crate::cpu::width::{W8, W16, W32, W64, Width};
+use crate::decode::{Insn, Table};
+use crate::isa::c;
+use crate::isa::ops::*;
+
+/// A shift or rotate: the result of `a` by `n` (already masked and
+/// non-zero), and the flags it leaves.
+pub trait ShiftOp {
+    /// Rotates through carry reduce the count modulo width+1.
+    const THROUGH_CARRY: bool = false;
+    fn apply<W: Width>(a: u64, n: u32, cf: bool) -> u64;
+    fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, cf: bool);
+}
+
+pub struct Shl;
+pub struct Shr;
+pub struct Sar;
+pub struct Rol;
+pub struct Ror;
+pub struct Rcl;
+pub struct Rcr;
+
+fn msb<W: Width>(v: u64) -> bool {
+    v & W::SIGN != 0
+}
+
+impl ShiftOp for Shl {
+    fn apply<W: Width>(a: u64, n: u32, _: bool) -> u64 {
+        if n >= 64 { 0 } else { (a << n) & W::MASK }
+    }
+    fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, _: bool) {
+        let cf = n <= W::BITS && (a >> (W::BITS - n)) & 1 != 0;
+        f.set_result_cf_of::<W>(r, cf, msb::<W>(r) ^ cf);
+    }
+}
+impl ShiftOp for Shr {
+    fn apply<W: Width>(a: u64, n: u32, _: bool) -> u64 {
+        if n >= 64 { 0 } else { a >> n }
+    }
+    fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, _: bool) {
+        let cf = n <= 64 && (a >> (n - 1)) & 1 != 0;
+        f.set_result_cf_of::<W>(r, cf, msb::<W>(a));
+    }
+}
+impl ShiftOp for Sar {
+    fn apply<W: Width>(a: u64, n: u32, _: bool) -> u64 {
+        ((W::sext(a) as i64) >> n.min(63)) as u64 & W::MASK
+    }
+    fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, _: bool) {
+        let cf = ((W::sext(a) as i64) >> (n - 1).min(63)) & 1 != 0;
+        f.set_result_cf_of::<W>(r, cf, false);
+    }
+}
+impl ShiftOp for Rol {
+    fn apply<W: Width>(a: u64, n: u32, _: bool) -> u64 {
+        let n = n % W::BITS;
+        if n == 0 { a } else { ((a << n) | (a >> (W::BITS - n))) & W::MASK }
+    }
+    fn flags<W: Width>(f: &mut Flags, _: u64, _: u32, r: u64, _: bool) {
+        let cf = r & 1 != 0;
+        f.set_cf(cf);
+        f.set_of(msb::<W>(r) ^ cf);
+    }
+}
+impl ShiftOp for Ror {
+    fn apply<W: Width>(a: u64, n: u32, _: bool) -> u64 {
+        let n = n % W::BITS;
+        if n == 0 { a } else { ((a >> n) | (a << (W::BITS - n))) & W::MASK }
+    }
+    fn flags<W: Width>(f: &mut Flags, _: u64, _: u32, r: u64, _: bool) {
+        f.set_cf(msb::<W>(r));
+        f.set_of(msb::<W>(r) ^ ((r >> (W::BITS - 2)) & 1 != 0));
+    }
+}
+impl ShiftOp for Rcl {
+    const THROUGH_CARRY: bool = true;
+    fn apply<W: Width>(a: u64, n: u32, cf: bool) -> u64 {
+        let bits = W::BITS + 1;
+        let v = u128::from(a) | (u128::from(cf) << W::BITS);
+        let r = ((v << n) | (v >> (bits - n))) & ((1u128 << bits) - 1);
+        (r as u64) & W::MASK
+    }
+    fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, cf: bool) {
+        let v = u128::from(a) | (u128::from(cf) << W::BITS);
+        let new_cf = (v >> (W::BITS + 1 - n)) & 1 != 0;
+        f.set_cf(new_cf);
+        f.set_of(msb::<W>(r) ^ new_cf);
+    }
+}
+impl ShiftOp for Rcr {
+    const THROUGH_CARRY: bool = true;
+    fn apply<W: Width>(a: u64, n: u32, cf: bool) -> u64 {
+        let bits = W::BITS + 1;
+        let v = u128::from(a) | (u128::from(cf) << W::BITS);
+        let r = ((v >> n) | (v << (bits - n))) & ((1u128 << bits) - 1);
+        (r as u64) & W::MASK
+    }
+    fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, cf: bool) {
+        let v = u128::from(a) | (u128::from(cf) << W::BITS);
+        let new_cf = (v >> (n - 1)) & 1 != 0;
+        f.set_cf(new_cf);
+        f.set_of(msb::<W>(r) ^ ((r >> (W::BITS - 2)) & 1 != 0));
+    }
+}
+
+/// Count source: 0 = the constant 1, 1 = CL, 2 = the immediate.
+fn count<W: Width, const CNT: u8>(cpu: &Cpu, i: &Insn) -> u32 {
+    let raw = match CNT {
+        0 => 1,
+        1 => cpu.gpr[1] & 0xff,
+        _ => i.imm & 0xff,
+    };
+    (raw & if W::BITS == 64 { 0x3f } else { 0x1f }) as u32
+}
+
+fn shift<O: ShiftOp, W: Width, D: Dst, const CNT: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
+    let mut n = count::<W, CNT>(cpu, i);
+    if O::THROUGH_CARRY {
+        n %= W::BITS + 1;
+    }
+    if n == 0 {
+        // No flags change; a memory operand is still checked.
+        if !D::IS_REG {
+            D::read::<W>(cpu, i)?;
+        }
+        return Ok(());
+    }
+    let cf = cpu.flags.cf();
+    let a = D::rmw::<W>(cpu, i, |a| O::apply::<W>(a, n, cf))?;
+    let r = O::apply::<W>(a, n, cf);
+    O::flags::<W>(&mut cpu.flags, a, n, r, cf);
+    Ok(())
+}
+
+/// shld (`LEFT`) / shrd with the count from CL (`CL`) or the immediate.
+fn shxd<W: Width, D: Dst, const LEFT: bool, const CL: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
+    let raw = if CL { cpu.gpr[1] } else { i.imm };
+    let n = (raw & if W::BITS == 64 { 0x3f } else { 0x1f }) as u32;
+    if n == 0 {
+        if !D::IS_REG {
+            D::read::<W>(cpu, i)?;
+        }
+        return Ok(());
+    }
+    let src = W::get(&cpu.gpr, i.r1);
+    let bits = W::BITS;
+    let calc = move |a: u64| -> u64 {
+        if LEFT {
+            let v = (u128::from(a) << bits) | u128::from(src);
+            ((v << n) >> bits) as u64 & W::MASK
+        } else {
+            let v = (u128::from(src) << bits) | u128::from(a);
+            (v >> n) as u64 & W::MASK
+        }
+    };
+    let a = D::rmw::<W>(cpu, i, calc)?;
+    let r = calc(a);
+    let cf = if LEFT {
+        let v = (u128::from(a) << bits) | u128::from(src);
+        (v >> (2 * bits - n)) & 1 != 0
+    } else {
+        let v = (u128::from(src) << bits) | u128::from(a);
+        (v >> (n - 1)) & 1 != 0
+    };
+    cpu.flags.set_result_cf_of::<W>(r, cf, msb::<W>(r) ^ msb::<W>(a));
+    Ok(())
+}
+
+macro_rules! shift_forms {
+    ($t:expr, $name:literal, $op:ty) => {{
+        macro_rules! one {
+            ($suffix:literal, $w:ty, $cnt:literal) => {
+                $t.rm(
+                    c(concat!($name, $suffix)),
+                    shift::<$op, $w, RegDst, $cnt>,
+                    shift::<$op, $w, MemDst, $cnt>,
+                )
+            };
+        }
+        one!("_rm8_1", W8, 0);
+        one!("_rm16_1", W16, 0);
+        one!("_rm32_1", W32, 0);
+        one!("_rm64_1", W64, 0);
+        one!("_rm8_CL", W8, 1);
+        one!("_rm16_CL", W16, 1);
+        one!("_rm32_CL", W32, 1);
+        one!("_rm64_CL", W64, 1);
+        one!("_rm8_imm8", W8, 2);
+        one!("_rm16_imm8", W16, 2);
+        one!("_rm32_imm8", W32, 2);
+        one!("_rm64_imm8", W64, 2);
+    }};
+}
+
+macro_rules! shxd_forms {
+    ($t:expr, $name:literal, $left:literal) => {{
+        $t.rm(c(concat!($name, "_rm16_r16_imm8")), shxd::<W16, RegDst, $left, false>, shxd::<W16, MemDst, $left, false>);
+        $t.rm(c(concat!($name, "_rm32_r32_imm8")), shxd::<W32, RegDst, $left, false>, shxd::<W32, MemDst, $left, false>);
+        $t.rm(c(concat!($name, "_rm64_r64_imm8")), shxd::<W64, RegDst, $left, false>, shxd::<W64, MemDst, $left, false>);
+        $t.rm(c(concat!($name, "_rm16_r16_CL")), shxd::<W16, RegDst, $left, true>, shxd::<W16, MemDst, $left, true>);
+        $t.rm(c(concat!($name, "_rm32_r32_CL")), shxd::<W32, RegDst, $left, true>, shxd::<W32, MemDst, $left, true>);
+        $t.rm(c(concat!($name, "_rm64_r64_CL")), shxd::<W64, RegDst, $left, true>, shxd::<W64, MemDst, $left, true>);
+    }};
+}
+
+pub fn register(t: &mut Table) {
+    shift_forms!(t, "Rol", Rol);
+    shift_forms!(t, "Ror", Ror);
+    shift_forms!(t, "Rcl", Rcl);
+    shift_forms!(t, "Rcr", Rcr);
+    shift_forms!(t, "Shl", Shl);
+    shift_forms!(t, "Sal", Shl);
+    shift_forms!(t, "Shr", Shr);
+    shift_forms!(t, "Sar", Sar);
+    shxd_forms!(t, "Shld", true);
+    shxd_forms!(t, "Shrd", false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_through_carry_use_width_plus_one_bits() {
+        assert_eq!(Rcl::apply::<W8>(0x80, 1, false), 0);
+        assert_eq!(Rcl::apply::<W8>(0x80, 2, false), 1);
+        assert_eq!(Rcr::apply::<W8>(0x01, 1, true), 0x80);
+        assert_eq!(Rol::apply::<W16>(0x8001, 4, false), 0x0018);
+        assert_eq!(Sar::apply::<W8>(0x80, 7, false), 0xff);
+    }
+}

@@ -1,0 +1,7 @@
+//! Modes and protection: descriptor loads and segment checks, interrupt
+//! and exception delivery, far transfers, fast system calls.
+
+pub mod far;
+pub mod interrupt;
+pub mod segment;
+pub mod syscall;

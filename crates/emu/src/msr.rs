@@ -1,0 +1,148 @@
+//! Model-specific registers. Every MSR the CPUID model implies is here;
+//! any other index raises #GP(0), which Linux's exception-table fixups
+//! expect (silently returning garbage would not be survivable).
+
+use crate::cpu::fault::{Fault, Res};
+use crate::cpu::*;
+use crate::platform::clock::Clock;
+use crate::platform::lapic::{BASE_EN, BASE_EXTD, Lapic};
+
+pub const TSC: u32 = 0x10;
+pub const APIC_BASE: u32 = 0x1b;
+pub const UCODE_REV: u32 = 0x8b;
+pub const SYSENTER_CS: u32 = 0x174;
+pub const SYSENTER_ESP: u32 = 0x175;
+pub const SYSENTER_EIP: u32 = 0x176;
+pub const MISC_ENABLE: u32 = 0x1a0;
+pub const PAT: u32 = 0x277;
+pub const TSC_DEADLINE: u32 = 0x6e0;
+pub const EFER: u32 = 0xc000_0080;
+pub const STAR: u32 = 0xc000_0081;
+pub const LSTAR: u32 = 0xc000_0082;
+pub const CSTAR: u32 = 0xc000_0083;
+pub const SFMASK: u32 = 0xc000_0084;
+pub const FS_BASE: u32 = 0xc000_0100;
+pub const GS_BASE: u32 = 0xc000_0101;
+pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
+pub const TSC_AUX: u32 = 0xc000_0103;
+
+fn canonical(v: u64) -> bool {
+    ((v as i64) << 16 >> 16) as u64 == v
+}
+
+impl Cpu {
+    /// The guest TSC now.
+    pub fn tsc(&self) -> u64 {
+        self.vm.platform.clock.tsc().wrapping_add(self.msr.tsc_adjust as u64)
+    }
+
+    fn with_lapic<T>(&self, f: impl FnOnce(&mut Lapic) -> T) -> T {
+        let l = &self.vm.platform.lapics[self.id as usize];
+        f(&mut l.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn rdmsr(&mut self, msr: u32) -> Res<u64> {
+        Ok(match msr {
+            TSC => self.tsc(),
+            APIC_BASE => self.with_lapic(|l| l.base),
+            UCODE_REV => self.msr.ucode_rev,
+            SYSENTER_CS => self.msr.sysenter_cs,
+            SYSENTER_ESP => self.msr.sysenter_esp,
+            SYSENTER_EIP => self.msr.sysenter_eip,
+            MISC_ENABLE => self.msr.misc_enable,
+            PAT => self.msr.pat,
+            TSC_DEADLINE => self.with_lapic(|l| l.tsc_deadline),
+            EFER => self.efer,
+            STAR => self.msr.star,
+            LSTAR => self.msr.lstar,
+            CSTAR => self.msr.cstar,
+            SFMASK => self.msr.sfmask,
+            FS_BASE => self.seg[FS].base,
+            GS_BASE => self.seg[GS].base,
+            KERNEL_GS_BASE => self.msr.kernel_gs_base,
+            TSC_AUX => self.msr.tsc_aux,
+            0x800..=0x8ff => {
+                let reg = msr - 0x800;
+                if !self.with_lapic(|l| l.x2apic()) || !Lapic::valid_reg(reg) || reg == 0xb || reg == 0x3f {
+                    return Err(Fault::gp(0));
+                }
+                if reg == 0x30 {
+                    let p = &self.vm.platform;
+                    u64::from(p.lapic_read(self.id, 0x30)) | u64::from(p.lapic_read(self.id, 0x31)) << 32
+                } else {
+                    u64::from(self.vm.platform.lapic_read(self.id, reg))
+                }
+            }
+            _ => return Err(Fault::gp(0)),
+        })
+    }
+
+    pub fn wrmsr(&mut self, msr: u32, v: u64) -> Res {
+        match msr {
+            TSC => self.msr.tsc_adjust = v.wrapping_sub(self.vm.platform.clock.tsc()) as i64,
+            APIC_BASE => {
+                if v & !(0xf_ffff_f000 | BASE_EN | BASE_EXTD | (1 << 8)) != 0 || (v & BASE_EXTD != 0 && v & BASE_EN == 0) {
+                    return Err(Fault::gp(0));
+                }
+                self.with_lapic(|l| l.base = (l.base & (1 << 8)) | (v & !(1 << 8)));
+            }
+            UCODE_REV => self.msr.ucode_rev = 0,
+            SYSENTER_CS => self.msr.sysenter_cs = v & 0xffff,
+            SYSENTER_ESP => self.msr.sysenter_esp = v,
+            SYSENTER_EIP => self.msr.sysenter_eip = v,
+            MISC_ENABLE => self.msr.misc_enable = (self.msr.misc_enable & 1) | (v & (1 << 22 | 1 << 34)),
+            PAT => {
+                if (0..8).any(|k| matches!((v >> (8 * k)) & 0xff, 2 | 3 | 8..)) {
+                    return Err(Fault::gp(0));
+                }
+                self.msr.pat = v;
+            }
+            TSC_DEADLINE => {
+                let off = self.msr.tsc_adjust;
+                self.with_lapic(|l| l.set_tsc_deadline(v, off));
+                self.vm.platform.timer.notify();
+            }
+            EFER => {
+                if v & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0 {
+                    return Err(Fault::gp(0));
+                }
+                let paging = self.cr0 & CR0_PG != 0;
+                if paging && (v ^ self.efer) & EFER_LME != 0 {
+                    return Err(Fault::gp(0));
+                }
+                // LMA is read-only.
+                self.efer = (v & !EFER_LMA) | (self.efer & EFER_LMA);
+                self.tlb.flush_all();
+                self.stop = true;
+            }
+            STAR => self.msr.star = v,
+            LSTAR | CSTAR | FS_BASE | GS_BASE | KERNEL_GS_BASE if !canonical(v) => return Err(Fault::gp(0)),
+            LSTAR => self.msr.lstar = v,
+            CSTAR => self.msr.cstar = v,
+            SFMASK => self.msr.sfmask = v & 0xffff_ffff,
+            FS_BASE => self.seg[FS].base = v,
+            GS_BASE => self.seg[GS].base = v,
+            KERNEL_GS_BASE => self.msr.kernel_gs_base = v,
+            TSC_AUX => self.msr.tsc_aux = v & 0xffff_ffff,
+            0x800..=0x8ff => {
+                let reg = msr - 0x800;
+                if !self.with_lapic(|l| l.x2apic()) || !Lapic::valid_reg(reg) {
+                    return Err(Fault::gp(0));
+                }
+                match reg {
+                    0x30 => self.vm.platform.x2apic_icr(self.id, v),
+                    0x2 | 0x3 | 0xa | 0xd | 0x10..=0x27 | 0x39 => return Err(Fault::gp(0)),
+                    _ => self.vm.platform.lapic_write(self.id, reg, v as u32),
+                }
+                self.stop = true;
+            }
+            _ => return Err(Fault::gp(0)),
+        }
+        Ok(())
+    }
+
+    /// TSC for rdtsc: also used by tests to convert times.
+    pub fn tsc_to_ns(t: u64) -> u64 {
+        Clock::tsc_to_ns(t)
+    }
+}

@@ -1,0 +1,55 @@
+//! Per-vCPU attention word: the one atomic the run loop loads between
+//! blocks, plus the condition variable a halted vCPU sleeps on.
+
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+/// `run()` must return `Interrupted`.
+pub const KICK: u32 = 1 << 0;
+/// The LAPIC or PIC may have an interrupt for this vCPU.
+pub const IRQ: u32 = 1 << 1;
+pub const NMI: u32 = 1 << 2;
+pub const INIT: u32 = 1 << 3;
+pub const SIPI: u32 = 1 << 4;
+/// A page became code: drop TLB write tags for code pages.
+pub const FLUSH_CODE: u32 = 1 << 5;
+
+#[derive(Default)]
+pub struct Signal {
+    pub attention: AtomicU32,
+    sipi_vector: AtomicU8,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Signal {
+    /// Sets `bits` and wakes the vCPU if it sleeps.
+    pub fn raise(&self, bits: u32) {
+        self.attention.fetch_or(bits, Ordering::AcqRel);
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.cv.notify_all();
+    }
+
+    pub fn clear(&self, bits: u32) {
+        self.attention.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    pub fn set_sipi_vector(&self, v: u8) {
+        self.sipi_vector.store(v, Ordering::Release);
+    }
+
+    pub fn sipi_vector(&self) -> u8 {
+        self.sipi_vector.load(Ordering::Acquire)
+    }
+
+    /// Sleeps until some attention bit is set (bounded, so a lost wake-up
+    /// costs at most the timeout).
+    pub fn wait(&self) {
+        let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.attention.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let _ = self.cv.wait_timeout(g, Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,8 @@
+//! Guests built with iced's `code_asm`, run through the seam traits only
+//! (the same path the machine and the differential harness use).
+
+mod guest;
+mod modes;
+mod platform;
+mod robustness;
+mod system;

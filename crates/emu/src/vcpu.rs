@@ -1,0 +1,145 @@
+//! `EmuVcpu`: the seam's `Vcpu` over the interpreter. Turns the loop's
+//! events into `VcpuExit`s and completes MMIO/port reads on the next run.
+
+use std::sync::Arc;
+
+use vmplay_hypervisor::{CpuState, Result, Vcpu, VcpuExit, VcpuKicker};
+
+use crate::cpu::{Cpu, RunState};
+use crate::decode::cache::BlockCache;
+use crate::exec::{self, Event};
+use crate::mem::io::{Pending, Posted};
+use crate::platform::signal;
+use crate::vm::VmShared;
+
+pub struct EmuVcpu {
+    cpu: Cpu,
+    cache: BlockCache,
+    buf: [u8; 8],
+    /// The read the machine is answering in `buf`.
+    answering: Option<Pending>,
+}
+
+impl EmuVcpu {
+    pub fn new(vm: Arc<VmShared>, id: u32) -> Self {
+        let mut cpu = Cpu::new(vm, id);
+        if id != 0 {
+            cpu.run_state = RunState::WaitForSipi;
+        }
+        EmuVcpu {
+            cpu,
+            cache: BlockCache::new(),
+            buf: [0; 8],
+            answering: None,
+        }
+    }
+
+    /// Instructions retired so far (for measurements).
+    pub fn instructions(&self) -> u64 {
+        self.cpu.icount
+    }
+
+    fn posted_exit(&mut self, w: Posted) -> VcpuExit<'_> {
+        match w {
+            Posted::Mmio { addr, data, len } => {
+                self.buf = data;
+                VcpuExit::MmioWrite {
+                    addr,
+                    data: &self.buf[..len],
+                }
+            }
+            Posted::PortOut { port, data, len } => {
+                self.buf = data;
+                VcpuExit::IoOut {
+                    port,
+                    data: &self.buf[..len],
+                }
+            }
+        }
+    }
+}
+
+impl Vcpu for EmuVcpu {
+    fn id(&self) -> u32 {
+        self.cpu.id
+    }
+
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        if let Some(p) = self.answering.take() {
+            let len = match p {
+                Pending::MmioRead { len, .. } | Pending::PortIn { len, .. } => len,
+            };
+            let mut b = [0u8; 8];
+            b[..len].copy_from_slice(&self.buf[..len]);
+            self.cpu.io.log.push(u64::from_le_bytes(b));
+            self.cpu.io.pending = None;
+        }
+        self.cpu.io.pos = 0;
+        if let Some(w) = self.cpu.io.posted.pop_front() {
+            return Ok(self.posted_exit(w));
+        }
+        match exec::run(&mut self.cpu, &mut self.cache) {
+            Event::Io => {
+                if let Some(w) = self.cpu.io.posted.pop_front() {
+                    return Ok(self.posted_exit(w));
+                }
+                match self.cpu.io.pending {
+                    Some(p @ Pending::MmioRead { addr, len }) => {
+                        self.answering = Some(p);
+                        self.buf = [0xff; 8];
+                        Ok(VcpuExit::MmioRead {
+                            addr,
+                            data: &mut self.buf[..len],
+                        })
+                    }
+                    Some(p @ Pending::PortIn { port, len }) => {
+                        self.answering = Some(p);
+                        self.buf = [0xff; 8];
+                        Ok(VcpuExit::IoIn {
+                            port,
+                            data: &mut self.buf[..len],
+                        })
+                    }
+                    None => Ok(VcpuExit::Interrupted),
+                }
+            }
+            Event::Halt => Ok(VcpuExit::Halt),
+            Event::Shutdown => {
+                crate::trace::note(&self.cpu, "triple fault: shutdown");
+                Ok(VcpuExit::Shutdown)
+            }
+            Event::Interrupted => Ok(VcpuExit::Interrupted),
+        }
+    }
+
+    fn state(&self) -> Result<CpuState> {
+        Ok(self.cpu.save_state())
+    }
+
+    fn set_state(&mut self, state: &CpuState) -> Result<()> {
+        self.cpu.load_state(state);
+        self.cpu.vm.platform.set_tpr(self.cpu.id, (state.cr8 as u8 & 0xf) << 4);
+        self.cpu.shutdown = false;
+        self.cpu.io = Default::default();
+        self.answering = None;
+        Ok(())
+    }
+
+    fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        Arc::new(Kicker {
+            vm: self.cpu.vm.clone(),
+            id: self.cpu.id as usize,
+        })
+    }
+}
+
+struct Kicker {
+    vm: Arc<VmShared>,
+    id: usize,
+}
+
+impl VcpuKicker for Kicker {
+    fn kick(&self) {
+        self.vm.platform.signals[self.id].raise(signal::KICK);
+    }
+}
