@@ -3,7 +3,7 @@
 use crate::backend::BackendRunner;
 use crate::compare::{describe_state, differences, disassemble};
 use crate::error::{Error, Result};
-use crate::generate::{BASELINE_BITS, Case, Class, Features, Generator, host_cpuid};
+use crate::generate::{Case, Class, Features, Generator, host_cpuid};
 use crate::native::NativeRunner;
 use crate::state::Observed;
 use std::fmt::Write;
@@ -126,29 +126,27 @@ impl From<Error> for Failure {
     }
 }
 
-/// Checks that every baseline feature is advertised by the backend and
-/// returns the features the generator may use.
-pub fn backend_features(backend: &mut BackendRunner) -> Result<Features> {
-    let leaf1 = backend.cpuid(1, 0)?;
+/// The features the generator may use for `class` on `backend`, or an
+/// error naming the baseline features the class needs and the backend's
+/// CPUID does not advertise.
+pub fn backend_features(backend: &mut BackendRunner, class: Class) -> Result<Features> {
+    let features = Features::from_cpuid(&mut |leaf| backend.cpuid(leaf, 0), &host_cpuid)?;
     let ext = backend.cpuid(0x8000_0001, 0)?;
-    let missing: Vec<&str> = BASELINE_BITS
-        .iter()
-        .filter(|(_, leaf, reg, bit)| {
-            let regs = if *leaf == 1 { leaf1 } else { ext };
-            regs[*reg] >> bit & 1 == 0
-        })
-        .map(|(name, ..)| *name)
-        .collect();
+    let mut missing = features.missing_for(class);
+    if ext[3] >> 29 & 1 == 0 {
+        missing.push("LM");
+    }
     if !missing.is_empty() {
+        let leaf1 = backend.cpuid(1, 0)?;
         return Err(Error::BackendRun {
             backend: backend.name(),
             what: format!(
-                "CPUID does not advertise baseline features {missing:?} \
+                "CPUID does not advertise {missing:?}, which class {class} needs \
                  (leaf 1 = {leaf1:08x?}, leaf 8000_0001 = {ext:08x?})"
             ),
         });
     }
-    Features::from_cpuid(&mut |leaf| backend.cpuid(leaf, 0), &host_cpuid)
+    Ok(features)
 }
 
 /// Runs `cfg.cases` cases of `class` on the host and in `hv`.
@@ -160,7 +158,7 @@ pub fn check_class(
     let start = Instant::now();
     let mut native = NativeRunner::new(256)?;
     let mut backend = BackendRunner::new(hv)?;
-    let mut features = backend_features(&mut backend)?;
+    let mut features = backend_features(&mut backend, class)?;
     if cfg.baseline_only {
         features = Features::baseline();
     }

@@ -181,40 +181,56 @@ impl std::fmt::Display for Class {
     }
 }
 
-/// The CPUID features instructions may need. `baseline` is what every
-/// backend must offer (a qemu64-class CPU); the rest are used only when
-/// the backend advertises them.
+/// The CPUID features instructions may need: the qemu64-class baseline
+/// as far as the backend advertises it, plus optional extensions the
+/// backend and the host both advertise.
 #[derive(Debug, Clone)]
 pub struct Features {
     allowed: Vec<CpuidFeature>,
+    /// Baseline feature names the backend advertises (see `BASELINE_BITS`).
+    pub advertised: Vec<&'static str>,
     /// `lahf`/`sahf` in 64-bit mode (CPUID 8000_0001h ECX bit 0).
     pub lahf_lm: bool,
 }
 
-/// What every backend must offer: qemu64's instruction set.
-pub const BASELINE: &[CpuidFeature] = &[
+/// What every x86-64 CPU has: no CPUID bit to check.
+const CORE: &[CpuidFeature] = &[
     CpuidFeature::INTEL8086,
     CpuidFeature::INTEL186,
     CpuidFeature::INTEL286,
     CpuidFeature::INTEL386,
     CpuidFeature::INTEL486,
     CpuidFeature::X64,
-    CpuidFeature::FPU,
-    CpuidFeature::FPU287,
-    CpuidFeature::FPU387,
-    CpuidFeature::CMOV,
-    CpuidFeature::CX8,
-    CpuidFeature::CMPXCHG16B,
-    CpuidFeature::MMX,
-    CpuidFeature::SSE,
-    CpuidFeature::SSE2,
-    CpuidFeature::SSE3,
-    CpuidFeature::FXSR,
     CpuidFeature::MULTIBYTENOP,
 ];
 
-/// Optional features, where the backend says so in CPUID:
-/// (feature, leaf, register index in [eax, ebx, ecx, edx], bit).
+/// The qemu64-class baseline: (name, iced features, leaf, register index
+/// in [eax, ebx, ecx, edx], bit). A class needing one of these fails on a
+/// backend that does not advertise it.
+pub const BASELINE_BITS: &[(&str, &[CpuidFeature], u32, usize, u32)] = &[
+    (
+        "FPU",
+        &[
+            CpuidFeature::FPU,
+            CpuidFeature::FPU287,
+            CpuidFeature::FPU387,
+        ],
+        1,
+        3,
+        0,
+    ),
+    ("CX8", &[CpuidFeature::CX8], 1, 3, 8),
+    ("CMOV", &[CpuidFeature::CMOV], 1, 3, 15),
+    ("MMX", &[CpuidFeature::MMX], 1, 3, 23),
+    ("FXSR", &[CpuidFeature::FXSR], 1, 3, 24),
+    ("SSE", &[CpuidFeature::SSE], 1, 3, 25),
+    ("SSE2", &[CpuidFeature::SSE2], 1, 3, 26),
+    ("SSE3", &[CpuidFeature::SSE3], 1, 2, 0),
+    ("CX16", &[CpuidFeature::CMPXCHG16B], 1, 2, 13),
+];
+
+/// Optional features, used where the backend and the host advertise them:
+/// (feature, leaf, register index, bit).
 pub const OPTIONAL: &[(CpuidFeature, u32, usize, u32)] = &[
     (CpuidFeature::POPCNT, 1, 2, 23),
     (CpuidFeature::SSSE3, 1, 2, 9),
@@ -223,37 +239,53 @@ pub const OPTIONAL: &[(CpuidFeature, u32, usize, u32)] = &[
     (CpuidFeature::BMI1, 7, 1, 3),
 ];
 
-/// Baseline features and where CPUID advertises them.
-pub const BASELINE_BITS: &[(&str, u32, usize, u32)] = &[
-    ("FPU", 1, 3, 0),
-    ("CX8", 1, 3, 8),
-    ("CMOV", 1, 3, 15),
-    ("MMX", 1, 3, 23),
-    ("FXSR", 1, 3, 24),
-    ("SSE", 1, 3, 25),
-    ("SSE2", 1, 3, 26),
-    ("SSE3", 1, 2, 0),
-    ("CX16", 1, 2, 13),
-    ("LM", 0x8000_0001, 3, 29),
-];
+impl Class {
+    /// Baseline features (names in `BASELINE_BITS`) the class cannot do
+    /// without.
+    pub fn required(self) -> &'static [&'static str] {
+        match self {
+            Class::Conditional => &["CMOV"],
+            Class::Exchange => &["CX8", "CX16"],
+            Class::X87 => &["FPU"],
+            Class::Mmx => &["MMX"],
+            Class::SseMoves | Class::SseInt | Class::SseFloat => &["FXSR", "SSE", "SSE2", "SSE3"],
+            _ => &[],
+        }
+    }
+}
 
 impl Features {
-    /// The baseline alone.
+    /// The whole baseline, without asking anyone.
     pub fn baseline() -> Self {
+        let mut allowed = CORE.to_vec();
+        for (_, features, ..) in BASELINE_BITS {
+            allowed.extend_from_slice(features);
+        }
         Features {
-            allowed: BASELINE.to_vec(),
+            allowed,
+            advertised: BASELINE_BITS.iter().map(|b| b.0).collect(),
             lahf_lm: false,
         }
     }
 
-    /// The baseline plus the optional features `cpuid(leaf)` advertises
-    /// (on both the backend and the host, which is the oracle).
+    /// What `backend`'s CPUID advertises of the baseline, plus the
+    /// optional features both it and the host (the oracle) advertise.
     pub fn from_cpuid(
         backend: &mut dyn FnMut(u32) -> Result<[u32; 4]>,
         host: &dyn Fn(u32) -> [u32; 4],
     ) -> Result<Self> {
-        let mut f = Features::baseline();
+        let mut f = Features {
+            allowed: CORE.to_vec(),
+            advertised: Vec::new(),
+            lahf_lm: false,
+        };
         let has = |regs: [u32; 4], reg: usize, bit: u32| regs[reg] >> bit & 1 == 1;
+        for &(name, features, leaf, reg, bit) in BASELINE_BITS {
+            if has(backend(leaf)?, reg, bit) {
+                f.allowed.extend_from_slice(features);
+                f.advertised.push(name);
+            }
+        }
         for &(feature, leaf, reg, bit) in OPTIONAL {
             if has(backend(leaf)?, reg, bit) && has(host(leaf), reg, bit) {
                 f.allowed.push(feature);
@@ -265,6 +297,16 @@ impl Features {
 
     pub fn allows(&self, feature: CpuidFeature) -> bool {
         self.allowed.contains(&feature)
+    }
+
+    /// The baseline features `class` needs that are missing here.
+    pub fn missing_for(&self, class: Class) -> Vec<&'static str> {
+        class
+            .required()
+            .iter()
+            .copied()
+            .filter(|r| !self.advertised.contains(r))
+            .collect()
     }
 }
 

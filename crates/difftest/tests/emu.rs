@@ -1,9 +1,8 @@
 //! The software CPU against the host CPU, class by class. Thousands of
 //! cases each (scale with VMPLAY_DIFFTEST_CASES, reproduce with
 //! VMPLAY_DIFFTEST_SEED / VMPLAY_DIFFTEST_CASE). A class the emu lacks
-//! fails here; the ignored ones are families nobody has implemented yet
-//! (crates/emu/DESIGN.md lists them as open): drop the `ignore` when one
-//! lands.
+//! fails here; the ignored ones are families not implemented yet
+//! (crates/emu/DESIGN.md): drop the `ignore` when one lands.
 
 use vmplay_difftest::{Class, Config, assert_matches_host, run_random_bytes};
 use vmplay_emu::{EmuHypervisor, EmuOptions};
@@ -33,17 +32,16 @@ emu_tests! {
     emu_matches_host_on_moves => Class::Moves,
     emu_matches_host_on_strings => Class::Strings,
     emu_matches_host_on_stack => Class::Stack,
-    #[ignore = "emu: bit ops (bt/bts/btr/btc/bsf/bsr) not implemented yet"]
     emu_matches_host_on_bit_ops => Class::BitOps,
-    #[ignore = "emu: x87 not implemented yet"]
+    #[ignore = "emu: x87 not implemented yet (family still open)"]
     emu_matches_host_on_x87 => Class::X87,
-    #[ignore = "emu: SSE not implemented yet"]
+    #[ignore = "emu: SSE not implemented yet (claimed by the sse engineer)"]
     emu_matches_host_on_sse_moves => Class::SseMoves,
-    #[ignore = "emu: SSE not implemented yet"]
+    #[ignore = "emu: SSE not implemented yet (claimed by the sse engineer)"]
     emu_matches_host_on_sse_int => Class::SseInt,
-    #[ignore = "emu: SSE not implemented yet"]
+    #[ignore = "emu: SSE not implemented yet (claimed by the sse engineer)"]
     emu_matches_host_on_sse_float => Class::SseFloat,
-    #[ignore = "emu: MMX not implemented yet"]
+    #[ignore = "emu: MMX not implemented yet (claimed by the sse engineer)"]
     emu_matches_host_on_mmx => Class::Mmx,
 }
 
