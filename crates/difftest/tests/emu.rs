@@ -61,3 +61,27 @@ fn emu_survives_random_code() {
         cfg.seed, report.first_internal_error
     );
 }
+
+/// The harness rewrites the code page through guest memory between cases,
+/// as virtio DMA or a loader does: the emu must run the new bytes, not
+/// blocks it decoded from the old ones.
+#[test]
+fn emu_runs_code_the_vmm_rewrote() {
+    let hv = emu();
+    let mut runner = vmplay_difftest::BackendRunner::new(&hv).expect("emu backend");
+    let mut init = vmplay_difftest::generate::blank_state();
+    init.gpr[0] = 5;
+    init.gpr[1] = 7;
+    let nop = runner
+        .run_case(&[0x90, 0x90, 0x90], &init)
+        .expect("nop case");
+    assert_eq!(nop.gpr[0], 5);
+    // add rax, rcx at the same address.
+    let add = runner
+        .run_case(&[0x48, 0x01, 0xc8], &init)
+        .expect("add case");
+    assert_eq!(
+        add.gpr[0], 12,
+        "the emu ran stale code for the rewritten page"
+    );
+}
