@@ -607,6 +607,16 @@ unsafe fn child_setup() -> u32 {
             return 6;
         }
     }
+    // The forking thread's signal mask is inherited: a blocked SIGTRAP or
+    // SIGSEGV would kill the child instead of reaching the handler.
+    // SAFETY: an empty set from sigemptyset, installed as the mask.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        if libc::sigprocmask(libc::SIG_SETMASK, &none, ptr::null_mut()) != 0 {
+            return 7;
+        }
+    }
     // The clean image the handler restores: the defaults after FNINIT.
     let ctx = CTX.0.get();
     // SAFETY: single-threaded child, no handler running yet.
