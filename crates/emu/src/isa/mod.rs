@@ -12,6 +12,7 @@ mod logic;
 mod mov;
 mod muldiv;
 mod shift;
+mod sse;
 mod stack;
 mod string;
 mod system;
