@@ -16,6 +16,7 @@ mod sse;
 mod stack;
 mod string;
 mod system;
+mod x87;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
