@@ -174,19 +174,24 @@ fn hypervisor(args: &RunArgs) -> Result<Box<dyn Hypervisor>> {
     }
 }
 
-/// Blocks SIGINT/SIGTERM in every thread and turns them into a clean stop
-/// on a thread of their own, so the terminal is restored and the exit is
-/// orderly whichever thread the signal hit.
-fn handle_signals(control: std::sync::Arc<vmplay_machine::VmControl>) {
+/// Blocks SIGINT/SIGTERM in this thread and so in every thread it starts
+/// later (backends start their own). Called first thing in `main`.
+fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: sigset operations on a local, initialised set.
-    let set = unsafe {
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    };
+    }
+}
+
+/// Turns the blocked SIGINT/SIGTERM into a clean stop on a thread of their
+/// own, so the terminal is restored and the exit is orderly. A signal that
+/// came before this stays pending and is taken here.
+fn handle_signals(set: libc::sigset_t, control: std::sync::Arc<vmplay_machine::VmControl>) {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -200,10 +205,11 @@ fn handle_signals(control: std::sync::Arc<vmplay_machine::VmControl>) {
 }
 
 fn run(args: &RunArgs) -> Result<StopReason> {
+    let signals = block_stop_signals();
     let config = machine_config(args)?;
     let hv = hypervisor(args)?;
     let machine = Machine::new(hv.as_ref(), &config)?;
-    handle_signals(machine.control());
+    handle_signals(signals, machine.control());
     Ok(machine.run()?)
 }
 
