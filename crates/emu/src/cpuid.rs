@@ -12,7 +12,8 @@ use crate::mem::paging::PHYS_BITS;
 use crate::platform::clock::{CRYSTAL_HZ, TSC_HZ};
 
 const VENDOR: &[u8; 12] = b"GenuineIntel";
-const BRAND: &[u8; 48] = b"vmplay emu x86-64 CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+const BRAND: &[u8; 48] =
+    b"vmplay emu x86-64 CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
 const HV_SIGNATURE: &[u8; 12] = b"vmplayemu\0\0\0";
 
 fn reg(b: &[u8], i: usize) -> u32 {
@@ -59,7 +60,12 @@ pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
                 | bit(has(Code::Fxsave_m512byte), 24)
                 | bit(has(Code::Addps_xmm_xmmm128), 25)
                 | bit(has(Code::Addpd_xmm_xmmm128), 26);
-            [0x0000_0f61, (id << 24) | ((ncpu & 0xff) << 16) | (8 << 8), ecx, edx]
+            [
+                0x0000_0f61,
+                (id << 24) | ((ncpu & 0xff) << 16) | (8 << 8),
+                ecx,
+                edx,
+            ]
         }
         2 => [1, 0, 0, 0],
         // Leaf 4: no more cache levels described.
@@ -73,8 +79,18 @@ pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
             }
         }
         0x15 => [1, (TSC_HZ / CRYSTAL_HZ) as u32, CRYSTAL_HZ as u32, 0],
-        0x16 => [(TSC_HZ / 1_000_000) as u32, (TSC_HZ / 1_000_000) as u32, (CRYSTAL_HZ / 1_000_000) as u32, 0],
-        0x4000_0000 => [0x4000_0010, reg(HV_SIGNATURE, 0), reg(HV_SIGNATURE, 4), reg(HV_SIGNATURE, 8)],
+        0x16 => [
+            (TSC_HZ / 1_000_000) as u32,
+            (TSC_HZ / 1_000_000) as u32,
+            (CRYSTAL_HZ / 1_000_000) as u32,
+            0,
+        ],
+        0x4000_0000 => [
+            0x4000_0010,
+            reg(HV_SIGNATURE, 0),
+            reg(HV_SIGNATURE, 4),
+            reg(HV_SIGNATURE, 8),
+        ],
         // VMware-style timing leaf: TSC and LAPIC bus frequency in kHz.
         0x4000_0010 => [(TSC_HZ / 1000) as u32, (CRYSTAL_HZ / 1000) as u32, 0, 0],
         0x8000_0000 => [0x8000_0008, 0, 0, 0],
@@ -89,7 +105,12 @@ pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
         }
         0x8000_0002..=0x8000_0004 => {
             let o = ((leaf - 0x8000_0002) * 16) as usize;
-            [reg(BRAND, o), reg(BRAND, o + 4), reg(BRAND, o + 8), reg(BRAND, o + 12)]
+            [
+                reg(BRAND, o),
+                reg(BRAND, o + 4),
+                reg(BRAND, o + 8),
+                reg(BRAND, o + 12),
+            ]
         }
         0x8000_0006 => [0, 0, (512 << 16) | (6 << 12) | 64, 0],
         // Invariant TSC.

@@ -80,6 +80,10 @@ impl Hypervisor for EmuHypervisor {
                 spec.vcpus
             )));
         }
-        Ok(Arc::new(EmuVm::new(spec, memory, self.opts.trace.as_deref())?))
+        Ok(Arc::new(EmuVm::new(
+            spec,
+            memory,
+            self.opts.trace.as_deref(),
+        )?))
     }
 }

@@ -33,7 +33,11 @@ fn canonical(v: u64) -> bool {
 impl Cpu {
     /// The guest TSC now.
     pub fn tsc(&self) -> u64 {
-        self.vm.platform.clock.tsc().wrapping_add(self.msr.tsc_adjust as u64)
+        self.vm
+            .platform
+            .clock
+            .tsc()
+            .wrapping_add(self.msr.tsc_adjust as u64)
     }
 
     fn with_lapic<T>(&self, f: impl FnOnce(&mut Lapic) -> T) -> T {
@@ -63,12 +67,17 @@ impl Cpu {
             TSC_AUX => self.msr.tsc_aux,
             0x800..=0x8ff => {
                 let reg = msr - 0x800;
-                if !self.with_lapic(|l| l.x2apic()) || !Lapic::valid_reg(reg) || reg == 0xb || reg == 0x3f {
+                if !self.with_lapic(|l| l.x2apic())
+                    || !Lapic::valid_reg(reg)
+                    || reg == 0xb
+                    || reg == 0x3f
+                {
                     return Err(Fault::gp(0));
                 }
                 if reg == 0x30 {
                     let p = &self.vm.platform;
-                    u64::from(p.lapic_read(self.id, 0x30)) | u64::from(p.lapic_read(self.id, 0x31)) << 32
+                    u64::from(p.lapic_read(self.id, 0x30))
+                        | u64::from(p.lapic_read(self.id, 0x31)) << 32
                 } else {
                     u64::from(self.vm.platform.lapic_read(self.id, reg))
                 }
@@ -81,7 +90,9 @@ impl Cpu {
         match msr {
             TSC => self.msr.tsc_adjust = v.wrapping_sub(self.vm.platform.clock.tsc()) as i64,
             APIC_BASE => {
-                if v & !(0xf_ffff_f000 | BASE_EN | BASE_EXTD | (1 << 8)) != 0 || (v & BASE_EXTD != 0 && v & BASE_EN == 0) {
+                if v & !(0xf_ffff_f000 | BASE_EN | BASE_EXTD | (1 << 8)) != 0
+                    || (v & BASE_EXTD != 0 && v & BASE_EN == 0)
+                {
                     return Err(Fault::gp(0));
                 }
                 self.with_lapic(|l| l.base = (l.base & (1 << 8)) | (v & !(1 << 8)));
@@ -90,7 +101,9 @@ impl Cpu {
             SYSENTER_CS => self.msr.sysenter_cs = v & 0xffff,
             SYSENTER_ESP => self.msr.sysenter_esp = v,
             SYSENTER_EIP => self.msr.sysenter_eip = v,
-            MISC_ENABLE => self.msr.misc_enable = (self.msr.misc_enable & 1) | (v & (1 << 22 | 1 << 34)),
+            MISC_ENABLE => {
+                self.msr.misc_enable = (self.msr.misc_enable & 1) | (v & (1 << 22 | 1 << 34))
+            }
             PAT => {
                 if (0..8).any(|k| matches!((v >> (8 * k)) & 0xff, 2 | 3 | 8..)) {
                     return Err(Fault::gp(0));
@@ -116,7 +129,9 @@ impl Cpu {
                 self.stop = true;
             }
             STAR => self.msr.star = v,
-            LSTAR | CSTAR | FS_BASE | GS_BASE | KERNEL_GS_BASE if !canonical(v) => return Err(Fault::gp(0)),
+            LSTAR | CSTAR | FS_BASE | GS_BASE | KERNEL_GS_BASE if !canonical(v) => {
+                return Err(Fault::gp(0));
+            }
             LSTAR => self.msr.lstar = v,
             CSTAR => self.msr.cstar = v,
             SFMASK => self.msr.sfmask = v & 0xffff_ffff,

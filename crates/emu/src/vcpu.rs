@@ -118,7 +118,10 @@ impl Vcpu for EmuVcpu {
 
     fn set_state(&mut self, state: &CpuState) -> Result<()> {
         self.cpu.load_state(state);
-        self.cpu.vm.platform.set_tpr(self.cpu.id, (state.cr8 as u8 & 0xf) << 4);
+        self.cpu
+            .vm
+            .platform
+            .set_tpr(self.cpu.id, (state.cr8 as u8 & 0xf) << 4);
         self.cpu.shutdown = false;
         self.cpu.io = Default::default();
         self.answering = None;

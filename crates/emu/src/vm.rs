@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use vmplay_hypervisor::{Error, GuestMemory, IoEventAddress, IrqLine, Result, Vcpu, Vm, VmSpec};
 use vmm_sys_util::eventfd::EventFd;
+use vmplay_hypervisor::{Error, GuestMemory, IoEventAddress, IrqLine, Result, Vcpu, Vm, VmSpec};
 
 use crate::mem::{CodeMap, PhysMem};
 use crate::platform::{Platform, start_timer_thread};
@@ -29,12 +29,14 @@ impl VmShared {
     pub fn new(vcpus: u32, memory: &GuestMemory, trace: Option<&Path>) -> Result<Arc<Self>> {
         let phys = PhysMem::new(memory);
         let trace = match trace {
-            Some(p) => Some(Mutex::new(BufWriter::new(File::create(p).map_err(|e| {
-                Error::host(
-                    "creating the trace file",
-                    std::io::Error::new(e.kind(), format!("{}: {e}", p.display())),
-                )
-            })?))),
+            Some(p) => Some(Mutex::new(BufWriter::new(File::create(p).map_err(
+                |e| {
+                    Error::host(
+                        "creating the trace file",
+                        std::io::Error::new(e.kind(), format!("{}: {e}", p.display())),
+                    )
+                },
+            )?))),
             None => None,
         };
         Ok(Arc::new(VmShared {
@@ -78,7 +80,11 @@ impl EmuVm {
 
 impl Drop for EmuVm {
     fn drop(&mut self) {
-        self.shared.platform.timer.shutdown.store(true, Ordering::Release);
+        self.shared
+            .platform
+            .timer
+            .shutdown
+            .store(true, Ordering::Release);
         self.shared.platform.timer.notify();
     }
 }
@@ -112,8 +118,16 @@ impl Vm for EmuVm {
         }))
     }
 
-    fn register_ioevent(&self, _: IoEventAddress, _: u32, _: Option<u64>, _: &EventFd) -> Result<()> {
-        Err(Error::Unsupported("emu has no ioeventfd fast path; the write exits instead".into()))
+    fn register_ioevent(
+        &self,
+        _: IoEventAddress,
+        _: u32,
+        _: Option<u64>,
+        _: &EventFd,
+    ) -> Result<()> {
+        Err(Error::Unsupported(
+            "emu has no ioeventfd fast path; the write exits instead".into(),
+        ))
     }
 }
 

@@ -29,44 +29,44 @@ pub struct Fault {
 
 impl Fault {
     #[inline]
-    pub fn new(vector: u8, code: Option<u32>) -> Stop {
+    pub fn raise(vector: u8, code: Option<u32>) -> Stop {
         Stop::Fault(Fault { vector, code })
     }
     #[cold]
     pub fn ud() -> Stop {
-        Self::new(UD, None)
+        Self::raise(UD, None)
     }
     #[cold]
     pub fn de() -> Stop {
-        Self::new(DE, None)
+        Self::raise(DE, None)
     }
     #[cold]
     pub fn nm() -> Stop {
-        Self::new(NM, None)
+        Self::raise(NM, None)
     }
     #[cold]
     pub fn gp(code: u32) -> Stop {
-        Self::new(GP, Some(code))
+        Self::raise(GP, Some(code))
     }
     #[cold]
     pub fn ss(code: u32) -> Stop {
-        Self::new(SS, Some(code))
+        Self::raise(SS, Some(code))
     }
     #[cold]
     pub fn np(code: u32) -> Stop {
-        Self::new(NP, Some(code))
+        Self::raise(NP, Some(code))
     }
     #[cold]
     pub fn ts(code: u32) -> Stop {
-        Self::new(TS, Some(code))
+        Self::raise(TS, Some(code))
     }
     #[cold]
     pub fn mf() -> Stop {
-        Self::new(MF, None)
+        Self::raise(MF, None)
     }
     #[cold]
     pub fn xm() -> Stop {
-        Self::new(XM, None)
+        Self::raise(XM, None)
     }
 }
 

@@ -166,12 +166,13 @@ impl Flags {
 
     /// The six flags in their RFLAGS positions.
     pub fn bits(&self) -> u64 {
-        u64::from(self.cf()) * CF
-            | u64::from(self.pf()) * PF
-            | u64::from(self.af()) * AF
-            | u64::from(self.zf()) * ZF
-            | u64::from(self.sf()) * SF
-            | u64::from(self.of()) * OF
+        let b = |on: bool, m: u64| if on { m } else { 0 };
+        b(self.cf(), CF)
+            | b(self.pf(), PF)
+            | b(self.af(), AF)
+            | b(self.zf(), ZF)
+            | b(self.sf(), SF)
+            | b(self.of(), OF)
     }
 
     /// Loads the six flags from RFLAGS bits (other bits ignored).
@@ -233,7 +234,10 @@ mod tests {
             let v = [CF, PF, AF, ZF, SF, OF]
                 .iter()
                 .enumerate()
-                .fold(0, |acc, (i, m)| if bits >> i & 1 != 0 { acc | m } else { acc });
+                .fold(
+                    0,
+                    |acc, (i, m)| if bits >> i & 1 != 0 { acc | m } else { acc },
+                );
             f.set_bits(v);
             assert_eq!(f.bits(), v, "flags {v:#x}");
         }

@@ -138,7 +138,12 @@ impl BlockCache {
     /// Decodes one instruction that crosses a page (or is outside RAM,
     /// where fetches read all-ones) into the uncached scratch block.
     #[cold]
-    fn decode_scratch(&mut self, cpu: &mut Cpu, lin: u64, host: Option<*mut u8>) -> Res<&mut Block> {
+    fn decode_scratch(
+        &mut self,
+        cpu: &mut Cpu,
+        lin: u64,
+        host: Option<*mut u8>,
+    ) -> Res<&mut Block> {
         let mut buf = [0xffu8; 15];
         if host.is_some() {
             let first = (0x1000 - (lin & 0xfff) as usize).min(15);
@@ -152,7 +157,8 @@ impl BlockCache {
                 }
             }
         }
-        let mut decoder = Decoder::with_ip(u32::from(cpu.bits), &buf, cpu.rip(), DecoderOptions::NONE);
+        let mut decoder =
+            Decoder::with_ip(u32::from(cpu.bits), &buf, cpu.rip(), DecoderOptions::NONE);
         let ins = decoder.decode();
         let (h, _) = table().resolve(&ins);
         self.scratch = Some(Box::new(Block {

@@ -52,7 +52,11 @@ pub fn gpr8_slot(r: Register) -> u8 {
 
 /// The index an operand register gets in `Insn::r*`.
 pub fn reg_index(r: Register) -> u8 {
-    if r.is_gpr8() { gpr8_slot(r) } else { r.number() as u8 }
+    if r.is_gpr8() {
+        gpr8_slot(r)
+    } else {
+        r.number() as u8
+    }
 }
 
 fn address_mask(ins: &Instruction) -> u64 {
@@ -214,8 +218,14 @@ mod tests {
         assert_eq!((d.base, d.index, d.disp), (3, 6, 4));
         // mov eax, [0x1234] in 32-bit code, and with 67h in 64-bit code
         assert_eq!(decode(32, &[0xa1, 0x34, 0x12, 0, 0], 0).amask, 0xffff_ffff);
-        assert_eq!(decode(64, &[0x67, 0x8b, 0x04, 0x25, 0x34, 0x12, 0, 0], 0).amask, 0xffff_ffff);
-        assert_eq!(decode(64, &[0x8b, 0x04, 0x25, 0x34, 0x12, 0, 0], 0).amask, u64::MAX);
+        assert_eq!(
+            decode(64, &[0x67, 0x8b, 0x04, 0x25, 0x34, 0x12, 0, 0], 0).amask,
+            0xffff_ffff
+        );
+        assert_eq!(
+            decode(64, &[0x8b, 0x04, 0x25, 0x34, 0x12, 0, 0], 0).amask,
+            u64::MAX
+        );
     }
 
     #[test]

@@ -22,9 +22,16 @@ enum Entry {
     Empty,
     Fixed(Handler),
     /// Register or memory form, by whether an operand is memory.
-    Rm { reg: Handler, mem: Handler },
+    Rm {
+        reg: Handler,
+        mem: Handler,
+    },
     /// As `Rm`, with a separate atomic form for `lock`.
-    Rmw { reg: Handler, mem: Handler, locked: Handler },
+    Rmw {
+        reg: Handler,
+        mem: Handler,
+        locked: Handler,
+    },
     Custom(Builder),
 }
 

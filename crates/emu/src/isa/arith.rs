@@ -5,7 +5,7 @@ use crate::alu_forms;
 use crate::cpu::Cpu;
 use crate::cpu::fault::{Fault, Res};
 use crate::cpu::flags::{Flags, ZF};
-use crate::cpu::width::{W16, W32, W64, W8, Width};
+use crate::cpu::width::{W8, W16, W32, W64, Width};
 use crate::decode::{Insn, Table};
 use crate::isa::c;
 use crate::isa::ops::*;
@@ -113,7 +113,8 @@ fn cmpxchg<W: Width, D: Dst>(cpu: &mut Cpu, i: &Insn) -> Res {
     } else {
         D::rmw::<W>(cpu, i, |d| if d == acc { src } else { d })?
     };
-    cpu.flags.sub::<W>(acc, old, acc.wrapping_sub(old) & W::MASK);
+    cpu.flags
+        .sub::<W>(acc, old, acc.wrapping_sub(old) & W::MASK);
     if old != acc {
         W::set(&mut cpu.gpr, 0, old);
     }
@@ -168,14 +169,54 @@ pub fn register(t: &mut Table) {
     t.add(c("Inc_r32"), inc::<W32, RegDst>);
     t.add(c("Dec_r16"), dec::<W16, RegDst>);
     t.add(c("Dec_r32"), dec::<W32, RegDst>);
-    t.rmw(c("Xadd_rm8_r8"), xadd::<W8, RegDst>, xadd::<W8, MemDst>, xadd::<W8, LockDst>);
-    t.rmw(c("Xadd_rm16_r16"), xadd::<W16, RegDst>, xadd::<W16, MemDst>, xadd::<W16, LockDst>);
-    t.rmw(c("Xadd_rm32_r32"), xadd::<W32, RegDst>, xadd::<W32, MemDst>, xadd::<W32, LockDst>);
-    t.rmw(c("Xadd_rm64_r64"), xadd::<W64, RegDst>, xadd::<W64, MemDst>, xadd::<W64, LockDst>);
-    t.rmw(c("Cmpxchg_rm8_r8"), cmpxchg::<W8, RegDst>, cmpxchg::<W8, MemDst>, cmpxchg::<W8, LockDst>);
-    t.rmw(c("Cmpxchg_rm16_r16"), cmpxchg::<W16, RegDst>, cmpxchg::<W16, MemDst>, cmpxchg::<W16, LockDst>);
-    t.rmw(c("Cmpxchg_rm32_r32"), cmpxchg::<W32, RegDst>, cmpxchg::<W32, MemDst>, cmpxchg::<W32, LockDst>);
-    t.rmw(c("Cmpxchg_rm64_r64"), cmpxchg::<W64, RegDst>, cmpxchg::<W64, MemDst>, cmpxchg::<W64, LockDst>);
+    t.rmw(
+        c("Xadd_rm8_r8"),
+        xadd::<W8, RegDst>,
+        xadd::<W8, MemDst>,
+        xadd::<W8, LockDst>,
+    );
+    t.rmw(
+        c("Xadd_rm16_r16"),
+        xadd::<W16, RegDst>,
+        xadd::<W16, MemDst>,
+        xadd::<W16, LockDst>,
+    );
+    t.rmw(
+        c("Xadd_rm32_r32"),
+        xadd::<W32, RegDst>,
+        xadd::<W32, MemDst>,
+        xadd::<W32, LockDst>,
+    );
+    t.rmw(
+        c("Xadd_rm64_r64"),
+        xadd::<W64, RegDst>,
+        xadd::<W64, MemDst>,
+        xadd::<W64, LockDst>,
+    );
+    t.rmw(
+        c("Cmpxchg_rm8_r8"),
+        cmpxchg::<W8, RegDst>,
+        cmpxchg::<W8, MemDst>,
+        cmpxchg::<W8, LockDst>,
+    );
+    t.rmw(
+        c("Cmpxchg_rm16_r16"),
+        cmpxchg::<W16, RegDst>,
+        cmpxchg::<W16, MemDst>,
+        cmpxchg::<W16, LockDst>,
+    );
+    t.rmw(
+        c("Cmpxchg_rm32_r32"),
+        cmpxchg::<W32, RegDst>,
+        cmpxchg::<W32, MemDst>,
+        cmpxchg::<W32, LockDst>,
+    );
+    t.rmw(
+        c("Cmpxchg_rm64_r64"),
+        cmpxchg::<W64, RegDst>,
+        cmpxchg::<W64, MemDst>,
+        cmpxchg::<W64, LockDst>,
+    );
     t.add(c("Cmpxchg8b_m64"), cmpxchg8b);
     t.add(c("Cmpxchg16b_m128"), cmpxchg16b);
 }

@@ -38,7 +38,11 @@ fn jcc<const CC_: u8, W: Width>(cpu: &mut Cpu, i: &Insn) -> Res {
 
 fn jmp_ind<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
     // Indirect operands use r0 for the register form.
-    let t = if S::IS_REG_OP0 { W::get(&cpu.gpr, i.r0) } else { S::get::<W>(cpu, i)? };
+    let t = if S::IS_REG_OP0 {
+        W::get(&cpu.gpr, i.r0)
+    } else {
+        S::get::<W>(cpu, i)?
+    };
     branch(cpu, t)
 }
 
@@ -55,7 +59,11 @@ fn call_rel<W: Width>(cpu: &mut Cpu, i: &Insn) -> Res {
 }
 
 fn call_ind<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
-    let t = if S::IS_REG_OP0 { W::get(&cpu.gpr, i.r0) } else { S::get::<W>(cpu, i)? };
+    let t = if S::IS_REG_OP0 {
+        W::get(&cpu.gpr, i.r0)
+    } else {
+        S::get::<W>(cpu, i)?
+    };
     let ret = cpu.rip();
     let sp = cpu.gpr[RSP];
     cpu.push::<W>(ret)?;
@@ -145,7 +153,11 @@ fn int1(_: &mut Cpu, _: &Insn) -> Res {
     Err(Stop::SoftInt(1))
 }
 fn into(cpu: &mut Cpu, _: &Insn) -> Res {
-    if cpu.flags.of() { Err(Stop::SoftInt(4)) } else { Ok(()) }
+    if cpu.flags.of() {
+        Err(Stop::SoftInt(4))
+    } else {
+        Ok(())
+    }
 }
 
 fn iret<W: Width>(cpu: &mut Cpu, _: &Insn) -> Res {
@@ -172,9 +184,21 @@ pub fn register(t: &mut Table) {
     t.add(c("Jmp_rel16"), jmp_rel::<W16>);
     t.add(c("Jmp_rel32_32"), jmp_rel::<W32>);
     t.add(c("Jmp_rel32_64"), jmp_rel::<W64>);
-    t.rm(c("Jmp_rm16"), jmp_ind::<W16, RegSrc>, jmp_ind::<W16, MemSrc>);
-    t.rm(c("Jmp_rm32"), jmp_ind::<W32, RegSrc>, jmp_ind::<W32, MemSrc>);
-    t.rm(c("Jmp_rm64"), jmp_ind::<W64, RegSrc>, jmp_ind::<W64, MemSrc>);
+    t.rm(
+        c("Jmp_rm16"),
+        jmp_ind::<W16, RegSrc>,
+        jmp_ind::<W16, MemSrc>,
+    );
+    t.rm(
+        c("Jmp_rm32"),
+        jmp_ind::<W32, RegSrc>,
+        jmp_ind::<W32, MemSrc>,
+    );
+    t.rm(
+        c("Jmp_rm64"),
+        jmp_ind::<W64, RegSrc>,
+        jmp_ind::<W64, MemSrc>,
+    );
     jcc_forms!(t, 0);
     jcc_forms!(t, 1);
     jcc_forms!(t, 2);
@@ -194,9 +218,21 @@ pub fn register(t: &mut Table) {
     t.add(c("Call_rel16"), call_rel::<W16>);
     t.add(c("Call_rel32_32"), call_rel::<W32>);
     t.add(c("Call_rel32_64"), call_rel::<W64>);
-    t.rm(c("Call_rm16"), call_ind::<W16, RegSrc>, call_ind::<W16, MemSrc>);
-    t.rm(c("Call_rm32"), call_ind::<W32, RegSrc>, call_ind::<W32, MemSrc>);
-    t.rm(c("Call_rm64"), call_ind::<W64, RegSrc>, call_ind::<W64, MemSrc>);
+    t.rm(
+        c("Call_rm16"),
+        call_ind::<W16, RegSrc>,
+        call_ind::<W16, MemSrc>,
+    );
+    t.rm(
+        c("Call_rm32"),
+        call_ind::<W32, RegSrc>,
+        call_ind::<W32, MemSrc>,
+    );
+    t.rm(
+        c("Call_rm64"),
+        call_ind::<W64, RegSrc>,
+        call_ind::<W64, MemSrc>,
+    );
     t.add(c("Retnw"), ret_near::<W16, false>);
     t.add(c("Retnd"), ret_near::<W32, false>);
     t.add(c("Retnq"), ret_near::<W64, false>);

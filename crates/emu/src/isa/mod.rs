@@ -68,14 +68,19 @@ pub fn c(name: &str) -> Code {
 }
 
 /// Condition-code suffixes in encoding order (cc = 0..15).
-pub const CC: [&str; 16] = ["o", "no", "b", "ae", "e", "ne", "be", "a", "s", "ns", "p", "np", "l", "ge", "le", "g"];
+pub const CC: [&str; 16] = [
+    "o", "no", "b", "ae", "e", "ne", "be", "a", "s", "ns", "p", "np", "l", "ge", "le", "g",
+];
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn every_registered_name_is_an_iced_code() {
         let _ = crate::decode::table::table();
-        let missing = super::missing_names().lock().map(|m| m.clone()).unwrap_or_default();
+        let missing = super::missing_names()
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
         assert!(missing.is_empty(), "unknown iced Code names: {missing:?}");
     }
 }

@@ -77,7 +77,11 @@ fn cbw<W: Width, WH: Width>(cpu: &mut Cpu, _: &Insn) -> Res {
 
 /// cwd/cdq/cqo: rDX = sign of rAX.
 fn cwd<W: Width>(cpu: &mut Cpu, _: &Insn) -> Res {
-    let v = if W::get(&cpu.gpr, 0) & W::SIGN != 0 { W::MASK } else { 0 };
+    let v = if W::get(&cpu.gpr, 0) & W::SIGN != 0 {
+        W::MASK
+    } else {
+        0
+    };
     W::set(&mut cpu.gpr, 2, v);
     Ok(())
 }
@@ -169,30 +173,94 @@ macro_rules! cc_forms {
     ($t:expr, $cc:literal) => {{
         let n = CC[$cc];
         let cap = |p: &str| format!("{}{}", p, n);
-        $t.rm(c(&format!("{}_r16_rm16", cap("Cmov"))), cmov::<$cc, W16, RegSrc>, cmov::<$cc, W16, MemSrc>);
-        $t.rm(c(&format!("{}_r32_rm32", cap("Cmov"))), cmov::<$cc, W32, RegSrc>, cmov::<$cc, W32, MemSrc>);
-        $t.rm(c(&format!("{}_r64_rm64", cap("Cmov"))), cmov::<$cc, W64, RegSrc>, cmov::<$cc, W64, MemSrc>);
-        $t.rm(c(&format!("{}_rm8", cap("Set"))), setcc::<$cc, RegDst>, setcc::<$cc, MemDst>);
+        $t.rm(
+            c(&format!("{}_r16_rm16", cap("Cmov"))),
+            cmov::<$cc, W16, RegSrc>,
+            cmov::<$cc, W16, MemSrc>,
+        );
+        $t.rm(
+            c(&format!("{}_r32_rm32", cap("Cmov"))),
+            cmov::<$cc, W32, RegSrc>,
+            cmov::<$cc, W32, MemSrc>,
+        );
+        $t.rm(
+            c(&format!("{}_r64_rm64", cap("Cmov"))),
+            cmov::<$cc, W64, RegSrc>,
+            cmov::<$cc, W64, MemSrc>,
+        );
+        $t.rm(
+            c(&format!("{}_rm8", cap("Set"))),
+            setcc::<$cc, RegDst>,
+            setcc::<$cc, MemDst>,
+        );
     }};
 }
 
 pub fn register(t: &mut Table) {
-    t.rm(c("Mov_rm8_r8"), mov::<W8, RegDst, RegSrc>, mov::<W8, MemDst, RegSrc>);
-    t.rm(c("Mov_rm16_r16"), mov::<W16, RegDst, RegSrc>, mov::<W16, MemDst, RegSrc>);
-    t.rm(c("Mov_rm32_r32"), mov::<W32, RegDst, RegSrc>, mov::<W32, MemDst, RegSrc>);
-    t.rm(c("Mov_rm64_r64"), mov::<W64, RegDst, RegSrc>, mov::<W64, MemDst, RegSrc>);
-    t.rm(c("Mov_r8_rm8"), mov::<W8, RegDst, RegSrc>, mov::<W8, RegDst, MemSrc>);
-    t.rm(c("Mov_r16_rm16"), mov::<W16, RegDst, RegSrc>, mov::<W16, RegDst, MemSrc>);
-    t.rm(c("Mov_r32_rm32"), mov::<W32, RegDst, RegSrc>, mov::<W32, RegDst, MemSrc>);
-    t.rm(c("Mov_r64_rm64"), mov::<W64, RegDst, RegSrc>, mov::<W64, RegDst, MemSrc>);
+    t.rm(
+        c("Mov_rm8_r8"),
+        mov::<W8, RegDst, RegSrc>,
+        mov::<W8, MemDst, RegSrc>,
+    );
+    t.rm(
+        c("Mov_rm16_r16"),
+        mov::<W16, RegDst, RegSrc>,
+        mov::<W16, MemDst, RegSrc>,
+    );
+    t.rm(
+        c("Mov_rm32_r32"),
+        mov::<W32, RegDst, RegSrc>,
+        mov::<W32, MemDst, RegSrc>,
+    );
+    t.rm(
+        c("Mov_rm64_r64"),
+        mov::<W64, RegDst, RegSrc>,
+        mov::<W64, MemDst, RegSrc>,
+    );
+    t.rm(
+        c("Mov_r8_rm8"),
+        mov::<W8, RegDst, RegSrc>,
+        mov::<W8, RegDst, MemSrc>,
+    );
+    t.rm(
+        c("Mov_r16_rm16"),
+        mov::<W16, RegDst, RegSrc>,
+        mov::<W16, RegDst, MemSrc>,
+    );
+    t.rm(
+        c("Mov_r32_rm32"),
+        mov::<W32, RegDst, RegSrc>,
+        mov::<W32, RegDst, MemSrc>,
+    );
+    t.rm(
+        c("Mov_r64_rm64"),
+        mov::<W64, RegDst, RegSrc>,
+        mov::<W64, RegDst, MemSrc>,
+    );
     t.add(c("Mov_r8_imm8"), mov::<W8, RegDst, ImmSrc>);
     t.add(c("Mov_r16_imm16"), mov::<W16, RegDst, ImmSrc>);
     t.add(c("Mov_r32_imm32"), mov::<W32, RegDst, ImmSrc>);
     t.add(c("Mov_r64_imm64"), mov::<W64, RegDst, ImmSrc>);
-    t.rm(c("Mov_rm8_imm8"), mov::<W8, RegDst, ImmSrc>, mov::<W8, MemDst, ImmSrc>);
-    t.rm(c("Mov_rm16_imm16"), mov::<W16, RegDst, ImmSrc>, mov::<W16, MemDst, ImmSrc>);
-    t.rm(c("Mov_rm32_imm32"), mov::<W32, RegDst, ImmSrc>, mov::<W32, MemDst, ImmSrc>);
-    t.rm(c("Mov_rm64_imm32"), mov::<W64, RegDst, ImmSrc>, mov::<W64, MemDst, ImmSrc>);
+    t.rm(
+        c("Mov_rm8_imm8"),
+        mov::<W8, RegDst, ImmSrc>,
+        mov::<W8, MemDst, ImmSrc>,
+    );
+    t.rm(
+        c("Mov_rm16_imm16"),
+        mov::<W16, RegDst, ImmSrc>,
+        mov::<W16, MemDst, ImmSrc>,
+    );
+    t.rm(
+        c("Mov_rm32_imm32"),
+        mov::<W32, RegDst, ImmSrc>,
+        mov::<W32, MemDst, ImmSrc>,
+    );
+    t.rm(
+        c("Mov_rm64_imm32"),
+        mov::<W64, RegDst, ImmSrc>,
+        mov::<W64, MemDst, ImmSrc>,
+    );
     t.add(c("Mov_AL_moffs8"), mov::<W8, RegDst, MemSrc>);
     t.add(c("Mov_AX_moffs16"), mov::<W16, RegDst, MemSrc>);
     t.add(c("Mov_EAX_moffs32"), mov::<W32, RegDst, MemSrc>);
@@ -204,30 +272,102 @@ pub fn register(t: &mut Table) {
     t.add(c("Movnti_m32_r32"), mov::<W32, MemDst, RegSrc>);
     t.add(c("Movnti_m64_r64"), mov::<W64, MemDst, RegSrc>);
 
-    t.rm(c("Movzx_r16_rm8"), movzx::<W16, W8, RegSrc>, movzx::<W16, W8, MemSrc>);
-    t.rm(c("Movzx_r32_rm8"), movzx::<W32, W8, RegSrc>, movzx::<W32, W8, MemSrc>);
-    t.rm(c("Movzx_r64_rm8"), movzx::<W64, W8, RegSrc>, movzx::<W64, W8, MemSrc>);
-    t.rm(c("Movzx_r16_rm16"), movzx::<W16, W16, RegSrc>, movzx::<W16, W16, MemSrc>);
-    t.rm(c("Movzx_r32_rm16"), movzx::<W32, W16, RegSrc>, movzx::<W32, W16, MemSrc>);
-    t.rm(c("Movzx_r64_rm16"), movzx::<W64, W16, RegSrc>, movzx::<W64, W16, MemSrc>);
-    t.rm(c("Movsx_r16_rm8"), movsx::<W16, W8, RegSrc>, movsx::<W16, W8, MemSrc>);
-    t.rm(c("Movsx_r32_rm8"), movsx::<W32, W8, RegSrc>, movsx::<W32, W8, MemSrc>);
-    t.rm(c("Movsx_r64_rm8"), movsx::<W64, W8, RegSrc>, movsx::<W64, W8, MemSrc>);
-    t.rm(c("Movsx_r16_rm16"), movsx::<W16, W16, RegSrc>, movsx::<W16, W16, MemSrc>);
-    t.rm(c("Movsx_r32_rm16"), movsx::<W32, W16, RegSrc>, movsx::<W32, W16, MemSrc>);
-    t.rm(c("Movsx_r64_rm16"), movsx::<W64, W16, RegSrc>, movsx::<W64, W16, MemSrc>);
-    t.rm(c("Movsxd_r16_rm16"), movsx::<W16, W16, RegSrc>, movsx::<W16, W16, MemSrc>);
-    t.rm(c("Movsxd_r32_rm32"), movsx::<W32, W32, RegSrc>, movsx::<W32, W32, MemSrc>);
-    t.rm(c("Movsxd_r64_rm32"), movsx::<W64, W32, RegSrc>, movsx::<W64, W32, MemSrc>);
+    t.rm(
+        c("Movzx_r16_rm8"),
+        movzx::<W16, W8, RegSrc>,
+        movzx::<W16, W8, MemSrc>,
+    );
+    t.rm(
+        c("Movzx_r32_rm8"),
+        movzx::<W32, W8, RegSrc>,
+        movzx::<W32, W8, MemSrc>,
+    );
+    t.rm(
+        c("Movzx_r64_rm8"),
+        movzx::<W64, W8, RegSrc>,
+        movzx::<W64, W8, MemSrc>,
+    );
+    t.rm(
+        c("Movzx_r16_rm16"),
+        movzx::<W16, W16, RegSrc>,
+        movzx::<W16, W16, MemSrc>,
+    );
+    t.rm(
+        c("Movzx_r32_rm16"),
+        movzx::<W32, W16, RegSrc>,
+        movzx::<W32, W16, MemSrc>,
+    );
+    t.rm(
+        c("Movzx_r64_rm16"),
+        movzx::<W64, W16, RegSrc>,
+        movzx::<W64, W16, MemSrc>,
+    );
+    t.rm(
+        c("Movsx_r16_rm8"),
+        movsx::<W16, W8, RegSrc>,
+        movsx::<W16, W8, MemSrc>,
+    );
+    t.rm(
+        c("Movsx_r32_rm8"),
+        movsx::<W32, W8, RegSrc>,
+        movsx::<W32, W8, MemSrc>,
+    );
+    t.rm(
+        c("Movsx_r64_rm8"),
+        movsx::<W64, W8, RegSrc>,
+        movsx::<W64, W8, MemSrc>,
+    );
+    t.rm(
+        c("Movsx_r16_rm16"),
+        movsx::<W16, W16, RegSrc>,
+        movsx::<W16, W16, MemSrc>,
+    );
+    t.rm(
+        c("Movsx_r32_rm16"),
+        movsx::<W32, W16, RegSrc>,
+        movsx::<W32, W16, MemSrc>,
+    );
+    t.rm(
+        c("Movsx_r64_rm16"),
+        movsx::<W64, W16, RegSrc>,
+        movsx::<W64, W16, MemSrc>,
+    );
+    t.rm(
+        c("Movsxd_r16_rm16"),
+        movsx::<W16, W16, RegSrc>,
+        movsx::<W16, W16, MemSrc>,
+    );
+    t.rm(
+        c("Movsxd_r32_rm32"),
+        movsx::<W32, W32, RegSrc>,
+        movsx::<W32, W32, MemSrc>,
+    );
+    t.rm(
+        c("Movsxd_r64_rm32"),
+        movsx::<W64, W32, RegSrc>,
+        movsx::<W64, W32, MemSrc>,
+    );
 
     t.add(c("Lea_r16_m"), lea::<W16>);
     t.add(c("Lea_r32_m"), lea::<W32>);
     t.add(c("Lea_r64_m"), lea::<W64>);
 
     t.rm(c("Xchg_rm8_r8"), xchg::<W8, RegDst>, xchg::<W8, LockDst>);
-    t.rm(c("Xchg_rm16_r16"), xchg::<W16, RegDst>, xchg::<W16, LockDst>);
-    t.rm(c("Xchg_rm32_r32"), xchg::<W32, RegDst>, xchg::<W32, LockDst>);
-    t.rm(c("Xchg_rm64_r64"), xchg::<W64, RegDst>, xchg::<W64, LockDst>);
+    t.rm(
+        c("Xchg_rm16_r16"),
+        xchg::<W16, RegDst>,
+        xchg::<W16, LockDst>,
+    );
+    t.rm(
+        c("Xchg_rm32_r32"),
+        xchg::<W32, RegDst>,
+        xchg::<W32, LockDst>,
+    );
+    t.rm(
+        c("Xchg_rm64_r64"),
+        xchg::<W64, RegDst>,
+        xchg::<W64, LockDst>,
+    );
     t.add(c("Xchg_r16_AX"), xchg::<W16, RegDst>);
     t.add(c("Xchg_r32_EAX"), xchg::<W32, RegDst>);
     t.add(c("Xchg_r64_RAX"), xchg::<W64, RegDst>);
@@ -267,9 +407,21 @@ pub fn register(t: &mut Table) {
     t.add(c("Cld"), cld);
     t.add(c("Std"), std_);
 
-    t.rm(c("Mov_rm16_Sreg"), mov_from_sreg::<W16, RegDst>, mov_from_sreg::<W16, MemDst>);
-    t.rm(c("Mov_r32m16_Sreg"), mov_from_sreg::<W32, RegDst>, mov_from_sreg::<W32, MemDst>);
-    t.rm(c("Mov_r64m16_Sreg"), mov_from_sreg::<W64, RegDst>, mov_from_sreg::<W64, MemDst>);
+    t.rm(
+        c("Mov_rm16_Sreg"),
+        mov_from_sreg::<W16, RegDst>,
+        mov_from_sreg::<W16, MemDst>,
+    );
+    t.rm(
+        c("Mov_r32m16_Sreg"),
+        mov_from_sreg::<W32, RegDst>,
+        mov_from_sreg::<W32, MemDst>,
+    );
+    t.rm(
+        c("Mov_r64m16_Sreg"),
+        mov_from_sreg::<W64, RegDst>,
+        mov_from_sreg::<W64, MemDst>,
+    );
     for name in ["Mov_Sreg_rm16", "Mov_Sreg_r32m16", "Mov_Sreg_r64m16"] {
         t.rm(c(name), mov_to_sreg::<RegSrc>, mov_to_sreg::<MemSrc>);
         t.stop(c(name));
@@ -289,8 +441,21 @@ pub fn register(t: &mut Table) {
     t.add_stop(c("Lss_r64_m1664"), load_far::<W64, SS>);
 
     for name in [
-        "Nopw", "Nopd", "Nopq", "Nop_rm16", "Nop_rm32", "Nop_rm64", "Pause", "Endbr64", "Endbr32", "Prefetch_m8",
-        "Prefetchw_m8", "Prefetchnta_m8", "Prefetcht0_m8", "Prefetcht1_m8", "Prefetcht2_m8",
+        "Nopw",
+        "Nopd",
+        "Nopq",
+        "Nop_rm16",
+        "Nop_rm32",
+        "Nop_rm64",
+        "Pause",
+        "Endbr64",
+        "Endbr32",
+        "Prefetch_m8",
+        "Prefetchw_m8",
+        "Prefetchnta_m8",
+        "Prefetcht0_m8",
+        "Prefetcht1_m8",
+        "Prefetcht2_m8",
     ] {
         t.add(c(name), nop);
     }

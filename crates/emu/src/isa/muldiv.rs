@@ -11,7 +11,11 @@ use crate::isa::ops::*;
 /// The single r/m operand of mul/div forms (operand 0).
 #[inline(always)]
 fn rm0<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res<u64> {
-    if S::IS_REG_OP0 { Ok(W::get(&cpu.gpr, i.r0)) } else { S::get::<W>(cpu, i) }
+    if S::IS_REG_OP0 {
+        Ok(W::get(&cpu.gpr, i.r0))
+    } else {
+        S::get::<W>(cpu, i)
+    }
 }
 
 /// Writes a double-width product/dividend pair: AX for bytes, else rDX:rAX.
@@ -116,10 +120,26 @@ fn idiv<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
 
 macro_rules! one_op {
     ($t:expr, $name:literal, $f:ident) => {{
-        $t.rm(c(concat!($name, "_rm8")), $f::<W8, RegSrc>, $f::<W8, MemSrc>);
-        $t.rm(c(concat!($name, "_rm16")), $f::<W16, RegSrc>, $f::<W16, MemSrc>);
-        $t.rm(c(concat!($name, "_rm32")), $f::<W32, RegSrc>, $f::<W32, MemSrc>);
-        $t.rm(c(concat!($name, "_rm64")), $f::<W64, RegSrc>, $f::<W64, MemSrc>);
+        $t.rm(
+            c(concat!($name, "_rm8")),
+            $f::<W8, RegSrc>,
+            $f::<W8, MemSrc>,
+        );
+        $t.rm(
+            c(concat!($name, "_rm16")),
+            $f::<W16, RegSrc>,
+            $f::<W16, MemSrc>,
+        );
+        $t.rm(
+            c(concat!($name, "_rm32")),
+            $f::<W32, RegSrc>,
+            $f::<W32, MemSrc>,
+        );
+        $t.rm(
+            c(concat!($name, "_rm64")),
+            $f::<W64, RegSrc>,
+            $f::<W64, MemSrc>,
+        );
     }};
 }
 
@@ -128,9 +148,21 @@ pub fn register(t: &mut Table) {
     one_op!(t, "Imul", imul1);
     one_op!(t, "Div", div);
     one_op!(t, "Idiv", idiv);
-    t.rm(c("Imul_r16_rm16"), imul2::<W16, RegSrc>, imul2::<W16, MemSrc>);
-    t.rm(c("Imul_r32_rm32"), imul2::<W32, RegSrc>, imul2::<W32, MemSrc>);
-    t.rm(c("Imul_r64_rm64"), imul2::<W64, RegSrc>, imul2::<W64, MemSrc>);
+    t.rm(
+        c("Imul_r16_rm16"),
+        imul2::<W16, RegSrc>,
+        imul2::<W16, MemSrc>,
+    );
+    t.rm(
+        c("Imul_r32_rm32"),
+        imul2::<W32, RegSrc>,
+        imul2::<W32, MemSrc>,
+    );
+    t.rm(
+        c("Imul_r64_rm64"),
+        imul2::<W64, RegSrc>,
+        imul2::<W64, MemSrc>,
+    );
     for (name, w) in [
         ("Imul_r16_rm16_imm16", 16),
         ("Imul_r16_rm16_imm8", 16),

@@ -159,7 +159,11 @@ macro_rules! alu_forms {
         }
         macro_rules! r_rm {
             ($suffix:literal, $w:ty) => {
-                t.rm(c(concat!($name, $suffix)), alu::<$op, $w, RegDst, RegSrc>, alu::<$op, $w, RegDst, MemSrc>)
+                t.rm(
+                    c(concat!($name, $suffix)),
+                    alu::<$op, $w, RegDst, RegSrc>,
+                    alu::<$op, $w, RegDst, MemSrc>,
+                )
             };
         }
         macro_rules! rm_i {
@@ -180,10 +184,22 @@ macro_rules! alu_forms {
         r_rm!("_r16_rm16", W16);
         r_rm!("_r32_rm32", W32);
         r_rm!("_r64_rm64", W64);
-        t.add(c(concat!($name, "_AL_imm8")), alu::<$op, W8, RegDst, ImmSrc>);
-        t.add(c(concat!($name, "_AX_imm16")), alu::<$op, W16, RegDst, ImmSrc>);
-        t.add(c(concat!($name, "_EAX_imm32")), alu::<$op, W32, RegDst, ImmSrc>);
-        t.add(c(concat!($name, "_RAX_imm32")), alu::<$op, W64, RegDst, ImmSrc>);
+        t.add(
+            c(concat!($name, "_AL_imm8")),
+            alu::<$op, W8, RegDst, ImmSrc>,
+        );
+        t.add(
+            c(concat!($name, "_AX_imm16")),
+            alu::<$op, W16, RegDst, ImmSrc>,
+        );
+        t.add(
+            c(concat!($name, "_EAX_imm32")),
+            alu::<$op, W32, RegDst, ImmSrc>,
+        );
+        t.add(
+            c(concat!($name, "_RAX_imm32")),
+            alu::<$op, W64, RegDst, ImmSrc>,
+        );
         rm_i!("_rm8_imm8", W8);
         rm_i!("_rm8_imm8_82", W8);
         rm_i!("_rm16_imm16", W16);
@@ -204,9 +220,29 @@ macro_rules! unary_forms {
         use $crate::isa::c;
         use $crate::isa::ops::*;
         let t: &mut $crate::decode::Table = $t;
-        t.rmw(c(concat!($name, "_rm8")), $f::<W8, RegDst>, $f::<W8, MemDst>, $f::<W8, LockDst>);
-        t.rmw(c(concat!($name, "_rm16")), $f::<W16, RegDst>, $f::<W16, MemDst>, $f::<W16, LockDst>);
-        t.rmw(c(concat!($name, "_rm32")), $f::<W32, RegDst>, $f::<W32, MemDst>, $f::<W32, LockDst>);
-        t.rmw(c(concat!($name, "_rm64")), $f::<W64, RegDst>, $f::<W64, MemDst>, $f::<W64, LockDst>);
+        t.rmw(
+            c(concat!($name, "_rm8")),
+            $f::<W8, RegDst>,
+            $f::<W8, MemDst>,
+            $f::<W8, LockDst>,
+        );
+        t.rmw(
+            c(concat!($name, "_rm16")),
+            $f::<W16, RegDst>,
+            $f::<W16, MemDst>,
+            $f::<W16, LockDst>,
+        );
+        t.rmw(
+            c(concat!($name, "_rm32")),
+            $f::<W32, RegDst>,
+            $f::<W32, MemDst>,
+            $f::<W32, LockDst>,
+        );
+        t.rmw(
+            c(concat!($name, "_rm64")),
+            $f::<W64, RegDst>,
+            $f::<W64, MemDst>,
+            $f::<W64, LockDst>,
+        );
     }};
 }

@@ -59,7 +59,11 @@ impl ShiftOp for Sar {
 impl ShiftOp for Rol {
     fn apply<W: Width>(a: u64, n: u32, _: bool) -> u64 {
         let n = n % W::BITS;
-        if n == 0 { a } else { ((a << n) | (a >> (W::BITS - n))) & W::MASK }
+        if n == 0 {
+            a
+        } else {
+            ((a << n) | (a >> (W::BITS - n))) & W::MASK
+        }
     }
     fn flags<W: Width>(f: &mut Flags, _: u64, _: u32, r: u64, _: bool) {
         let cf = r & 1 != 0;
@@ -70,7 +74,11 @@ impl ShiftOp for Rol {
 impl ShiftOp for Ror {
     fn apply<W: Width>(a: u64, n: u32, _: bool) -> u64 {
         let n = n % W::BITS;
-        if n == 0 { a } else { ((a >> n) | (a << (W::BITS - n))) & W::MASK }
+        if n == 0 {
+            a
+        } else {
+            ((a >> n) | (a << (W::BITS - n))) & W::MASK
+        }
     }
     fn flags<W: Width>(f: &mut Flags, _: u64, _: u32, r: u64, _: bool) {
         f.set_cf(msb::<W>(r));
@@ -167,7 +175,8 @@ fn shxd<W: Width, D: Dst, const LEFT: bool, const CL: bool>(cpu: &mut Cpu, i: &I
         let v = (u128::from(src) << bits) | u128::from(a);
         (v >> (n - 1)) & 1 != 0
     };
-    cpu.flags.set_result_cf_of::<W>(r, cf, msb::<W>(r) ^ msb::<W>(a));
+    cpu.flags
+        .set_result_cf_of::<W>(r, cf, msb::<W>(r) ^ msb::<W>(a));
     Ok(())
 }
 
@@ -199,12 +208,36 @@ macro_rules! shift_forms {
 
 macro_rules! shxd_forms {
     ($t:expr, $name:literal, $left:literal) => {{
-        $t.rm(c(concat!($name, "_rm16_r16_imm8")), shxd::<W16, RegDst, $left, false>, shxd::<W16, MemDst, $left, false>);
-        $t.rm(c(concat!($name, "_rm32_r32_imm8")), shxd::<W32, RegDst, $left, false>, shxd::<W32, MemDst, $left, false>);
-        $t.rm(c(concat!($name, "_rm64_r64_imm8")), shxd::<W64, RegDst, $left, false>, shxd::<W64, MemDst, $left, false>);
-        $t.rm(c(concat!($name, "_rm16_r16_CL")), shxd::<W16, RegDst, $left, true>, shxd::<W16, MemDst, $left, true>);
-        $t.rm(c(concat!($name, "_rm32_r32_CL")), shxd::<W32, RegDst, $left, true>, shxd::<W32, MemDst, $left, true>);
-        $t.rm(c(concat!($name, "_rm64_r64_CL")), shxd::<W64, RegDst, $left, true>, shxd::<W64, MemDst, $left, true>);
+        $t.rm(
+            c(concat!($name, "_rm16_r16_imm8")),
+            shxd::<W16, RegDst, $left, false>,
+            shxd::<W16, MemDst, $left, false>,
+        );
+        $t.rm(
+            c(concat!($name, "_rm32_r32_imm8")),
+            shxd::<W32, RegDst, $left, false>,
+            shxd::<W32, MemDst, $left, false>,
+        );
+        $t.rm(
+            c(concat!($name, "_rm64_r64_imm8")),
+            shxd::<W64, RegDst, $left, false>,
+            shxd::<W64, MemDst, $left, false>,
+        );
+        $t.rm(
+            c(concat!($name, "_rm16_r16_CL")),
+            shxd::<W16, RegDst, $left, true>,
+            shxd::<W16, MemDst, $left, true>,
+        );
+        $t.rm(
+            c(concat!($name, "_rm32_r32_CL")),
+            shxd::<W32, RegDst, $left, true>,
+            shxd::<W32, MemDst, $left, true>,
+        );
+        $t.rm(
+            c(concat!($name, "_rm64_r64_CL")),
+            shxd::<W64, RegDst, $left, true>,
+            shxd::<W64, MemDst, $left, true>,
+        );
     }};
 }
 

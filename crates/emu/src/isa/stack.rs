@@ -127,7 +127,12 @@ fn enter<W: Width>(cpu: &mut Cpu, i: &Insn) -> Res {
         if level > 0 {
             let mut tbp = bp;
             for _ in 1..level {
-                tbp = tbp.wrapping_sub(W::BYTES as u64) & if cpu.sp_mask == 0xffff { 0xffff } else { W::MASK };
+                tbp = tbp.wrapping_sub(W::BYTES as u64)
+                    & if cpu.sp_mask == 0xffff {
+                        0xffff
+                    } else {
+                        W::MASK
+                    };
                 let v = cpu.read_virt::<W>(SS, tbp & cpu.sp_mask)?;
                 cpu.push::<W>(v)?;
             }

@@ -20,7 +20,11 @@ const BUDGET: u64 = 1 << 14;
 
 #[inline(always)]
 fn step<W: Width>(cpu: &Cpu) -> u64 {
-    if cpu.rflags & DF != 0 { (W::BYTES as u64).wrapping_neg() } else { W::BYTES as u64 }
+    if cpu.rflags & DF != 0 {
+        (W::BYTES as u64).wrapping_neg()
+    } else {
+        W::BYTES as u64
+    }
 }
 
 #[inline(always)]
@@ -39,7 +43,11 @@ fn rewind(cpu: &mut Cpu, i: &Insn) {
 /// A host pointer for `n` bytes at `seg:off` if all of it is plain RAM in
 /// one page (and writable without touching cached code, for writes).
 fn host_range(cpu: &mut Cpu, seg: usize, off: u64, n: u64, write: bool) -> Res<Option<*mut u8>> {
-    let lin = if write { cpu.lin_w(seg, off, n as usize)? } else { cpu.lin_r(seg, off, n as usize)? };
+    let lin = if write {
+        cpu.lin_w(seg, off, n as usize)?
+    } else {
+        cpu.lin_r(seg, off, n as usize)?
+    };
     if (lin & 0xfff) + n > 0x1000 {
         return Ok(None);
     }
@@ -93,7 +101,8 @@ fn movs<W: Width, const REP: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
                     && let Some(src) = host_range(cpu, seg, s, bytes, false)?
                     && let Some(dst) = host_range(cpu, ES, d, bytes, true)?
                 {
-                    let overlap = (dst as u64) > (src as u64) && (dst as u64) < (src as u64) + bytes;
+                    let overlap =
+                        (dst as u64) > (src as u64) && (dst as u64) < (src as u64) + bytes;
                     // SAFETY: both ranges lie within single RAM pages
                     // (host_range checked); overlapping forward copies go
                     // element by element, as the hardware does.
@@ -293,7 +302,11 @@ fn outs<W: Width, const REP: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
 macro_rules! rep_builder {
     ($f:ident, $w:ty) => {{
         fn b(ins: &Instruction) -> Option<Handler> {
-            Some(if ins.has_rep_prefix() || ins.has_repne_prefix() { $f::<$w, true> } else { $f::<$w, false> })
+            Some(if ins.has_rep_prefix() || ins.has_repne_prefix() {
+                $f::<$w, true>
+            } else {
+                $f::<$w, false>
+            })
         }
         b
     }};
@@ -319,7 +332,11 @@ macro_rules! repcc_builder {
 macro_rules! rep3_builder {
     ($f:ident, $w:ty) => {{
         fn b(ins: &Instruction) -> Option<Handler> {
-            Some(if ins.has_rep_prefix() || ins.has_repne_prefix() { $f::<$w, 3> } else { $f::<$w, 0> })
+            Some(if ins.has_rep_prefix() || ins.has_repne_prefix() {
+                $f::<$w, 3>
+            } else {
+                $f::<$w, 0>
+            })
         }
         b
     }};

@@ -14,7 +14,11 @@ use crate::isa::ops::*;
 
 #[inline]
 fn need_cpl0(cpu: &Cpu) -> Res {
-    if cpu.cpl != 0 { Err(Fault::gp(0)) } else { Ok(()) }
+    if cpu.cpl != 0 {
+        Err(Fault::gp(0))
+    } else {
+        Ok(())
+    }
 }
 
 /// lgdt/lidt; `B` = base bytes (3 for 16-bit operand size, 4, or 8).
@@ -55,20 +59,32 @@ fn store_dtr<const IDT: bool, const B: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
 }
 
 fn protected_only(cpu: &Cpu) -> Res {
-    if matches!(cpu.mode, Mode::Real | Mode::Virtual8086) { Err(Fault::ud()) } else { Ok(()) }
+    if matches!(cpu.mode, Mode::Real | Mode::Virtual8086) {
+        Err(Fault::ud())
+    } else {
+        Ok(())
+    }
 }
 
 fn lldt<S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
     protected_only(cpu)?;
     need_cpl0(cpu)?;
-    let sel = if S::IS_REG_OP0 { W16::get(&cpu.gpr, i.r0) } else { S::get::<W16>(cpu, i)? };
+    let sel = if S::IS_REG_OP0 {
+        W16::get(&cpu.gpr, i.r0)
+    } else {
+        S::get::<W16>(cpu, i)?
+    };
     cpu.load_ldt(sel as u16)
 }
 
 fn ltr<S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
     protected_only(cpu)?;
     need_cpl0(cpu)?;
-    let sel = if S::IS_REG_OP0 { W16::get(&cpu.gpr, i.r0) } else { S::get::<W16>(cpu, i)? };
+    let sel = if S::IS_REG_OP0 {
+        W16::get(&cpu.gpr, i.r0)
+    } else {
+        S::get::<W16>(cpu, i)?
+    };
     cpu.load_tr(sel as u16)
 }
 
@@ -85,12 +101,20 @@ fn store_sel<const WHAT: u8, W: Width, D: Dst>(cpu: &mut Cpu, i: &Insn) -> Res {
         }
         _ => cpu.cr0 & W::MASK,
     };
-    if D::IS_REG { D::write::<W>(cpu, i, v) } else { D::write::<W16>(cpu, i, v) }
+    if D::IS_REG {
+        D::write::<W>(cpu, i, v)
+    } else {
+        D::write::<W16>(cpu, i, v)
+    }
 }
 
 fn lmsw<S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
     need_cpl0(cpu)?;
-    let v = if S::IS_REG_OP0 { W16::get(&cpu.gpr, i.r0) } else { S::get::<W16>(cpu, i)? };
+    let v = if S::IS_REG_OP0 {
+        W16::get(&cpu.gpr, i.r0)
+    } else {
+        S::get::<W16>(cpu, i)?
+    };
     // PE can be set but not cleared; MP, EM, TS follow.
     let new = (cpu.cr0 & !0xe) | (v & 0xf) | (cpu.cr0 & 1);
     write_cr0(cpu, new)
@@ -126,7 +150,8 @@ pub fn write_cr0(cpu: &mut Cpu, v: u64) -> Res {
 }
 
 fn write_cr4(cpu: &mut Cpu, v: u64) -> Res {
-    let allowed = CR4_DE | CR4_PSE | CR4_PAE | CR4_PGE | CR4_PCE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_TSD;
+    let allowed =
+        CR4_DE | CR4_PSE | CR4_PAE | CR4_PGE | CR4_PCE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_TSD;
     if v & !allowed != 0 || (cpu.long_mode() && v & CR4_PAE == 0) {
         return Err(Fault::gp(0));
     }
@@ -146,7 +171,11 @@ fn mov_to_cr<W: Width>(cpu: &mut Cpu, i: &Insn) -> Res {
         0 => write_cr0(cpu, v)?,
         2 => cpu.cr2 = v,
         3 => {
-            cpu.cr3 = if cpu.long_mode() { v & 0x000f_ffff_ffff_ffff } else { v & 0xffff_ffff };
+            cpu.cr3 = if cpu.long_mode() {
+                v & 0x000f_ffff_ffff_ffff
+            } else {
+                v & 0xffff_ffff
+            };
             cpu.tlb.flush_nonglobal();
         }
         4 => write_cr4(cpu, v)?,
@@ -354,7 +383,11 @@ fn lar_lsl<W: Width, S: Src, const LSL: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
         if !d.conforming() && (d.dpl() < cpu.cpl || d.dpl() < rpl) {
             return None;
         }
-        Some(if LSL { u64::from(d.limit()) } else { (d.raw >> 32) & 0x00f0_ff00 })
+        Some(if LSL {
+            u64::from(d.limit())
+        } else {
+            (d.raw >> 32) & 0x00f0_ff00
+        })
     })();
     match ok {
         Some(v) => {
@@ -368,12 +401,20 @@ fn lar_lsl<W: Width, S: Src, const LSL: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
 
 fn verr_verw<S: Src, const W_: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
     protected_only(cpu)?;
-    let sel = if S::IS_REG_OP0 { W16::get(&cpu.gpr, i.r0) } else { S::get::<W16>(cpu, i)? } as u16;
+    let sel = if S::IS_REG_OP0 {
+        W16::get(&cpu.gpr, i.r0)
+    } else {
+        S::get::<W16>(cpu, i)?
+    } as u16;
     let ok = sel & 0xfffc != 0
         && cpu.read_desc(sel).ok().is_some_and(|d| {
             let rpl = (sel & 3) as u8;
             let priv_ok = d.conforming() || (d.dpl() >= cpu.cpl && d.dpl() >= rpl);
-            let kind_ok = if W_ { d.s() && !d.is_code() && d.typ() & 2 != 0 } else { d.s() && (!d.is_code() || d.typ() & 2 != 0) };
+            let kind_ok = if W_ {
+                d.s() && !d.is_code() && d.typ() & 2 != 0
+            } else {
+                d.s() && (!d.is_code() || d.typ() & 2 != 0)
+            };
             priv_ok && kind_ok
         });
     set_zf(cpu, ok);
@@ -416,15 +457,51 @@ pub fn register(t: &mut Table) {
     for name in ["Ltr_rm16", "Ltr_r32m16", "Ltr_r64m16"] {
         t.rm(c(name), ltr::<RegSrc>, ltr::<MemSrc>);
     }
-    t.rm(c("Sldt_rm16"), store_sel::<0, W16, RegDst>, store_sel::<0, W16, MemDst>);
-    t.rm(c("Sldt_r32m16"), store_sel::<0, W32, RegDst>, store_sel::<0, W32, MemDst>);
-    t.rm(c("Sldt_r64m16"), store_sel::<0, W64, RegDst>, store_sel::<0, W64, MemDst>);
-    t.rm(c("Str_rm16"), store_sel::<1, W16, RegDst>, store_sel::<1, W16, MemDst>);
-    t.rm(c("Str_r32m16"), store_sel::<1, W32, RegDst>, store_sel::<1, W32, MemDst>);
-    t.rm(c("Str_r64m16"), store_sel::<1, W64, RegDst>, store_sel::<1, W64, MemDst>);
-    t.rm(c("Smsw_rm16"), store_sel::<2, W16, RegDst>, store_sel::<2, W16, MemDst>);
-    t.rm(c("Smsw_r32m16"), store_sel::<2, W32, RegDst>, store_sel::<2, W32, MemDst>);
-    t.rm(c("Smsw_r64m16"), store_sel::<2, W64, RegDst>, store_sel::<2, W64, MemDst>);
+    t.rm(
+        c("Sldt_rm16"),
+        store_sel::<0, W16, RegDst>,
+        store_sel::<0, W16, MemDst>,
+    );
+    t.rm(
+        c("Sldt_r32m16"),
+        store_sel::<0, W32, RegDst>,
+        store_sel::<0, W32, MemDst>,
+    );
+    t.rm(
+        c("Sldt_r64m16"),
+        store_sel::<0, W64, RegDst>,
+        store_sel::<0, W64, MemDst>,
+    );
+    t.rm(
+        c("Str_rm16"),
+        store_sel::<1, W16, RegDst>,
+        store_sel::<1, W16, MemDst>,
+    );
+    t.rm(
+        c("Str_r32m16"),
+        store_sel::<1, W32, RegDst>,
+        store_sel::<1, W32, MemDst>,
+    );
+    t.rm(
+        c("Str_r64m16"),
+        store_sel::<1, W64, RegDst>,
+        store_sel::<1, W64, MemDst>,
+    );
+    t.rm(
+        c("Smsw_rm16"),
+        store_sel::<2, W16, RegDst>,
+        store_sel::<2, W16, MemDst>,
+    );
+    t.rm(
+        c("Smsw_r32m16"),
+        store_sel::<2, W32, RegDst>,
+        store_sel::<2, W32, MemDst>,
+    );
+    t.rm(
+        c("Smsw_r64m16"),
+        store_sel::<2, W64, RegDst>,
+        store_sel::<2, W64, MemDst>,
+    );
     for name in ["Lmsw_rm16", "Lmsw_r32m16", "Lmsw_r64m16"] {
         t.rm(c(name), lmsw::<RegSrc>, lmsw::<MemSrc>);
         t.stop(c(name));
@@ -455,7 +532,16 @@ pub fn register(t: &mut Table) {
     t.add(c("Lfence"), lfence);
     t.add(c("Clflush_m8"), clflush);
     t.add(c("Clflushopt_m8"), clflush);
-    for name in ["Ud2", "Ud0", "Ud0_r16_rm16", "Ud0_r32_rm32", "Ud0_r64_rm64", "Ud1_r16_rm16", "Ud1_r32_rm32", "Ud1_r64_rm64"] {
+    for name in [
+        "Ud2",
+        "Ud0",
+        "Ud0_r16_rm16",
+        "Ud0_r32_rm32",
+        "Ud0_r64_rm64",
+        "Ud1_r16_rm16",
+        "Ud1_r32_rm32",
+        "Ud1_r64_rm64",
+    ] {
         t.add(c(name), ud);
     }
     t.add_stop(c("Syscall"), syscall);
@@ -465,17 +551,49 @@ pub fn register(t: &mut Table) {
     t.add_stop(c("Sysexitd"), sysexit::<4>);
     t.add_stop(c("Sysexitq"), sysexit::<8>);
     t.add(c("Swapgs"), swapgs);
-    t.rm(c("Lar_r16_rm16"), lar_lsl::<W16, RegSrc, false>, lar_lsl::<W16, MemSrc, false>);
-    t.rm(c("Lar_r32_r32m16"), lar_lsl::<W32, RegSrc, false>, lar_lsl::<W32, MemSrc, false>);
-    t.rm(c("Lar_r64_r64m16"), lar_lsl::<W64, RegSrc, false>, lar_lsl::<W64, MemSrc, false>);
-    t.rm(c("Lsl_r16_rm16"), lar_lsl::<W16, RegSrc, true>, lar_lsl::<W16, MemSrc, true>);
-    t.rm(c("Lsl_r32_r32m16"), lar_lsl::<W32, RegSrc, true>, lar_lsl::<W32, MemSrc, true>);
-    t.rm(c("Lsl_r64_r64m16"), lar_lsl::<W64, RegSrc, true>, lar_lsl::<W64, MemSrc, true>);
+    t.rm(
+        c("Lar_r16_rm16"),
+        lar_lsl::<W16, RegSrc, false>,
+        lar_lsl::<W16, MemSrc, false>,
+    );
+    t.rm(
+        c("Lar_r32_r32m16"),
+        lar_lsl::<W32, RegSrc, false>,
+        lar_lsl::<W32, MemSrc, false>,
+    );
+    t.rm(
+        c("Lar_r64_r64m16"),
+        lar_lsl::<W64, RegSrc, false>,
+        lar_lsl::<W64, MemSrc, false>,
+    );
+    t.rm(
+        c("Lsl_r16_rm16"),
+        lar_lsl::<W16, RegSrc, true>,
+        lar_lsl::<W16, MemSrc, true>,
+    );
+    t.rm(
+        c("Lsl_r32_r32m16"),
+        lar_lsl::<W32, RegSrc, true>,
+        lar_lsl::<W32, MemSrc, true>,
+    );
+    t.rm(
+        c("Lsl_r64_r64m16"),
+        lar_lsl::<W64, RegSrc, true>,
+        lar_lsl::<W64, MemSrc, true>,
+    );
     for name in ["Verr_rm16", "Verr_r32m16", "Verr_r64m16"] {
-        t.rm(c(name), verr_verw::<RegSrc, false>, verr_verw::<MemSrc, false>);
+        t.rm(
+            c(name),
+            verr_verw::<RegSrc, false>,
+            verr_verw::<MemSrc, false>,
+        );
     }
     for name in ["Verw_rm16", "Verw_r32m16", "Verw_r64m16"] {
-        t.rm(c(name), verr_verw::<RegSrc, true>, verr_verw::<MemSrc, true>);
+        t.rm(
+            c(name),
+            verr_verw::<RegSrc, true>,
+            verr_verw::<MemSrc, true>,
+        );
     }
     t.rm(c("Arpl_rm16_r16"), arpl::<RegDst>, arpl::<MemDst>);
     t.rm(c("Arpl_r32m16_r32"), arpl::<RegDst>, arpl::<MemDst>);

@@ -69,7 +69,11 @@ impl Cpu {
 
     #[cold]
     fn seg_fault(seg: usize) -> crate::cpu::fault::Stop {
-        if seg == SS { Fault::ss(0) } else { Fault::gp(0) }
+        if seg == SS {
+            Fault::ss(0)
+        } else {
+            Fault::gp(0)
+        }
     }
 
     /// Linear address for reading `n` bytes at `seg:off` (limit/type checked).
@@ -242,7 +246,11 @@ impl Cpu {
         let wp = self.cr0 & CR0_WP != 0;
         let read_ok = !user || w.user;
         let write_ok = w.dirty
-            && if user { w.user && w.write } else { w.write || !wp }
+            && if user {
+                w.user && w.write
+            } else {
+                w.write || !wp
+            }
             && !self.vm.code.is_code(loc.frame);
         let exec_ok = !w.nx && (!user || w.user);
         let tag = |ok: bool| if ok { page } else { u64::MAX };

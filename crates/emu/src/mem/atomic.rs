@@ -4,9 +4,9 @@
 
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
+use super::PAGE_MASK;
 use super::access::Target;
 use super::paging::Access;
-use super::PAGE_MASK;
 use crate::cpu::Cpu;
 use crate::cpu::fault::Res;
 use crate::cpu::width::Width;
@@ -19,16 +19,36 @@ unsafe fn cas(p: *mut u8, n: usize, old: u64, new: u64) -> u64 {
     // SAFETY: alignment and validity are the caller's guarantee.
     unsafe {
         match n {
-            1 => match (*AtomicU8::from_ptr(p)).compare_exchange(old as u8, new as u8, Ordering::SeqCst, Ordering::SeqCst) {
+            1 => match (*AtomicU8::from_ptr(p)).compare_exchange(
+                old as u8,
+                new as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(v) | Err(v) => u64::from(v),
             },
-            2 => match (*AtomicU16::from_ptr(p.cast())).compare_exchange(old as u16, new as u16, Ordering::SeqCst, Ordering::SeqCst) {
+            2 => match (*AtomicU16::from_ptr(p.cast())).compare_exchange(
+                old as u16,
+                new as u16,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(v) | Err(v) => u64::from(v),
             },
-            4 => match (*AtomicU32::from_ptr(p.cast())).compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst) {
+            4 => match (*AtomicU32::from_ptr(p.cast())).compare_exchange(
+                old as u32,
+                new as u32,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(v) | Err(v) => u64::from(v),
             },
-            _ => match (*AtomicU64::from_ptr(p.cast())).compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst) {
+            _ => match (*AtomicU64::from_ptr(p.cast())).compare_exchange(
+                old,
+                new,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(v) | Err(v) => v,
             },
         }
@@ -88,7 +108,7 @@ impl Cpu {
     /// value. Returns the old value.
     pub fn locked_rmw<W: Width>(&mut self, lin: u64, mut f: impl FnMut(u64) -> u64) -> Res<u64> {
         if let Some(p) = self.locked_ptr(lin, W::BYTES)?
-            && (p as usize) % W::BYTES == 0
+            && (p as usize).is_multiple_of(W::BYTES)
         {
             // SAFETY: p is inside guest RAM, within one page, aligned.
             let mut old = unsafe { super::access::host_load(p, W::BYTES) };
@@ -112,7 +132,7 @@ impl Cpu {
     /// Locked 16-byte compare-exchange (cmpxchg16b); returns the old value.
     pub fn locked_cmpxchg16(&mut self, lin: u64, expected: u128, new: u128) -> Res<u128> {
         if let Some(p) = self.locked_ptr(lin, 16)?
-            && (p as usize) % 16 == 0
+            && (p as usize).is_multiple_of(16)
         {
             // SAFETY: aligned, one page of guest RAM; cmpxchg16b is part of
             // the host baseline we require.

@@ -20,8 +20,16 @@ pub enum Pending {
 /// A write to deliver to the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Posted {
-    Mmio { addr: u64, data: [u8; 8], len: usize },
-    PortOut { port: u16, data: [u8; 8], len: usize },
+    Mmio {
+        addr: u64,
+        data: [u8; 8],
+        len: usize,
+    },
+    PortOut {
+        port: u16,
+        data: [u8; 8],
+        len: usize,
+    },
 }
 
 #[derive(Debug, Default)]

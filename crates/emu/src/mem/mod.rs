@@ -117,7 +117,9 @@ impl PhysMem {
         }
         // SAFETY: 8-byte aligned and inside one RAM region (checked above);
         // AtomicU64 because other vCPUs may update the entry concurrently.
-        Some(unsafe { (*std::sync::atomic::AtomicU64::from_ptr(loc.host.cast())).load(Ordering::Relaxed) })
+        Some(unsafe {
+            (*std::sync::atomic::AtomicU64::from_ptr(loc.host.cast())).load(Ordering::Relaxed)
+        })
     }
 
     /// Sets `bits` in the u64 at `pa` atomically (page-table A/D bits).
@@ -126,7 +128,10 @@ impl PhysMem {
             && pa & 7 == 0
         {
             // SAFETY: aligned, inside RAM (checked by `ram`).
-            unsafe { (*std::sync::atomic::AtomicU64::from_ptr(loc.host.cast())).fetch_or(bits, Ordering::Relaxed) };
+            unsafe {
+                (*std::sync::atomic::AtomicU64::from_ptr(loc.host.cast()))
+                    .fetch_or(bits, Ordering::Relaxed)
+            };
         }
     }
 

@@ -1,8 +1,8 @@
 //! Page walks: 32-bit (with PSE), PAE, and 4-level long-mode paging, with
 //! NX, large pages, global pages, accessed/dirty bits and CR0.WP.
 
-use crate::cpu::fault::{PF, Res, Stop};
 use crate::cpu::fault::Fault;
+use crate::cpu::fault::{PF, Res, Stop};
 use crate::cpu::{CR0_PG, CR0_WP, CR4_PAE, CR4_PGE, CR4_PSE, Cpu, EFER_LMA, EFER_NXE};
 
 const P: u64 = 1;
@@ -72,7 +72,17 @@ impl Cpu {
             ($addr:expr, $four:expr) => {{
                 let addr: u64 = $addr;
                 let e = if $four {
-                    self.vm.phys.read_u64(addr & !7).map(|v| if addr & 4 != 0 { v >> 32 } else { v & 0xffff_ffff }).unwrap_or(0)
+                    self.vm
+                        .phys
+                        .read_u64(addr & !7)
+                        .map(|v| {
+                            if addr & 4 != 0 {
+                                v >> 32
+                            } else {
+                                v & 0xffff_ffff
+                            }
+                        })
+                        .unwrap_or(0)
                 } else {
                     self.vm.phys.read_u64(addr).unwrap_or(0)
                 };
@@ -237,6 +247,6 @@ impl Cpu {
     #[cold]
     fn page_fault(&mut self, lin: u64, code: u32) -> Stop {
         self.cr2 = lin;
-        Fault::new(PF, Some(code))
+        Fault::raise(PF, Some(code))
     }
 }

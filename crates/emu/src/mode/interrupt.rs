@@ -3,7 +3,7 @@
 //! and `iret`.
 
 use crate::cpu::fault::{self, Fault, Res, Stop};
-use crate::cpu::flags::{AC, IF, IOPL, NT, RF, TF, VIF, VIP, VM, ID};
+use crate::cpu::flags::{AC, ID, IF, IOPL, NT, RF, TF, VIF, VIP, VM};
 use crate::cpu::width::{W16, W32, W64};
 use crate::cpu::*;
 use crate::mode::segment::sel_code;
@@ -40,7 +40,8 @@ pub fn deliver_fault(cpu: &mut Cpu, f: Fault) {
                     return;
                 }
                 let double = (contributory(cur.vector) && contributory(next.vector))
-                    || (cur.vector == fault::PF && (contributory(next.vector) || next.vector == fault::PF));
+                    || (cur.vector == fault::PF
+                        && (contributory(next.vector) || next.vector == fault::PF));
                 cur = if double {
                     Fault {
                         vector: fault::DF,
@@ -147,7 +148,9 @@ fn gate_target(cpu: &mut Cpu, sel: u16, ext: bool) -> Res<(super::segment::Desc,
     if sel & 0xfffc == 0 {
         return Err(Fault::gp(e));
     }
-    let d = cpu.read_desc(sel).map_err(|_| Fault::gp(sel_code(sel) + e))?;
+    let d = cpu
+        .read_desc(sel)
+        .map_err(|_| Fault::gp(sel_code(sel) + e))?;
     if !d.is_code() || d.dpl() > cpu.cpl {
         return Err(Fault::gp(sel_code(sel) + e));
     }
@@ -161,7 +164,15 @@ fn gate_target(cpu: &mut Cpu, sel: u16, ext: bool) -> Res<(super::segment::Desc,
 /// Writes a frame of `vals` (first pushed first) ending below `top` on
 /// the stack segment described by `base`/`mask`, each `size` bytes, as a
 /// supervisor access if `sys`. Returns the new stack offset.
-fn write_frame(cpu: &mut Cpu, base: u64, top: u64, mask: u64, size: u64, vals: &[u64], sys: bool) -> Res<u64> {
+fn write_frame(
+    cpu: &mut Cpu,
+    base: u64,
+    top: u64,
+    mask: u64,
+    size: u64,
+    vals: &[u64],
+    sys: bool,
+) -> Res<u64> {
     let mut sp = top;
     let saved = cpu.tlb.cur;
     if sys {
@@ -204,7 +215,7 @@ fn deliver_protected(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
         let tss32 = cpu.tr.typ() & 8 != 0;
         let (sp_off, ss_off, step) = if tss32 { (4, 8, 8) } else { (2, 4, 4) };
         let base = cpu.tr.base + u64::from(new_cpl) * step;
-        let ss_at = base + ss_off - if tss32 { 0 } else { 0 };
+        let ss_at = base + ss_off;
         if ss_at + 1 > cpu.tr.base + u64::from(cpu.tr.limit) {
             return Err(Fault::ts(sel_code(cpu.tr.sel)));
         }
@@ -214,7 +225,9 @@ fn deliver_protected(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
             cpu.read_sys::<W16>(base + sp_off)?
         };
         let ss_sel = cpu.read_sys::<W16>(ss_at)? as u16;
-        let ssd = cpu.read_desc(ss_sel).map_err(|_| Fault::ts(sel_code(ss_sel)))?;
+        let ssd = cpu
+            .read_desc(ss_sel)
+            .map_err(|_| Fault::ts(sel_code(ss_sel)))?;
         if ss_sel & 0xfffc == 0
             || (ss_sel & 3) as u8 != new_cpl
             || ssd.dpl() != new_cpl
@@ -250,7 +263,11 @@ fn deliver_protected(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
         s.attr |= 1;
         cpu.seg[SS] = s;
         cpu.gpr[RSP] = (cpu.gpr[RSP] & !0xffff_ffff) | sp;
-        cpu.gpr[RSP] = if ss_mask == 0xffff { (cpu.gpr[RSP] & !0xffff) | sp } else { sp };
+        cpu.gpr[RSP] = if ss_mask == 0xffff {
+            (cpu.gpr[RSP] & !0xffff) | sp
+        } else {
+            sp
+        };
     } else {
         cpu.gpr[RSP] = (cpu.gpr[RSP] & !ss_mask) | sp;
     }
@@ -420,7 +437,11 @@ fn iret_protected(cpu: &mut Cpu, bytes: u64) -> Res {
             }
         } else {
             let sd = cpu.read_desc(ss_sel)?;
-            if (ss_sel & 3) as u8 != new_cpl || sd.dpl() != new_cpl || !sd.s() || sd.typ() & 0xa != 0x2 {
+            if (ss_sel & 3) as u8 != new_cpl
+                || sd.dpl() != new_cpl
+                || !sd.s()
+                || sd.typ() & 0xa != 0x2
+            {
                 return Err(Fault::gp(sel_code(ss_sel)));
             }
             if !sd.present() {

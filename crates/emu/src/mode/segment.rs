@@ -19,7 +19,11 @@ impl Desc {
     }
     pub fn limit(&self) -> u32 {
         let raw = ((self.raw & 0xffff) | ((self.raw >> 32) & 0xf_0000)) as u32;
-        if self.raw & (1 << 55) != 0 { (raw << 12) | 0xfff } else { raw }
+        if self.raw & (1 << 55) != 0 {
+            (raw << 12) | 0xfff
+        } else {
+            raw
+        }
     }
     /// Attributes in the `Seg::attr` layout.
     pub fn attr(&self) -> u16 {
@@ -128,7 +132,11 @@ impl Cpu {
             *s = Seg {
                 sel,
                 unusable: true,
-                attr: if n == SS { u16::from(self.cpl) << ATTR_DPL_SHIFT } else { 0 },
+                attr: if n == SS {
+                    u16::from(self.cpl) << ATTR_DPL_SHIFT
+                } else {
+                    0
+                },
                 ..Seg::default()
             };
             self.refresh_segment(n);
@@ -189,7 +197,10 @@ impl Cpu {
         let rpl = (sel & 3) as u8;
         let new_cpl = if ret {
             // Returns go to RPL, never inward.
-            if rpl < self.cpl || (d.conforming() && d.dpl() > rpl) || (!d.conforming() && d.dpl() != rpl) {
+            if rpl < self.cpl
+                || (d.conforming() && d.dpl() > rpl)
+                || (!d.conforming() && d.dpl() != rpl)
+            {
                 return Err(Fault::gp(code));
             }
             rpl
@@ -263,7 +274,11 @@ impl Cpu {
             return Err(Fault::gp(sel_code(sel)));
         }
         let d = self.read_desc(sel)?;
-        let avail = if self.long_mode() { d.typ() == 9 } else { d.typ() == 9 || d.typ() == 1 };
+        let avail = if self.long_mode() {
+            d.typ() == 9
+        } else {
+            d.typ() == 9 || d.typ() == 1
+        };
         if d.s() || !avail {
             return Err(Fault::gp(sel_code(sel)));
         }

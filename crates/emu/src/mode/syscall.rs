@@ -10,7 +10,12 @@ fn flat_code(sel: u16, dpl: u8, long: bool) -> Seg {
         sel,
         base: 0,
         limit: 0xffff_ffff,
-        attr: 0xb | ATTR_S | (u16::from(dpl) << ATTR_DPL_SHIFT) | ATTR_P | ATTR_G | if long { ATTR_L } else { ATTR_DB },
+        attr: 0xb
+            | ATTR_S
+            | (u16::from(dpl) << ATTR_DPL_SHIFT)
+            | ATTR_P
+            | ATTR_G
+            | if long { ATTR_L } else { ATTR_DB },
         ..Seg::default()
     }
 }
@@ -34,7 +39,11 @@ pub fn syscall(cpu: &mut Cpu) -> Res {
     if cpu.long_mode() {
         cpu.gpr[1] = cpu.rip();
         cpu.gpr[11] = flags & !RF;
-        let target = if cpu.mode == Mode::Long { cpu.msr.lstar } else { cpu.msr.cstar };
+        let target = if cpu.mode == Mode::Long {
+            cpu.msr.lstar
+        } else {
+            cpu.msr.cstar
+        };
         cpu.set_rflags(flags & !cpu.msr.sfmask & !RF);
         cpu.seg[CS] = flat_code(sel, 0, true);
         cpu.seg[SS] = flat_data(sel + 8, 0);
@@ -66,7 +75,11 @@ pub fn sysret(cpu: &mut Cpu, bytes: u8) -> Res {
     if bytes == 8 && ((target as i64) << 16 >> 16) as u64 != target {
         return Err(Fault::gp(0));
     }
-    let (cs_sel, long) = if bytes == 8 { (base + 16, true) } else { (base, false) };
+    let (cs_sel, long) = if bytes == 8 {
+        (base + 16, true)
+    } else {
+        (base, false)
+    };
     cpu.set_rflags((cpu.gpr[11] & 0x3c_7fd7) | 2);
     cpu.seg[CS] = flat_code(cs_sel | 3, 3, long);
     // SS keeps its descriptor fields but gets selector and DPL 3.
@@ -100,7 +113,11 @@ pub fn sysexit(cpu: &mut Cpu, bytes: u8) -> Res {
     if cpu.mode == Mode::Real || sel == 0 || cpu.cpl != 0 {
         return Err(Fault::gp(0));
     }
-    let (cs_sel, ss_sel, long) = if bytes == 8 { (sel + 32, sel + 40, true) } else { (sel + 16, sel + 24, false) };
+    let (cs_sel, ss_sel, long) = if bytes == 8 {
+        (sel + 32, sel + 40, true)
+    } else {
+        (sel + 16, sel + 24, false)
+    };
     cpu.seg[CS] = flat_code(cs_sel | 3, 3, long);
     cpu.seg[SS] = flat_data(ss_sel | 3, 3);
     cpu.cpl = 3;

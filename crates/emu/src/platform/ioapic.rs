@@ -103,7 +103,11 @@ impl Ioapic {
                 2 => self.id << 24,
                 i @ 0x10..=0x3f => {
                     let e = self.redir[((i - 0x10) / 2) as usize];
-                    if i & 1 == 0 { e as u32 } else { (e >> 32) as u32 }
+                    if i & 1 == 0 {
+                        e as u32
+                    } else {
+                        (e >> 32) as u32
+                    }
                 }
                 _ => 0,
             },
@@ -129,7 +133,8 @@ impl Ioapic {
                     let e = self.redir[pin];
                     if e & LEVEL == 0 {
                         self.redir[pin] &= !REMOTE_IRR;
-                    } else if e & MASKED == 0 && e & REMOTE_IRR == 0 && self.level & (1 << pin) != 0 {
+                    } else if e & MASKED == 0 && e & REMOTE_IRR == 0 && self.level & (1 << pin) != 0
+                    {
                         self.redir[pin] |= REMOTE_IRR;
                         return vec![self.msg(pin)];
                     }

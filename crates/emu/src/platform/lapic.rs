@@ -64,7 +64,10 @@ fn bit(v: u8) -> (usize, u32) {
 }
 
 fn highest(r: &[u32; 8]) -> Option<u8> {
-    (0..8).rev().find(|&i| r[i] != 0).map(|i| (i * 32 + 31 - r[i].leading_zeros() as usize) as u8)
+    (0..8)
+        .rev()
+        .find(|&i| r[i] != 0)
+        .map(|i| (i * 32 + 31 - r[i].leading_zeros() as usize) as u8)
 }
 
 impl Lapic {
@@ -114,7 +117,11 @@ impl Lapic {
 
     fn ppr(&self) -> u32 {
         let isrv = highest(&self.isr).map_or(0, u32::from);
-        if (self.tpr >> 4) >= (isrv >> 4) { self.tpr & 0xff } else { isrv & 0xf0 }
+        if (self.tpr >> 4) >= (isrv >> 4) {
+            self.tpr & 0xff
+        } else {
+            isrv & 0xf0
+        }
     }
 
     /// Accepts a fixed interrupt; false if the APIC drops it.
@@ -195,7 +202,8 @@ impl Lapic {
         if self.timer_mode() != 2 {
             return;
         }
-        self.deadline_ns = (v != 0).then(|| Clock::tsc_to_ns((v as i64).wrapping_sub(tsc_offset).max(0) as u64));
+        self.deadline_ns =
+            (v != 0).then(|| Clock::tsc_to_ns((v as i64).wrapping_sub(tsc_offset).max(0) as u64));
     }
 
     /// The timer fired at `now`: raises its vector (unless masked) and
@@ -209,7 +217,8 @@ impl Lapic {
         }
         match self.timer_mode() {
             1 => {
-                let period = ticks_to_ns(u64::from(self.initial) * self.divisor(), CRYSTAL_HZ).max(1000);
+                let period =
+                    ticks_to_ns(u64::from(self.initial) * self.divisor(), CRYSTAL_HZ).max(1000);
                 let missed = (now - dl) / period;
                 self.deadline_ns = Some(dl + (missed + 1) * period);
             }
@@ -227,7 +236,11 @@ impl Lapic {
     pub fn read(&self, reg: u32, now: u64) -> u32 {
         match reg {
             0x2 => {
-                if self.x2apic() { self.id } else { self.id << 24 }
+                if self.x2apic() {
+                    self.id
+                } else {
+                    self.id << 24
+                }
             }
             0x3 => 0x0005_0014,
             0x8 => self.tpr,
@@ -241,7 +254,11 @@ impl Lapic {
                 }
             }
             0xe => {
-                if self.x2apic() { 0 } else { self.dfr }
+                if self.x2apic() {
+                    0
+                } else {
+                    self.dfr
+                }
             }
             0xf => self.svr,
             0x10..=0x17 => self.isr[(reg - 0x10) as usize],
@@ -313,7 +330,11 @@ impl Lapic {
             }
             0x30 => {
                 self.icr_lo = v & !(1 << 12);
-                let dest = if self.x2apic() { self.icr_hi } else { self.icr_hi >> 24 };
+                let dest = if self.x2apic() {
+                    self.icr_hi
+                } else {
+                    self.icr_hi >> 24
+                };
                 return (
                     Some(Msg {
                         vector: v as u8,
@@ -327,11 +348,9 @@ impl Lapic {
                 );
             }
             0x31 => self.icr_hi = v,
-            0x38 => {
-                if self.timer_mode() != 2 {
-                    self.initial = v;
-                    self.arm(now);
-                }
+            0x38 if self.timer_mode() != 2 => {
+                self.initial = v;
+                self.arm(now);
             }
             0x3e => self.divide = v & 0xb,
             0x3f => {
@@ -360,7 +379,8 @@ impl Lapic {
                 return dest == 0xffff_ffff || dest == self.id;
             }
             let ldr = ((self.id >> 4) << 16) | (1 << (self.id & 0xf));
-            return dest == 0xffff_ffff || ((dest >> 16) == (ldr >> 16) && dest & ldr & 0xffff != 0);
+            return dest == 0xffff_ffff
+                || ((dest >> 16) == (ldr >> 16) && dest & ldr & 0xffff != 0);
         }
         let dest = dest & 0xff;
         if !logical {
@@ -389,7 +409,8 @@ impl Lapic {
 
     /// LINT0 is unmasked ExtINT (or the APIC is off): the 8259 may interrupt.
     pub fn accepts_pic(&self) -> bool {
-        !self.hw_enabled() || (self.lvt[LVT_LINT0] & LVT_MASKED == 0 && (self.lvt[LVT_LINT0] >> 8) & 7 == 7)
+        !self.hw_enabled()
+            || (self.lvt[LVT_LINT0] & LVT_MASKED == 0 && (self.lvt[LVT_LINT0] >> 8) & 7 == 7)
     }
 }
 
@@ -410,7 +431,11 @@ mod tests {
         assert!(l.accept(0x82, true));
         assert_eq!(l.ack(), Some(0x82));
         assert_eq!(l.pending(), None, "0x41 is below the in-service 0x82");
-        assert_eq!(l.write(0xb, 0, 0).1, Some(0x82), "level-triggered EOI is reported");
+        assert_eq!(
+            l.write(0xb, 0, 0).1,
+            Some(0x82),
+            "level-triggered EOI is reported"
+        );
         assert_eq!(l.ack(), Some(0x41));
         l.write(0x8, 0x50, 0);
         assert!(l.accept(0x45, false));

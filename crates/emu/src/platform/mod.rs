@@ -102,12 +102,10 @@ impl Platform {
                     }
                 }
                 4 => sig.raise(signal::NMI),
-                5 => {
-                    if m.level || src.is_none() {
-                        lapic.init_reset();
-                        drop(lapic);
-                        sig.raise(signal::INIT);
-                    }
+                5 if m.level || src.is_none() => {
+                    lapic.init_reset();
+                    drop(lapic);
+                    sig.raise(signal::INIT);
                 }
                 6 => {
                     sig.set_sipi_vector(m.vector);
@@ -207,7 +205,10 @@ impl Platform {
     /// Physical accesses the platform owns (LAPIC page, IOAPIC page).
     pub fn mmio_read(&self, id: u32, pa: u64, n: usize) -> Option<u64> {
         let base = lock(&self.lapics[id as usize]).base;
-        if pa & !0xfff == base & !0xfff && base & lapic::BASE_EXTD == 0 && base & lapic::BASE_EN != 0 {
+        if pa & !0xfff == base & !0xfff
+            && base & lapic::BASE_EXTD == 0
+            && base & lapic::BASE_EN != 0
+        {
             let off = pa & 0xfff;
             let v = self.lapic_read(id, (off >> 4) as u32);
             return Some(u64::from(v >> ((off & 3) * 8)) & mask(n));
@@ -222,7 +223,10 @@ impl Platform {
 
     pub fn mmio_write(&self, id: u32, pa: u64, _n: usize, v: u64) -> bool {
         let base = lock(&self.lapics[id as usize]).base;
-        if pa & !0xfff == base & !0xfff && base & lapic::BASE_EXTD == 0 && base & lapic::BASE_EN != 0 {
+        if pa & !0xfff == base & !0xfff
+            && base & lapic::BASE_EXTD == 0
+            && base & lapic::BASE_EN != 0
+        {
             self.lapic_write(id, ((pa & 0xfff) >> 4) as u32, v as u32);
             return true;
         }
@@ -304,7 +308,11 @@ impl Platform {
 
 #[inline]
 fn mask(n: usize) -> u64 {
-    if n >= 8 { u64::MAX } else { (1u64 << (8 * n)) - 1 }
+    if n >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * n)) - 1
+    }
 }
 
 /// Starts the timer thread. `tick` runs due timers and returns (next
@@ -330,7 +338,9 @@ pub fn start_timer_thread(
                 };
                 let g = lock(&sync.lock);
                 if *g == generation {
-                    let _ = sync.cv.wait_timeout(g, wait.min(Duration::from_millis(100)));
+                    let _ = sync
+                        .cv
+                        .wait_timeout(g, wait.min(Duration::from_millis(100)));
                 }
             }
         })

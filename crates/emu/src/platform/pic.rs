@@ -270,7 +270,16 @@ mod tests {
     use super::*;
 
     fn init(p: &mut Pic) {
-        for (port, v) in [(0x20, 0x11), (0x21, 0x20), (0x21, 4), (0x21, 1), (0xa0, 0x11), (0xa1, 0x28), (0xa1, 2), (0xa1, 1)] {
+        for (port, v) in [
+            (0x20, 0x11),
+            (0x21, 0x20),
+            (0x21, 4),
+            (0x21, 1),
+            (0xa0, 0x11),
+            (0xa1, 0x28),
+            (0xa1, 2),
+            (0xa1, 1),
+        ] {
             p.write(port, v);
         }
         p.write(0x21, 0);

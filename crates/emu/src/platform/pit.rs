@@ -45,7 +45,7 @@ impl Channel {
         let c = u64::from(self.count);
         match self.mode {
             1 => d < c,
-            2 => d % c == 0 && d != 0,
+            2 => d.is_multiple_of(c) && d != 0,
             3 => d % c < c.div_ceil(2),
             4 | 5 => d == c,
             _ => d >= c,
@@ -255,7 +255,11 @@ mod tests {
         let count = u16::from(lo) | u16::from(hi) << 8;
         assert_eq!(0xffff - count, 1193, "1 ms is 1193 PIT ticks");
         assert_eq!(p.read(0x61, ms) & 0x20, 0, "out low while counting");
-        assert_ne!(p.read(0x61, 60 * ms) & 0x20, 0, "out high after 0xffff ticks");
+        assert_ne!(
+            p.read(0x61, 60 * ms) & 0x20,
+            0,
+            "out high after 0xffff ticks"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Per-vCPU attention word: the one atomic the run loop loads between
 //! blocks, plus the condition variable a halted vCPU sleeps on.
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 

@@ -19,7 +19,6 @@ pub const STACK: u64 = 0x8_0000;
 pub const IST_STACK: u64 = 0x7_0000;
 pub const KCODE: u16 = 0x10;
 pub const KDATA: u16 = 0x18;
-pub const UCODE32: u16 = 0x20;
 pub const UDATA: u16 = 0x28;
 pub const UCODE: u16 = 0x30;
 pub const TR: u16 = 0x40;
@@ -66,7 +65,9 @@ impl Guest {
     }
 
     pub fn write(&self, addr: u64, bytes: &[u8]) {
-        self.mem.write_slice(bytes, GuestAddress(addr)).expect("write guest memory");
+        self.mem
+            .write_slice(bytes, GuestAddress(addr))
+            .expect("write guest memory");
     }
 
     pub fn write_u64(&self, addr: u64, v: u64) {
@@ -75,7 +76,9 @@ impl Guest {
 
     pub fn read_u64(&self, addr: u64) -> u64 {
         let mut b = [0u8; 8];
-        self.mem.read_slice(&mut b, GuestAddress(addr)).expect("read guest memory");
+        self.mem
+            .read_slice(&mut b, GuestAddress(addr))
+            .expect("read guest memory");
         u64::from_le_bytes(b)
     }
 
@@ -138,8 +141,14 @@ impl Guest {
             gs: data,
             tr: Segment::tss(TR, TSS, 0x67),
             ldt: Segment::no_ldt(),
-            gdt: vmplay_hypervisor::DescriptorTable { base: GDT, limit: 0x4f },
-            idt: vmplay_hypervisor::DescriptorTable { base: IDT, limit: 0xfff },
+            gdt: vmplay_hypervisor::DescriptorTable {
+                base: GDT,
+                limit: 0x4f,
+            },
+            idt: vmplay_hypervisor::DescriptorTable {
+                base: IDT,
+                limit: 0xfff,
+            },
             cr0: 0x8005_0033,
             cr3: PML4,
             cr4: 0x220,

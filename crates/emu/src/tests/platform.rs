@@ -14,7 +14,7 @@ fn lapic_timer_interrupt_wakes_hlt() {
     g.code(64, 0x20_0000, |a| {
         a.add(r12, 1).unwrap();
         // EOI
-        a.mov(dword_ptr(0xfee0_00b0u64), 0).unwrap();
+        a.mov(dword_ptr(rbx + 0xb0), 0).unwrap();
         a.iretq().unwrap();
     });
     g.idt64(0x40, 0x20_0000, 0);
@@ -41,8 +41,14 @@ fn lapic_timer_interrupt_wakes_hlt() {
     assert_eq!(o.end, End::Halt);
     assert_eq!(g.state().gpr[12], 5);
     let el = t.elapsed();
-    assert!(el >= Duration::from_millis(8), "5 periods of 2 ms took {el:?}");
-    assert!(el < Duration::from_secs(2), "hlt must wake promptly: {el:?}");
+    assert!(
+        el >= Duration::from_millis(8),
+        "5 periods of 2 ms took {el:?}"
+    );
+    assert!(
+        el < Duration::from_secs(2),
+        "hlt must wake promptly: {el:?}"
+    );
 }
 
 #[test]
@@ -98,7 +104,11 @@ fn pit_channel2_counts_down_for_calibration() {
     g.vcpu.set_state(&s).unwrap();
     let o = g.run();
     assert_eq!(o.end, End::Halt);
-    assert!(o.ports.is_empty(), "PIT ports stay inside the backend: {:?}", o.ports);
+    assert!(
+        o.ports.is_empty(),
+        "PIT ports stay inside the backend: {:?}",
+        o.ports
+    );
 }
 
 #[test]

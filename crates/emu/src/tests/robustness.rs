@@ -29,7 +29,7 @@ fn random_bytes_fault_or_shut_down_without_panicking() {
         g.vcpu.set_state(&s).unwrap();
         let kicker = g.vcpu.kicker();
         let timer = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            std::thread::sleep(std::time::Duration::from_millis(30));
             kicker.kick();
         });
         let o = g.run_with(2000, |_| 0xff, |_| 0xffff_ffff);
