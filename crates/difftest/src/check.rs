@@ -27,6 +27,8 @@ pub struct Config {
 }
 
 pub const ENV_SEED: &str = "VMPLAY_DIFFTEST_SEED";
+/// The seed when none is given: every run checks the same cases.
+pub const DEFAULT_SEED: u64 = 0x766d_706c_6179;
 pub const ENV_CASES: &str = "VMPLAY_DIFFTEST_CASES";
 pub const ENV_CASE: &str = "VMPLAY_DIFFTEST_CASE";
 
@@ -44,14 +46,16 @@ fn parse_u64(name: &'static str, value: &str) -> Result<u64> {
 }
 
 impl Config {
-    /// `default_cases` cases with a fresh seed, unless the environment
-    /// says otherwise: `VMPLAY_DIFFTEST_SEED` (the seed),
+    /// `default_cases` cases with [`DEFAULT_SEED`], so CI is repeatable,
+    /// unless the environment says otherwise: `VMPLAY_DIFFTEST_SEED` (the
+    /// seed, or `random` for a fresh one each run, to explore),
     /// `VMPLAY_DIFFTEST_CASES` (a count, or `xF` to scale the default by
     /// F), `VMPLAY_DIFFTEST_CASE` (run only that index).
     pub fn from_env(default_cases: u64) -> Result<Self> {
         let seed = match std::env::var(ENV_SEED) {
+            Ok(v) if v.trim() == "random" => fresh_seed(),
             Ok(v) => parse_u64(ENV_SEED, &v)?,
-            Err(_) => fresh_seed(),
+            Err(_) => DEFAULT_SEED,
         };
         let cases = match std::env::var(ENV_CASES) {
             Ok(v) => match v.trim().strip_prefix('x') {

@@ -11,7 +11,8 @@
 //! Use: [`assert_matches_host`]`(&hypervisor, Class::Shifts, 3000)` in a
 //! test. A failure prints the seed, the case index, the disassembly, the
 //! initial state and the differences; `VMPLAY_DIFFTEST_SEED=<seed>` reruns
-//! the same cases, `VMPLAY_DIFFTEST_CASE=<index>` just one of them, and
+//! the same cases (the default seed is fixed; `=random` explores),
+//! `VMPLAY_DIFFTEST_CASE=<index>` just one of them, and
 //! `VMPLAY_DIFFTEST_CASES=<n>` or `=x<factor>` scales the count.
 //! [`run_random_bytes`] feeds a backend random ring-0 code and checks it
 //! always comes back.
