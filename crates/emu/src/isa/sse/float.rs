@@ -117,7 +117,11 @@ fn neg<F: Fp>(a: u64) -> bool {
 #[inline(always)]
 fn input<F: Fp>(a: u64, m: u32) -> (u64, bool) {
     if is_denormal::<F>(a) {
-        if m & DAZ != 0 { (a & F::SIGN, false) } else { (a, true) }
+        if m & DAZ != 0 {
+            (a & F::SIGN, false)
+        } else {
+            (a, true)
+        }
     } else {
         (a, false)
     }
@@ -175,7 +179,11 @@ fn round_bits(sig: u128, drop: i32, rc: Round, sign: bool) -> (u64, bool) {
         (0u128, std::cmp::Ordering::Less, sig != 0)
     } else {
         let q = if drop == 128 { 0 } else { sig >> drop };
-        let rem = if drop == 128 { sig } else { sig & ((1u128 << drop) - 1) };
+        let rem = if drop == 128 {
+            sig
+        } else {
+            sig & ((1u128 << drop) - 1)
+        };
         (q, rem.cmp(&(1u128 << (drop - 1))), rem != 0)
     };
     let up = match rc {
@@ -258,7 +266,11 @@ fn repack<F: Fp>(a: u64, m: u32) -> (u64, u32) {
 /// IE when either is signalling.
 #[inline]
 fn nan2<F: Fp>(a: u64, b: u64) -> (u64, u32) {
-    let f = if is_snan::<F>(a) || is_snan::<F>(b) { IE } else { 0 };
+    let f = if is_snan::<F>(a) || is_snan::<F>(b) {
+        IE
+    } else {
+        0
+    };
     let r = if is_nan::<F>(a) { a } else { b };
     (r | F::QUIET, f)
 }
@@ -266,7 +278,11 @@ fn nan2<F: Fp>(a: u64, b: u64) -> (u64, u32) {
 /// Signed zero for an exact cancellation: +0, or −0 when rounding down.
 #[inline]
 fn cancel_zero<F: Fp>(m: u32) -> u64 {
-    if Round::of(m) == Round::Down { F::SIGN } else { 0 }
+    if Round::of(m) == Round::Down {
+        F::SIGN
+    } else {
+        0
+    }
 }
 
 fn addsub<F: Fp>(a: u64, b: u64, negate_b: bool, m: u32) -> (u64, u32) {
@@ -288,7 +304,11 @@ fn addsub<F: Fp>(a: u64, b: u64, negate_b: bool, m: u32) -> (u64, u32) {
     }
     match (is_zero::<F>(a), is_zero::<F>(b)) {
         (true, true) => {
-            let r = if neg::<F>(a) == neg::<F>(b) { a } else { cancel_zero::<F>(m) };
+            let r = if neg::<F>(a) == neg::<F>(b) {
+                a
+            } else {
+                cancel_zero::<F>(m)
+            };
             return (r, de);
         }
         (true, false) => {
@@ -303,10 +323,18 @@ fn addsub<F: Fp>(a: u64, b: u64, negate_b: bool, m: u32) -> (u64, u32) {
     }
     let x = unpack::<F>(a);
     let y = unpack::<F>(b);
-    let (big, small) = if (x.e, x.sig) >= (y.e, y.sig) { (x, y) } else { (y, x) };
+    let (big, small) = if (x.e, x.sig) >= (y.e, y.sig) {
+        (x, y)
+    } else {
+        (y, x)
+    };
     let bs = u128::from(big.sig) << 64;
     let ss = shift_right_jam(u128::from(small.sig) << 64, big.e - small.e);
-    let sig = if big.sign == small.sign { bs + ss } else { bs - ss };
+    let sig = if big.sign == small.sign {
+        bs + ss
+    } else {
+        bs - ss
+    };
     if sig == 0 {
         return (cancel_zero::<F>(m), de);
     }
@@ -379,7 +407,7 @@ pub fn div<F: Fp>(a: u64, b: u64, m: u32) -> (u64, u32) {
     let y = unpack::<F>(b);
     let num = u128::from(x.sig) << 64;
     let den = u128::from(y.sig);
-    let q = num / den | u128::from(num % den != 0);
+    let q = (num / den) | u128::from(num % den != 0);
     let (r, f) = round_pack::<F>(s != 0, x.e - y.e - 64, q, m);
     (r, f | de)
 }
@@ -440,7 +468,11 @@ fn minmax<F: Fp>(a: u64, b: u64, max: bool, m: u32) -> (u64, u32) {
         return (b, IE);
     }
     let de = if da || db { DE } else { 0 };
-    let pick_a = if max { less::<F>(b, a) } else { less::<F>(a, b) };
+    let pick_a = if max {
+        less::<F>(b, a)
+    } else {
+        less::<F>(a, b)
+    };
     (if pick_a { a } else { b }, de)
 }
 
@@ -517,7 +549,10 @@ pub fn convert<A: Fp, B: Fp>(a: u64, m: u32) -> (u64, u32) {
         } else {
             frac << (B::FRAC - A::FRAC)
         };
-        return (s | B::INF | B::QUIET | frac, if is_snan::<A>(a) { IE } else { 0 });
+        return (
+            s | B::INF | B::QUIET | frac,
+            if is_snan::<A>(a) { IE } else { 0 },
+        );
     }
     let (a, da) = input::<A>(a, m);
     if is_inf::<A>(a) {
@@ -558,7 +593,11 @@ pub fn to_int<F: Fp>(a: u64, bits: u32, truncate: bool, m: u32) -> (u64, u32) {
         return (indefinite, IE);
     }
     let v = if u.sign { mag.wrapping_neg() } else { mag };
-    let mask = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
+    let mask = if bits == 64 {
+        u64::MAX
+    } else {
+        (1 << bits) - 1
+    };
     (v & mask, if inexact { PE } else { 0 })
 }
 
@@ -569,6 +608,56 @@ pub fn from_int<F: Fp>(v: i64, m: u32) -> (u64, u32) {
     }
     round_pack::<F>(v < 0, 0, u128::from(v.unsigned_abs()), m)
 }
+
+/// `rcpss`: an approximation of 1/a. This is the correctly rounded value,
+/// well inside the architected relative error of 1.5 × 2^-12 (silicon uses
+/// vendor-specific tables, so no model matches every CPU). Denormal inputs
+/// count as zero, tiny results are flushed to zero, MXCSR rounding is
+/// ignored and no flag is ever raised.
+pub fn rcp(a: u64) -> u64 {
+    if is_nan::<F32>(a) {
+        return a | F32::QUIET;
+    }
+    let a = if is_denormal::<F32>(a) {
+        a & F32::SIGN
+    } else {
+        a
+    };
+    if is_zero::<F32>(a) {
+        return a | F32::INF;
+    }
+    let (r, _) = div::<F32>(ONE32, a, NEAREST_MASKED);
+    if is_denormal::<F32>(r) {
+        r & F32::SIGN
+    } else {
+        r
+    }
+}
+
+/// `rsqrtss`: an approximation of 1/√a, on the same terms as [`rcp`];
+/// negative inputs give the QNaN indefinite, −0 gives −∞.
+pub fn rsqrt(a: u64) -> u64 {
+    if is_nan::<F32>(a) {
+        return a | F32::QUIET;
+    }
+    let a = if is_denormal::<F32>(a) {
+        a & F32::SIGN
+    } else {
+        a
+    };
+    if is_zero::<F32>(a) {
+        return a | F32::INF;
+    }
+    if neg::<F32>(a) {
+        return F32::INDEFINITE;
+    }
+    let (s, _) = sqrt::<F32>(a, NEAREST_MASKED);
+    div::<F32>(ONE32, s, NEAREST_MASKED).0
+}
+
+const ONE32: u64 = 0x3f80_0000;
+/// MXCSR's reset value: round to nearest, every exception masked.
+const NEAREST_MASKED: u32 = 0x1f80;
 
 /// The MXCSR after an operation raised `flags` (OR of its elements), or
 /// `Err(mxcsr)` with the flags an unmasked exception leaves: an unmasked
@@ -635,21 +724,48 @@ mod tests {
         for _ in 0..200_000 {
             let (a, b) = (g.f::<F64>(), g.f::<F64>());
             let (fa, fb) = (f64::from_bits(a), f64::from_bits(b));
-            let same = |x: u64, y: f64| x == y.to_bits() || (f64::from_bits(x).is_nan() && y.is_nan());
-            assert!(same(add::<F64>(a, b, NEAREST).0, fa + fb), "{fa:e} + {fb:e}");
-            assert!(same(sub::<F64>(a, b, NEAREST).0, fa - fb), "{fa:e} - {fb:e}");
-            assert!(same(mul::<F64>(a, b, NEAREST).0, fa * fb), "{fa:e} * {fb:e}");
-            assert!(same(div::<F64>(a, b, NEAREST).0, fa / fb), "{fa:e} / {fb:e}");
+            let same =
+                |x: u64, y: f64| x == y.to_bits() || (f64::from_bits(x).is_nan() && y.is_nan());
+            assert!(
+                same(add::<F64>(a, b, NEAREST).0, fa + fb),
+                "{fa:e} + {fb:e}"
+            );
+            assert!(
+                same(sub::<F64>(a, b, NEAREST).0, fa - fb),
+                "{fa:e} - {fb:e}"
+            );
+            assert!(
+                same(mul::<F64>(a, b, NEAREST).0, fa * fb),
+                "{fa:e} * {fb:e}"
+            );
+            assert!(
+                same(div::<F64>(a, b, NEAREST).0, fa / fb),
+                "{fa:e} / {fb:e}"
+            );
             assert!(same(sqrt::<F64>(a, NEAREST).0, fa.sqrt()), "sqrt {fa:e}");
             let (a, b) = (g.f::<F32>(), g.f::<F32>());
             let (fa, fb) = (f32::from_bits(a as u32), f32::from_bits(b as u32));
-            let same = |x: u64, y: f32| x == u64::from(y.to_bits()) || (f32::from_bits(x as u32).is_nan() && y.is_nan());
-            assert!(same(add::<F32>(a, b, NEAREST).0, fa + fb), "{fa:e} + {fb:e}");
-            assert!(same(mul::<F32>(a, b, NEAREST).0, fa * fb), "{fa:e} * {fb:e}");
-            assert!(same(div::<F32>(a, b, NEAREST).0, fa / fb), "{fa:e} / {fb:e}");
+            let same = |x: u64, y: f32| {
+                x == u64::from(y.to_bits()) || (f32::from_bits(x as u32).is_nan() && y.is_nan())
+            };
+            assert!(
+                same(add::<F32>(a, b, NEAREST).0, fa + fb),
+                "{fa:e} + {fb:e}"
+            );
+            assert!(
+                same(mul::<F32>(a, b, NEAREST).0, fa * fb),
+                "{fa:e} * {fb:e}"
+            );
+            assert!(
+                same(div::<F32>(a, b, NEAREST).0, fa / fb),
+                "{fa:e} / {fb:e}"
+            );
             assert!(same(sqrt::<F32>(a, NEAREST).0, fa.sqrt()), "sqrt {fa:e}");
             let w = g.f::<F64>();
-            assert!(same(convert::<F64, F32>(w, NEAREST).0, f64::from_bits(w) as f32), "{w:#x} as f32");
+            assert!(
+                same(convert::<F64, F32>(w, NEAREST).0, f64::from_bits(w) as f32),
+                "{w:#x} as f32"
+            );
         }
     }
 
@@ -668,7 +784,10 @@ mod tests {
             let dn = f32::from_bits(mul::<F32>(a, b, DOWN).0 as u32);
             let up = f32::from_bits(mul::<F32>(a, b, UP).0 as u32);
             let tz = f32::from_bits(mul::<F32>(a, b, ZERO).0 as u32);
-            assert!(f64::from(dn) <= exact && exact <= f64::from(up), "{fa:e} * {fb:e}");
+            assert!(
+                f64::from(dn) <= exact && exact <= f64::from(up),
+                "{fa:e} * {fb:e}"
+            );
             if f64::from(dn) == exact {
                 assert_eq!(dn, up);
             } else if dn.is_finite() && up.is_finite() {
@@ -684,15 +803,30 @@ mod tests {
         assert_eq!(div::<F32>(s(1.0), s(3.0), NEAREST).1, PE);
         assert_eq!(add::<F32>(s(1.0), s(2.0), NEAREST).1, 0);
         // Overflow: infinity when rounding to nearest, MAX toward zero.
-        assert_eq!(mul::<F64>(d(f64::MAX), d(2.0), NEAREST), (d(f64::INFINITY), OE | PE));
-        assert_eq!(mul::<F64>(d(f64::MAX), d(2.0), ZERO), (d(f64::MAX), OE | PE));
-        assert_eq!(mul::<F64>(d(-f64::MAX), d(2.0), UP), (d(-f64::MAX), OE | PE));
+        assert_eq!(
+            mul::<F64>(d(f64::MAX), d(2.0), NEAREST),
+            (d(f64::INFINITY), OE | PE)
+        );
+        assert_eq!(
+            mul::<F64>(d(f64::MAX), d(2.0), ZERO),
+            (d(f64::MAX), OE | PE)
+        );
+        assert_eq!(
+            mul::<F64>(d(-f64::MAX), d(2.0), UP),
+            (d(-f64::MAX), OE | PE)
+        );
         // Exact subnormal result: no underflow when masked.
-        assert_eq!(mul::<F32>(s(f32::MIN_POSITIVE), s(0.5), NEAREST), (0x0040_0000, 0));
+        assert_eq!(
+            mul::<F32>(s(f32::MIN_POSITIVE), s(0.5), NEAREST),
+            (0x0040_0000, 0)
+        );
         // Inexact subnormal: underflow.
         assert_eq!(div::<F32>(s(f32::MIN_POSITIVE), s(3.0), NEAREST).1, UE | PE);
         // Divide by zero, invalid, denormal operand.
-        assert_eq!(div::<F32>(s(-1.0), s(0.0), NEAREST), (s(f32::NEG_INFINITY), ZE));
+        assert_eq!(
+            div::<F32>(s(-1.0), s(0.0), NEAREST),
+            (s(f32::NEG_INFINITY), ZE)
+        );
         assert_eq!(div::<F32>(s(0.0), s(0.0), NEAREST), (0xffc0_0000, IE));
         assert_eq!(sqrt::<F64>(d(-1.0), NEAREST), (0xfff8_0000_0000_0000, IE));
         assert_eq!(add::<F32>(1, s(1.0), NEAREST), (s(1.0), DE | PE));
@@ -732,16 +866,34 @@ mod tests {
         assert_eq!(to_int::<F32>(s(3.5), 32, false, NEAREST), (4, PE));
         assert_eq!(to_int::<F32>(s(-2.5), 32, true, NEAREST), (0xffff_fffe, PE));
         assert_eq!(to_int::<F32>(s(-2.5), 32, false, DOWN), (0xffff_fffd, PE));
-        assert_eq!(to_int::<F64>(d(2147483647.0), 32, false, NEAREST), (0x7fff_ffff, 0));
-        assert_eq!(to_int::<F64>(d(2147483648.0), 32, false, NEAREST), (0x8000_0000, IE));
-        assert_eq!(to_int::<F64>(d(-2147483648.0), 32, false, NEAREST), (0x8000_0000, 0));
-        assert_eq!(to_int::<F64>(d(-2147483648.4), 32, false, NEAREST), (0x8000_0000, PE));
-        assert_eq!(to_int::<F64>(d(-2147483648.6), 32, false, NEAREST), (0x8000_0000, IE));
+        assert_eq!(
+            to_int::<F64>(d(2147483647.0), 32, false, NEAREST),
+            (0x7fff_ffff, 0)
+        );
+        assert_eq!(
+            to_int::<F64>(d(2147483648.0), 32, false, NEAREST),
+            (0x8000_0000, IE)
+        );
+        assert_eq!(
+            to_int::<F64>(d(-2147483648.0), 32, false, NEAREST),
+            (0x8000_0000, 0)
+        );
+        assert_eq!(
+            to_int::<F64>(d(-2147483648.4), 32, false, NEAREST),
+            (0x8000_0000, PE)
+        );
+        assert_eq!(
+            to_int::<F64>(d(-2147483648.6), 32, false, NEAREST),
+            (0x8000_0000, IE)
+        );
         assert_eq!(to_int::<F64>(d(f64::NAN), 64, true, NEAREST), (1 << 63, IE));
-        assert_eq!(to_int::<F64>(d(-9.223372036854775808e18), 64, true, NEAREST), (1 << 63, 0));
+        assert_eq!(
+            to_int::<F64>(d(i64::MIN as f64), 64, true, NEAREST),
+            (1 << 63, 0)
+        );
         assert_eq!(from_int::<F32>(16_777_217, NEAREST), (s(16_777_216.0), PE));
         assert_eq!(from_int::<F32>(16_777_217, UP), (s(16_777_218.0), PE));
-        assert_eq!(from_int::<F64>(i64::MIN, NEAREST), (d(-9.223372036854775808e18), 0));
+        assert_eq!(from_int::<F64>(i64::MIN, NEAREST), (d(i64::MIN as f64), 0));
     }
 
     #[test]

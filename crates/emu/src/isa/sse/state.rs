@@ -1,0 +1,260 @@
+//! MXCSR loads and stores, FXSAVE/FXRSTOR and EMMS.
+//!
+//! The FXSAVE image is laid out as the host CPU writes it: in 64-bit mode
+//! bytes 0..416 (XMM0-15) are written, reserved bytes as zero, and bytes
+//! 416..512 are left alone; outside 64-bit mode only XMM0-7 are written
+//! (0..288). `fxsave64` stores 64-bit FIP/FDP; the legacy form stores
+//! 32-bit offsets with FCS/FDS, which this model keeps in bits 32..47 of
+//! `fip`/`fdp` (zero unless the x87 family puts a selector there).
+
+use super::{mmx_ok, sse_ok};
+use crate::cpu::fault::{Fault, Res};
+use crate::cpu::fpu::{F80, Fpu};
+use crate::cpu::width::W32;
+use crate::cpu::{CR0_EM, CR0_TS, Cpu, Mode};
+use crate::decode::{Insn, Table};
+use crate::isa::c;
+
+/// The MXCSR bits this CPU implements (DAZ included), as FXSAVE reports.
+pub const MXCSR_MASK: u32 = 0xffff;
+
+/// `ldmxcsr m32`: #GP(0) when a reserved bit is set.
+fn ldmxcsr(cpu: &mut Cpu, i: &Insn) -> Res {
+    sse_ok(cpu)?;
+    let v = cpu.read_mem::<W32>(i)? as u32;
+    if v & !MXCSR_MASK != 0 {
+        return Err(Fault::gp(0));
+    }
+    cpu.fpu.mxcsr = v;
+    Ok(())
+}
+
+fn stmxcsr(cpu: &mut Cpu, i: &Insn) -> Res {
+    sse_ok(cpu)?;
+    let v = u64::from(cpu.fpu.mxcsr);
+    cpu.write_mem::<W32>(i, v)
+}
+
+/// `emms`: every x87 tag empty (TOP is left as it is).
+fn emms(cpu: &mut Cpu, _: &Insn) -> Res {
+    mmx_ok(cpu)?;
+    cpu.fpu.ftw = 0;
+    Ok(())
+}
+
+/// How many XMM registers FXSAVE/FXRSTOR move in the current mode.
+fn xmm_count(cpu: &Cpu) -> usize {
+    if cpu.mode == Mode::Long { 16 } else { 8 }
+}
+
+/// The first `160 + 16 × xmm` bytes of the FXSAVE image of `f`.
+pub(crate) fn fxsave_image(f: &Fpu, wide: bool, xmm: usize) -> Vec<u8> {
+    let mut b = vec![0u8; 160 + 16 * xmm];
+    b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
+    b[2..4].copy_from_slice(&f.fsw.to_le_bytes());
+    b[4] = f.ftw;
+    b[6..8].copy_from_slice(&f.fop.to_le_bytes());
+    if wide {
+        b[8..16].copy_from_slice(&f.fip.to_le_bytes());
+        b[16..24].copy_from_slice(&f.fdp.to_le_bytes());
+    } else {
+        // Offset, then the selector (bits 32..47); the top bytes stay zero.
+        b[8..14].copy_from_slice(&f.fip.to_le_bytes()[..6]);
+        b[16..22].copy_from_slice(&f.fdp.to_le_bytes()[..6]);
+    }
+    b[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
+    b[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());
+    // The image holds ST(0)..ST(7); `st` holds the physical registers.
+    let top = usize::from(f.fsw >> 11) & 7;
+    for k in 0..8 {
+        let st = f.st[(top + k) & 7];
+        b[32 + 16 * k..32 + 16 * k + 10].copy_from_slice(&st.to_bytes()[..10]);
+    }
+    for (k, x) in f.xmm.iter().take(xmm).enumerate() {
+        b[160 + 16 * k..176 + 16 * k].copy_from_slice(&x.to_le_bytes());
+    }
+    b
+}
+
+/// Loads an FXSAVE image (as long as [`fxsave_image`] makes it) into `f`.
+/// `Err` when its MXCSR has reserved bits set.
+pub(crate) fn fxrstor_image(f: &mut Fpu, b: &[u8], wide: bool, xmm: usize) -> Result<(), ()> {
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
+    let mxcsr = u32_at(24);
+    if mxcsr & !MXCSR_MASK != 0 {
+        return Err(());
+    }
+    f.fcw = u16_at(0);
+    f.fsw = u16_at(2);
+    f.ftw = b[4];
+    f.fop = u16_at(6);
+    if wide {
+        f.fip = u64_at(8);
+        f.fdp = u64_at(16);
+    } else {
+        f.fip = u64::from(u32_at(8)) | u64::from(u16_at(12)) << 32;
+        f.fdp = u64::from(u32_at(16)) | u64::from(u16_at(20)) << 32;
+    }
+    f.mxcsr = mxcsr;
+    let top = usize::from(f.fsw >> 11) & 7;
+    for k in 0..8 {
+        let mut r = [0u8; 16];
+        r[..10].copy_from_slice(&b[32 + 16 * k..42 + 16 * k]);
+        f.st[(top + k) & 7] = F80::from_bytes(&r);
+    }
+    for k in 0..xmm {
+        let mut r = [0u8; 16];
+        r.copy_from_slice(&b[160 + 16 * k..176 + 16 * k]);
+        f.xmm[k] = u128::from_le_bytes(r);
+    }
+    Ok(())
+}
+
+/// FXSAVE/FXRSTOR raise #NM for CR0.EM as well as CR0.TS.
+fn fx_check(cpu: &Cpu) -> Res {
+    if cpu.cr0 & (CR0_EM | CR0_TS) != 0 {
+        return Err(Fault::nm());
+    }
+    Ok(())
+}
+
+/// Segment and offset of the m512 operand: all 512 bytes inside the
+/// segment, 16-byte aligned.
+fn fx_operand(cpu: &Cpu, i: &Insn, write: bool) -> Res<(usize, u64)> {
+    let (seg, off) = (usize::from(i.seg), cpu.ea(i));
+    let lin = if write {
+        cpu.lin_w(seg, off, 512)?
+    } else {
+        cpu.lin_r(seg, off, 512)?
+    };
+    if lin & 15 != 0 {
+        return Err(Fault::gp(0));
+    }
+    Ok((seg, off))
+}
+
+fn fxsave<const WIDE: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
+    fx_check(cpu)?;
+    let (seg, off) = fx_operand(cpu, i, true)?;
+    let img = fxsave_image(&cpu.fpu, WIDE, xmm_count(cpu));
+    cpu.write_bytes(seg, off, &img)
+}
+
+fn fxrstor<const WIDE: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
+    fx_check(cpu)?;
+    let (seg, off) = fx_operand(cpu, i, false)?;
+    let n = xmm_count(cpu);
+    let mut img = vec![0u8; 160 + 16 * n];
+    cpu.read_bytes(seg, off, &mut img)?;
+    let mut f = cpu.fpu;
+    fxrstor_image(&mut f, &img, WIDE, n).map_err(|()| Fault::gp(0))?;
+    cpu.fpu = f;
+    Ok(())
+}
+
+pub(super) fn register(t: &mut Table) {
+    t.add(c("Ldmxcsr_m32"), ldmxcsr);
+    t.add(c("Stmxcsr_m32"), stmxcsr);
+    t.add(c("Emms"), emms);
+    t.add(c("Fxsave_m512byte"), fxsave::<false>);
+    t.add(c("Fxsave64_m512byte"), fxsave::<true>);
+    t.add(c("Fxrstor_m512byte"), fxrstor::<false>);
+    t.add(c("Fxrstor64_m512byte"), fxrstor::<true>);
+    // The alternative encodings of the fences (modrm.rm ≠ 0), unless the
+    // core already has them.
+    let alternatives = ["E9", "EA", "EB", "EC", "ED", "EE", "EF"]
+        .map(|s| format!("Lfence_{s}"))
+        .into_iter()
+        .chain(["F1", "F2", "F3", "F4", "F5", "F6", "F7"].map(|s| format!("Mfence_{s}")))
+        .chain(["F9", "FA", "FB", "FC", "FD", "FE", "FF"].map(|s| format!("Sfence_{s}")));
+    for name in alternatives {
+        let code = c(&name);
+        if !t.has(code) {
+            t.add(code, fence);
+        }
+    }
+}
+
+fn fence(_: &mut Cpu, _: &Insn) -> Res {
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Fpu {
+        let mut f = Fpu {
+            fcw: 0x027f,
+            fsw: 0x3800 | 0x41,
+            ftw: 0x81,
+            fop: 0x5d9,
+            fip: 0x0000_0010_1234_5678,
+            fdp: 0xffff_8000_0000_1000,
+            mxcsr: 0x9fc0,
+            ..Fpu::default()
+        };
+        for (k, st) in f.st.iter_mut().enumerate() {
+            *st = F80 {
+                signif: 0x8000_0000_0000_0000 | k as u64,
+                sign_exp: 0x3fff + k as u16,
+            };
+        }
+        for (k, x) in f.xmm.iter_mut().enumerate() {
+            *x = 0x0101_0101_0101_0101_0101_0101_0101_0101u128 * (k as u128 + 1);
+        }
+        f
+    }
+
+    #[test]
+    fn fxsave64_image_has_the_hardware_layout() {
+        let f = sample();
+        let b = fxsave_image(&f, true, 16);
+        assert_eq!(b.len(), 416);
+        assert_eq!(&b[0..8], &[0x7f, 0x02, 0x41, 0x38, 0x81, 0, 0xd9, 0x05]);
+        assert_eq!(&b[8..16], &0x0000_0010_1234_5678u64.to_le_bytes());
+        assert_eq!(&b[16..24], &0xffff_8000_0000_1000u64.to_le_bytes());
+        assert_eq!(&b[24..32], &[0xc0, 0x9f, 0, 0, 0xff, 0xff, 0, 0]);
+        // ST(2) is physical register (TOP=7) + 2 = R1: 10 bytes of value,
+        // then 6 reserved zero bytes.
+        assert_eq!(&b[64..74], &[1, 0, 0, 0, 0, 0, 0, 0x80, 0x00, 0x40]);
+        assert_eq!(&b[74..80], &[0; 6]);
+        assert_eq!(&b[160 + 16 * 15..416], &[16; 16]);
+    }
+
+    #[test]
+    fn legacy_fxsave_stores_offsets_and_selectors() {
+        let b = fxsave_image(&sample(), false, 8);
+        assert_eq!(b.len(), 288);
+        assert_eq!(&b[8..16], &[0x78, 0x56, 0x34, 0x12, 0x10, 0, 0, 0]);
+        assert_eq!(&b[16..24], &[0, 0x10, 0, 0, 0, 0x80, 0, 0]);
+    }
+
+    #[test]
+    fn fxrstor_round_trips_fxsave() {
+        let f = sample();
+        for (wide, n) in [(true, 16), (false, 8)] {
+            let img = fxsave_image(&f, wide, n);
+            let mut g = Fpu::default();
+            fxrstor_image(&mut g, &img, wide, n).unwrap();
+            let mut want = f;
+            if !wide {
+                want.fdp &= 0xffff_ffff_ffff; // the legacy image has no room for bits 48..63
+                want.xmm[8..].copy_from_slice(&Fpu::default().xmm[8..]);
+            }
+            assert_eq!(g, want, "wide={wide}");
+        }
+    }
+
+    #[test]
+    fn fxrstor_rejects_reserved_mxcsr_bits() {
+        let mut img = fxsave_image(&sample(), true, 16);
+        img[26] = 1; // MXCSR bit 16
+        let mut g = Fpu::default();
+        assert_eq!(fxrstor_image(&mut g, &img, true, 16), Err(()));
+        assert_eq!(g, Fpu::default(), "nothing loaded");
+    }
+}
