@@ -28,8 +28,10 @@ impl F80 {
     }
 }
 
-/// x87 + SSE state. `st[i]` is ST(i) relative to TOP as FXSAVE stores it;
-/// MMX registers alias the significands (`st[i].signif` = MMi).
+/// x87 + SSE state. `st[i]` is the *physical* register Ri, so MMX
+/// registers alias the significands (`st[i].signif` = MMi); ST(j) is
+/// `st[(TOP + j) & 7]` (see `isa::x87` for the stack helpers). FXSAVE and
+/// [`FpuState`] list ST(0)..ST(7) instead: `from_state`/`to_state` rotate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fpu {
     pub fcw: u16,
@@ -53,6 +55,11 @@ impl Default for Fpu {
 
 impl Fpu {
     pub fn from_state(s: &FpuState) -> Self {
+        let top = usize::from((s.fsw >> 11) & 7);
+        let mut st = [F80::default(); 8];
+        for (j, b) in s.st.iter().enumerate() {
+            st[(top + j) & 7] = F80::from_bytes(b);
+        }
         Fpu {
             fcw: s.fcw,
             fsw: s.fsw,
@@ -60,13 +67,15 @@ impl Fpu {
             fop: s.fop,
             fip: s.fip,
             fdp: s.fdp,
-            st: s.st.map(|b| F80::from_bytes(&b)),
+            st,
             mxcsr: s.mxcsr,
             xmm: s.xmm,
         }
     }
 
     pub fn to_state(&self) -> FpuState {
+        let top = usize::from((self.fsw >> 11) & 7);
+        let st = std::array::from_fn(|j| self.st[(top + j) & 7].to_bytes());
         FpuState {
             fcw: self.fcw,
             fsw: self.fsw,
@@ -75,7 +84,7 @@ impl Fpu {
             fip: self.fip,
             fdp: self.fdp,
             mxcsr: self.mxcsr,
-            st: self.st.map(F80::to_bytes),
+            st,
             xmm: self.xmm,
         }
     }

@@ -39,7 +39,7 @@ pub fn register_all(t: &mut Table) {
     system::register(t);
     bit::register(t);
     bcd::register(t);
-    sse::register(t);
+    x87::register(t);
 }
 
 fn names() -> &'static HashMap<String, Code> {

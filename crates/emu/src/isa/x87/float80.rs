@@ -153,7 +153,7 @@ impl F80 {
         self.sign_exp & 0x7fff
     }
 
-    pub fn neg(self) -> F80 {
+    pub fn negated(self) -> F80 {
         F80 {
             signif: self.signif,
             sign_exp: self.sign_exp ^ 0x8000,
@@ -532,7 +532,7 @@ fn add_signed(env: &mut Env, a: F80, b: F80, negate_b: bool) -> F80 {
     if let Some(r) = screen2(env, a, b) {
         return r;
     }
-    let b = if negate_b { b.neg() } else { b };
+    let b = if negate_b { b.negated() } else { b };
     let (ka, kb) = (a.kind(), b.kind());
     if ka == Kind::Inf && kb == Kind::Inf && a.sign() != b.sign() {
         return invalid(env);
