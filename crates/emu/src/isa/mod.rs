@@ -40,6 +40,7 @@ pub fn register_all(t: &mut Table) {
     bit::register(t);
     bcd::register(t);
     x87::register(t);
+    sse::register(t);
 }
 
 fn names() -> &'static HashMap<String, Code> {
