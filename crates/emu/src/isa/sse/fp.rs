@@ -275,14 +275,14 @@ fn cvt_to_float<E: Elem, T: Fp, const SRC: u8, const KEEP_HIGH: bool, const MEM:
         r |= u128::from(y) << (k * bits::<T>());
         flags |= f;
     }
+    if SRC == SRC_MM && !MEM {
+        Mm::enter(cpu); // before #XM can be raised, as on hardware
+    }
     raise(cpu, flags)?;
     if KEEP_HIGH {
         let a = Xmm::get(cpu, i.r0);
         let used = (1u128 << (n * bits::<T>())) - 1;
         r |= a & !used;
-    }
-    if SRC == SRC_MM && !MEM {
-        Mm::enter(cpu);
     }
     Xmm::set(cpu, i.r0, r);
     Ok(())
@@ -308,9 +308,11 @@ fn cvt_to_int<F: Fp, const SRC: u8, const TRUNC: bool, const TO_MM: bool, const 
         r |= u128::from(y) << (32 * k);
         flags |= f;
     }
+    if TO_MM {
+        Mm::enter(cpu); // before #XM can be raised, as on hardware
+    }
     raise(cpu, flags)?;
     if TO_MM {
-        Mm::enter(cpu);
         Mm::set(cpu, i.r0, r);
     } else {
         Xmm::set(cpu, i.r0, r);

@@ -260,8 +260,8 @@ fn binop<S: Space, const OP: u8, const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Re
     S::check(cpu)?;
     let b = src::<S, MEM>(cpu, i)?;
     let a = S::get(cpu, i.r0);
-    S::enter(cpu);
     S::set(cpu, i.r0, apply(OP, a, b, S::BYTES));
+    S::enter(cpu);
     Ok(())
 }
 
@@ -274,8 +274,8 @@ fn unpack_low_mm<const OP: u8, const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res 
         Mm::get(cpu, i.r1)
     };
     let a = Mm::get(cpu, i.r0);
-    Mm::enter(cpu);
     Mm::set(cpu, i.r0, apply(OP, a, b, 8));
+    Mm::enter(cpu);
     Ok(())
 }
 
@@ -283,8 +283,8 @@ fn unpack_low_mm<const OP: u8, const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res 
 fn shift_imm<S: Space, const OP: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
     S::check(cpu)?;
     let a = S::get(cpu, i.r0);
-    S::enter(cpu);
     S::set(cpu, i.r0, apply(OP, a, u128::from(i.imm & 0xff), S::BYTES));
+    S::enter(cpu);
     Ok(())
 }
 
@@ -332,8 +332,8 @@ fn pshuf<S: Space, const KIND: u8, const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> 
         PSHUFLW => shuffle_words(b, 0, imm),
         _ => shuffle_words(b, 4, imm),
     };
-    S::enter(cpu);
     S::set(cpu, i.r0, r);
+    S::enter(cpu);
     Ok(())
 }
 
@@ -342,8 +342,8 @@ fn pextrw<S: Space, W: Width>(cpu: &mut Cpu, i: &Insn) -> Res {
     S::check(cpu)?;
     let v = S::get(cpu, i.r1);
     let k = (i.imm as usize) & (S::BYTES / 2 - 1);
-    S::enter(cpu);
     W::set(&mut cpu.gpr, i.r0, lane::<16>(v, k));
+    S::enter(cpu);
     Ok(())
 }
 
@@ -358,8 +358,8 @@ fn pinsrw<S: Space, const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
     let k = (i.imm as usize) & (S::BYTES / 2 - 1);
     let a = S::get(cpu, i.r0);
     let r = (a & !(0xffffu128 << (16 * k))) | u128::from(w) << (16 * k);
-    S::enter(cpu);
     S::set(cpu, i.r0, r);
+    S::enter(cpu);
     Ok(())
 }
 
@@ -368,8 +368,8 @@ fn pmovmskb<S: Space, W: Width>(cpu: &mut Cpu, i: &Insn) -> Res {
     S::check(cpu)?;
     let v = S::get(cpu, i.r1);
     let m = (0..S::BYTES).fold(0u64, |m, k| m | (((v >> (8 * k + 7)) & 1) as u64) << k);
-    S::enter(cpu);
     W::set(&mut cpu.gpr, i.r0, m);
+    S::enter(cpu);
     Ok(())
 }
 

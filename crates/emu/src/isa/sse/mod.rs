@@ -171,8 +171,7 @@ pub(crate) trait Space: 'static {
     fn set(cpu: &mut Cpu, r: u8, v: u128);
     /// The full-width memory operand (16-byte aligned for XMM).
     fn load(cpu: &mut Cpu, i: &Insn) -> Res<u128>;
-    /// Called once the instruction can no longer fault: the MMX
-    /// transition (TOP = 0, tags valid); nothing for XMM.
+    /// The MMX transition ([`mmx_enter`]); nothing for XMM.
     fn enter(cpu: &mut Cpu);
 }
 
@@ -227,13 +226,20 @@ impl Space for Mm {
     fn load(cpu: &mut Cpu, i: &Insn) -> Res<u128> {
         Ok(u128::from(cpu.read_mem::<W64>(i)?))
     }
-    /// The x87 → MMX transition of every MMX instruction but EMMS: TOP = 0
-    /// and every tag valid.
     #[inline(always)]
     fn enter(cpu: &mut Cpu) {
-        cpu.fpu.fsw &= !FSW_TOP;
-        cpu.fpu.ftw = 0xff;
+        mmx_enter(cpu);
     }
+}
+
+/// The x87 → MMX transition of every instruction that touches an MMX
+/// register (EMMS aside): TOP = 0 and every tag valid. Hardware makes it
+/// after the memory operand is read (a #PF leaves the x87 state alone) but
+/// before SIMD float exceptions (an #XM finds TOP = 0 and the tags valid).
+#[inline(always)]
+pub(crate) fn mmx_enter(cpu: &mut Cpu) {
+    cpu.fpu.fsw &= !FSW_TOP;
+    cpu.fpu.ftw = 0xff;
 }
 
 /// Operand 1 of a packed operation: register `r1` or the memory operand.

@@ -2,7 +2,7 @@
 //! scalar and half-register moves, duplicates, movd/movq between GPRs,
 //! memory, MMX and XMM, masked stores, and the sign-mask extractions.
 
-use super::{Mm, Space, Xmm, load128, mmx_ok, rm, sse_mm_ok, sse_ok, store128};
+use super::{Mm, Space, Xmm, load128, rm, sse_mm_ok, sse_ok, store128};
 use crate::cpu::Cpu;
 use crate::cpu::fault::Res;
 use crate::cpu::width::{W8, W32, W64, Width};
@@ -180,7 +180,7 @@ fn movq_store<const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
 
 /// `movd`/`movq mm, r/m32|64`.
 fn gpr_to_mm<W: Width, const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
-    mmx_ok(cpu)?;
+    Mm::check(cpu)?;
     let v = if MEM {
         cpu.read_mem::<W>(i)?
     } else {
@@ -193,7 +193,7 @@ fn gpr_to_mm<W: Width, const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
 
 /// `movd`/`movq r/m32|64, mm`.
 fn mm_to_gpr<W: Width, const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
-    mmx_ok(cpu)?;
+    Mm::check(cpu)?;
     let v = Mm::get(cpu, i.r1) as u64 & W::MASK;
     if MEM {
         cpu.write_mem::<W>(i, v)?;
@@ -206,7 +206,7 @@ fn mm_to_gpr<W: Width, const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
 
 /// `movq mm, mm/m64`.
 fn movq_mm_load<const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
-    mmx_ok(cpu)?;
+    Mm::check(cpu)?;
     let v = if MEM {
         u128::from(cpu.read_mem::<W64>(i)?)
     } else {
@@ -219,7 +219,7 @@ fn movq_mm_load<const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
 
 /// `movq mm/m64, mm` and `movntq m64, mm`.
 fn movq_mm_store<const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
-    mmx_ok(cpu)?;
+    Mm::check(cpu)?;
     let v = Mm::get(cpu, i.r1);
     if MEM {
         cpu.write_mem::<W64>(i, v as u64)?;
@@ -259,11 +259,7 @@ fn movnti<W: Width>(cpu: &mut Cpu, i: &Insn) -> Res {
 /// `r2` has its top bit set, at seg:rDI. Every page the selected bytes
 /// touch is checked before the first byte is written.
 fn maskmov<S: Space>(cpu: &mut Cpu, i: &Insn) -> Res {
-    if S::BYTES == 8 {
-        mmx_ok(cpu)?
-    } else {
-        sse_ok(cpu)?
-    }
+    S::check(cpu)?;
     let data = S::get(cpu, i.r1).to_le_bytes();
     let mask = S::get(cpu, i.r2).to_le_bytes();
     let selected = |k: &usize| mask[*k] & 0x80 != 0;

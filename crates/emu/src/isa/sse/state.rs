@@ -35,10 +35,11 @@ fn stmxcsr(cpu: &mut Cpu, i: &Insn) -> Res {
     cpu.write_mem::<W32>(i, v)
 }
 
-/// `emms`: every x87 tag empty (TOP is left as it is).
+/// `emms`: every x87 tag empty and TOP = 0.
 fn emms(cpu: &mut Cpu, _: &Insn) -> Res {
     mmx_ok(cpu)?;
     cpu.fpu.ftw = 0;
+    cpu.fpu.fsw &= !(7 << 11);
     Ok(())
 }
 

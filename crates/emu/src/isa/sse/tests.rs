@@ -208,8 +208,39 @@ fn mmx_instructions_enter_mmx_state_and_emms_leaves_it() {
     );
 
     let (g, s2) = guest(|a| a.emms().unwrap());
-    let (_, out2) = run(g, &CpuState { fpu: out.fpu, ..s2 });
+    let mut fpu = out.fpu;
+    fpu.fsw |= 5 << 11;
+    let (_, out2) = run(g, &CpuState { fpu, ..s2 });
     assert_eq!(out2.fpu.ftw, 0);
+    assert_eq!(out2.fpu.fsw >> 11 & 7, 0, "emms also resets TOP");
+}
+
+#[test]
+fn the_mmx_transition_precedes_xm_but_not_a_page_fault() {
+    // cvtpd2pi with an unmasked invalid operation: #XM, yet TOP = 0 and
+    // every tag valid, as the host CPU leaves them.
+    let (g, mut s) = guest(|a| a.cvtpd2pi(mm0, xmm1).unwrap());
+    s.cr4 |= 0x400;
+    s.fpu.mxcsr = 0x1f80 & !(1 << 7);
+    s.fpu.xmm[1] = u128::from(f64::NAN.to_bits());
+    s.fpu.fsw = 3 << 11;
+    s.fpu.ftw = 0x08;
+    let (_, out) = run(g, &s);
+    assert_eq!(out.gpr[13], 19);
+    assert_eq!((out.fpu.fsw >> 11 & 7, out.fpu.ftw), (0, 0xff));
+    assert_eq!(out.fpu.mxcsr & 0x3f, 1, "IE");
+
+    // movq mm0, [unmapped]: #PF first, x87 state untouched.
+    let (g, mut s) = guest(|a| {
+        a.mov(rax, 0x40_0000u64).unwrap();
+        a.movq(mm0, qword_ptr(rax)).unwrap();
+    });
+    g.write_u64(PML4 + 0x2000 + 2 * 8, 0);
+    s.fpu.fsw = 3 << 11;
+    s.fpu.ftw = 0x08;
+    let (_, out) = run(g, &s);
+    assert_eq!(out.gpr[13], 14);
+    assert_eq!((out.fpu.fsw >> 11 & 7, out.fpu.ftw), (3, 0x08));
 }
 
 #[test]
