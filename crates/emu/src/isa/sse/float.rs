@@ -691,26 +691,35 @@ mod tests {
     }
 
     /// A small deterministic generator of interesting bit patterns.
-    struct Gen(u64);
+    pub(super) struct Gen(pub u64);
     impl Gen {
-        fn next(&mut self) -> u64 {
+        pub(super) fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
             self.0
         }
-        fn f<F: Fp>(&mut self) -> u64 {
+        /// Zeros, denormals, infinities, NaNs, values near 1 and near the
+        /// underflow threshold, fractions at rounding boundaries.
+        pub(super) fn f<F: Fp>(&mut self) -> u64 {
             let r = self.next();
-            let exp = match r % 8 {
+            let exp = match r % 12 {
                 0 => 0,
                 1 => F::EXP_MAX,
                 2 => 1,
                 3 => F::EXP_MAX - 1,
+                4 => F::BIAS as u64 + (r >> 50) % 3,
+                5 => F::BIAS as u64 - 24 + (r >> 50) % 8,
+                6 | 7 => F::BIAS as u64 - 1,
                 _ => (r >> 8) % F::EXP_MAX,
             };
-            let frac = match (r >> 20) % 4 {
+            let frac = match (r >> 20) % 7 {
                 0 => 0,
                 1 => 1,
+                2 => F::FRAC_MASK,
+                3 => F::QUIET,
+                4 => F::FRAC_MASK - (r >> 30) % 4,
+                5 => self.next() & !((1 << (self.0 % 50)) - 1),
                 _ => self.next(),
             } & F::FRAC_MASK;
             let sign = if r >> 40 & 1 != 0 { F::SIGN } else { 0 };
@@ -904,5 +913,239 @@ mod tests {
         assert_eq!(settle(ie_unmasked, IE | PE), Err(ie_unmasked | IE));
         let pe_unmasked = all_masked & !(PE << MASK_SHIFT);
         assert_eq!(settle(pe_unmasked, DE | PE), Err(pe_unmasked | DE | PE));
+    }
+}
+
+/// The engine against the host CPU's own SSE unit, in every rounding mode
+/// with DAZ/FTZ (exceptions masked; unmasked ones are covered by the
+/// guest tests and the difftest).
+#[cfg(all(test, target_arch = "x86_64"))]
+mod host {
+    use super::tests::Gen;
+    use super::*;
+
+    /// Operands in, results out; offsets are fixed for the asm below.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Buf {
+        a: u64,      // 0: xmm0
+        b: u64,      // 8: xmm1 and rax
+        r: u64,      // 16: xmm0 after
+        mxcsr: u32,  // 24: in
+        flags: u32,  // 28: MXCSR after
+        saved: u32,  // 32: the host's MXCSR
+        _pad: u32,   // 36
+        gpr: u64,    // 40: rax after
+        rflags: u64, // 48
+    }
+
+    /// A host function running `$insn` on xmm0/xmm1/rax as loaded from a
+    /// `Buf`: (xmm0 low qword or rax, MXCSR flags, RFLAGS).
+    macro_rules! host {
+        ($insn:literal) => {{
+            fn run(a: u64, b: u64, m: u32) -> (u64, u64, u32, u64) {
+                let mut buf = Buf { a, b, mxcsr: m, ..Buf::default() };
+                let p: *mut Buf = &mut buf;
+                // SAFETY: the code touches only `*p` (offsets as in `Buf`),
+                // the stack (pushfq/pop) and the registers declared as
+                // clobbered, and restores the host's MXCSR before returning.
+                unsafe {
+                    core::arch::asm!(
+                        "stmxcsr [{p} + 32]",
+                        "ldmxcsr [{p} + 24]",
+                        "movq xmm0, [{p}]",
+                        "movq xmm1, [{p} + 8]",
+                        "mov rax, [{p} + 8]",
+                        $insn,
+                        "movq [{p} + 16], xmm0",
+                        "mov [{p} + 40], rax",
+                        "pushfq",
+                        "pop rcx",
+                        "mov [{p} + 48], rcx",
+                        "stmxcsr [{p} + 28]",
+                        "ldmxcsr [{p} + 32]",
+                        p = in(reg) p,
+                        out("xmm0") _,
+                        out("xmm1") _,
+                        out("rax") _,
+                        out("rcx") _,
+                    );
+                }
+                (buf.r, buf.gpr, buf.flags & 0x3f, buf.rflags)
+            }
+            run as fn(u64, u64, u32) -> (u64, u64, u32, u64)
+        }};
+    }
+
+    type Host = fn(u64, u64, u32) -> (u64, u64, u32, u64);
+
+    /// A random MXCSR: any rounding mode, DAZ and FTZ, everything masked.
+    fn mxcsr(g: &mut Gen) -> u32 {
+        let r = g.next() as u32;
+        0x1f80
+            | (r & 3) << RC_SHIFT
+            | if r & 4 != 0 { DAZ } else { 0 }
+            | if r & 8 != 0 { FTZ } else { 0 }
+    }
+
+    const N: usize = 40_000;
+
+    /// Compares `ours` with the host's xmm0 result for `N` random operand
+    /// pairs of format `F`.
+    fn check_xmm<F: Fp>(name: &str, host: Host, ours: fn(u64, u64, u32) -> (u64, u32)) {
+        check_xmm_to::<F, F>(name, host, ours);
+    }
+
+    /// As [`check_xmm`], for a result of format `R`.
+    fn check_xmm_to<F: Fp, R: Fp>(name: &str, host: Host, ours: fn(u64, u64, u32) -> (u64, u32)) {
+        let mut g = Gen(0x9e37_79b9_7f4a_7c15 ^ name.len() as u64);
+        let mask = if R::FRAC == 23 { 0xffff_ffff } else { u64::MAX };
+        for _ in 0..N {
+            let (a, b, m) = (g.f::<F>(), g.f::<F>(), mxcsr(&mut g));
+            let (r, _, f, _) = host(a, b, m);
+            assert_eq!(
+                ours(a, b, m),
+                (r & mask, f),
+                "{name} {a:#x}, {b:#x} (mxcsr {m:#x})"
+            );
+        }
+    }
+
+    #[test]
+    fn arithmetic_matches_the_host_in_every_mode() {
+        check_xmm::<F32>("addss", host!("addss xmm0, xmm1"), add::<F32>);
+        check_xmm::<F32>("subss", host!("subss xmm0, xmm1"), sub::<F32>);
+        check_xmm::<F32>("mulss", host!("mulss xmm0, xmm1"), mul::<F32>);
+        check_xmm::<F32>("divss", host!("divss xmm0, xmm1"), div::<F32>);
+        check_xmm::<F32>("sqrtss", host!("sqrtss xmm0, xmm1"), |_, b, m| {
+            sqrt::<F32>(b, m)
+        });
+        check_xmm::<F64>("addsd", host!("addsd xmm0, xmm1"), add::<F64>);
+        check_xmm::<F64>("subsd", host!("subsd xmm0, xmm1"), sub::<F64>);
+        check_xmm::<F64>("mulsd", host!("mulsd xmm0, xmm1"), mul::<F64>);
+        check_xmm::<F64>("divsd", host!("divsd xmm0, xmm1"), div::<F64>);
+        check_xmm::<F64>("sqrtsd", host!("sqrtsd xmm0, xmm1"), |_, b, m| {
+            sqrt::<F64>(b, m)
+        });
+    }
+
+    #[test]
+    fn min_max_and_compares_match_the_host() {
+        check_xmm::<F32>("minss", host!("minss xmm0, xmm1"), min::<F32>);
+        check_xmm::<F32>("maxss", host!("maxss xmm0, xmm1"), max::<F32>);
+        check_xmm::<F64>("minsd", host!("minsd xmm0, xmm1"), min::<F64>);
+        check_xmm::<F64>("maxsd", host!("maxsd xmm0, xmm1"), max::<F64>);
+        let preds: [Host; 8] = [
+            host!("cmpss xmm0, xmm1, 0"),
+            host!("cmpss xmm0, xmm1, 1"),
+            host!("cmpss xmm0, xmm1, 2"),
+            host!("cmpss xmm0, xmm1, 3"),
+            host!("cmpss xmm0, xmm1, 4"),
+            host!("cmpss xmm0, xmm1, 5"),
+            host!("cmpss xmm0, xmm1, 6"),
+            host!("cmpss xmm0, xmm1, 7"),
+        ];
+        let mut g = Gen(0x5eed);
+        for k in 0..N {
+            let (a, b, m) = (g.f::<F32>(), g.f::<F32>(), mxcsr(&mut g));
+            let pred = (k % 8) as u8;
+            let (r, _, f, _) = preds[k % 8](a, b, m);
+            let (t, ours) = cmp::<F32>(a, b, pred, m);
+            assert_eq!(
+                (if t { 0xffff_ffff } else { 0 }, ours),
+                (r & 0xffff_ffff, f),
+                "cmpss {pred} {a:#x} {b:#x}"
+            );
+        }
+        let order = |o: Order| match o {
+            Order::Unordered => 0x45,
+            Order::Less => 0x01,
+            Order::Equal => 0x40,
+            Order::Greater => 0,
+        };
+        let comisd = host!("comisd xmm0, xmm1");
+        let ucomisd = host!("ucomisd xmm0, xmm1");
+        for _ in 0..N {
+            let (a, b, m) = (g.f::<F64>(), g.f::<F64>(), mxcsr(&mut g));
+            for (signal, h) in [(true, comisd), (false, ucomisd)] {
+                let (_, _, f, rflags) = h(a, b, m);
+                let (o, ours) = compare::<F64>(a, b, signal, m);
+                assert_eq!(
+                    (order(o), ours),
+                    (rflags & 0x8d5, f),
+                    "comisd {signal} {a:#x} {b:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn conversions_match_the_host_in_every_mode() {
+        check_xmm_to::<F32, F64>("cvtss2sd", host!("cvtss2sd xmm0, xmm1"), |_, b, m| {
+            convert::<F32, F64>(b, m)
+        });
+        check_xmm_to::<F64, F32>("cvtsd2ss", host!("cvtsd2ss xmm0, xmm1"), |_, b, m| {
+            convert::<F64, F32>(b, m)
+        });
+        let to_int_forms: [(Host, bool, u32, bool); 8] = [
+            (host!("cvtss2si eax, xmm1"), false, 32, false),
+            (host!("cvttss2si eax, xmm1"), false, 32, true),
+            (host!("cvtss2si rax, xmm1"), false, 64, false),
+            (host!("cvttss2si rax, xmm1"), false, 64, true),
+            (host!("cvtsd2si eax, xmm1"), true, 32, false),
+            (host!("cvttsd2si eax, xmm1"), true, 32, true),
+            (host!("cvtsd2si rax, xmm1"), true, 64, false),
+            (host!("cvttsd2si rax, xmm1"), true, 64, true),
+        ];
+        let mut g = Gen(0xc0ffee);
+        for _ in 0..N {
+            let m = mxcsr(&mut g);
+            let (s, d) = (g.f::<F32>(), g.f::<F64>());
+            for (h, double, bits, trunc) in to_int_forms {
+                let x = if double { d } else { s };
+                let (_, r, f, _) = h(0, x, m);
+                let ours = if double {
+                    super::to_int::<F64>(x, bits, trunc, m)
+                } else {
+                    super::to_int::<F32>(x, bits, trunc, m)
+                };
+                assert_eq!(
+                    ours,
+                    (r, f),
+                    "cvt{} {bits} {x:#x} (mxcsr {m:#x})",
+                    if trunc { "t" } else { "" }
+                );
+            }
+        }
+        let from_int_forms: [(Host, bool, bool); 4] = [
+            (host!("cvtsi2ss xmm0, eax"), false, false),
+            (host!("cvtsi2ss xmm0, rax"), false, true),
+            (host!("cvtsi2sd xmm0, eax"), true, false),
+            (host!("cvtsi2sd xmm0, rax"), true, true),
+        ];
+        for _ in 0..N {
+            let m = mxcsr(&mut g);
+            let v = g.next() >> (g.next() % 64);
+            let v = if g.next() & 1 != 0 {
+                v.wrapping_neg()
+            } else {
+                v
+            };
+            for (h, double, wide) in from_int_forms {
+                let (r, _, f, _) = h(0, v, m);
+                let x = if wide { v as i64 } else { i64::from(v as i32) };
+                let (ours, mask) = if double {
+                    (from_int::<F64>(x, m), u64::MAX)
+                } else {
+                    (from_int::<F32>(x, m), 0xffff_ffff)
+                };
+                assert_eq!(
+                    ours,
+                    (r & mask, f),
+                    "cvtsi2s{} {x}",
+                    if double { "d" } else { "s" }
+                );
+            }
+        }
     }
 }
