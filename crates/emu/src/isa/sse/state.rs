@@ -4,14 +4,15 @@
 //! bytes 0..416 (XMM0-15) are written, reserved bytes as zero, and bytes
 //! 416..512 are left alone; outside 64-bit mode only XMM0-7 are written
 //! (0..288). `fxsave64` stores 64-bit FIP/FDP; the legacy form stores
-//! 32-bit offsets with FCS/FDS, which this model keeps in bits 32..47 of
-//! `fip`/`fdp` (zero unless the x87 family puts a selector there).
+//! 32-bit offsets with FCS/FDS, which outside 64-bit mode the x87 family
+//! keeps in bits 32..47 of `fip`/`fdp` (in 64-bit mode FCS is the current
+//! CS and FDS 0, as FSTENV writes them).
 
 use super::{mmx_ok, sse_ok};
 use crate::cpu::fault::{Fault, Res};
 use crate::cpu::fpu::{F80, Fpu};
 use crate::cpu::width::W32;
-use crate::cpu::{CR0_EM, CR0_TS, Cpu, Mode};
+use crate::cpu::{CR0_EM, CR0_TS, CS, Cpu, Mode};
 use crate::decode::{Insn, Table};
 use crate::isa::c;
 
@@ -48,21 +49,41 @@ fn xmm_count(cpu: &Cpu) -> usize {
     if cpu.mode == Mode::Long { 16 } else { 8 }
 }
 
-/// The first `160 + 16 × xmm` bytes of the FXSAVE image of `f`.
-pub(crate) fn fxsave_image(f: &Fpu, wide: bool, xmm: usize) -> Vec<u8> {
+/// The FIP and FDP fields of the image (bytes 8..16 and 16..24).
+fn image_pointers(cpu: &Cpu, wide: bool) -> (u64, u64) {
+    const SEL_OFF: u64 = 0xffff_ffff_ffff;
+    let f = &cpu.fpu;
+    if wide {
+        (f.fip, f.fdp)
+    } else if cpu.mode == Mode::Long {
+        let cs = u64::from(cpu.seg[CS].sel);
+        ((f.fip & 0xffff_ffff) | cs << 32, f.fdp & 0xffff_ffff)
+    } else {
+        (f.fip & SEL_OFF, f.fdp & SEL_OFF)
+    }
+}
+
+/// FIP and FDP from the image's fields.
+fn loaded_pointers(cpu: &Cpu, wide: bool, ip: u64, dp: u64) -> (u64, u64) {
+    if wide {
+        (ip, dp)
+    } else if cpu.mode == Mode::Long {
+        (ip & 0xffff_ffff, dp & 0xffff_ffff)
+    } else {
+        (ip & 0xffff_ffff_ffff, dp & 0xffff_ffff_ffff)
+    }
+}
+
+/// The first `160 + 16 × xmm` bytes of the FXSAVE image of `f`, with the
+/// FIP/FDP fields `ip`/`dp`.
+pub(crate) fn fxsave_image(f: &Fpu, ip: u64, dp: u64, xmm: usize) -> Vec<u8> {
     let mut b = vec![0u8; 160 + 16 * xmm];
     b[0..2].copy_from_slice(&f.fcw.to_le_bytes());
     b[2..4].copy_from_slice(&f.fsw.to_le_bytes());
     b[4] = f.ftw;
     b[6..8].copy_from_slice(&f.fop.to_le_bytes());
-    if wide {
-        b[8..16].copy_from_slice(&f.fip.to_le_bytes());
-        b[16..24].copy_from_slice(&f.fdp.to_le_bytes());
-    } else {
-        // Offset, then the selector (bits 32..47); the top bytes stay zero.
-        b[8..14].copy_from_slice(&f.fip.to_le_bytes()[..6]);
-        b[16..22].copy_from_slice(&f.fdp.to_le_bytes()[..6]);
-    }
+    b[8..16].copy_from_slice(&ip.to_le_bytes());
+    b[16..24].copy_from_slice(&dp.to_le_bytes());
     b[24..28].copy_from_slice(&f.mxcsr.to_le_bytes());
     b[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());
     // The image holds ST(0)..ST(7); `st` holds the physical registers.
@@ -77,9 +98,10 @@ pub(crate) fn fxsave_image(f: &Fpu, wide: bool, xmm: usize) -> Vec<u8> {
     b
 }
 
-/// Loads an FXSAVE image (as long as [`fxsave_image`] makes it) into `f`.
-/// `Err` when its MXCSR has reserved bits set.
-pub(crate) fn fxrstor_image(f: &mut Fpu, b: &[u8], wide: bool, xmm: usize) -> Result<(), ()> {
+/// Loads an FXSAVE image (as long as [`fxsave_image`] makes it) into `f`,
+/// but for FIP/FDP, whose fields it returns. `Err` (and `f` untouched)
+/// when the image's MXCSR has reserved bits set.
+pub(crate) fn fxrstor_image(f: &mut Fpu, b: &[u8], xmm: usize) -> Result<(u64, u64), ()> {
     let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
     let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
     let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
@@ -91,13 +113,6 @@ pub(crate) fn fxrstor_image(f: &mut Fpu, b: &[u8], wide: bool, xmm: usize) -> Re
     f.fsw = u16_at(2);
     f.ftw = b[4];
     f.fop = u16_at(6);
-    if wide {
-        f.fip = u64_at(8);
-        f.fdp = u64_at(16);
-    } else {
-        f.fip = u64::from(u32_at(8)) | u64::from(u16_at(12)) << 32;
-        f.fdp = u64::from(u32_at(16)) | u64::from(u16_at(20)) << 32;
-    }
     f.mxcsr = mxcsr;
     let top = usize::from(f.fsw >> 11) & 7;
     for k in 0..8 {
@@ -110,7 +125,7 @@ pub(crate) fn fxrstor_image(f: &mut Fpu, b: &[u8], wide: bool, xmm: usize) -> Re
         r.copy_from_slice(&b[160 + 16 * k..176 + 16 * k]);
         f.xmm[k] = u128::from_le_bytes(r);
     }
-    Ok(())
+    Ok((u64_at(8), u64_at(16)))
 }
 
 /// FXSAVE/FXRSTOR raise #NM for CR0.EM as well as CR0.TS.
@@ -139,7 +154,8 @@ fn fx_operand(cpu: &Cpu, i: &Insn, write: bool) -> Res<(usize, u64)> {
 fn fxsave<const WIDE: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
     fx_check(cpu)?;
     let (seg, off) = fx_operand(cpu, i, true)?;
-    let img = fxsave_image(&cpu.fpu, WIDE, xmm_count(cpu));
+    let (ip, dp) = image_pointers(cpu, WIDE);
+    let img = fxsave_image(&cpu.fpu, ip, dp, xmm_count(cpu));
     cpu.write_bytes(seg, off, &img)
 }
 
@@ -150,7 +166,8 @@ fn fxrstor<const WIDE: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
     let mut img = vec![0u8; 160 + 16 * n];
     cpu.read_bytes(seg, off, &mut img)?;
     let mut f = cpu.fpu;
-    fxrstor_image(&mut f, &img, WIDE, n).map_err(|()| Fault::gp(0))?;
+    let (ip, dp) = fxrstor_image(&mut f, &img, n).map_err(|()| Fault::gp(0))?;
+    (f.fip, f.fdp) = loaded_pointers(cpu, WIDE, ip, dp);
     cpu.fpu = f;
     Ok(())
 }
@@ -213,7 +230,7 @@ mod tests {
     #[test]
     fn fxsave64_image_has_the_hardware_layout() {
         let f = sample();
-        let b = fxsave_image(&f, true, 16);
+        let b = fxsave_image(&f, f.fip, f.fdp, 16);
         assert_eq!(b.len(), 416);
         assert_eq!(&b[0..8], &[0x7f, 0x02, 0x41, 0x38, 0x81, 0, 0xd9, 0x05]);
         assert_eq!(&b[8..16], &0x0000_0010_1234_5678u64.to_le_bytes());
@@ -224,38 +241,29 @@ mod tests {
         assert_eq!(&b[64..74], &[1, 0, 0, 0, 0, 0, 0, 0x80, 0x00, 0x40]);
         assert_eq!(&b[74..80], &[0; 6]);
         assert_eq!(&b[160 + 16 * 15..416], &[16; 16]);
-    }
-
-    #[test]
-    fn legacy_fxsave_stores_offsets_and_selectors() {
-        let b = fxsave_image(&sample(), false, 8);
-        assert_eq!(b.len(), 288);
-        assert_eq!(&b[8..16], &[0x78, 0x56, 0x34, 0x12, 0x10, 0, 0, 0]);
-        assert_eq!(&b[16..24], &[0, 0x10, 0, 0, 0, 0x80, 0, 0]);
+        assert_eq!(fxsave_image(&f, 0, 0, 8).len(), 288, "XMM0-7 only");
     }
 
     #[test]
     fn fxrstor_round_trips_fxsave() {
         let f = sample();
-        for (wide, n) in [(true, 16), (false, 8)] {
-            let img = fxsave_image(&f, wide, n);
+        for n in [16, 8] {
+            let img = fxsave_image(&f, 0x1234, 0x5678, n);
             let mut g = Fpu::default();
-            fxrstor_image(&mut g, &img, wide, n).unwrap();
+            assert_eq!(fxrstor_image(&mut g, &img, n), Ok((0x1234, 0x5678)));
             let mut want = f;
-            if !wide {
-                want.fdp &= 0xffff_ffff_ffff; // the legacy image has no room for bits 48..63
-                want.xmm[8..].copy_from_slice(&Fpu::default().xmm[8..]);
-            }
-            assert_eq!(g, want, "wide={wide}");
+            (want.fip, want.fdp) = (g.fip, g.fdp); // returned, not loaded
+            want.xmm[n..].copy_from_slice(&Fpu::default().xmm[n..]);
+            assert_eq!(g, want, "{n} XMM registers");
         }
     }
 
     #[test]
     fn fxrstor_rejects_reserved_mxcsr_bits() {
-        let mut img = fxsave_image(&sample(), true, 16);
+        let mut img = fxsave_image(&sample(), 0, 0, 16);
         img[26] = 1; // MXCSR bit 16
         let mut g = Fpu::default();
-        assert_eq!(fxrstor_image(&mut g, &img, true, 16), Err(()));
+        assert_eq!(fxrstor_image(&mut g, &img, 16), Err(()));
         assert_eq!(g, Fpu::default(), "nothing loaded");
     }
 }

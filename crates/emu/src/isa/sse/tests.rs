@@ -282,6 +282,25 @@ fn fxsave64_and_fxrstor64_round_trip_the_state() {
 }
 
 #[test]
+fn legacy_fxsave_in_64_bit_mode_stores_a_32_bit_fip_and_cs() {
+    let (g, mut s) = guest(|a| {
+        a.mov(rax, DATA).unwrap();
+        a.fxsave(ptr(rax)).unwrap();
+        a.fxrstor(ptr(rax)).unwrap();
+    });
+    s.fpu.fip = 0x7_1234_5678;
+    s.fpu.fdp = 0x9_8765_4321;
+    let (g, out) = run(g, &s);
+    assert_eq!(
+        g.read_u64(DATA + 8),
+        0x0010_1234_5678,
+        "FIP, FCS = kernel CS"
+    );
+    assert_eq!(g.read_u64(DATA + 16), 0x8765_4321, "FDP, FDS = 0");
+    assert_eq!((out.fpu.fip, out.fpu.fdp), (0x1234_5678, 0x8765_4321));
+}
+
+#[test]
 fn fxsave_needs_a_16_byte_aligned_operand() {
     let (g, s) = guest(|a| {
         a.mov(rax, DATA + 8).unwrap();
