@@ -46,6 +46,42 @@ pub trait Fp: Copy + 'static {
     const INDEFINITE: u64 = Self::SIGN | Self::INF | Self::QUIET;
     /// The largest finite magnitude.
     const MAX: u64 = Self::INF - 1;
+
+    /// The host's own round-to-nearest result of `op` on normal operands
+    /// and whether it is inexact, when that settles everything (see
+    /// [`fast`]); `None` sends the operation down the exact path.
+    fn native(op: Op, a: u64, b: u64) -> Option<(u64, bool)>;
+}
+
+/// The operations with a native fast path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Sqrt,
+}
+
+/// The odd part of a nonzero significand product/value (exactness tests).
+#[inline(always)]
+fn odd(v: u128) -> u128 {
+    v >> v.trailing_zeros()
+}
+
+/// The significand (with the implicit bit) of a normal binary64 value.
+#[inline(always)]
+fn sig64(a: u64) -> u128 {
+    u128::from((a & F64::FRAC_MASK) | 1 << F64::FRAC)
+}
+
+/// TwoSum: the rounding error of `s = x + y` is zero (round to nearest).
+macro_rules! sum_is_exact {
+    ($x:expr, $y:expr, $s:expr) => {{
+        let (x, y, s) = ($x, $y, $s);
+        let yy = s - x;
+        (x - (s - yy)) + (y - yy) == 0.0
+    }};
 }
 
 /// binary32 (`ss`/`ps`).
@@ -58,10 +94,93 @@ pub struct F64;
 impl Fp for F32 {
     const FRAC: u32 = 23;
     const EXPW: u32 = 8;
+
+    #[inline(always)]
+    fn native(op: Op, a: u64, b: u64) -> Option<(u64, bool)> {
+        let (x, y) = (f32::from_bits(a as u32), f32::from_bits(b as u32));
+        // binary32 products, and the checks below, are exact in binary64.
+        let (r, exact) = match op {
+            Op::Add => (x + y, sum_is_exact!(x, y, x + y)),
+            Op::Sub => (x - y, sum_is_exact!(x, -y, x - y)),
+            Op::Mul => {
+                let r = x * y;
+                (r, f64::from(x) * f64::from(y) == f64::from(r))
+            }
+            Op::Div => {
+                let r = x / y;
+                (r, f64::from(r) * f64::from(y) == f64::from(x))
+            }
+            Op::Sqrt => {
+                let r = y.sqrt();
+                (r, f64::from(r) * f64::from(r) == f64::from(y))
+            }
+        };
+        Some((u64::from(r.to_bits()), !exact))
+    }
 }
 impl Fp for F64 {
     const FRAC: u32 = 52;
     const EXPW: u32 = 11;
+
+    #[inline(always)]
+    fn native(op: Op, a: u64, b: u64) -> Option<(u64, bool)> {
+        let (x, y) = (f64::from_bits(a), f64::from_bits(b));
+        let (r, exact) = match op {
+            Op::Add => (x + y, sum_is_exact!(x, y, x + y)),
+            Op::Sub => (x - y, sum_is_exact!(x, -y, x - y)),
+            // Exact iff the significand product fits 53 bits; for ÷ and √
+            // iff r × b (r × r) has a's odd part (a power-of-two factor is
+            // impossible for a correctly rounded r).
+            Op::Mul => {
+                let r = x * y;
+                (r, 128 - odd(sig64(a) * sig64(b)).leading_zeros() <= 53)
+            }
+            Op::Div => {
+                let r = x / y;
+                let rb = r.to_bits();
+                if !normal::<F64>(rb) {
+                    return None;
+                }
+                (r, odd(sig64(rb) * sig64(b)) == odd(sig64(a)))
+            }
+            Op::Sqrt => {
+                let r = y.sqrt();
+                let rb = r.to_bits();
+                (r, odd(sig64(rb) * sig64(rb)) == odd(sig64(b)))
+            }
+        };
+        Some((r.to_bits(), !exact))
+    }
+}
+
+/// A normal value (neither zero, denormal, infinite nor NaN).
+#[inline(always)]
+fn normal<F: Fp>(a: u64) -> bool {
+    let e = exp_of::<F>(a);
+    e != 0 && e != F::EXP_MAX
+}
+
+/// The fast path of add/sub/mul/div/sqrt: when rounding to nearest with
+/// normal operands (`b` only for √, positive) and a normal result whose
+/// exponent is clear of the underflow threshold, the host's arithmetic
+/// gives the result, and the only possible flag is PE. DAZ and FTZ cannot
+/// matter there. Anything else takes the exact path.
+#[inline(always)]
+fn fast<F: Fp>(op: Op, a: u64, b: u64, m: u32) -> Option<(u64, u32)> {
+    if m & (3 << RC_SHIFT) != 0 || !normal::<F>(b) || (op != Op::Sqrt && !normal::<F>(a)) {
+        return None;
+    }
+    if op == Op::Sqrt && neg::<F>(b) {
+        return None;
+    }
+    let (r, inexact) = F::native(op, a, b)?;
+    // Exponent field 1 is excluded: a result there may be tiny before
+    // being rounded up to the smallest normal (UE).
+    let e = exp_of::<F>(r);
+    if e < 2 || e == F::EXP_MAX {
+        return None;
+    }
+    Some((r, if inexact { PE } else { 0 }))
 }
 
 /// MXCSR.RC.
@@ -344,16 +463,20 @@ fn addsub<F: Fp>(a: u64, b: u64, negate_b: bool, m: u32) -> (u64, u32) {
 
 /// `a + b`.
 pub fn add<F: Fp>(a: u64, b: u64, m: u32) -> (u64, u32) {
-    addsub::<F>(a, b, false, m)
+    fast::<F>(Op::Add, a, b, m).unwrap_or_else(|| addsub::<F>(a, b, false, m))
 }
 
 /// `a − b`.
 pub fn sub<F: Fp>(a: u64, b: u64, m: u32) -> (u64, u32) {
-    addsub::<F>(a, b, true, m)
+    fast::<F>(Op::Sub, a, b, m).unwrap_or_else(|| addsub::<F>(a, b, true, m))
 }
 
 /// `a × b`.
 pub fn mul<F: Fp>(a: u64, b: u64, m: u32) -> (u64, u32) {
+    fast::<F>(Op::Mul, a, b, m).unwrap_or_else(|| exact_mul::<F>(a, b, m))
+}
+
+fn exact_mul<F: Fp>(a: u64, b: u64, m: u32) -> (u64, u32) {
     if is_nan::<F>(a) || is_nan::<F>(b) {
         return nan2::<F>(a, b);
     }
@@ -378,6 +501,10 @@ pub fn mul<F: Fp>(a: u64, b: u64, m: u32) -> (u64, u32) {
 
 /// `a ÷ b`.
 pub fn div<F: Fp>(a: u64, b: u64, m: u32) -> (u64, u32) {
+    fast::<F>(Op::Div, a, b, m).unwrap_or_else(|| exact_div::<F>(a, b, m))
+}
+
+fn exact_div<F: Fp>(a: u64, b: u64, m: u32) -> (u64, u32) {
     if is_nan::<F>(a) || is_nan::<F>(b) {
         return nan2::<F>(a, b);
     }
@@ -414,6 +541,10 @@ pub fn div<F: Fp>(a: u64, b: u64, m: u32) -> (u64, u32) {
 
 /// `√a`.
 pub fn sqrt<F: Fp>(a: u64, m: u32) -> (u64, u32) {
+    fast::<F>(Op::Sqrt, 0, a, m).unwrap_or_else(|| exact_sqrt::<F>(a, m))
+}
+
+fn exact_sqrt<F: Fp>(a: u64, m: u32) -> (u64, u32) {
     if is_nan::<F>(a) {
         return (a | F::QUIET, if is_snan::<F>(a) { IE } else { 0 });
     }
@@ -776,6 +907,48 @@ mod tests {
                 "{w:#x} as f32"
             );
         }
+    }
+
+    /// Normal values, often with few significant bits so that exact
+    /// results (no PE) are common.
+    fn short<F: Fp>(g: &mut Gen) -> u64 {
+        let r = g.next();
+        let exp = F::BIAS as u64 - 30 + r % 60;
+        let keep = (r >> 8) % (u64::from(F::FRAC) + 1);
+        let frac = g.next() & F::FRAC_MASK & !(F::FRAC_MASK >> keep);
+        (if r >> 20 & 1 != 0 { F::SIGN } else { 0 }) | exp << F::FRAC | frac
+    }
+
+    fn fast_agrees<F: Fp>(seed: u64) {
+        let mut g = Gen(seed);
+        let mut taken = 0;
+        for k in 0..300_000 {
+            let (a, b) = if k % 2 == 0 {
+                (short::<F>(&mut g), short::<F>(&mut g))
+            } else {
+                (g.f::<F>(), g.f::<F>())
+            };
+            let exact: [(Op, (u64, u32)); 5] = [
+                (Op::Add, addsub::<F>(a, b, false, NEAREST)),
+                (Op::Sub, addsub::<F>(a, b, true, NEAREST)),
+                (Op::Mul, exact_mul::<F>(a, b, NEAREST)),
+                (Op::Div, exact_div::<F>(a, b, NEAREST)),
+                (Op::Sqrt, exact_sqrt::<F>(b, NEAREST)),
+            ];
+            for (op, want) in exact {
+                if let Some(got) = fast::<F>(op, a, b, NEAREST | DAZ | FTZ) {
+                    taken += 1;
+                    assert_eq!(got, want, "{op:?} {a:#x} {b:#x}");
+                }
+            }
+        }
+        assert!(taken > 500_000, "the fast path ran only {taken} times");
+    }
+
+    #[test]
+    fn the_native_fast_path_agrees_with_the_exact_path() {
+        fast_agrees::<F32>(0x1357_9bdf_2468_ace0);
+        fast_agrees::<F64>(0x0fed_cba9_8765_4321);
     }
 
     #[test]
