@@ -9,7 +9,10 @@
 //! Why software: host `f32`/`f64` operations round to nearest only and
 //! report no flags, while guests may run in any rounding mode and read the
 //! flags. Exact integer arithmetic on wide significands followed by one
-//! rounding routine gives every mode and every flag bit for bit.
+//! rounding routine gives every mode and every flag bit for bit. The
+//! common case (round to nearest, normal operands, a result clear of
+//! overflow and underflow) still uses the host's `f32`/`f64` operations,
+//! with an exactness test for PE ([`fast`]): no `unsafe`, no host MXCSR.
 
 /// MXCSR exception flags (bits 0..5); the masks are the same bits << 7.
 pub const IE: u32 = 1 << 0;
