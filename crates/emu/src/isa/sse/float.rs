@@ -12,7 +12,7 @@
 //! rounding routine gives every mode and every flag bit for bit. The
 //! common case (round to nearest, normal operands, a result clear of
 //! overflow and underflow) still uses the host's `f32`/`f64` operations,
-//! with an exactness test for PE ([`fast`]): no `unsafe`, no host MXCSR.
+//! with an exactness test for PE (`fast`): no `unsafe`, no host MXCSR.
 
 /// MXCSR exception flags (bits 0..5); the masks are the same bits << 7.
 pub const IE: u32 = 1 << 0;
