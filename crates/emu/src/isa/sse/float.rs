@@ -52,7 +52,7 @@ pub trait Fp: Copy + 'static {
 
     /// The host's own round-to-nearest result of `op` on normal operands
     /// and whether it is inexact, when that settles everything (see
-    /// [`fast`]); `None` sends the operation down the exact path.
+    /// `fast`); `None` sends the operation down the exact path.
     fn native(op: Op, a: u64, b: u64) -> Option<(u64, bool)>;
 }
 
