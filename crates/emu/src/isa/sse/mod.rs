@@ -7,7 +7,11 @@
 //! pending, then memory faults (16-byte alignment #GP for legacy-SSE
 //! 128-bit operands other than the unaligned moves), then SIMD float
 //! exceptions (#XM, or #UD when CR4.OSXMMEXCPT is clear). Registers change
-//! only once nothing can fault any more.
+//! only once nothing can fault any more, except for what an #XM leaves on
+//! hardware too: the MXCSR flags and the x87 → MMX transition.
+//!
+//! MMX and XMM share handlers through [`Space`]: packed integer operations
+//! are written once over a `u128` and run on 8 or 16 bytes.
 
 pub mod float;
 mod fp;
