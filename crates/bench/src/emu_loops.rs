@@ -201,49 +201,84 @@ struct Rate {
     delta_cpu: f64,
 }
 
-/// Grows n until Δt is long enough, then takes `reps` samples (the
-/// qualifying calibration sample counts as the first).
-fn measure_rate(
-    reps: usize,
+/// One runner's samples at its calibrated n.
+struct Series {
+    n: u64,
+    insns_per_iter: u64,
+    deltas: Vec<Delta>,
+}
+
+impl Series {
+    /// Instructions per CPU second of sample `i`.
+    fn cpu_rate(&self, i: usize) -> f64 {
+        (self.n * self.insns_per_iter) as f64 / self.deltas[i].cpu.as_secs_f64()
+    }
+
+    /// Median rates over the samples.
+    fn rate(&self) -> Result<Rate, BenchError> {
+        let mut cpu: Vec<f64> = self.deltas.iter().map(|d| d.cpu.as_secs_f64()).collect();
+        let mut wall: Vec<f64> = self.deltas.iter().map(|d| d.wall.as_secs_f64()).collect();
+        let cpu = measure::median(&mut cpu).unwrap_or(f64::NAN);
+        let wall = measure::median(&mut wall).unwrap_or(f64::NAN);
+        if !(cpu > 0.0 && wall > 0.0) {
+            return Err(BenchError::Run("t(2n) ≤ t(n): the timing is noise".into()));
+        }
+        let insns = (self.n * self.insns_per_iter) as f64;
+        Ok(Rate {
+            cpu_per_sec: insns / cpu,
+            wall_per_sec: insns / wall,
+            n: self.n,
+            delta_cpu: cpu,
+        })
+    }
+}
+
+/// Median over paired samples of `slow`'s slowdown against `fast`.
+fn paired_slowdown(fast: &Series, slow: &Series) -> f64 {
+    let mut v: Vec<f64> = (0..fast.deltas.len().min(slow.deltas.len()))
+        .map(|i| fast.cpu_rate(i) / slow.cpu_rate(i))
+        .collect();
+    measure::median(&mut v).unwrap_or(f64::NAN)
+}
+
+/// Grows n until the CPU t(2n) − t(n) is at least `want`; the sample
+/// that qualified is the series' first.
+fn calibrate(
     want: Duration,
     insns_per_iter: u64,
     mut sample: impl FnMut(u64) -> Result<Delta, BenchError>,
-) -> Result<Rate, BenchError> {
+) -> Result<Series, BenchError> {
+    let stuck =
+        || BenchError::Run("the run time does not grow with n: is the loop running?".into());
     // Start at ~10M instructions: quick on any backend worth measuring.
     let mut n = (10_000_000 / insns_per_iter).max(1);
-    let mut deltas = Vec::with_capacity(reps);
     loop {
         let d = sample(n)?;
         if d.cpu >= want {
-            deltas.push(d);
-            break;
+            return Ok(Series {
+                n,
+                insns_per_iter,
+                deltas: vec![d],
+            });
         }
-        n = n.checked_mul(growth(d.cpu, want)).ok_or_else(|| {
-            BenchError::Run("the run time does not grow with n: is the loop running?".into())
-        })?;
+        n = n.checked_mul(growth(d.cpu, want)).ok_or_else(stuck)?;
         if n > 1 << 40 {
-            return Err(BenchError::Run(
-                "the run time does not grow with n: is the loop running?".into(),
-            ));
+            return Err(stuck());
         }
     }
-    while deltas.len() < reps {
-        deltas.push(sample(n)?);
+}
+
+/// Adds one sample to a series that is still healthy; a failure ends it.
+fn extend(
+    series: &mut Result<Series, BenchError>,
+    sample: impl FnOnce(u64) -> Result<Delta, BenchError>,
+) {
+    if let Ok(s) = series {
+        match sample(s.n) {
+            Ok(d) => s.deltas.push(d),
+            Err(e) => *series = Err(e),
+        }
     }
-    let mut cpu: Vec<f64> = deltas.iter().map(|d| d.cpu.as_secs_f64()).collect();
-    let mut wall: Vec<f64> = deltas.iter().map(|d| d.wall.as_secs_f64()).collect();
-    let cpu = measure::median(&mut cpu).unwrap_or(f64::NAN);
-    let wall = measure::median(&mut wall).unwrap_or(f64::NAN);
-    if cpu <= 0.0 || wall <= 0.0 {
-        return Err(BenchError::Run("t(2n) ≤ t(n): the timing is noise".into()));
-    }
-    let insns = (n * insns_per_iter) as f64;
-    Ok(Rate {
-        cpu_per_sec: insns / cpu,
-        wall_per_sec: insns / wall,
-        n,
-        delta_cpu: cpu,
-    })
 }
 
 fn mips(r: &Rate) -> String {
@@ -273,6 +308,10 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
     report::note(
         "CPU = the child's user+sys (wait4 rusage), or the calling thread's for native; the goal is on CPU",
     );
+    report::note(&format!(
+        "each runner's n is calibrated alone, then {} samples alternate between runners; slowdowns are medians of the paired samples",
+        ctx.reps
+    ));
     report::note(
         "every guest checks its checksum against the native run's and exits 0x21 only if equal",
     );
@@ -290,34 +329,42 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
             kind.name(),
             kind.description()
         );
-        let native_rate = {
-            let mut native = NativeLoop::new(kind)?;
-            measure_rate(ctx.reps, want / 4, per_iter, |n| {
-                native_sample(&mut native, n)
-            })
-        };
-        let mut pace = Pace::default();
-        let tcg = measure_rate(ctx.reps, want, per_iter, |n| {
-            sample(ctx, Runner::Tcg, kind, n, &mut sums, &mut pace)
+        let mut native = NativeLoop::new(kind)?;
+        let (mut tcg_pace, mut emu_pace) = (Pace::default(), Pace::default());
+        let mut native_s = calibrate(want / 4, per_iter, |n| native_sample(&mut native, n));
+        let mut tcg = calibrate(want, per_iter, |n| {
+            sample(ctx, Runner::Tcg, kind, n, &mut sums, &mut tcg_pace)
         });
-        let mut pace = Pace::default();
-        let emu = measure_rate(ctx.reps, want, per_iter, |n| {
-            sample(ctx, Runner::Emu, kind, n, &mut sums, &mut pace)
+        let mut emu = calibrate(want, per_iter, |n| {
+            sample(ctx, Runner::Emu, kind, n, &mut sums, &mut emu_pace)
         });
-        for (who, r) in [
+        for _ in 1..ctx.reps {
+            extend(&mut emu, |n| {
+                sample(ctx, Runner::Emu, kind, n, &mut sums, &mut emu_pace)
+            });
+            extend(&mut tcg, |n| {
+                sample(ctx, Runner::Tcg, kind, n, &mut sums, &mut tcg_pace)
+            });
+            extend(&mut native_s, |n| native_sample(&mut native, n));
+        }
+        for (who, series) in [
             (Runner::Emu.label(), &emu),
             (Runner::Tcg.label(), &tcg),
-            ("native", &native_rate),
+            ("native", &native_s),
         ] {
-            match r {
-                Ok(r) => report::figure(who, &mips(r)),
-                Err(e) => report::failed(who, &e.to_string()),
+            match series
+                .as_ref()
+                .map_err(|e| e.to_string())
+                .and_then(|s| s.rate().map_err(|e| e.to_string()))
+            {
+                Ok(r) => report::figure(who, &mips(&r)),
+                Err(e) => report::failed(who, &e),
             }
         }
         match (&emu, &tcg) {
             (Ok(e), Ok(t)) => report::ratio(
-                "emu slowdown vs TCG (CPU rates)",
-                t.cpu_per_sec / e.cpu_per_sec,
+                "emu slowdown vs TCG (CPU)",
+                paired_slowdown(t, e),
                 Goal {
                     at_most: GOAL_VS_TCG,
                 },
@@ -325,18 +372,14 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
             ),
             _ => report::failed("emu slowdown vs TCG", "needs both rates"),
         }
-        match (&emu, &native_rate) {
-            (Ok(e), Ok(n)) => report::ratio_info(
-                "emu slowdown vs native (CPU rates)",
-                n.cpu_per_sec / e.cpu_per_sec,
-            ),
+        match (&emu, &native_s) {
+            (Ok(e), Ok(n)) => {
+                report::ratio_info("emu slowdown vs native (CPU)", paired_slowdown(n, e))
+            }
             _ => report::failed("emu slowdown vs native", "needs both rates"),
         }
-        if let (Ok(t), Ok(n)) = (&tcg, &native_rate) {
-            report::ratio_info(
-                "TCG slowdown vs native (context)",
-                n.cpu_per_sec / t.cpu_per_sec,
-            );
+        if let (Ok(t), Ok(n)) = (&tcg, &native_s) {
+            report::ratio_info("TCG slowdown vs native (context)", paired_slowdown(n, t));
         }
     }
     Ok(())
@@ -364,10 +407,10 @@ mod tests {
     }
 
     #[test]
-    fn rate_grows_n_until_the_difference_is_long_enough() {
-        // A fake backend: 1 ns per instruction, 10 insns/iter.
+    fn calibration_grows_n_until_the_difference_is_long_enough() {
+        // A fake backend: 1 ns of CPU (2 ns wall) per instruction, 10 insns/iter.
         let mut seen = Vec::new();
-        let r = measure_rate(3, Duration::from_millis(50), 10, |n| {
+        let s = calibrate(Duration::from_millis(50), 10, |n| {
             seen.push(n);
             let t = Duration::from_nanos(10 * n);
             Ok(Delta {
@@ -376,20 +419,53 @@ mod tests {
             })
         })
         .unwrap();
+        assert!(seen.len() >= 2 && seen.windows(2).all(|w| w[1] > w[0]));
+        let r = s.rate().unwrap();
         assert!(r.delta_cpu >= 0.05);
         assert!((r.cpu_per_sec - 1e9).abs() < 1.0, "{}", r.cpu_per_sec);
         assert!((r.wall_per_sec - 0.5e9).abs() < 1.0, "{}", r.wall_per_sec);
-        assert!(seen.len() >= 3 && seen.windows(2).any(|w| w[1] > w[0]));
     }
 
     #[test]
-    fn rate_gives_up_on_a_loop_whose_time_never_grows() {
-        let r = measure_rate(3, Duration::from_millis(50), 10, |_| {
+    fn calibration_gives_up_on_a_loop_whose_time_never_grows() {
+        let r = calibrate(Duration::from_millis(50), 10, |_| {
             Ok(Delta {
                 cpu: Duration::ZERO,
                 wall: Duration::ZERO,
             })
         });
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn slowdown_is_the_median_of_paired_rate_ratios() {
+        let series = |n, cpus_ms: &[u64]| Series {
+            n,
+            insns_per_iter: 1,
+            deltas: cpus_ms
+                .iter()
+                .map(|&ms| Delta {
+                    cpu: Duration::from_millis(ms),
+                    wall: Duration::from_millis(ms),
+                })
+                .collect(),
+        };
+        // fast: 1000 iters per ms; slow: 100 iters in 4, 8, 5 ms, i.e. 40x, 80x, 50x slower.
+        let fast = series(1000, &[1, 1, 1]);
+        let slow = series(100, &[4, 8, 5]);
+        let d = paired_slowdown(&fast, &slow);
+        assert!((d - 50.0).abs() < 1e-9, "{d}");
+    }
+
+    #[test]
+    fn a_failed_sample_ends_the_series() {
+        let mut s: Result<Series, BenchError> = Ok(Series {
+            n: 5,
+            insns_per_iter: 1,
+            deltas: vec![],
+        });
+        extend(&mut s, |_| Err(BenchError::Run("boom".into())));
+        assert!(s.is_err());
+        extend(&mut s, |_| panic!("a failed series is not sampled again"));
     }
 }
