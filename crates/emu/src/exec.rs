@@ -4,9 +4,10 @@
 use crate::cpu::fault::{DB, Fault, Stop};
 use crate::cpu::flags::TF;
 use crate::cpu::{Cpu, RIP, RunState};
-use crate::decode::cache::BlockCache;
+use crate::decode::cache::{Block, BlockCache};
 use crate::mode::interrupt::Event as IntEvent;
 use crate::platform::signal;
+use crate::vm::VmShared;
 
 /// Why the loop returned to `run()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +35,15 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
             return Event::Io;
         }
         let att = sig.attention.load(std::sync::atomic::Ordering::Acquire);
-        if (att != 0 || cpu.run_state != RunState::Running)
-            && let Some(ev) = service(cpu, att)
-        {
-            return ev;
+        // An interrupt pending while IF=0 needs nothing until IF changes
+        // (sti/popf/iret end the block, so this is re-checked then).
+        let idle_irq = att == signal::IRQ && !cpu.iff();
+        if (att != 0 && !idle_irq) || cpu.run_state != RunState::Running {
+            // INIT/SIPI reset paging: the cached code page may be stale.
+            cache.forget_page();
+            if let Some(ev) = service(cpu, &vm, att) {
+                return ev;
+            }
         }
         if cpu.run_state != RunState::Running || cpu.shutdown {
             continue;
@@ -45,50 +51,37 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         let block = match cache.lookup(cpu) {
             Ok(b) => b,
             Err(s) => {
+                cache.forget_page();
                 stopped(cpu, s);
                 continue;
             }
         };
-        block.runs += 1;
         let single = cpu.int_shadow || cpu.rflags & TF != 0;
         let trap = cpu.rflags & TF != 0;
         cpu.int_shadow = false;
         cpu.stop = single;
-        let mut done = 0u64;
-        let mut exit = false;
-        for insn in block.insns.iter() {
-            let cur = cpu.gpr[RIP];
-            if tracing {
-                crate::trace::record(cpu, insn);
+        let start = cpu.gpr[RIP];
+        let (mut done, mut exit);
+        loop {
+            block.runs += 1;
+            (done, exit) = run_block(cpu, block, tracing);
+            // A block that loops onto itself runs again without a lookup
+            // while nothing needs attention and its code is unchanged.
+            let att = sig.attention.load(std::sync::atomic::Ordering::Relaxed);
+            if cpu.stop
+                || exit
+                || cpu.gpr[RIP] != start
+                || (att != 0 && !(att == signal::IRQ && !cpu.iff()))
+                || !block.is_current(&vm.code)
+            {
+                break;
             }
-            cpu.gpr[RIP] = cur.wrapping_add(u64::from(insn.len)) & cpu.ip_mask;
-            match (insn.exec)(cpu, insn) {
-                Ok(()) => {
-                    done += 1;
-                    if cpu.stop {
-                        break;
-                    }
-                }
-                Err(Stop::Exit) => {
-                    cpu.gpr[RIP] = cur;
-                    exit = true;
-                    break;
-                }
-                Err(Stop::SoftInt(v)) => {
-                    done += 1;
-                    cpu.io.retire();
-                    crate::mode::interrupt::deliver(cpu, v, IntEvent::Software);
-                    break;
-                }
-                Err(Stop::Fault(f)) => {
-                    cpu.gpr[RIP] = cur;
-                    cpu.io.retire();
-                    crate::mode::interrupt::deliver_fault(cpu, f);
-                    break;
-                }
-            }
+            cpu.icount += done;
         }
         cpu.icount += done;
+        if cpu.stop {
+            cache.forget_page();
+        }
         if exit {
             return Event::Io;
         }
@@ -103,6 +96,44 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
     }
 }
 
+/// Runs one block's instructions; returns (retired, exited for I/O).
+#[inline(always)]
+fn run_block(cpu: &mut Cpu, block: &Block, tracing: bool) -> (u64, bool) {
+    let mut done = 0u64;
+    for insn in block.insns.iter() {
+        let cur = cpu.gpr[RIP];
+        if tracing {
+            crate::trace::record(cpu, insn);
+        }
+        cpu.gpr[RIP] = cur.wrapping_add(u64::from(insn.len)) & cpu.ip_mask;
+        match (insn.exec)(cpu, insn) {
+            Ok(()) => {
+                done += 1;
+                if cpu.stop {
+                    break;
+                }
+            }
+            Err(Stop::Exit) => {
+                cpu.gpr[RIP] = cur;
+                return (done, true);
+            }
+            Err(Stop::SoftInt(v)) => {
+                done += 1;
+                cpu.io.retire();
+                crate::mode::interrupt::deliver(cpu, v, IntEvent::Software);
+                break;
+            }
+            Err(Stop::Fault(f)) => {
+                cpu.gpr[RIP] = cur;
+                cpu.io.retire();
+                crate::mode::interrupt::deliver_fault(cpu, f);
+                break;
+            }
+        }
+    }
+    (done, false)
+}
+
 /// Delivers a fault raised outside a handler (instruction fetch).
 fn stopped(cpu: &mut Cpu, s: Stop) {
     match s {
@@ -114,8 +145,7 @@ fn stopped(cpu: &mut Cpu, s: Stop) {
 
 /// Handles attention bits and non-running states at a block boundary.
 /// Returns an event for `run()` or `None` to go on.
-fn service(cpu: &mut Cpu, att: u32) -> Option<Event> {
-    let vm = cpu.vm.clone();
+fn service(cpu: &mut Cpu, vm: &VmShared, att: u32) -> Option<Event> {
     let id = cpu.id as usize;
     let sig = &vm.platform.signals[id];
     if att & signal::KICK != 0 {

@@ -118,6 +118,7 @@ impl Vcpu for EmuVcpu {
 
     fn set_state(&mut self, state: &CpuState) -> Result<()> {
         self.cpu.load_state(state);
+        self.cache.forget_page();
         self.cpu
             .vm
             .platform

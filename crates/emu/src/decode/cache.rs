@@ -9,6 +9,7 @@ use super::table::table;
 use crate::cpu::fault::{Fault, Res};
 use crate::cpu::{CS, Cpu, Mode};
 use crate::mem::access::Target;
+use crate::mem::{PAGE_MASK, RamLoc};
 
 /// Most instructions in one block.
 pub const MAX_BLOCK: usize = 64;
@@ -23,12 +24,24 @@ pub struct Block {
     pub runs: u64,
 }
 
+impl Block {
+    /// No write has hit the block's page since it was decoded.
+    #[inline(always)]
+    pub fn is_current(&self, code: &crate::mem::CodeMap) -> bool {
+        code.generation(self.frame) == self.generation
+    }
+}
+
 pub struct BlockCache {
     slots: Vec<Option<Box<Block>>>,
     /// The uncached block for an instruction crossing a page or fetched
     /// from outside RAM.
     scratch: Option<Box<Block>>,
     pub decoded: u64,
+    /// The code page the previous block came from: (linear page, host
+    /// page, frame). Valid until the CPU changes mode or mappings, which
+    /// always ends a block with `cpu.stop` (the loop then forgets it).
+    page: Option<(u64, u64, usize)>,
 }
 
 impl Default for BlockCache {
@@ -48,6 +61,7 @@ impl BlockCache {
             slots: (0..SLOTS).map(|_| None).collect(),
             scratch: None,
             decoded: 0,
+            page: None,
         }
     }
 
@@ -60,9 +74,18 @@ impl BlockCache {
             return Err(Fault::gp(0));
         }
         let lin = cs.base.wrapping_add(rip) & cpu.lin_mask;
-        let target = cpu.fetch_target(lin)?;
-        let Target::Ram(loc) = target else {
-            return self.decode_scratch(cpu, lin, None);
+        let loc = match self.page {
+            Some((page, host, frame)) if page == lin & PAGE_MASK => RamLoc {
+                host: (host + (lin & 0xfff)) as *mut u8,
+                frame,
+            },
+            _ => {
+                let Target::Ram(loc) = cpu.fetch_target(lin)? else {
+                    return self.decode_scratch(cpu, lin, None);
+                };
+                self.page = Some((lin & PAGE_MASK, loc.host as u64 & PAGE_MASK, loc.frame));
+                loc
+            }
         };
         let key = (loc.host as u64) << 2 | u64::from(cpu.bits >> 5);
         let slot = slot_of(key);
@@ -172,6 +195,12 @@ impl BlockCache {
             Some(b) => Ok(b),
             None => Err(Fault::ud()),
         }
+    }
+
+    /// The mapping of the last code page may have changed.
+    #[inline(always)]
+    pub fn forget_page(&mut self) {
+        self.page = None;
     }
 
     /// Forgets every block (tests, INIT).
