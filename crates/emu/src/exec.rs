@@ -71,7 +71,7 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
             if cpu.stop
                 || exit
                 || cpu.gpr[RIP] != start
-                || (att != 0 && !(att == signal::IRQ && !cpu.iff()))
+                || (att != 0 && (att != signal::IRQ || cpu.iff()))
                 || !block.is_current(&vm.code)
             {
                 break;
