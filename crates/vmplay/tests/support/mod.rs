@@ -93,7 +93,12 @@ impl std::fmt::Display for Run {
 
 /// Runs `cmd` (stdin closed, output captured) and waits at most
 /// [`DEADLINE`]; on expiry kills it and fails with what it printed so far.
-pub fn run(mut cmd: Command) -> Run {
+pub fn run(cmd: Command) -> Run {
+    run_with_deadline(cmd, DEADLINE)
+}
+
+/// [`run`] with its own deadline, for runs that boot a real kernel.
+pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Run {
     let what = format!("{cmd:?}");
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -128,12 +133,12 @@ pub fn run(mut cmd: Command) -> Run {
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if start.elapsed() < DEADLINE => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) if start.elapsed() < deadline => std::thread::sleep(Duration::from_millis(10)),
             Ok(None) => {
                 let _ = child.kill();
                 let status = child.wait().ok();
                 panic!(
-                    "{what} still running after {DEADLINE:?}; killed ({status:?})\n\
+                    "{what} still running after {deadline:?}; killed ({status:?})\n\
                      --- stdout ---\n{}\n--- stderr ---\n{}\n---",
                     stdout.join().unwrap_or_default(),
                     stderr.join().unwrap_or_default()
@@ -226,4 +231,26 @@ pub fn skip_without_kvm() -> bool {
         }
         None => false,
     }
+}
+
+/// The workspace's `guest-assets/debian/<name>` (fetched by
+/// `scripts/fetch-debian-kernel`), or `None` after saying why the test
+/// skips. With `VMPLAY_REQUIRE_ASSETS` set (CI) a missing asset fails.
+pub fn debian_asset(name: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../guest-assets/debian")
+        .join(name);
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none(),
+        "{} is missing (run scripts/fetch-debian-kernel)",
+        path.display()
+    );
+    eprintln!(
+        "skipping: {} not found (run scripts/fetch-debian-kernel)",
+        path.display()
+    );
+    None
 }
