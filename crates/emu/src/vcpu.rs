@@ -118,6 +118,8 @@ impl Vcpu for EmuVcpu {
 
     fn set_state(&mut self, state: &CpuState) -> Result<()> {
         self.cpu.load_state(state);
+        // The VMM may have rewritten code behind the CPU's back.
+        self.cache.clear();
         self.cache.forget_page();
         self.cpu
             .vm

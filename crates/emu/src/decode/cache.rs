@@ -122,6 +122,11 @@ impl BlockCache {
             // First code on this page: no vCPU may write it through the TLB.
             cpu.tlb.drop_write(frame);
             cpu.vm.platform.code_page_marked(cpu.id);
+            let page = (host as u64 & crate::mem::PAGE_MASK) as *const u8;
+            // SAFETY: `host` is inside a 4 KiB RAM page (fetch_target).
+            cpu.vm
+                .code
+                .set_hash(frame, unsafe { crate::mem::page_hash(page) });
         }
         let generation = cpu.vm.code.generation(frame);
         let mut buf = [0u8; 0x1000];

@@ -95,7 +95,8 @@ impl ShiftOp for Rcl {
     }
     fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, cf: bool) {
         let v = u128::from(a) | (u128::from(cf) << W::BITS);
-        let new_cf = (v >> (W::BITS + 1 - n)) & 1 != 0;
+        // The bit that lands in the carry position came from bit N-n.
+        let new_cf = (v >> (W::BITS - n)) & 1 != 0;
         f.set_cf(new_cf);
         f.set_of(msb::<W>(r) ^ new_cf);
     }
@@ -127,14 +128,24 @@ fn count<W: Width, const CNT: u8>(cpu: &Cpu, i: &Insn) -> u32 {
 }
 
 fn shift<O: ShiftOp, W: Width, D: Dst, const CNT: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
-    let mut n = count::<W, CNT>(cpu, i);
-    if O::THROUGH_CARRY {
-        n %= W::BITS + 1;
-    }
+    let masked = count::<W, CNT>(cpu, i);
+    let n = if O::THROUGH_CARRY {
+        masked % (W::BITS + 1)
+    } else {
+        masked
+    };
     if n == 0 {
-        // No flags change; a memory operand is still checked.
-        if !D::IS_REG {
-            D::read::<W>(cpu, i)?;
+        // No flags change; a memory operand is still checked, and a 32-bit
+        // register is still written (zero-extended) as on hardware.
+        let a = D::read::<W>(cpu, i)?;
+        if D::IS_REG && W::BITS == 32 {
+            D::write::<W>(cpu, i, a)?;
+        }
+        if masked != 0 {
+            // rcl/rcr by a multiple of width+1: CF stays, OF follows the
+            // count-1 formula on the unchanged value (as hardware does).
+            let of = (a & W::SIGN != 0) ^ cpu.flags.cf();
+            cpu.flags.set_of(of);
         }
         return Ok(());
     }
@@ -150,33 +161,55 @@ fn shxd<W: Width, D: Dst, const LEFT: bool, const CL: bool>(cpu: &mut Cpu, i: &I
     let raw = if CL { cpu.gpr[1] } else { i.imm };
     let n = (raw & if W::BITS == 64 { 0x3f } else { 0x1f }) as u32;
     if n == 0 {
-        if !D::IS_REG {
-            D::read::<W>(cpu, i)?;
+        let a = D::read::<W>(cpu, i)?;
+        if D::IS_REG && W::BITS == 32 {
+            D::write::<W>(cpu, i, a)?;
         }
         return Ok(());
     }
     let src = W::get(&cpu.gpr, i.r1);
     let bits = W::BITS;
-    let calc = move |a: u64| -> u64 {
-        if LEFT {
-            let v = (u128::from(a) << bits) | u128::from(src);
-            ((v << n) >> bits) as u64 & W::MASK
+    // 16-bit forms with counts above 16 shift a 48-bit dest:src:src
+    // (shld) or src:src:dest (shrd), as AMD and the Pentium do; other
+    // widths shift dest:src within 2N bits.
+    let wide = |a: u64| -> (u128, u32) {
+        if bits == 16 {
+            let (a, s) = (u128::from(a), u128::from(src));
+            if LEFT {
+                (a << 32 | s << 16 | s, 48)
+            } else {
+                (s << 32 | s << 16 | a, 48)
+            }
+        } else if LEFT {
+            (u128::from(a) << bits | u128::from(src), 2 * bits)
         } else {
-            let v = (u128::from(src) << bits) | u128::from(a);
+            (u128::from(src) << bits | u128::from(a), 2 * bits)
+        }
+    };
+    let calc = move |a: u64| -> u64 {
+        let (v, total) = wide(a);
+        if LEFT {
+            ((v << n) >> (total - bits)) as u64 & W::MASK
+        } else {
             (v >> n) as u64 & W::MASK
         }
     };
     let a = D::rmw::<W>(cpu, i, calc)?;
     let r = calc(a);
-    let cf = if LEFT {
-        let v = (u128::from(a) << bits) | u128::from(src);
-        (v >> (2 * bits - n)) & 1 != 0
+    let (v, total) = wide(a);
+    // 16-bit counts above 16 are undefined; the hosts we compare with
+    // (AMD) clear CF there.
+    let undefined16 = bits == 16 && n > 16;
+    let (cf, of) = if undefined16 {
+        (false, msb::<W>(r) ^ ((r >> (bits - 2)) & 1 != 0))
+    } else if LEFT {
+        let cf = (v >> (total - n)) & 1 != 0;
+        (cf, cf ^ msb::<W>(r))
     } else {
-        let v = (u128::from(src) << bits) | u128::from(a);
-        (v >> (n - 1)) & 1 != 0
+        let cf = (v >> (n - 1)) & 1 != 0;
+        (cf, msb::<W>(r) ^ ((r >> (bits - 2)) & 1 != 0))
     };
-    cpu.flags
-        .set_result_cf_of::<W>(r, cf, msb::<W>(r) ^ msb::<W>(a));
+    cpu.flags.set_result_cf_of::<W>(r, cf, of);
     Ok(())
 }
 

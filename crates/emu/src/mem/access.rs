@@ -243,6 +243,16 @@ impl Cpu {
             return Ok(Target::Mmio(w.pa | (lin & 0xfff)));
         };
         let page = lin & PAGE_MASK;
+        if acc == Access::Exec && self.vm.code.is_code(loc.frame) {
+            // Mapped for execution again: catch writes the CPU did not see
+            // (DMA, the VMM) since the page's code was decoded.
+            let host_page = (loc.host as u64 & PAGE_MASK) as *const u8;
+            // SAFETY: `ram` returned the start of a RAM page (w.pa is
+            // page-aligned), 4096 bytes long.
+            if unsafe { super::page_hash(host_page) } != self.vm.code.hash(loc.frame) {
+                self.vm.code.invalidate(loc.frame);
+            }
+        }
         let wp = self.cr0 & CR0_WP != 0;
         let read_ok = !user || w.user;
         let write_ok = w.dirty

@@ -52,11 +52,15 @@ impl PhysMem {
         let mut regions = Vec::new();
         let mut frames = 0;
         for r in mem.iter() {
+            // Whole, aligned pages only: code hashing and the TLB work on
+            // 4 KiB pages (a ragged edge would read as MMIO).
             let start = r.start_addr().0;
-            let len = r.len();
+            let skip = start.wrapping_neg() & 0xfff;
+            let len = r.len().saturating_sub(skip) & !0xfff;
             let host = r
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .get_host_address(vm_memory::MemoryRegionAddress(skip))
                 .unwrap_or(std::ptr::null_mut());
+            let start = start + skip;
             if host.is_null() || len == 0 {
                 continue;
             }
@@ -150,12 +154,34 @@ impl PhysMem {
 /// counts writes to it while it did (the generation blocks compare).
 pub struct CodeMap {
     pages: Box<[AtomicU32]>,
+    /// Hash of each code frame's bytes when its code was first decoded:
+    /// writes the CPU never sees (device DMA, the VMM) are caught when the
+    /// page is next mapped for execution.
+    hashes: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+/// A fast hash of one 4 KiB page (not cryptographic: it only has to
+/// notice content changes).
+///
+/// # Safety
+/// `page` must point at 4096 readable bytes.
+pub unsafe fn page_hash(page: *const u8) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for k in 0..512 {
+        // SAFETY: k*8+8 <= 4096, inside the page (caller's guarantee).
+        let w = unsafe { page.add(k * 8).cast::<u64>().read_unaligned() };
+        h = (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(23);
+    }
+    h
 }
 
 impl CodeMap {
     pub fn new(frames: usize) -> Self {
         CodeMap {
             pages: (0..frames).map(|_| AtomicU32::new(0)).collect(),
+            hashes: (0..frames)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
         }
     }
 
@@ -173,6 +199,14 @@ impl CodeMap {
     /// Marks the frame as holding code; true if it did not before.
     pub fn mark(&self, frame: usize) -> bool {
         self.pages[frame].fetch_or(1, Ordering::AcqRel) & 1 == 0
+    }
+
+    pub fn set_hash(&self, frame: usize, h: u64) {
+        self.hashes[frame].store(h, Ordering::Release);
+    }
+
+    pub fn hash(&self, frame: usize) -> u64 {
+        self.hashes[frame].load(Ordering::Acquire)
     }
 
     /// A write hit a code frame: every block from it is now stale.
