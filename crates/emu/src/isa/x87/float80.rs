@@ -1129,7 +1129,7 @@ mod tests {
 /// The model against the host's x87, on random operands chosen to hit
 /// every class and rounding boundary, under random control words.
 #[cfg(all(test, target_arch = "x86_64"))]
-mod host {
+pub(crate) mod host {
     use super::*;
 
     /// Operands in, results out; offsets are fixed for the asm below.

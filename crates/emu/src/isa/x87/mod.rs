@@ -20,6 +20,9 @@ pub mod float80;
 mod ops;
 mod trans;
 
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests;
+
 use iced_x86::{Instruction, OpKind, Register};
 
 use crate::cpu::fault::{Fault, Res};

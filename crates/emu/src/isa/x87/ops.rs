@@ -278,13 +278,12 @@ fn fcomi<const POP: bool, const QUIET: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
     note(cpu, i);
     let k = usize::from(i.r1);
     let f = &mut cpu.fpu;
-    f.fsw &= !C1;
+    // C1 is left alone unless the stack faults; the flags report the
+    // comparison even when an exception is unmasked (as the host does).
     if f.is_empty(0) || f.is_empty(k) {
-        if f.underflow() {
-            cpu.flags.set_bits(ZF | PF | CF);
-            if POP {
-                cpu.fpu.pop();
-            }
+        cpu.flags.set_bits(ZF | PF | CF);
+        if f.underflow() && POP {
+            cpu.fpu.pop();
         }
         return Ok(());
     }
@@ -360,12 +359,7 @@ fn fld_st(cpu: &mut Cpu, i: &Insn) -> Res {
     note(cpu, i);
     let k = usize::from(i.r0);
     let f = &mut cpu.fpu;
-    if !f.is_empty(7) {
-        if f.overflow() {
-            f.push(F80::INDEFINITE);
-        }
-        return Ok(());
-    }
+    // An empty source is reported before a full stack.
     if f.is_empty(k) {
         if f.underflow() {
             f.push(F80::INDEFINITE);
@@ -559,15 +553,27 @@ fn fprem<const IEEE: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
     wait_check(cpu)?;
     note(cpu, i);
     let f = &mut cpu.fpu;
+    // C2 ends clear unless a partial remainder completes.
+    f.fsw &= !C2;
     if f.is_empty(0) || f.is_empty(1) {
         if f.underflow() {
             f.set(0, F80::INDEFINITE);
         }
         return Ok(());
     }
+    let (a, b) = (f.get(0), f.get(1));
     let mut env = Env::new(f.fcw);
-    let (r, q, done) = float80::rem(&mut env, f.get(0), f.get(1), IEEE);
+    let (r, q, done) = float80::rem(&mut env, a, b, IEEE);
+    // NaN and invalid operands clear C2 and leave C0 and C3 alone.
+    let special = a.is_nan()
+        || b.is_nan()
+        || matches!(a.kind(), Kind::Unsupported | Kind::Inf)
+        || matches!(b.kind(), Kind::Unsupported | Kind::Zero);
     if !f.apply(&env) {
+        return Ok(());
+    }
+    if special {
+        f.set(0, r);
         return Ok(());
     }
     f.set(0, r);
@@ -600,6 +606,7 @@ fn ffree<const POP: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
     let f = &mut cpu.fpu;
     let r = f.phys(usize::from(i.r0));
     f.ftw &= !(1 << r);
+    f.fsw &= !C1;
     if POP {
         f.pop();
     }
@@ -625,7 +632,6 @@ fn fcmov<const CC: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
         }
         return Ok(());
     }
-    f.fsw &= !C1;
     if cond {
         let v = f.get(k);
         f.set(0, v);
