@@ -4,13 +4,195 @@
 //! operand must come out identical. Plus behaviour tests for #MF, #NM,
 //! the environment layouts and the transcendentals' accuracy.
 
-use vm_memory::{Bytes, GuestAddress};
 use vmplay_hypervisor::{CpuState, FpuState};
 
 use super::float80::host::Rng;
 use super::float80::{self, Env};
 use crate::cpu::fpu::F80;
-use crate::isa::bit::harness::{CODE, DATA, TestVm};
+
+pub(crate) use harness::{CODE, DATA, TestVm};
+
+/// A guest with flat segments in long, 32-bit protected and real mode
+/// whose exception vectors report as `out 0x80, vector; hlt`.
+pub(crate) mod harness {
+    use std::sync::Arc;
+
+    use vm_memory::{Bytes, GuestAddress};
+    use vmplay_hypervisor::{
+        CpuState, DescriptorTable, GuestMemory, Hypervisor, Segment, Vcpu, VcpuExit, Vm, VmSpec,
+    };
+
+    use crate::{EmuHypervisor, EmuOptions};
+
+    const MEM: usize = 4 << 20;
+    const GDT: u64 = 0x500;
+    const IDT64: u64 = 0x1000;
+    const IDT32: u64 = 0x2000;
+    const STUBS: u64 = 0x3000;
+    const PML4: u64 = 0x10000;
+    pub const CODE: u64 = 0x20000;
+    pub const STACK: u64 = 0x7000;
+    pub const DATA: u64 = 0x10_0000;
+    const CODE64: u16 = 0x08;
+    const DATA_SEL: u16 = 0x10;
+    const CODE32: u16 = 0x18;
+    pub const VECTOR_PORT: u16 = 0x80;
+
+    pub struct TestVm {
+        _vm: Arc<dyn Vm>,
+        pub mem: GuestMemory,
+        vcpu: Box<dyn Vcpu>,
+    }
+
+    /// How a run ended: halted, the vector a stub reported, the state.
+    #[derive(Debug)]
+    pub struct Outcome {
+        pub halted: bool,
+        pub vector: Option<u8>,
+        pub state: CpuState,
+    }
+
+    impl TestVm {
+        pub fn new() -> TestVm {
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).expect("test memory");
+            let vm = EmuHypervisor::new(EmuOptions::default())
+                .create_vm(&VmSpec { vcpus: 1 }, &mem)
+                .expect("create vm");
+            let vcpu = vm.create_vcpu(0).expect("vcpu 0");
+            let t = TestVm { _vm: vm, mem, vcpu };
+            t.tables();
+            t
+        }
+
+        pub fn write(&self, addr: u64, bytes: &[u8]) {
+            self.mem
+                .write_slice(bytes, GuestAddress(addr))
+                .expect("write guest memory");
+        }
+
+        pub fn read(&self, addr: u64, buf: &mut [u8]) {
+            self.mem
+                .read_slice(buf, GuestAddress(addr))
+                .expect("read guest memory");
+        }
+
+        fn write_u64(&self, addr: u64, v: u64) {
+            self.write(addr, &v.to_le_bytes());
+        }
+
+        fn tables(&self) {
+            let gdt = [
+                0,
+                0x00af_9b00_0000_ffffu64,
+                0x00cf_9300_0000_ffff,
+                0x00cf_9b00_0000_ffff,
+            ];
+            for (k, d) in gdt.iter().enumerate() {
+                self.write_u64(GDT + 8 * k as u64, *d);
+            }
+            for v in 0..32u64 {
+                let stub = STUBS + 8 * v;
+                // mov al, v; out 0x80, al; hlt
+                self.write(stub, &[0xb0, v as u8, 0xe6, VECTOR_PORT as u8, 0xf4]);
+                let gate = (stub & 0xffff) | ((stub >> 16) & 0xffff) << 48 | 0x8e << 40;
+                self.write_u64(IDT64 + 16 * v, gate | u64::from(CODE64) << 16);
+                self.write_u64(IDT64 + 16 * v + 8, stub >> 32);
+                self.write_u64(IDT32 + 8 * v, gate | u64::from(CODE32) << 16);
+                self.write(4 * v, &(stub as u32).to_le_bytes()); // IVT
+            }
+            self.write_u64(PML4, (PML4 + 0x1000) | 3);
+            self.write_u64(PML4 + 0x1000, (PML4 + 0x2000) | 3);
+            for k in 0..512u64 {
+                self.write_u64(PML4 + 0x2000 + 8 * k, (k << 21) | 0x83);
+            }
+        }
+
+        /// 64-bit mode at `rip`, CR0.NE set (x87 errors raise #MF).
+        pub fn long_mode(&self, rip: u64) -> CpuState {
+            let code = Segment::flat(CODE64, 0xb, true, false);
+            let data = Segment::flat(DATA_SEL, 0x3, false, true);
+            let mut s = CpuState {
+                rip,
+                rflags: 2,
+                cs: code,
+                ss: data,
+                ds: data,
+                es: data,
+                fs: data,
+                gs: data,
+                tr: Segment::tss(0, 0, 0x67),
+                ldt: Segment::no_ldt(),
+                gdt: DescriptorTable {
+                    base: GDT,
+                    limit: 0x1f,
+                },
+                idt: DescriptorTable {
+                    base: IDT64,
+                    limit: 32 * 16 - 1,
+                },
+                cr0: 0x8000_0031,
+                cr3: PML4,
+                cr4: 0x20,
+                efer: 0x500,
+                ..Default::default()
+            };
+            s.gpr[4] = STACK;
+            s
+        }
+
+        pub fn protected32(&self, rip: u64) -> CpuState {
+            let mut s = self.long_mode(rip);
+            s.cs = Segment::flat(CODE32, 0xb, false, true);
+            (s.cr0, s.cr4, s.efer) = (0x31, 0, 0);
+            s.idt = DescriptorTable {
+                base: IDT32,
+                limit: 32 * 8 - 1,
+            };
+            s
+        }
+
+        pub fn real_mode(&self, rip: u64) -> CpuState {
+            let mut s = CpuState::reset();
+            s.cs = Segment::real_mode(0, true);
+            let d = Segment::real_mode(0, false);
+            (s.ds, s.es, s.ss, s.fs, s.gs) = (d, d, d, d, d);
+            s.rip = rip;
+            s.gpr[4] = STACK;
+            s
+        }
+
+        /// Runs from `s` until `hlt` (or something else stops it).
+        pub fn run(&mut self, s: &CpuState) -> Outcome {
+            self.vcpu.set_state(s).expect("set_state");
+            let mut vector = None;
+            let mut halted = false;
+            for _ in 0..1000 {
+                match self.vcpu.run() {
+                    Ok(VcpuExit::IoOut {
+                        port: VECTOR_PORT,
+                        data,
+                    }) => vector = Some(data[0]),
+                    Ok(VcpuExit::IoIn { data, .. } | VcpuExit::MmioRead { data, .. }) => {
+                        data.fill(0xff)
+                    }
+                    Ok(
+                        VcpuExit::IoOut { .. } | VcpuExit::MmioWrite { .. } | VcpuExit::Interrupted,
+                    ) => {}
+                    Ok(VcpuExit::Halt) => {
+                        halted = true;
+                        break;
+                    }
+                    Ok(VcpuExit::Shutdown | VcpuExit::InternalError(_)) | Err(_) => break,
+                }
+            }
+            Outcome {
+                halted,
+                vector,
+                state: self.vcpu.state().expect("state"),
+            }
+        }
+    }
+}
 
 /// An FXSAVE area.
 #[repr(C, align(16))]
@@ -174,9 +356,7 @@ fn guest_run(vm: &mut TestVm, rip: u64, init: &HostState) -> Option<HostState> {
     out.rflags = o.state.rflags;
     out.rax = o.state.gpr[0];
     let mut mem = [0u8; 128];
-    vm.mem
-        .read_slice(&mut mem, GuestAddress(DATA))
-        .expect("read guest memory");
+    vm.read(DATA, &mut mem);
     out.mem = mem;
     Some(out)
 }
@@ -219,7 +399,7 @@ fn differences(host: &HostState, guest: &HostState) -> Vec<String> {
 
 /// Every form against the host from `cases` random states each.
 fn check_forms(forms: &[Form], cases: usize, seed: u64) {
-    let mut vm = TestVm::new(1);
+    let mut vm = TestVm::new();
     let mut rng = Rng::new(seed);
     let mut fails = Vec::new();
     for (k, form) in forms.iter().enumerate() {
@@ -408,4 +588,221 @@ fn stack_and_control_forms_match_the_host() {
         form!("frstor", 0xdd, 0x26),
     ];
     check_forms(&forms, CASES, 104);
+}
+
+#[test]
+fn fnstenv_and_fnsave_images_match_the_host() {
+    // The host keeps its own CS selector in the 32-bit FCS slot; all else
+    // (including FIP, FOP and FDP as fxrstor64 loaded them) must agree.
+    let forms = [form!("fnstenv", 0xd9, 0x36), form!("fnsave", 0xdd, 0x36)];
+    let mut vm = TestVm::new();
+    let mut rng = Rng::new(105);
+    for (k, form) in forms.iter().enumerate() {
+        let rip = CODE + 0x20 * k as u64;
+        vm.write(rip, &[form.bytes, &[0xf4]].concat());
+        for _ in 0..300 {
+            let mut init = HostState {
+                fx: random_fx(&mut rng),
+                mem: [0; 128],
+                rflags: 2,
+                rax: 0,
+            };
+            let fop = rng.next() as u16 & 0x7ff;
+            init.fx.0[6..8].copy_from_slice(&fop.to_le_bytes());
+            init.fx.0[8..16].copy_from_slice(&(rng.next() & 0xffff_ffff).to_le_bytes());
+            init.fx.0[16..24].copy_from_slice(&(rng.next() & 0xffff_ffff).to_le_bytes());
+            let mut host = init;
+            (form.host)(&mut host);
+            let mut guest = guest_run(&mut vm, rip, &init).expect("no fault");
+            guest.mem[16..18].copy_from_slice(&host.mem[16..18]);
+            assert_eq!(
+                differences(&host, &guest),
+                Vec::<String>::new(),
+                "{}",
+                form.name
+            );
+        }
+    }
+}
+
+/// Runs `code` then `hlt` in 64-bit mode from a fresh FPU.
+fn run64(code: &[u8]) -> harness::Outcome {
+    let mut vm = TestVm::new();
+    vm.write(CODE, &[code, &[0xf4]].concat());
+    let mut s = vm.long_mode(CODE);
+    s.gpr[6] = DATA;
+    vm.run(&s)
+}
+
+#[test]
+fn an_unmasked_exception_faults_the_next_waiting_instruction() {
+    let code = [
+        0xd9, 0x2e, // fldcw [rsi] (ZE unmasked)
+        0xd9, 0xee, // fldz
+        0xd9, 0xe8, // fld1
+        0xd8, 0xf1, // fdiv st0, st1: 1/0
+        0xdd, 0x7e, 0x08, // fnstsw [rsi+8]: no-wait, no fault
+        0x9b, // fwait: #MF
+    ];
+    let mut vm = TestVm::new();
+    vm.write(CODE, &[&code[..], &[0xf4]].concat());
+    vm.write(DATA, &0x037bu16.to_le_bytes());
+    let mut s = vm.long_mode(CODE);
+    s.gpr[6] = DATA;
+    let o = vm.run(&s);
+    assert_eq!(o.vector, Some(16), "#MF");
+    let mut b = [0u8; 2];
+    vm.read(DATA + 8, &mut b);
+    let fsw = u16::from_le_bytes(b);
+    assert_eq!(fsw & 0x80ff, 0x8084, "ZE with ES and B: {fsw:#06x}");
+    let st0 = F80::from_bytes(&o.state.fpu.st[0]);
+    assert_eq!(st0, F80::ONE, "the destination is untouched");
+    // The fault frame's RIP is the fwait.
+    assert_eq!(vm_rsp_rip(&vm, &o), CODE + 11);
+}
+
+/// The RIP an exception stub's frame recorded.
+fn vm_rsp_rip(vm: &TestVm, o: &harness::Outcome) -> u64 {
+    let mut b = [0u8; 8];
+    vm.read(o.state.gpr[4], &mut b);
+    u64::from_le_bytes(b)
+}
+
+#[test]
+fn fnclex_clears_a_pending_exception() {
+    let code = [
+        0xd9, 0x2e, // fldcw [rsi]
+        0xd9, 0xee, // fldz
+        0xd9, 0xe8, // fld1
+        0xd8, 0xf1, // fdiv st0, st1
+        0xdb, 0xe2, // fnclex
+        0x9b, // fwait
+        0xd9, 0xe8, // fld1
+    ];
+    let mut vm = TestVm::new();
+    vm.write(CODE, &[&code[..], &[0xf4]].concat());
+    vm.write(DATA, &0x037bu16.to_le_bytes());
+    let mut s = vm.long_mode(CODE);
+    s.gpr[6] = DATA;
+    let o = vm.run(&s);
+    assert!(o.halted && o.vector.is_none(), "{:?}", o.vector);
+    assert_eq!(o.state.fpu.fsw & 0x80ff, 0);
+}
+
+#[test]
+fn cr0_ts_and_em_raise_nm() {
+    for (cr0_bits, code, want) in [
+        (0x8, &[0xd9u8, 0xe8][..], Some(7)), // TS: fld1
+        (0x4, &[0xd9, 0xe8][..], Some(7)),   // EM: fld1
+        (0x8, &[0x9b][..], None),            // TS without MP: fwait runs
+        (0xa, &[0x9b][..], Some(7)),         // TS and MP: fwait faults
+        (0x8, &[0xdb, 0xe3][..], Some(7)),   // TS: fninit too
+    ] {
+        let mut vm = TestVm::new();
+        vm.write(CODE, &[code, &[0xf4]].concat());
+        let mut s = vm.long_mode(CODE);
+        s.cr0 |= cr0_bits;
+        let o = vm.run(&s);
+        assert_eq!(o.vector, want, "cr0 bits {cr0_bits:#x}, code {code:02x?}");
+    }
+}
+
+#[test]
+fn unmasked_overflow_keeps_the_bias_adjusted_result() {
+    // fldcw [rsi] (OE unmasked); fld tbyte [rsi+16] (2^16000); fmul st0, st0
+    let code = [0xd9, 0x2e, 0xdb, 0x6e, 0x10, 0xd8, 0xc8];
+    let mut vm = TestVm::new();
+    vm.write(CODE, &[&code[..], &[0xf4]].concat());
+    vm.write(DATA, &0x0377u16.to_le_bytes());
+    let big = F80::new(false, 0x3fff + 16000, 1 << 63);
+    vm.write(DATA + 16, &big.to_bytes()[..10]);
+    let mut s = vm.long_mode(CODE);
+    s.gpr[6] = DATA;
+    let o = vm.run(&s);
+    assert!(o.halted);
+    let r = F80::from_bytes(&o.state.fpu.st[0]);
+    assert_eq!(
+        r,
+        F80::new(false, 0x3fff + 32000 - 24576, 1 << 63),
+        "2^32000 / 2^24576"
+    );
+    assert_eq!(o.state.fpu.fsw & 0x80ff, 0x8088, "OE, ES, B");
+}
+
+#[test]
+fn protected_mode_fnstenv_stores_selectors_and_the_opcode() {
+    let mut vm = TestVm::new();
+    // fninit; fld1; fld dword [esi+4]; fnstenv [esi+32]
+    let code = [
+        0xdb, 0xe3, 0xd9, 0xe8, 0xd9, 0x46, 0x04, 0xd9, 0x76, 0x20, 0xf4,
+    ];
+    vm.write(CODE, &code);
+    vm.write(DATA + 4, &1.5f32.to_bits().to_le_bytes());
+    let mut s = vm.protected32(CODE);
+    s.gpr[6] = DATA;
+    let o = vm.run(&s);
+    assert!(o.halted, "{:?}", o.vector);
+    let mut env = [0u8; 28];
+    vm.read(DATA + 32, &mut env);
+    let d = |k: usize| u32::from_le_bytes([env[k], env[k + 1], env[k + 2], env[k + 3]]);
+    assert_eq!(d(0), 0xffff_037f, "fcw");
+    assert_eq!(d(4), 0xffff_3000, "fsw: TOP = 6");
+    assert_eq!(d(8), 0xffff_0fff, "ftw: R6 and R7 valid");
+    assert_eq!(d(12), (CODE + 4) as u32, "fip: the fld m32");
+    assert_eq!(d(16), 0x18 | (0x146 << 16), "fcs 0x18, fop d9 46");
+    assert_eq!(d(20), (DATA + 4) as u32, "fdp");
+    assert_eq!(d(24), 0xffff_0010, "fds");
+}
+
+#[test]
+fn real_mode_fnstenv_and_fldenv_round_trip() {
+    let mut vm = TestVm::new();
+    // fninit; fldpi; fnstenv [si] (16-bit); fninit; fldenv [si]; hlt
+    let at = 0x8000;
+    let code = [
+        0xdb, 0xe3, 0xd9, 0xeb, 0xd9, 0x34, 0xdb, 0xe3, 0xd9, 0x24, 0xf4,
+    ];
+    vm.write(at, &code);
+    let mut s = vm.real_mode(at);
+    s.gpr[6] = 0x9000;
+    let o = vm.run(&s);
+    assert!(o.halted, "{:?}", o.vector);
+    let mut env = [0u8; 14];
+    vm.read(0x9000, &mut env);
+    let w = |k: usize| u16::from_le_bytes([env[2 * k], env[2 * k + 1]]);
+    assert_eq!(
+        (w(0), w(1), w(2)),
+        (0x037f, 0x3800, 0x3fff),
+        "fcw, fsw, ftw"
+    );
+    assert_eq!(w(3), at as u16 + 2, "fip[15:0]");
+    assert_eq!(w(4), 0x1eb, "fop d9 eb, fip[19:16] = 0");
+    let f = &o.state.fpu;
+    assert_eq!(
+        (f.fcw, f.fsw, f.ftw, f.fop),
+        (0x037f, 0x3800, 0x80, 0x1eb),
+        "fldenv restored it"
+    );
+}
+
+#[test]
+fn fop_is_rebuilt_from_the_encoding() {
+    use iced_x86::{Code, Decoder, DecoderOptions};
+    let mut checked = 0;
+    for bits in [16u32, 32, 64] {
+        for esc in 0xd8u8..=0xdf {
+            for modrm in 0..=255u8 {
+                // A displacement and SIB byte cover every addressing form.
+                let bytes = [esc, modrm, 0x24, 0x11, 0x22, 0x33, 0x44];
+                let ins = Decoder::new(bits, &bytes, DecoderOptions::NONE).decode();
+                if ins.code() == Code::INVALID {
+                    continue;
+                }
+                let want = (u16::from(esc & 7) << 8) | u16::from(modrm);
+                assert_eq!(super::fop(&ins), want, "{bits}-bit {bytes:02x?}: {ins}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 5000, "{checked} encodings");
 }
