@@ -625,15 +625,6 @@ fn fnstenv_and_fnsave_images_match_the_host() {
     }
 }
 
-/// Runs `code` then `hlt` in 64-bit mode from a fresh FPU.
-fn run64(code: &[u8]) -> harness::Outcome {
-    let mut vm = TestVm::new();
-    vm.write(CODE, &[code, &[0xf4]].concat());
-    let mut s = vm.long_mode(CODE);
-    s.gpr[6] = DATA;
-    vm.run(&s)
-}
-
 #[test]
 fn an_unmasked_exception_faults_the_next_waiting_instruction() {
     let code = [
