@@ -8,6 +8,7 @@ use crate::platform::clock::Clock;
 use crate::platform::lapic::{BASE_EN, BASE_EXTD, Lapic};
 
 pub const TSC: u32 = 0x10;
+pub const TSC_ADJUST: u32 = 0x3b;
 pub const APIC_BASE: u32 = 0x1b;
 pub const UCODE_REV: u32 = 0x8b;
 pub const SYSENTER_CS: u32 = 0x174;
@@ -48,6 +49,7 @@ impl Cpu {
     pub fn rdmsr(&mut self, msr: u32) -> Res<u64> {
         Ok(match msr {
             TSC => self.tsc(),
+            TSC_ADJUST => self.msr.tsc_adjust as u64,
             APIC_BASE => self.with_lapic(|l| l.base),
             UCODE_REV => self.msr.ucode_rev,
             SYSENTER_CS => self.msr.sysenter_cs,
@@ -88,7 +90,10 @@ impl Cpu {
 
     pub fn wrmsr(&mut self, msr: u32, v: u64) -> Res {
         match msr {
+            // Writing the TSC moves TSC_ADJUST by the same amount and vice
+            // versa: the guest TSC is host time plus the adjustment.
             TSC => self.msr.tsc_adjust = v.wrapping_sub(self.vm.platform.clock.tsc()) as i64,
+            TSC_ADJUST => self.msr.tsc_adjust = v as i64,
             APIC_BASE => {
                 if v & !(0xf_ffff_f000 | BASE_EN | BASE_EXTD | (1 << 8)) != 0
                     || (v & BASE_EXTD != 0 && v & BASE_EN == 0)
