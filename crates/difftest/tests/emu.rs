@@ -1,8 +1,7 @@
 //! The software CPU against the host CPU, class by class. Thousands of
 //! cases each (scale with VMPLAY_DIFFTEST_CASES, reproduce with
-//! VMPLAY_DIFFTEST_SEED / VMPLAY_DIFFTEST_CASE). A class the emu lacks
-//! fails here; each `ignore` names what the emu lacks today (a family not
-//! implemented yet, or a bug the class trips over): drop it when fixed.
+//! VMPLAY_DIFFTEST_SEED / VMPLAY_DIFFTEST_CASE). A class the emu lacks,
+//! or gets wrong anywhere, fails here.
 
 use vmplay_difftest::{Class, Config, assert_matches_host, run_random_bytes};
 use vmplay_emu::{EmuHypervisor, EmuOptions};
@@ -24,33 +23,19 @@ macro_rules! emu_tests {
 }
 
 emu_tests! {
-    #[ignore = "emu: runs stale decoded blocks after the VMM rewrites guest code (see emu_runs_code_the_vmm_rewrote)"]
     emu_matches_host_on_integer_alu => Class::IntegerAlu,
-    #[ignore = "emu: stale blocks after VMM code rewrites; also `shr r32, 0` keeps the upper half and rcl sets CF/OF wrong"]
     emu_matches_host_on_shifts => Class::Shifts,
-    #[ignore = "emu: runs stale decoded blocks after the VMM rewrites guest code (see emu_runs_code_the_vmm_rewrote)"]
     emu_matches_host_on_mul_div => Class::MulDiv,
-    #[ignore = "emu: runs stale decoded blocks after the VMM rewrites guest code (see emu_runs_code_the_vmm_rewrote)"]
     emu_matches_host_on_conditional => Class::Conditional,
-    #[ignore = "emu: runs stale decoded blocks after the VMM rewrites guest code (see emu_runs_code_the_vmm_rewrote)"]
     emu_matches_host_on_exchange => Class::Exchange,
-    #[ignore = "emu: runs stale decoded blocks after the VMM rewrites guest code (see emu_runs_code_the_vmm_rewrote)"]
     emu_matches_host_on_moves => Class::Moves,
-    #[ignore = "emu: runs stale decoded blocks after the VMM rewrites guest code (see emu_runs_code_the_vmm_rewrote)"]
     emu_matches_host_on_strings => Class::Strings,
-    #[ignore = "emu: runs stale decoded blocks after the VMM rewrites guest code (see emu_runs_code_the_vmm_rewrote)"]
     emu_matches_host_on_stack => Class::Stack,
-    #[ignore = "emu: runs stale decoded blocks after the VMM rewrites guest code (see emu_runs_code_the_vmm_rewrote)"]
     emu_matches_host_on_bit_ops => Class::BitOps,
-    #[ignore = "emu: x87 not implemented yet (claimed by the x87 engineer)"]
     emu_matches_host_on_x87 => Class::X87,
-    #[ignore = "emu: SSE not implemented yet (claimed by the sse engineer)"]
     emu_matches_host_on_sse_moves => Class::SseMoves,
-    #[ignore = "emu: SSE not implemented yet (claimed by the sse engineer)"]
     emu_matches_host_on_sse_int => Class::SseInt,
-    #[ignore = "emu: SSE not implemented yet (claimed by the sse engineer)"]
     emu_matches_host_on_sse_float => Class::SseFloat,
-    #[ignore = "emu: MMX not implemented yet (claimed by the sse engineer)"]
     emu_matches_host_on_mmx => Class::Mmx,
 }
 
@@ -75,7 +60,6 @@ fn emu_survives_random_code() {
 /// as virtio DMA or a loader does: the emu must run the new bytes, not
 /// blocks it decoded from the old ones.
 #[test]
-#[ignore = "emu: block cache keyed by physical page misses writes made through GuestMemoryMmap"]
 fn emu_runs_code_the_vmm_rewrote() {
     let hv = emu();
     let mut runner = vmplay_difftest::BackendRunner::new(&hv).expect("emu backend");
