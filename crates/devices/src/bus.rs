@@ -157,7 +157,10 @@ mod tests {
         bus.insert_window(dev.clone(), 0x64, 1, 4).unwrap();
         assert!(bus.write(0x64, &[0xfe]));
         assert!(bus.write(0x60, &[0x1]));
-        assert!(!bus.write(0x61, &[0x1]), "0x61 belongs to the PIT, not the i8042");
+        assert!(
+            !bus.write(0x61, &[0x1]),
+            "0x61 belongs to the PIT, not the i8042"
+        );
         assert_eq!(dev.lock().unwrap().0, vec![(4, vec![0xfe]), (0, vec![1])]);
     }
 
