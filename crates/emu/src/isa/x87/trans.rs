@@ -10,8 +10,8 @@
 
 use iced_x86::Code;
 
-use super::float80::{self, DE, Env, IE, Kind, PE, ZE};
-use super::{C2, note, wait_check};
+use super::float80::{self, DE, Env, IE, Kind, PE, UE, ZE};
+use super::{C1, C2, note, wait_check};
 use crate::cpu::Cpu;
 use crate::cpu::fault::Res;
 use crate::cpu::fpu::F80;
@@ -485,6 +485,13 @@ fn exp2m1(x: F80) -> (Wf, bool) {
     (p.sub(Wf::ONE), f.is_zero())
 }
 
+/// Raises DE for a denormal operand; true when it is unmasked, which
+/// stops the instruction before anything else is raised.
+fn denormal_stops(env: &mut Env) -> bool {
+    env.raise(DE);
+    env.unmasked() & DE != 0
+}
+
 /// Stack checks shared by the handlers: ST(0) (and ST(1) when `two`)
 /// must be valid and, when `pushes`, ST(7) free. Returns false after the
 /// fault response.
@@ -524,6 +531,8 @@ fn trig<const OP: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
     wait_check(cpu)?;
     note(cpu, i);
     let pushes = OP == SINCOS || OP == TAN;
+    // C2 ends clear unless the argument is out of range.
+    cpu.fpu.fsw &= !C2;
     if !operands_ok(cpu, false, pushes) {
         return Ok(());
     }
@@ -539,21 +548,24 @@ fn trig<const OP: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
             (q, q)
         }
         _ if x.exp() >= 16383 + 63 => {
-            cpu.fpu.fsw |= C2;
+            cpu.fpu.fsw = (cpu.fpu.fsw & !C1) | C2;
             return Ok(());
         }
         k => {
-            if k == Kind::Denormal {
-                env.raise(DE);
-            }
-            if k == Kind::Zero {
+            if k == Kind::Denormal && denormal_stops(&mut env) {
+                (x, x)
+            } else if k == Kind::Zero {
                 // sin ±0 = ±0, cos 0 = 1, tan ±0 = ±0: exact.
                 (x, F80::ONE)
             } else {
                 let (s, c) = sin_cos(x);
                 match OP {
                     SIN => (s.round(&mut env, true), F80::ZERO),
-                    SINCOS => (s.round(&mut env, true), c.round(&mut env, true)),
+                    // C1 reports the sine's rounding.
+                    SINCOS => {
+                        let c = c.round(&mut env, true);
+                        (s.round(&mut env, true), c)
+                    }
                     COS => (c.round(&mut env, true), F80::ZERO),
                     _ => (s.div(c).round(&mut env, true), F80::ONE),
                 }
@@ -561,9 +573,7 @@ fn trig<const OP: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
         }
     };
     let f = &mut cpu.fpu;
-    let ok = f.apply(&env);
-    f.fsw &= !C2;
-    if !ok {
+    if !f.apply(&env) {
         return Ok(());
     }
     match OP {
@@ -597,8 +607,8 @@ fn fpatan_value(env: &mut Env, y: F80, x: F80) -> F80 {
     if y.is_nan() || x.is_nan() {
         return nan2(env, y, x);
     }
-    if ky == Kind::Denormal || kx == Kind::Denormal {
-        env.raise(DE);
+    if (ky == Kind::Denormal || kx == Kind::Denormal) && denormal_stops(env) {
+        return y;
     }
     let pi = Wf::PI;
     let r = match (ky, kx) {
@@ -647,6 +657,20 @@ fn nan2(env: &mut Env, a: F80, b: F80) -> F80 {
     r
 }
 
+/// y × l rounded to 64 bits. The hardware reports these products inexact
+/// even when they are exact (a power of two's logarithm), so a tiny one
+/// underflows as well.
+fn log_product(env: &mut Env, y: F80, l: Wf, exact: bool) -> F80 {
+    let r = Wf::of(y).mul(l).round(env, !exact);
+    if exact {
+        env.raise(PE);
+        if r.kind() == Kind::Denormal {
+            env.raise(UE);
+        }
+    }
+    r
+}
+
 /// fyl2x: ST(1) = ST(1) × log2(ST(0)), pop.
 fn fyl2x_value(env: &mut Env, x: F80, y: F80) -> F80 {
     let (kx, ky) = (x.kind(), y.kind());
@@ -661,44 +685,36 @@ fn fyl2x_value(env: &mut Env, x: F80, y: F80) -> F80 {
         env.raise(IE);
         return F80::INDEFINITE;
     }
-    if kx == Kind::Denormal || ky == Kind::Denormal {
-        env.raise(DE);
-    }
     let inf = |neg: bool| F80::INF.with_sign(neg);
+    // log2(0) comes before the denormal check, as in division by zero.
     match (kx, ky) {
-        (Kind::Zero, Kind::Zero) => {
+        (Kind::Zero, Kind::Zero) | (Kind::Inf, Kind::Zero) => {
             env.raise(IE);
-            F80::INDEFINITE
+            return F80::INDEFINITE;
         }
-        (Kind::Zero, Kind::Inf) => inf(!y.sign()),
+        (Kind::Zero, Kind::Inf) => return inf(!y.sign()),
         (Kind::Zero, _) => {
             env.raise(ZE);
-            inf(!y.sign())
+            return inf(!y.sign());
         }
-        (Kind::Inf, Kind::Zero) => {
+        _ => {}
+    }
+    if (kx == Kind::Denormal || ky == Kind::Denormal) && denormal_stops(env) {
+        return y;
+    }
+    if kx == Kind::Inf {
+        return inf(y.sign());
+    }
+    let (l, exact) = log2(Wf::of(x));
+    match ky {
+        Kind::Inf if l.is_zero() => {
             env.raise(IE);
             F80::INDEFINITE
         }
-        (Kind::Inf, _) => inf(y.sign()),
-        _ => {
-            let (l, exact) = log2(Wf::of(x));
-            match ky {
-                Kind::Inf if l.is_zero() => {
-                    env.raise(IE);
-                    F80::INDEFINITE
-                }
-                Kind::Inf => inf(y.sign() != l.neg),
-                Kind::Zero => F80::ZERO.with_sign(y.sign() != l.neg),
-                _ if l.is_zero() => F80::ZERO.with_sign(y.sign()),
-                _ => {
-                    let r = Wf::of(y).mul(l).round(env, !exact);
-                    // The hardware reports even an exact product (a power
-                    // of two's log) as inexact.
-                    env.raise(PE);
-                    r
-                }
-            }
-        }
+        Kind::Inf => inf(y.sign() != l.neg),
+        Kind::Zero => F80::ZERO.with_sign(y.sign() != l.neg),
+        _ if l.is_zero() => F80::ZERO.with_sign(y.sign()),
+        _ => log_product(env, y, l, exact),
     }
 }
 
@@ -712,15 +728,14 @@ fn fyl2xp1_value(env: &mut Env, x: F80, y: F80) -> F80 {
     if x.is_nan() || y.is_nan() {
         return nan2(env, x, y);
     }
-    let wx = Wf::of(x);
-    // x ≤ −1 has no logarithm.
-    if kx == Kind::Inf && x.sign() || (wx.neg && wx.e >= 0) {
+    if kx == Kind::Inf && x.sign() {
         env.raise(IE);
         return F80::INDEFINITE;
     }
-    if kx == Kind::Denormal || ky == Kind::Denormal {
-        env.raise(DE);
+    if (kx == Kind::Denormal || ky == Kind::Denormal) && denormal_stops(env) {
+        return y;
     }
+    let wx = Wf::of(x);
     match (kx, ky) {
         (Kind::Zero, Kind::Inf) | (Kind::Inf, Kind::Zero) => {
             env.raise(IE);
@@ -728,14 +743,19 @@ fn fyl2xp1_value(env: &mut Env, x: F80, y: F80) -> F80 {
         }
         (Kind::Zero, _) | (_, Kind::Zero) => F80::ZERO.with_sign(x.sign() != y.sign()),
         (Kind::Inf, _) | (_, Kind::Inf) => F80::INF.with_sign(x.sign() != y.sign()),
+        _ if wx.neg && wx.e >= 0 => {
+            // x ≤ −1 has no logarithm: the hardware hands x back, inexact.
+            env.raise(PE);
+            x
+        }
         _ => {
             // ln(1 + x) = 2·atanh(x / (2 + x)) keeps tiny x exact-relative.
-            let l = if wx.e < -2 {
-                two_atanh(wx.div(Wf::int(2).add(wx))).div(Wf::LN2)
+            let (l, exact) = if wx.e < -2 {
+                (two_atanh(wx.div(Wf::int(2).add(wx))).div(Wf::LN2), false)
             } else {
-                log2(Wf::ONE.add(wx)).0
+                log2(Wf::ONE.add(wx))
             };
-            Wf::of(y).mul(l).round(env, true)
+            log_product(env, y, l, exact)
         }
     }
 }
@@ -786,8 +806,13 @@ fn f2xm1_value(env: &mut Env, x: F80) -> F80 {
             }
         }
         k => {
-            if k == Kind::Denormal {
-                env.raise(DE);
+            if k == Kind::Denormal && denormal_stops(env) {
+                return x;
+            }
+            if x.exp() >= 0x3fff && x.abs() != F80::ONE {
+                // Outside −1..1 the hardware hands the operand back, inexact.
+                env.raise(PE);
+                return x;
             }
             let (r, exact) = exp2m1(x);
             r.round(env, !exact)
