@@ -401,12 +401,28 @@ fn fld_const<const N: usize>(cpu: &mut Cpu, i: &Insn) -> Res {
     Ok(())
 }
 
+/// Checks that the destination of a suppressed store is writable: the
+/// hardware faults on it (#GP/#SS/#PF) even when it stores nothing.
+fn probe<const K: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
+    let n = match K {
+        I16 => 2,
+        M32 | I32 => 4,
+        M64 | I64 => 8,
+        _ => 10,
+    };
+    let off = cpu.ea(i);
+    let lin = cpu.lin_w(usize::from(i.seg), off, n)?;
+    cpu.probe_write(lin, n)
+}
+
 /// fst/fstp m32/m64/m80, fist/fistp/fisttp, fbstp.
 fn fst_mem<const K: u8, const POP: bool, const TRUNC: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
     wait_check(cpu)?;
     if cpu.fpu.is_empty(0) {
         if cpu.fpu.fcw & IE != 0 {
             store::<K>(cpu, i, indefinite::<K>())?;
+        } else {
+            probe::<K>(cpu, i)?;
         }
         note_mem(cpu, i);
         if cpu.fpu.underflow() && POP {
@@ -420,6 +436,8 @@ fn fst_mem<const K: u8, const POP: bool, const TRUNC: bool>(cpu: &mut Cpu, i: &I
     let write = env.unmasked() & (IE | OE | UE) == 0;
     if write {
         store::<K>(cpu, i, v)?;
+    } else {
+        probe::<K>(cpu, i)?;
     }
     note_mem(cpu, i);
     cpu.fpu.apply(&env);

@@ -994,3 +994,20 @@ fn transcendental_special_cases_match_the_host() {
     fails.truncate(12);
     assert!(fails.is_empty(), "{n} cases differ:\n{}", fails.join("\n"));
 }
+
+#[test]
+fn a_suppressed_store_still_faults_on_its_destination() {
+    // fldcw [rsi] (IE unmasked); fstp dword [rdi] with an empty stack: the
+    // store is suppressed, but an unmapped destination still takes #PF
+    // first (as the host does), leaving FSW untouched.
+    let mut vm = TestVm::new();
+    vm.write(CODE, &[0xd9, 0x2e, 0xd9, 0x1f, 0xf4]);
+    vm.write(DATA, &0x037eu16.to_le_bytes());
+    let mut s = vm.long_mode(CODE);
+    s.gpr[6] = DATA;
+    s.gpr[7] = 0x8000_0000; // beyond the identity map
+    let o = vm.run(&s);
+    assert_eq!(o.vector, Some(14));
+    assert_eq!(o.state.cr2, 0x8000_0000);
+    assert_eq!(o.state.fpu.fsw, 0, "no stack fault recorded");
+}
