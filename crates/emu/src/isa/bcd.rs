@@ -213,7 +213,7 @@ mod tests {
     }
 
     fn bcd(n: u32) -> u8 {
-        ((n / 10) << 4 | n % 10) as u8
+        (((n / 10) << 4) | (n % 10)) as u8
     }
 
     #[test]
@@ -447,6 +447,115 @@ mod tests {
         ];
         for (base, ax, want_ax, want_f) in aad_vectors {
             assert_eq!(aad(ax, base), (want_ax, want_f), "aad {base} AX={ax:#06x}");
+        }
+    }
+
+    mod guest {
+        use iced_x86::code_asm::*;
+
+        use crate::isa::bit::harness::*;
+
+        #[test]
+        fn decimal_adjusts_run_in_32_bit_code() {
+            let mut vm = TestVm::new(1);
+            let data = DATA as u32;
+            vm.write(DATA, &[0x78, 0x56, 0x34, 0x12, 0x29, 0x43, 0x65, 0x87]);
+            vm.asm(32, CODE, |a| {
+                // Multi-byte packed BCD: 12345678 + 87654329, then 12345678 - 87654329.
+                for (op, out) in [(0u32, 8u32), (1, 12)] {
+                    let mut next = a.create_label();
+                    a.mov(esi, data).unwrap();
+                    a.mov(edi, data + 4).unwrap();
+                    a.mov(ebx, data + out).unwrap();
+                    a.mov(ecx, 4u32).unwrap();
+                    a.clc().unwrap();
+                    a.set_label(&mut next).unwrap();
+                    a.mov(al, byte_ptr(esi)).unwrap();
+                    if op == 0 {
+                        a.adc(al, byte_ptr(edi)).unwrap();
+                        a.daa().unwrap();
+                    } else {
+                        a.sbb(al, byte_ptr(edi)).unwrap();
+                        a.das().unwrap();
+                    }
+                    a.mov(byte_ptr(ebx), al).unwrap();
+                    a.inc(esi).unwrap();
+                    a.inc(edi).unwrap();
+                    a.inc(ebx).unwrap();
+                    a.dec(ecx).unwrap();
+                    a.jnz(next).unwrap();
+                    a.setc(byte_ptr(data + out + 32)).unwrap();
+                }
+                // ASCII '9' + '5' = 14; 23 - 5 = 18 in unpacked digits.
+                a.mov(eax, 0xdead_0000u32 | u32::from(b'9')).unwrap();
+                a.add(al, i32::from(b'5')).unwrap();
+                a.aaa().unwrap();
+                a.mov(dword_ptr(data + 16), eax).unwrap();
+                a.mov(eax, 0xbeef_0203u32).unwrap();
+                a.sub(al, 5).unwrap();
+                a.aas().unwrap();
+                a.mov(dword_ptr(data + 20), eax).unwrap();
+                a.mov(eax, 0xcafe_12abu32).unwrap();
+                a.aam(16).unwrap();
+                a.mov(dword_ptr(data + 24), eax).unwrap();
+                a.mov(eax, 0x1234_0305u32).unwrap();
+                a.aad(7).unwrap();
+                a.mov(dword_ptr(data + 28), eax).unwrap();
+                a.hlt().unwrap();
+            });
+            let o = vm.run(&vm.protected32(CODE));
+            assert!(o.halted && o.vector.is_none(), "{o:?}");
+            let q = |off: u64| vm.read_u64(DATA + off);
+            assert_eq!(q(8) as u32, 0x0000_0007, "12345678 + 87654329 = 1_00000007");
+            assert_eq!(q(40) as u8, 1, "decimal carry out");
+            assert_eq!(
+                q(12) as u32,
+                0x2469_1349,
+                "12345678 - 87654329 = -1_00000000 + 24691349"
+            );
+            assert_eq!(q(44) as u8, 1, "decimal borrow out");
+            assert_eq!(q(16) as u32, 0xdead_0104, "aaa: AH=1 AL=4, upper EAX kept");
+            assert_eq!(q(20) as u32, 0xbeef_0108, "aas: AH=1 AL=8");
+            assert_eq!(q(24) as u32, 0xcafe_0a0b, "aam 16 splits nibbles");
+            assert_eq!(q(28) as u32, 0x1234_001a, "aad 7: 3*7+5");
+        }
+
+        #[test]
+        fn aam_zero_faults_with_divide_error_before_changing_ax() {
+            let mut vm = TestVm::new(1);
+            let rip = 0x8000;
+            vm.asm(16, rip, |a| {
+                a.mov(ax, 0x1234u32).unwrap();
+                a.aam(0).unwrap();
+                a.hlt().unwrap();
+            });
+            let o = vm.run(&vm.real_mode(rip));
+            assert_eq!(o.vector, Some(0), "#DE: {o:?}");
+            assert_eq!(o.state.gpr[0] & 0xffff, 0x1234);
+            // The pushed IP is the aam's own (a fault, not a trap).
+            let frame = vm.read_u64(STACK - 6);
+            assert_eq!(frame & 0xffff, rip + 3, "IP of the aam");
+        }
+
+        #[test]
+        fn decimal_adjusts_are_invalid_in_64_bit_mode() {
+            let mut vm = TestVm::new(1);
+            for (k, op) in [
+                [0x27u8, 0x90],
+                [0x2f, 0x90],
+                [0x37, 0x90],
+                [0x3f, 0x90],
+                [0xd4, 0x0a],
+                [0xd5, 0x0a],
+            ]
+            .iter()
+            .enumerate()
+            {
+                let rip = CODE + 0x10 * k as u64;
+                vm.write(rip, &[op[0], op[1], 0xf4]);
+                let o = vm.run(&vm.long_mode(rip));
+                assert_eq!(o.vector, Some(6), "#UD for {op:02x?}: {o:?}");
+            }
         }
     }
 }

@@ -223,3 +223,698 @@ pub fn register(t: &mut Table) {
     r_rm_forms!(t, "Lzcnt", bsr);
     r_rm_forms!(t, "Popcnt", popcnt);
 }
+
+/// A small guest harness for the family tests (bit ops and BCD): flat
+/// segments in real, 32-bit protected and long mode, and every exception
+/// vector reported as `out 0x80, vector` then `hlt`.
+#[cfg(test)]
+pub(crate) mod harness {
+    use std::sync::Arc;
+
+    use iced_x86::code_asm::CodeAssembler;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmplay_hypervisor::{
+        CpuState, DescriptorTable, GuestMemory, Hypervisor, Segment, Vcpu, VcpuExit, Vm, VmSpec,
+    };
+
+    use crate::{EmuHypervisor, EmuOptions};
+
+    pub const MEM: usize = 4 << 20;
+    const GDT: u64 = 0x500;
+    const IDT64: u64 = 0x1000;
+    const IDT32: u64 = 0x2000;
+    const STUBS: u64 = 0x3000;
+    const PML4: u64 = 0x10000;
+    pub const CODE: u64 = 0x20000;
+    pub const STACK: u64 = 0x7000;
+    pub const DATA: u64 = 0x10_0000;
+    const CODE64: u16 = 0x08;
+    const DATA_SEL: u16 = 0x10;
+    const CODE32: u16 = 0x18;
+    /// Exception stubs report here.
+    pub const VECTOR_PORT: u16 = 0x80;
+
+    pub struct TestVm {
+        pub vm: Arc<dyn Vm>,
+        pub mem: GuestMemory,
+        pub vcpu: Box<dyn Vcpu>,
+    }
+
+    /// How a run ended.
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct Outcome {
+        /// Halted (rather than shut down, errored or ran out of exits).
+        pub halted: bool,
+        /// The exception vector a stub reported, if any.
+        pub vector: Option<u8>,
+        pub state: CpuState,
+    }
+
+    impl TestVm {
+        pub fn new(vcpus: u32) -> TestVm {
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).expect("test memory");
+            let vm = EmuHypervisor::new(EmuOptions::default())
+                .create_vm(&VmSpec { vcpus }, &mem)
+                .expect("create vm");
+            let vcpu = vm.create_vcpu(0).expect("vcpu 0");
+            let t = TestVm { vm, mem, vcpu };
+            t.tables();
+            t
+        }
+
+        pub fn write(&self, addr: u64, bytes: &[u8]) {
+            self.mem
+                .write_slice(bytes, GuestAddress(addr))
+                .expect("write guest memory");
+        }
+
+        pub fn write_u64(&self, addr: u64, v: u64) {
+            self.write(addr, &v.to_le_bytes());
+        }
+
+        pub fn read_u64(&self, addr: u64) -> u64 {
+            let mut b = [0u8; 8];
+            self.mem
+                .read_slice(&mut b, GuestAddress(addr))
+                .expect("read guest memory");
+            u64::from_le_bytes(b)
+        }
+
+        /// Assembles `f` for `bits` at `ip`; returns the address after it.
+        pub fn asm(&self, bits: u32, ip: u64, f: impl FnOnce(&mut CodeAssembler)) -> u64 {
+            let mut a = CodeAssembler::new(bits).expect("assembler");
+            f(&mut a);
+            let bytes = a.assemble(ip).expect("assemble");
+            self.write(ip, &bytes);
+            ip + bytes.len() as u64
+        }
+
+        /// GDT, IDTs, IVT, stubs and identity page tables (1 GiB, 2 MiB pages).
+        fn tables(&self) {
+            for (k, d) in [
+                0,
+                0x00af_9b00_0000_ffffu64,
+                0x00cf_9300_0000_ffff,
+                0x00cf_9b00_0000_ffff,
+            ]
+            .iter()
+            .enumerate()
+            {
+                self.write_u64(GDT + 8 * k as u64, *d);
+            }
+            for v in 0..32u64 {
+                let stub = STUBS + 8 * v;
+                // push rax; mov al, v; out 0x80, al; pop rax; hlt (the
+                // same bytes in 16-, 32- and 64-bit code; AX is kept)
+                self.write(
+                    stub,
+                    &[0x50, 0xb0, v as u8, 0xe6, VECTOR_PORT as u8, 0x58, 0xf4],
+                );
+                let gate = (stub & 0xffff) | ((stub >> 16) & 0xffff) << 48 | 0x8e << 40;
+                self.write_u64(IDT64 + 16 * v, gate | u64::from(CODE64) << 16);
+                self.write_u64(IDT64 + 16 * v + 8, stub >> 32);
+                self.write_u64(IDT32 + 8 * v, gate | u64::from(CODE32) << 16);
+                self.write(4 * v, &(stub as u32).to_le_bytes()); // IVT: offset, segment 0
+            }
+            self.write_u64(PML4, (PML4 + 0x1000) | 3);
+            self.write_u64(PML4 + 0x1000, (PML4 + 0x2000) | 3);
+            for k in 0..512u64 {
+                self.write_u64(PML4 + 0x2000 + 8 * k, (k << 21) | 0x83);
+            }
+        }
+
+        pub fn long_mode(&self, rip: u64) -> CpuState {
+            let code = Segment::flat(CODE64, 0xb, true, false);
+            let data = Segment::flat(DATA_SEL, 0x3, false, true);
+            let mut s = CpuState {
+                rip,
+                rflags: 2,
+                cs: code,
+                ss: data,
+                ds: data,
+                es: data,
+                fs: data,
+                gs: data,
+                tr: Segment::tss(0, 0, 0x67),
+                ldt: Segment::no_ldt(),
+                gdt: DescriptorTable {
+                    base: GDT,
+                    limit: 0x1f,
+                },
+                idt: DescriptorTable {
+                    base: IDT64,
+                    limit: 32 * 16 - 1,
+                },
+                cr0: 0x8000_0011,
+                cr3: PML4,
+                cr4: 0x20,
+                efer: 0x500,
+                ..Default::default()
+            };
+            s.gpr[4] = STACK;
+            s
+        }
+
+        pub fn protected32(&self, rip: u64) -> CpuState {
+            let mut s = self.long_mode(rip);
+            s.cs = Segment::flat(CODE32, 0xb, false, true);
+            (s.cr0, s.cr4, s.efer) = (0x11, 0, 0);
+            s.idt = DescriptorTable {
+                base: IDT32,
+                limit: 32 * 8 - 1,
+            };
+            s
+        }
+
+        pub fn real_mode(&self, rip: u64) -> CpuState {
+            let mut s = CpuState::reset();
+            s.cs = Segment::real_mode(0, true);
+            let d = Segment::real_mode(0, false);
+            (s.ds, s.es, s.ss, s.fs, s.gs) = (d, d, d, d, d);
+            s.rip = rip;
+            s.gpr[4] = STACK;
+            s
+        }
+
+        /// Runs `s` until `hlt` (or something else stops it).
+        pub fn run(&mut self, s: &CpuState) -> Outcome {
+            self.vcpu.set_state(s).expect("set_state");
+            run_vcpu(self.vcpu.as_mut())
+        }
+    }
+
+    /// Runs a vCPU until `hlt`, recording the exception vector reported.
+    pub fn run_vcpu(vcpu: &mut dyn Vcpu) -> Outcome {
+        let mut vector = None;
+        let mut halted = false;
+        for _ in 0..1000 {
+            match vcpu.run() {
+                Ok(VcpuExit::IoOut {
+                    port: VECTOR_PORT,
+                    data,
+                }) => vector = Some(data[0]),
+                Ok(VcpuExit::IoIn { data, .. }) => data.fill(0xff),
+                Ok(VcpuExit::MmioRead { data, .. }) => data.fill(0xff),
+                Ok(VcpuExit::IoOut { .. } | VcpuExit::MmioWrite { .. }) => {}
+                Ok(VcpuExit::Halt) => {
+                    halted = true;
+                    break;
+                }
+                // A kick is a test's watchdog.
+                Ok(VcpuExit::Shutdown | VcpuExit::InternalError(_) | VcpuExit::Interrupted)
+                | Err(_) => break,
+            }
+        }
+        Outcome {
+            halted,
+            vector,
+            state: vcpu.state().expect("state"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iced_x86::code_asm::*;
+
+    use super::harness::*;
+    use crate::cpu::flags::{AF, CF, OF, OSZAPC, PF, SF, ZF};
+
+    /// Runs `insn` on the host with `d` in rax, `s` in rcx and the
+    /// arithmetic flags `f`; returns (rax, OSZAPC flags).
+    macro_rules! host {
+        ($insn:literal, $d:expr, $s:expr, $f:expr) => {{
+            let mut d: u64 = $d;
+            let mut f: u64 = ($f & OSZAPC) | 2;
+            // SAFETY: register-only instruction between a flags load and a
+            // flags store on the stack; no memory is touched.
+            unsafe {
+                core::arch::asm!(
+                    "push {f}", "popfq", $insn, "pushfq", "pop {f}",
+                    f = inout(reg) f, inout("rax") d, in("rcx") $s,
+                );
+            }
+            (d, f & OSZAPC)
+        }};
+    }
+
+    type HostFn = fn(u64, u64, u64) -> (u64, u64);
+    type Emit = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+
+    /// One register form: its name, the host's version, the same
+    /// instruction for the guest (rax destination, rcx source), and the
+    /// flags the manuals define for it.
+    macro_rules! form {
+        ($insn:literal, $emit:expr, $defined:expr) => {
+            (
+                $insn,
+                (|d, s, f| host!($insn, d, s, f)) as HostFn,
+                $emit as Emit,
+                $defined,
+            )
+        };
+    }
+
+    fn forms() -> Vec<(&'static str, HostFn, Emit, u64)> {
+        vec![
+            form!("bt ax, cx", |a| a.bt(ax, cx), CF),
+            form!("bt eax, ecx", |a| a.bt(eax, ecx), CF),
+            form!("bt rax, rcx", |a| a.bt(rax, rcx), CF),
+            form!("bts ax, cx", |a| a.bts(ax, cx), CF),
+            form!("bts eax, ecx", |a| a.bts(eax, ecx), CF),
+            form!("bts rax, rcx", |a| a.bts(rax, rcx), CF),
+            form!("btr ax, cx", |a| a.btr(ax, cx), CF),
+            form!("btr eax, ecx", |a| a.btr(eax, ecx), CF),
+            form!("btr rax, rcx", |a| a.btr(rax, rcx), CF),
+            form!("btc ax, cx", |a| a.btc(ax, cx), CF),
+            form!("btc eax, ecx", |a| a.btc(eax, ecx), CF),
+            form!("btc rax, rcx", |a| a.btc(rax, rcx), CF),
+            form!("bt ax, 21", |a| a.bt(ax, 21), CF),
+            form!("bts eax, 45", |a| a.bts(eax, 45), CF),
+            form!("btr rax, 99", |a| a.btr(rax, 99), CF),
+            form!("btc eax, 255", |a| a.btc(eax, 255), CF),
+            form!("bsf ax, cx", |a| a.bsf(ax, cx), ZF),
+            form!("bsf eax, ecx", |a| a.bsf(eax, ecx), ZF),
+            form!("bsf rax, rcx", |a| a.bsf(rax, rcx), ZF),
+            form!("bsr ax, cx", |a| a.bsr(ax, cx), ZF),
+            form!("bsr eax, ecx", |a| a.bsr(eax, ecx), ZF),
+            form!("bsr rax, rcx", |a| a.bsr(rax, rcx), ZF),
+            form!("popcnt ax, cx", |a| a.popcnt(ax, cx), OSZAPC),
+            form!("popcnt eax, ecx", |a| a.popcnt(eax, ecx), OSZAPC),
+            form!("popcnt rax, rcx", |a| a.popcnt(rax, rcx), OSZAPC),
+        ]
+    }
+
+    const VALUES: [u64; 10] = [
+        0,
+        1,
+        0x8000,
+        0x1_0000,
+        0x8000_0000,
+        0x1_0000_0000,
+        0x8000_0000_0000_0000,
+        0x1234_5678_9abc_def0,
+        0xffff_ffff_ffff_ffff,
+        0xfedc_ba98_0000_0000,
+    ];
+
+    /// A guest that runs the code at `rip` on (rax, rcx, flags).
+    fn guest_run(vm: &mut TestVm, rip: u64, d: u64, s: u64, f: u64) -> (u64, u64) {
+        let mut st = vm.long_mode(rip);
+        (st.gpr[0], st.gpr[1], st.rflags) = (d, s, (f & OSZAPC) | 2);
+        let o = vm.run(&st);
+        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        (o.state.gpr[0], o.state.rflags & OSZAPC)
+    }
+
+    /// Assembles `emit; hlt` for form number `k` (each form has its own
+    /// code, so no cached block is ever rewritten behind the CPU's back).
+    fn place(vm: &TestVm, k: usize, emit: Emit) -> u64 {
+        let rip = CODE + 0x40 * k as u64;
+        vm.asm(64, rip, |a| {
+            emit(a).unwrap();
+            a.hlt().unwrap();
+        });
+        rip
+    }
+
+    #[test]
+    fn register_forms_match_the_host_cpu() {
+        let mut vm = TestVm::new(1);
+        for (k, (name, host, emit, defined)) in forms().into_iter().enumerate() {
+            let rip = place(&vm, k, emit);
+            for d in VALUES {
+                for s in VALUES
+                    .iter()
+                    .chain(&[5, 17, 31, 33, 63, 64, 0xffff_ffef, u64::MAX - 31])
+                {
+                    for f in [0, OSZAPC] {
+                        let (hd, hf) = host(d, *s, f);
+                        let (gd, gf) = guest_run(&mut vm, rip, d, *s, f);
+                        assert_eq!(gd, hd, "{name} rax={d:#x} rcx={s:#x}: destination");
+                        assert_eq!(
+                            gf & defined,
+                            hf & defined,
+                            "{name} rax={d:#x} rcx={s:#x}: flags"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bit_scans_of_zero_set_zf_and_keep_all_64_destination_bits() {
+        let mut vm = TestVm::new(1);
+        let d = 0x1234_5678_9abc_def0;
+        for (k, (name, host, emit, _)) in forms()
+            .into_iter()
+            .enumerate()
+            .filter(|f| f.1.0.starts_with("bs"))
+        {
+            let rip = place(&vm, k, emit);
+            let (hd, hf) = host(d, 0, 0);
+            assert_eq!((hd, hf & ZF), (d, ZF), "host {name}");
+            assert_eq!(guest_run(&mut vm, rip, d, 0, 0), (d, ZF | PF), "{name}");
+            // Only the operand's bits count: 0xffff_0000 is zero as a word.
+            let word = name.contains(" ax,");
+            let (gd, gf) = guest_run(&mut vm, rip, d, 0xffff_0000, 0);
+            assert_eq!(
+                (gd == d, gf & ZF),
+                (word, if word { ZF } else { 0 }),
+                "{name}"
+            );
+            assert_eq!(
+                (gd, gf & ZF),
+                {
+                    let (h, f) = host(d, 0xffff_0000, 0);
+                    (h, f & ZF)
+                },
+                "{name} vs host"
+            );
+        }
+    }
+
+    /// Flags the manuals leave undefined, as the AMD host leaves them.
+    #[test]
+    fn undefined_flags_follow_the_measured_hardware() {
+        let mut vm = TestVm::new(1);
+        let bts = place(&vm, 0, |a| a.bts(rax, rcx));
+        // bt* change CF only.
+        assert_eq!(guest_run(&mut vm, bts, 1, 0, OSZAPC & !CF), (1, OSZAPC));
+        assert_eq!(guest_run(&mut vm, bts, 0, 0, OSZAPC), (1, OSZAPC & !CF));
+        let bsr = place(&vm, 1, |a| a.bsr(rax, rcx));
+        // bsf/bsr: logic flags of the index, ZF clear.
+        assert_eq!(guest_run(&mut vm, bsr, 9, 1, OSZAPC), (0, PF));
+        assert_eq!(guest_run(&mut vm, bsr, 9, 0x80, OSZAPC), (7, 0));
+        assert_eq!(guest_run(&mut vm, bsr, 9, 0x8000, OSZAPC), (15, PF));
+        assert_eq!(
+            guest_run(&mut vm, bsr, 9, 0, OF | SF | AF | CF),
+            (9, ZF | PF)
+        );
+    }
+
+    /// The absolute bit numbers set in `len` bytes at `base`.
+    fn set_bits(vm: &TestVm, base: u64, len: u64) -> Vec<i64> {
+        let mut bits = Vec::new();
+        for q in (0..len).step_by(8) {
+            let v = vm.read_u64(base + q);
+            for b in 0..64 {
+                if v >> b & 1 != 0 {
+                    bits.push((q * 8 + b) as i64);
+                }
+            }
+        }
+        bits
+    }
+
+    /// Bit-string forms on memory at [rbx] with the offset in rcx, and
+    /// their operand size.
+    fn mem_forms() -> Vec<(&'static str, Emit, u32)> {
+        vec![
+            ("bts word", |a| a.bts(word_ptr(rbx), cx), 16),
+            ("bts dword", |a| a.bts(dword_ptr(rbx), ecx), 32),
+            ("bts qword", |a| a.bts(qword_ptr(rbx), rcx), 64),
+            ("btc word", |a| a.btc(word_ptr(rbx), cx), 16),
+            ("btc dword", |a| a.btc(dword_ptr(rbx), ecx), 32),
+            ("btc qword", |a| a.btc(qword_ptr(rbx), rcx), 64),
+            ("lock bts word", |a| a.lock().bts(word_ptr(rbx), cx), 16),
+            ("lock bts dword", |a| a.lock().bts(dword_ptr(rbx), ecx), 32),
+            ("lock btc qword", |a| a.lock().btc(qword_ptr(rbx), rcx), 64),
+        ]
+    }
+
+    #[test]
+    fn register_offsets_index_memory_bit_strings_beyond_the_operand() {
+        let mut vm = TestVm::new(1);
+        const AREA: u64 = DATA;
+        const LEN: u64 = 0x2000;
+        let base = AREA + LEN / 2;
+        let offsets: [i64; 22] = [
+            0, 1, 7, 8, 15, 16, 31, 32, 63, 64, 100, -1, -2, -15, -16, -17, -32, -33, -64, -65,
+            12345, -12345,
+        ];
+        for (k, (name, emit, bits)) in mem_forms().into_iter().enumerate() {
+            let rip = place(&vm, k, emit);
+            for off in offsets {
+                // Bits above the operand size are ignored: put junk there.
+                let junk = if bits == 64 {
+                    0
+                } else {
+                    0x5a5a_0000_0000_0000u64 << (bits - 16)
+                };
+                let off_reg = ((off as u64) & (u64::MAX >> (64 - bits))) | junk;
+                vm.write(AREA, &[0; LEN as usize]);
+                let mut st = vm.long_mode(rip);
+                (st.gpr[1], st.gpr[3], st.rflags) = (off_reg, base, 2 | CF);
+                let o = vm.run(&st);
+                assert!(o.halted && o.vector.is_none(), "{name} {off}: {o:?}");
+                assert_eq!(
+                    set_bits(&vm, AREA, LEN),
+                    [(base - AREA) as i64 * 8 + off],
+                    "{name} offset {off}"
+                );
+                assert_eq!(o.state.rflags & CF, 0, "{name} {off}: CF is the old bit");
+                assert_eq!(
+                    o.state.gpr[1], off_reg,
+                    "{name} {off}: offset register kept"
+                );
+                // A second run finds the bit set (and btc clears it again).
+                let o = vm.run(&st);
+                assert_eq!(
+                    o.state.rflags & CF,
+                    CF,
+                    "{name} {off}: CF on the second run"
+                );
+                let left = if name.contains("btc") {
+                    vec![]
+                } else {
+                    vec![(base - AREA) as i64 * 8 + off]
+                };
+                assert_eq!(set_bits(&vm, AREA, LEN), left, "{name} {off}: second run");
+            }
+        }
+    }
+
+    #[test]
+    fn bt_and_btr_read_and_clear_the_addressed_memory_bit() {
+        let mut vm = TestVm::new(1);
+        let bt = place(&vm, 0, |a| a.bt(dword_ptr(rbx + 4), ecx));
+        let btr = place(&vm, 1, |a| a.lock().btr(qword_ptr(rbx), rcx));
+        let bt_imm = place(&vm, 2, |a| a.bt(word_ptr(rbx), 0x2f));
+        let btr_imm = place(&vm, 3, |a| a.btr(qword_ptr(rbx), 0xc1));
+        let run = |vm: &mut TestVm, rip: u64, off_reg: u64| {
+            let mut st = vm.long_mode(rip);
+            (st.gpr[1], st.gpr[3]) = (off_reg, DATA + 0x100);
+            let o = vm.run(&st);
+            assert!(o.halted && o.vector.is_none(), "{o:?}");
+            o.state.rflags & CF
+        };
+        vm.write(DATA, &[0; 0x200]);
+        vm.write(DATA + 0x100 - 3, &[0x10]); // bit -20 from [rbx], -52 from [rbx+4]
+        assert_eq!(run(&mut vm, bt, (-52i64) as u64), CF);
+        assert_eq!(run(&mut vm, bt, (-51i64) as u64), 0);
+        assert_eq!(
+            run(&mut vm, bt, 0xffff_ffcc),
+            CF,
+            "a 32-bit offset is sign-extended"
+        );
+        assert_eq!(run(&mut vm, btr, (-21i64) as u64), 0);
+        assert_eq!(run(&mut vm, btr, (-20i64) as u64), CF);
+        assert_eq!(set_bits(&vm, DATA, 0x200), [], "btr cleared it");
+        // Immediate offsets stay inside the operand (modulo its size).
+        vm.write(DATA + 0x101, &[0x80]);
+        assert_eq!(run(&mut vm, bt_imm, 0), CF, "bit 15 of the word");
+        vm.write(DATA + 0x100, &[0x02]);
+        assert_eq!(run(&mut vm, btr_imm, 0), CF, "bit 1 of the qword");
+        assert_eq!(set_bits(&vm, DATA, 0x200), [0x101 * 8 + 7]);
+    }
+
+    #[test]
+    fn bit_string_addresses_wrap_at_the_address_size() {
+        // Real mode: bts word [bx], cx with BX=2, CX=-33 reaches word
+        // 2 + 2*(-33 >> 4) = -4 = 0xfffc, bit 15.
+        let mut vm = TestVm::new(1);
+        let rip = 0x8000;
+        vm.asm(16, rip, |a| {
+            a.bts(word_ptr(bx), cx).unwrap();
+            a.hlt().unwrap();
+        });
+        vm.write(0xfff0, &[0; 16]);
+        let mut st = vm.real_mode(rip);
+        (st.gpr[1], st.gpr[3]) = (0xffdf, 2);
+        let o = vm.run(&st);
+        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        assert_eq!(
+            vm.read_u64(0xfff8),
+            0x0000_8000_0000_0000,
+            "bit 7 of byte 0xfffd"
+        );
+        assert_eq!(
+            set_bits(&vm, 0xfff0, 16),
+            [0xd * 8 + 7],
+            "one bit, at the wrapped address"
+        );
+    }
+
+    #[test]
+    fn harness_reports_exceptions() {
+        let mut vm = TestVm::new(1);
+        let rip = place(&vm, 0, |a| a.ud2());
+        let o = vm.run(&vm.long_mode(rip));
+        assert_eq!(o.vector, Some(6), "{o:?}");
+    }
+
+    #[test]
+    fn far_bit_offsets_fault_precisely_at_the_addressed_unit() {
+        let mut vm = TestVm::new(1);
+        let q = place(&vm, 0, |a| a.bts(qword_ptr(rbx), rcx));
+        let d = place(&vm, 1, |a| a.lock().btc(dword_ptr(rbx), ecx));
+        // (code, rbx, offset, the unit's address): all outside the 1 GiB mapped.
+        let cases = [
+            (q, DATA, 1u64 << 33, DATA + (1 << 30)),
+            (q, DATA, (-(1i64 << 40)) as u64, DATA.wrapping_sub(1 << 37)),
+            (d, DATA, 0x8000_0000, DATA.wrapping_sub(1 << 28)),
+            (d, 0x3ff0_0000, 0x7fff_ffff, 0x3ff0_0000 + (1 << 28) - 4),
+        ];
+        for (rip, base, off_reg, fault_addr) in cases {
+            vm.write(DATA, &[0; 8]);
+            let mut st = vm.long_mode(rip);
+            (st.gpr[1], st.gpr[3]) = (off_reg, base);
+            let o = vm.run(&st);
+            assert_eq!(o.vector, Some(14), "#PF for offset {off_reg:#x}");
+            assert_eq!(o.state.cr2, fault_addr, "CR2 for offset {off_reg:#x}");
+            assert_eq!(
+                (o.state.gpr[1], vm.read_u64(DATA)),
+                (off_reg, 0),
+                "nothing changed"
+            );
+        }
+    }
+
+    #[test]
+    fn tzcnt_and_lzcnt_run_as_bsf_and_bsr_as_cpuid_promises() {
+        let mut vm = TestVm::new(1);
+        let tz = place(&vm, 0, |a| a.tzcnt(eax, ecx));
+        let lz = place(&vm, 1, |a| a.lzcnt(rax, rcx));
+        assert_eq!(
+            guest_run(&mut vm, tz, 77, 0, 0),
+            (77, ZF | PF),
+            "bsf keeps the destination"
+        );
+        assert_eq!(guest_run(&mut vm, tz, 77, 0x30, 0).0, 4);
+        assert_eq!(
+            guest_run(&mut vm, lz, 77, 0x30, 0).0,
+            5,
+            "bsr index, not 58 leading zeros"
+        );
+        let cpuid = place(&vm, 2, |a| a.cpuid());
+        let leaf = |vm: &mut TestVm, l: u64| {
+            let mut st = vm.long_mode(cpuid);
+            (st.gpr[0], st.gpr[1]) = (l, 0);
+            let o = vm.run(&st);
+            assert!(o.halted, "{o:?}");
+            [
+                o.state.gpr[0],
+                o.state.gpr[3],
+                o.state.gpr[1],
+                o.state.gpr[2],
+            ]
+        };
+        assert_eq!(
+            leaf(&mut vm, 7)[1] >> 3 & 1,
+            0,
+            "BMI1 (tzcnt) not advertised"
+        );
+        assert_eq!(
+            leaf(&mut vm, 0x8000_0001)[2] >> 5 & 1,
+            0,
+            "LZCNT not advertised"
+        );
+        assert_eq!(leaf(&mut vm, 1)[2] >> 23 & 1, 1, "POPCNT advertised");
+    }
+
+    #[test]
+    fn lock_bts_is_a_spinlock_across_vcpu_threads() {
+        const LOCK: u64 = 0x6000;
+        const COUNT: u64 = 0x6008;
+        const READY: u64 = 0x6010;
+        const N: u32 = 1_000_000;
+        let mut vm = TestVm::new(2);
+        let mut ap = vm.vm.create_vcpu(1).expect("vcpu 1");
+        vm.write(LOCK, &[0; 24]);
+        // 2 MiB page at the LAPIC (0xfee00000) for the BSP's INIT/SIPI.
+        vm.write_u64(0x11000 + 3 * 8, 0xc000_0000 | 0x83);
+        // The AP in real mode: lock bts word (immediate form), inc, lock btr.
+        vm.asm(16, 0x9000, |a| {
+            let mut wait = a.create_label();
+            let mut spin = a.create_label();
+            a.lock().inc(dword_ptr(READY)).unwrap();
+            a.set_label(&mut wait).unwrap();
+            a.cmp(dword_ptr(READY), 2).unwrap();
+            a.jne(wait).unwrap();
+            a.mov(ecx, N).unwrap();
+            a.set_label(&mut spin).unwrap();
+            a.lock().bts(word_ptr(LOCK), 0).unwrap();
+            a.jc(spin).unwrap();
+            a.inc(dword_ptr(COUNT)).unwrap();
+            a.lock().btr(word_ptr(LOCK), 0).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(spin).unwrap();
+            a.hlt().unwrap();
+        });
+        // The BSP in long mode: start the AP, then the same with register offsets.
+        vm.asm(64, CODE, |a| {
+            let mut wait = a.create_label();
+            let mut spin = a.create_label();
+            a.mov(rbx, 0xfee0_0000u64).unwrap();
+            a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
+            a.mov(dword_ptr(rbx + 0x310), 1 << 24).unwrap();
+            a.mov(dword_ptr(rbx + 0x300), 0x4500).unwrap(); // INIT
+            a.mov(dword_ptr(rbx + 0x300), 0x4609).unwrap(); // SIPI, vector 9
+            a.mov(rbx, LOCK).unwrap();
+            // Both vCPUs start the loop together.
+            a.lock().inc(dword_ptr(READY)).unwrap();
+            a.set_label(&mut wait).unwrap();
+            a.cmp(dword_ptr(READY), 2).unwrap();
+            a.jne(wait).unwrap();
+            a.xor(eax, eax).unwrap();
+            a.mov(ecx, N).unwrap();
+            a.set_label(&mut spin).unwrap();
+            a.lock().bts(qword_ptr(rbx), rax).unwrap();
+            a.jc(spin).unwrap();
+            a.inc(dword_ptr(COUNT)).unwrap();
+            a.lock().btr(dword_ptr(rbx), eax).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(spin).unwrap();
+            a.hlt().unwrap();
+        });
+        // A lock that is not atomic loses updates: a wrong count, or a
+        // lock left set that spins forever, which the watchdog ends.
+        let kickers = [vm.vcpu.kicker(), ap.kicker()];
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let waited = done_rx.recv_timeout(std::time::Duration::from_secs(30));
+            if waited == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                kickers.iter().for_each(|k| k.kick());
+            }
+        });
+        let ap_thread = std::thread::spawn(move || run_vcpu(ap.as_mut()));
+        let st = vm.long_mode(CODE);
+        let bsp = vm.run(&st);
+        let ap = ap_thread.join().expect("AP thread");
+        drop(done_tx);
+        watchdog.join().expect("watchdog");
+        let left = (bsp.state.gpr[1], ap.state.gpr[1]);
+        assert!(
+            bsp.halted && ap.halted,
+            "both finish; iterations left (BSP, AP): {left:?}"
+        );
+        assert_eq!(
+            vm.read_u64(COUNT) as u32,
+            2 * N,
+            "every increment under the lock"
+        );
+        assert_eq!(vm.read_u64(LOCK), 0, "lock released");
+    }
+}
