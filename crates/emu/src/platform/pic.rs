@@ -171,6 +171,11 @@ impl Pic {
         };
         p.chips[0].elcr_mask = 0xf8;
         p.chips[1].elcr_mask = 0xde;
+        // Masked until the guest programs it (there is no BIOS to do so):
+        // an unprogrammed 8259 would otherwise turn ISA lines into
+        // vectors 0-15 on the BSP's ExtINT input.
+        p.chips[0].imr = 0xff;
+        p.chips[1].imr = 0xff;
         p
     }
 

@@ -151,3 +151,108 @@ fn ap_waits_for_sipi_and_starts_in_real_mode() {
     assert_eq!(out, b"A");
     assert_eq!(st.cs.selector, 0x900);
 }
+
+#[test]
+fn ioapic_line_delivers_its_vector_to_the_guest() {
+    let mut g = Guest::new(1);
+    let s = g.long_mode(CODE);
+    g.write_u64(PML4 + 0x1000 + 3 * 8, 0xc000_0000 | 0x83);
+    g.code(64, 0x20_0000, |a| {
+        a.mov(r12, 0x77u64).unwrap();
+        a.mov(dword_ptr(rbx + 0xb0), 0).unwrap(); // EOI
+        a.iretq().unwrap();
+    });
+    g.idt64(0x35, 0x20_0000, 0);
+    g.code(64, CODE, |a| {
+        let mut wait = a.create_label();
+        a.mov(rbx, 0xfee0_0000u64).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
+        a.mov(rdx, 0xfec0_0000u64).unwrap();
+        a.mov(dword_ptr(rdx), 0x10 + 2 * 9).unwrap(); // redirection entry 9, low
+        a.mov(dword_ptr(rdx + 0x10), 0x35).unwrap(); // edge, fixed, vector 0x35
+        a.mov(dx, 0x3f8u32).unwrap();
+        a.out(dx, al).unwrap(); // tell the host we are ready
+        a.set_label(&mut wait).unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.cmp(r12, 0x77).unwrap();
+        a.jne(wait).unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    g.vcpu.set_state(&s).unwrap();
+    let line = g.vm.irq_line(9).unwrap();
+    // The first exit is the "ready" write; raise the line, then run on.
+    let o = g.run_with(1, |_| 0, |_| 0);
+    assert_eq!(o.serial.len(), 1);
+    line.pulse();
+    let o = g.run();
+    assert_eq!(o.end, End::Halt);
+    assert_eq!(g.state().gpr[12], 0x77);
+}
+
+#[test]
+fn locked_increments_from_two_vcpus_are_atomic() {
+    let mut g = Guest::new(2);
+    let mut ap = g.vm.create_vcpu(1).unwrap();
+    let counter = 0x40_0000u64;
+    let n = 200_000u64;
+    g.code(64, CODE, |a| {
+        let mut l = a.create_label();
+        a.mov(rcx, n).unwrap();
+        a.mov(rsi, counter).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.lock().inc(qword_ptr(rsi)).unwrap();
+        a.mov(eax, 2u32).unwrap();
+        a.lock().xadd(qword_ptr(rsi + 8), rax).unwrap();
+        a.dec(rcx).unwrap();
+        a.jnz(l).unwrap();
+        a.hlt().unwrap();
+    });
+    let s = g.long_mode(CODE);
+    g.vcpu.set_state(&s).unwrap();
+    let mut s1 = s.clone();
+    s1.gpr[4] = STACK - 0x1000;
+    ap.set_state(&s1).unwrap();
+    let t = std::thread::spawn(move || {
+        for _ in 0..100 {
+            if let Ok(vmplay_hypervisor::VcpuExit::Halt) = ap.run() {
+                return true;
+            }
+        }
+        false
+    });
+    assert_eq!(g.run().end, End::Halt);
+    assert!(t.join().unwrap());
+    assert_eq!(g.read_u64(counter), 2 * n, "lock inc lost updates");
+    assert_eq!(g.read_u64(counter + 8), 4 * n, "lock xadd lost updates");
+}
+
+#[test]
+fn trace_file_records_executed_instructions() {
+    let dir = std::env::temp_dir().join(format!("emu-trace-{}", std::process::id()));
+    let mem = memory();
+    let hv = crate::EmuHypervisor::new(crate::EmuOptions {
+        trace: Some(dir.clone()),
+    });
+    let vm = vmplay_hypervisor::Hypervisor::create_vm(
+        &hv,
+        &vmplay_hypervisor::VmSpec { vcpus: 1 },
+        &mem,
+    )
+    .unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let mut g = Guest { vm, mem, vcpu };
+    g.code(64, CODE, |a| {
+        a.mov(eax, 42u32).unwrap();
+        a.hlt().unwrap();
+    });
+    let s = g.long_mode(CODE);
+    g.vcpu.set_state(&s).unwrap();
+    assert_eq!(g.run().end, End::Halt);
+    drop(g);
+    let text = std::fs::read_to_string(&dir).unwrap();
+    let _ = std::fs::remove_file(&dir);
+    assert!(text.contains("mov eax,2Ah"), "{text}");
+    assert!(text.contains("hlt"), "{text}");
+}
