@@ -72,13 +72,7 @@ pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
         4 => [0, 0, 0, 0],
         // Leaf 7: only TSC_ADJUST (EBX bit 1), which with the invariant,
         // known-frequency TSC lets Linux trust the TSC without a watchdog.
-        7 => {
-            if sub == 0 {
-                [0, 1 << 1, 0, 0]
-            } else {
-                [0, 0, 0, 0]
-            }
-        }
+        7 if sub == 0 => [0, 1 << 1, 0, 0],
         0xb => {
             let shift = 32 - (ncpu.max(1) - 1).leading_zeros();
             match sub {
