@@ -23,7 +23,9 @@ mod trans;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests;
 
-use iced_x86::{Instruction, OpKind, Register};
+use std::sync::OnceLock;
+
+use iced_x86::{Code, Instruction, Register};
 
 use crate::cpu::fault::{Fault, Res};
 use crate::cpu::fpu::{F80, Fpu};
@@ -232,7 +234,43 @@ fn note(cpu: &mut Cpu, i: &Insn) {
     } else {
         (u64::from(cpu.seg[CS].sel) << 32) | (ip & 0xffff_ffff)
     };
-    cpu.fpu.fop = fop(&i.ins);
+    cpu.fpu.fop = fop_fast(i);
+}
+
+/// Per `Code`: the FOP of its register form (to which the ST(i) index is
+/// added), or of its memory form with [`FOP_MEM`] set (ModRM mod and r/m
+/// still to fill in).
+fn fop_table() -> &'static [u16] {
+    static TABLE: OnceLock<Vec<u16>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        Code::values()
+            .map(|code| {
+                let oc = code.op_code();
+                let op = oc.op_code();
+                if !(0xd8..=0xdf).contains(&(op >> 8)) && !(0xd8..=0xdf).contains(&op) {
+                    0
+                } else if op > 0xff {
+                    (((op >> 8) & 7) << 8 | (op & 0xff)) as u16
+                } else {
+                    FOP_MEM | (((op & 7) << 8) as u16) | ((oc.group_index().max(0) as u16) << 3)
+                }
+            })
+            .collect()
+    })
+}
+
+const FOP_MEM: u16 = 0x8000;
+
+/// [`fop`] without scanning the instruction: a table lookup, plus the
+/// register operand (one of r0/r1 is ST(0) = 0) or the memory ModRM.
+#[inline]
+fn fop_fast(i: &Insn) -> u16 {
+    let e = fop_table()[i.ins.code() as usize];
+    if e & FOP_MEM != 0 {
+        (e & 0x7ff) | u16::from(modrm_mem(&i.ins))
+    } else {
+        e + u16::from(i.r0 | i.r1)
+    }
 }
 
 /// Records FIP, FOP and FDP for an instruction with a memory operand.
@@ -248,8 +286,11 @@ fn note_mem(cpu: &mut Cpu, i: &Insn) {
 }
 
 /// The 11-bit x87 opcode: the low three bits of the escape byte and the
-/// ModRM byte, rebuilt from the decoded instruction.
+/// ModRM byte, rebuilt from the decoded instruction (the reference that
+/// [`fop_fast`] is tested against).
+#[cfg(test)]
 pub fn fop(ins: &Instruction) -> u16 {
+    use iced_x86::OpKind;
     let oc = ins.op_code().op_code();
     if oc > 0xff {
         // Register form "Dx C0+i" or a fixed second byte: the ST operand

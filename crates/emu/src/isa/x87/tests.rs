@@ -791,6 +791,12 @@ fn fop_is_rebuilt_from_the_encoding() {
                 }
                 let want = (u16::from(esc & 7) << 8) | u16::from(modrm);
                 assert_eq!(super::fop(&ins), want, "{bits}-bit {bytes:02x?}: {ins}");
+                let insn = crate::decode::Insn::build(&ins, crate::decode::invalid);
+                assert_eq!(
+                    super::fop_fast(&insn),
+                    want,
+                    "fast path, {bits}-bit {bytes:02x?}: {ins}"
+                );
                 checked += 1;
             }
         }
@@ -1010,4 +1016,29 @@ fn a_suppressed_store_still_faults_on_its_destination() {
     assert_eq!(o.vector, Some(14));
     assert_eq!(o.state.cr2, 0x8000_0000);
     assert_eq!(o.state.fpu.fsw, 0, "no stack fault recorded");
+}
+
+/// A speed probe, not a check: `cargo test -p vmplay-emu x87_loop_speed
+/// -- --ignored --nocapture` (about 29 ns per x87 instruction here).
+#[test]
+#[ignore = "speed probe"]
+fn x87_loop_speed() {
+    // fninit; fld1; fldz; mov ecx, 10M; l: fadd st0, st1; fmul st0, st1; fld st0; fstp st1; fxch st1; fxch st1; dec ecx; jnz l; hlt
+    let code = [
+        0xdb, 0xe3, 0xd9, 0xe8, 0xd9, 0xee, 0xb9, 0x80, 0x96, 0x98,
+        0x00, // mov ecx, 10_000_000
+        0xd8, 0xc1, 0xd8, 0xc9, 0xd9, 0xc0, 0xdd, 0xd9, 0xd9, 0xc9, 0xd9, 0xc9, 0xff, 0xc9, 0x75,
+        0xf0, 0xf4,
+    ];
+    let mut vm = TestVm::new();
+    vm.write(CODE, &code);
+    let s = vm.long_mode(CODE);
+    let t = std::time::Instant::now();
+    let o = vm.run(&s);
+    let dt = t.elapsed();
+    assert!(o.halted, "{:?}", o.vector);
+    eprintln!(
+        "60M x87 instructions in {dt:?}: {:.1} ns each",
+        dt.as_nanos() as f64 / 60e6
+    );
 }
