@@ -267,6 +267,8 @@ pub(crate) mod harness {
         pub halted: bool,
         /// The exception vector a stub reported, if any.
         pub vector: Option<u8>,
+        /// MMIO writes (address, value); MMIO reads read all-ones.
+        pub mmio_writes: Vec<(u64, u64)>,
         pub state: CpuState,
     }
 
@@ -407,6 +409,7 @@ pub(crate) mod harness {
     pub fn run_vcpu(vcpu: &mut dyn Vcpu) -> Outcome {
         let mut vector = None;
         let mut halted = false;
+        let mut mmio_writes = Vec::new();
         for _ in 0..1000 {
             match vcpu.run() {
                 Ok(VcpuExit::IoOut {
@@ -415,7 +418,12 @@ pub(crate) mod harness {
                 }) => vector = Some(data[0]),
                 Ok(VcpuExit::IoIn { data, .. }) => data.fill(0xff),
                 Ok(VcpuExit::MmioRead { data, .. }) => data.fill(0xff),
-                Ok(VcpuExit::IoOut { .. } | VcpuExit::MmioWrite { .. }) => {}
+                Ok(VcpuExit::MmioWrite { addr, data }) => {
+                    let mut b = [0u8; 8];
+                    b[..data.len()].copy_from_slice(data);
+                    mmio_writes.push((addr, u64::from_le_bytes(b)));
+                }
+                Ok(VcpuExit::IoOut { .. }) => {}
                 Ok(VcpuExit::Halt) => {
                     halted = true;
                     break;
@@ -428,6 +436,7 @@ pub(crate) mod harness {
         Outcome {
             halted,
             vector,
+            mmio_writes,
             state: vcpu.state().expect("state"),
         }
     }
@@ -789,6 +798,28 @@ mod tests {
                 (off_reg, 0),
                 "nothing changed"
             );
+        }
+    }
+
+    #[test]
+    fn bit_string_operations_reach_mmio_through_exits() {
+        let mut vm = TestVm::new(1);
+        let plain = place(&vm, 0, |a| a.btr(dword_ptr(rbx), ecx));
+        let locked = place(&vm, 1, |a| a.lock().btr(dword_ptr(rbx), ecx));
+        let read = place(&vm, 2, |a| a.bt(qword_ptr(rbx), rcx));
+        for rip in [plain, locked, read] {
+            let mut st = vm.long_mode(rip);
+            // Unit 0x1000_0008 (not RAM), bit 3.
+            (st.gpr[1], st.gpr[3]) = (67, 0x1000_0000);
+            let o = vm.run(&st);
+            assert!(o.halted && o.vector.is_none(), "{o:?}");
+            assert_eq!(o.state.rflags & CF, CF, "the bit read back from MMIO");
+            let writes = if rip == read {
+                vec![]
+            } else {
+                vec![(0x1000_0008, 0xffff_fff7)]
+            };
+            assert_eq!(o.mmio_writes, writes);
         }
     }
 
