@@ -375,6 +375,10 @@ fn differences(host: &HostState, guest: &HostState) -> Vec<String> {
     if h.ftw != g.ftw {
         d.push(format!("ftw {:#04x} vs {:#04x}", h.ftw, g.ftw));
     }
+    // AMD's FXSAVE stores FOP only while an exception is pending.
+    if h.fsw & 0x80 != 0 && h.fop != g.fop {
+        d.push(format!("fop {:#05x} vs {:#05x}", h.fop, g.fop));
+    }
     for k in 0..8 {
         if h.st[k] != g.st[k] {
             let x = |b: &[u8; 16]| F80::from_bytes(b);
