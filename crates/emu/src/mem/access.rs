@@ -243,9 +243,9 @@ impl Cpu {
             return Ok(Target::Mmio(w.pa | (lin & 0xfff)));
         };
         let page = lin & PAGE_MASK;
-        if acc == Access::Exec && self.vm.code.is_code(loc.frame) {
-            // Mapped for execution again: catch writes the CPU did not see
-            // (DMA, the VMM) since the page's code was decoded.
+        if acc == Access::Exec && self.vm.code.is_code(loc.frame) && !self.tlb.verified(loc.frame) {
+            // Mapped for execution again after a flush: catch writes the
+            // CPU did not see (DMA, the VMM) since the code was decoded.
             let host_page = (loc.host as u64 & PAGE_MASK) as *const u8;
             // SAFETY: `ram` returned the start of a RAM page (w.pa is
             // page-aligned), 4096 bytes long.

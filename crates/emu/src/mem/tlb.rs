@@ -31,7 +31,14 @@ const EMPTY: TlbEntry = TlbEntry {
 pub struct Tlb {
     sets: Box<[[TlbEntry; TLB_SIZE]; 2]>,
     pub cur: usize,
+    /// Bumped by every flush: mappings may have changed since.
+    epoch: u32,
+    /// Code frames whose bytes were checked in this epoch (direct-mapped
+    /// by frame): refilling their exec entries needs no new check.
+    verified: Box<[(u32, u32); VERIFIED]>,
 }
+
+const VERIFIED: usize = 1024;
 
 impl Default for Tlb {
     fn default() -> Self {
@@ -44,6 +51,8 @@ impl Tlb {
         Tlb {
             sets: Box::new([[EMPTY; TLB_SIZE]; 2]),
             cur: 0,
+            epoch: 1,
+            verified: Box::new([(0, 0); VERIFIED]),
         }
     }
 
@@ -67,7 +76,16 @@ impl Tlb {
         &mut self.sets[self.cur][Self::index(lin)]
     }
 
+    /// Whether `frame`'s code was checked since the last flush; marks it.
+    pub fn verified(&mut self, frame: usize) -> bool {
+        let slot = &mut self.verified[frame % VERIFIED];
+        let hit = *slot == (frame as u32, self.epoch);
+        *slot = (frame as u32, self.epoch);
+        hit
+    }
+
     pub fn flush_all(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
         for set in self.sets.iter_mut() {
             set.fill(EMPTY);
         }
@@ -75,6 +93,7 @@ impl Tlb {
 
     /// A CR3 load: global entries survive.
     pub fn flush_nonglobal(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
         for e in self.sets.iter_mut().flat_map(|s| s.iter_mut()) {
             if !e.global {
                 *e = EMPTY;
