@@ -206,6 +206,10 @@ impl Wf {
     }
 }
 
+/// A bound on series terms: every series here converges in well under a
+/// hundred, so this only guards against a logic error looping forever.
+const SERIES_MAX: usize = 400;
+
 /// A series has converged once its last term (still added, so its sign
 /// reaches the low bits) is far below the sum. Stopping there keeps a
 /// later term of the other sign from cancelling that sticky information.
@@ -218,7 +222,7 @@ fn sin_cos_small(r: Wf) -> (Wf, Wf) {
     let r2 = r.mul(r);
     let (mut s, mut term) = (r, r);
     let mut n = 1i64;
-    loop {
+    for _ in 0..SERIES_MAX {
         term = term.mul(r2).div(Wf::int((n + 1) * (n + 2))).neg();
         n += 2;
         s = s.add(term);
@@ -228,7 +232,7 @@ fn sin_cos_small(r: Wf) -> (Wf, Wf) {
     }
     let (mut c, mut term) = (Wf::ONE, Wf::ONE);
     let mut n = 0i64;
-    loop {
+    for _ in 0..SERIES_MAX {
         term = term.mul(r2).div(Wf::int((n + 1) * (n + 2))).neg();
         n += 2;
         c = c.add(term);
@@ -396,7 +400,7 @@ fn atan(t: Wf) -> Wf {
     let u2 = u.mul(u);
     let (mut sum, mut pow) = (u, u);
     let mut n = 1i64;
-    loop {
+    for _ in 0..SERIES_MAX {
         pow = pow.mul(u2).neg();
         n += 2;
         let term = pow.div(Wf::int(n));
@@ -413,7 +417,7 @@ fn two_atanh(s: Wf) -> Wf {
     let s2 = s.mul(s);
     let (mut sum, mut pow) = (s, s);
     let mut n = 1i64;
-    loop {
+    for _ in 0..SERIES_MAX {
         pow = pow.mul(s2);
         n += 2;
         let term = pow.div(Wf::int(n));
@@ -445,7 +449,7 @@ fn log2(x: Wf) -> (Wf, bool) {
 fn expm1_small(y: Wf) -> Wf {
     let (mut sum, mut term) = (y, y);
     let mut n = 1i64;
-    loop {
+    for _ in 0..SERIES_MAX {
         n += 1;
         term = term.mul(y).div(Wf::int(n));
         sum = sum.add(term);
