@@ -8,6 +8,7 @@ mod bcd;
 mod bit;
 mod control;
 mod io;
+mod legacy;
 mod logic;
 mod mov;
 mod muldiv;
@@ -39,6 +40,7 @@ pub fn register_all(t: &mut Table) {
     system::register(t);
     bit::register(t);
     bcd::register(t);
+    legacy::register(t);
     x87::register(t);
     sse::register(t);
 }
