@@ -16,7 +16,6 @@ pub const MAX_BLOCK: usize = 64;
 const SLOTS: usize = 1 << 15;
 
 pub struct Block {
-    key: u64,
     frame: usize,
     generation: u32,
     pub insns: Box<[Insn]>,
@@ -33,7 +32,9 @@ impl Block {
 }
 
 pub struct BlockCache {
-    slots: Vec<Option<Box<Block>>>,
+    /// (key, block): the key sits beside the pointer so a miss costs
+    /// no pointer chase.
+    slots: Vec<(u64, Option<Box<Block>>)>,
     /// The uncached block for an instruction crossing a page or fetched
     /// from outside RAM.
     scratch: Option<Box<Block>>,
@@ -58,7 +59,7 @@ fn slot_of(key: u64) -> usize {
 impl BlockCache {
     pub fn new() -> Self {
         BlockCache {
-            slots: (0..SLOTS).map(|_| None).collect(),
+            slots: (0..SLOTS).map(|_| (u64::MAX, None)).collect(),
             scratch: None,
             decoded: 0,
             page: None,
@@ -89,7 +90,9 @@ impl BlockCache {
         };
         let key = (loc.host as u64) << 2 | u64::from(cpu.bits >> 5);
         let slot = slot_of(key);
-        let hit = matches!(&self.slots[slot], Some(b) if b.key == key && cpu.vm.code.generation(b.frame) == b.generation);
+        let entry = &self.slots[slot];
+        let hit = entry.0 == key
+            && matches!(&entry.1, Some(b) if cpu.vm.code.generation(b.frame) == b.generation);
         if !hit {
             let avail = 0x1000 - (lin & 0xfff) as usize;
             let avail = if cpu.mode != Mode::Long {
@@ -97,12 +100,12 @@ impl BlockCache {
             } else {
                 avail
             };
-            match self.decode(cpu, rip, loc.host, loc.frame, avail, key)? {
-                Some(block) => self.slots[slot] = Some(block),
+            match self.decode(cpu, rip, loc.host, loc.frame, avail)? {
+                Some(block) => self.slots[slot] = (key, Some(block)),
                 None => return self.decode_scratch(cpu, lin, Some(loc.host)),
             }
         }
-        match self.slots[slot].as_deref_mut() {
+        match self.slots[slot].1.as_deref_mut() {
             Some(b) => Ok(b),
             None => Err(Fault::ud()),
         }
@@ -116,7 +119,6 @@ impl BlockCache {
         host: *mut u8,
         frame: usize,
         avail: usize,
-        key: u64,
     ) -> Res<Option<Box<Block>>> {
         if cpu.vm.code.mark(frame) {
             // First code on this page: no vCPU may write it through the TLB.
@@ -155,7 +157,6 @@ impl BlockCache {
         }
         self.decoded += insns.len() as u64;
         Ok(Some(Box::new(Block {
-            key,
             frame,
             generation,
             insns: insns.into_boxed_slice(),
@@ -190,7 +191,6 @@ impl BlockCache {
         let ins = decoder.decode();
         let (h, _) = table().resolve(&ins);
         self.scratch = Some(Box::new(Block {
-            key: u64::MAX,
             frame: 0,
             generation: 0,
             insns: vec![Insn::build(&ins, h)].into_boxed_slice(),
@@ -210,6 +210,6 @@ impl BlockCache {
 
     /// Forgets every block (tests, INIT).
     pub fn clear(&mut self) {
-        self.slots.iter_mut().for_each(|s| *s = None);
+        self.slots.iter_mut().for_each(|s| *s = (u64::MAX, None));
     }
 }
