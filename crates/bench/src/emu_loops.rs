@@ -309,7 +309,7 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
         "CPU = the child's user+sys (wait4 rusage), or the calling thread's for native; the goal is on CPU",
     );
     report::note(&format!(
-        "each runner's n is calibrated alone, then {} samples alternate between runners; slowdowns are medians of the paired samples",
+        "each runner's n is calibrated alone (its qualifying sample is the first of {}), then the runners alternate; slowdowns are medians of the paired samples",
         ctx.reps
     ));
     report::note(
