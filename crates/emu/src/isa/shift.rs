@@ -13,6 +13,8 @@ use crate::isa::ops::*;
 pub trait ShiftOp {
     /// Rotates through carry reduce the count modulo width+1.
     const THROUGH_CARRY: bool = false;
+    /// Right rotates through carry compute OF from the result's top bits.
+    const ROTATES_RIGHT: bool = false;
     fn apply<W: Width>(a: u64, n: u32, cf: bool) -> u64;
     fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, cf: bool);
 }
@@ -44,7 +46,9 @@ impl ShiftOp for Shr {
     }
     fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, _: bool) {
         let cf = n <= 64 && (a >> (n - 1)) & 1 != 0;
-        f.set_result_cf_of::<W>(r, cf, msb::<W>(a));
+        // OF is defined for a count of 1 only (the operand's sign); for
+        // larger counts AMD, the host we match, clears it.
+        f.set_result_cf_of::<W>(r, cf, n == 1 && msb::<W>(a));
     }
 }
 impl ShiftOp for Sar {
@@ -103,6 +107,7 @@ impl ShiftOp for Rcl {
 }
 impl ShiftOp for Rcr {
     const THROUGH_CARRY: bool = true;
+    const ROTATES_RIGHT: bool = true;
     fn apply<W: Width>(a: u64, n: u32, cf: bool) -> u64 {
         let bits = W::BITS + 1;
         let v = u128::from(a) | (u128::from(cf) << W::BITS);
@@ -142,9 +147,14 @@ fn shift<O: ShiftOp, W: Width, D: Dst, const CNT: u8>(cpu: &mut Cpu, i: &Insn) -
             D::write::<W>(cpu, i, a)?;
         }
         if masked != 0 {
-            // rcl/rcr by a multiple of width+1: CF stays, OF follows the
-            // count-1 formula on the unchanged value (as hardware does).
-            let of = (a & W::SIGN != 0) ^ cpu.flags.cf();
+            // rcl/rcr by a multiple of width+1: CF stays, OF follows each
+            // one's count-1 formula on the unchanged value (as AMD, the
+            // host we match, does): rcl MSB ^ CF, rcr MSB ^ MSB-1.
+            let of = if O::ROTATES_RIGHT {
+                msb::<W>(a) ^ ((a >> (W::BITS - 2)) & 1 != 0)
+            } else {
+                msb::<W>(a) ^ cpu.flags.cf()
+            };
             cpu.flags.set_of(of);
         }
         return Ok(());
@@ -289,7 +299,52 @@ pub fn register(t: &mut Table) {
 
 #[cfg(test)]
 mod tests {
+    use iced_x86::code_asm::*;
+
     use super::*;
+    use crate::cpu::flags::{CF, OF, OSZAPC};
+    use crate::isa::bit::harness::*;
+
+    type Emit = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+
+    /// Runs one instruction in a long-mode guest with `v` in rax and the
+    /// arithmetic flags `f`; returns (rax, OSZAPC flags).
+    fn guest_run(emit: Emit, v: u64, f: u64) -> (u64, u64) {
+        let mut vm = TestVm::new(1);
+        vm.asm(64, CODE, |a| {
+            emit(a).unwrap();
+            a.hlt().unwrap();
+        });
+        let mut st = vm.long_mode(CODE);
+        st.gpr[0] = v;
+        st.rflags = f | 2;
+        let o = vm.run(&st);
+        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        (o.state.gpr[0], o.state.rflags & OSZAPC)
+    }
+
+    #[test]
+    fn rotate_through_carry_by_width_plus_one_sets_of_like_amd() {
+        // rcr al, 9: no rotation; OF = MSB ^ MSB-1 of the value, CF kept.
+        let (r, f) = guest_run(|a| a.rcr(al, 9), 0x0e, CF | OF);
+        assert_eq!((r, f & (CF | OF)), (0x0e, CF));
+        // rcr ax, 17 (0xf1 masks to 17).
+        let (r, f) = guest_run(|a| a.rcr(ax, 0xf1), 0xb861, CF);
+        assert_eq!((r, f & (CF | OF)), (0xb861, CF | OF));
+        // rcl al, 9: OF = MSB ^ CF.
+        let (r, f) = guest_run(|a| a.rcl(al, 9), 0x80, 0);
+        assert_eq!((r, f & (CF | OF)), (0x80, OF));
+    }
+
+    #[test]
+    fn shr_by_more_than_one_clears_of_like_amd() {
+        let (r, f) = guest_run(|a| a.shr(al, 6), 0x80, OF);
+        assert_eq!((r, f & (CF | OF)), (0x02, 0));
+        let (r, f) = guest_run(|a| a.shr(al, 0xdc), 0x91, OF);
+        assert_eq!((r, f & OF), (0, 0), "count 28 on a byte");
+        let (r, f) = guest_run(|a| a.shr(al, 1), 0x80, 0);
+        assert_eq!((r, f & OF), (0x40, OF), "count 1 keeps the sign in OF");
+    }
 
     #[test]
     fn rotates_through_carry_use_width_plus_one_bits() {
