@@ -27,6 +27,10 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
     let vm = cpu.vm.clone();
     let sig = &vm.platform.signals[cpu.id as usize];
     let tracing = vm.trace.is_some();
+    // The block that just ran to its end, and the cache generation then:
+    // its links lead to the next block without a lookup.
+    let mut prev: *mut Block = std::ptr::null_mut();
+    let mut prev_gen = 0u64;
     loop {
         if cpu.shutdown {
             return Event::Shutdown;
@@ -41,6 +45,7 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         if (att != 0 && !idle_irq) || cpu.run_state != RunState::Running {
             // INIT/SIPI reset paging: the cached code page may be stale.
             cache.forget_page();
+            prev = std::ptr::null_mut();
             if let Some(ev) = service(cpu, &vm, att) {
                 return ev;
             }
@@ -48,14 +53,44 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         if cpu.run_state != RunState::Running || cpu.shutdown {
             continue;
         }
-        let block = match cache.lookup(cpu) {
-            Ok(b) => b,
-            Err(s) => {
-                cache.forget_page();
-                stopped(cpu, s);
-                continue;
+        let rip = cpu.gpr[RIP];
+        let epoch = cpu.tlb.epoch();
+        let linked = if !prev.is_null() && prev_gen == cache.generation() {
+            // SAFETY: blocks are freed only when the cache generation
+            // moves; it has not since `prev` ran, so `prev` is alive.
+            unsafe { &*prev }.successor(rip, prev_gen, epoch)
+        } else {
+            None
+        };
+        // SAFETY (both derefs): a link stamped with the current cache
+        // generation points at a live block of this vCPU's cache.
+        let block: *mut Block = match linked {
+            Some(b) if unsafe { &*b }.is_current(&vm.code) => b,
+            _ => {
+                let g0 = cache.generation();
+                match cache.lookup(cpu) {
+                    Ok(b) => {
+                        let bp: *mut Block = b;
+                        if !prev.is_null() && prev_gen == g0 && cache.generation() == g0 {
+                            // SAFETY: `prev` is alive (generation unchanged)
+                            // and no reference to it or `bp` is held.
+                            unsafe { (*prev).link(rip, bp, g0, epoch) };
+                        }
+                        bp
+                    }
+                    Err(s) => {
+                        cache.forget_page();
+                        prev = std::ptr::null_mut();
+                        stopped(cpu, s);
+                        continue;
+                    }
+                }
             }
         };
+        // SAFETY: `block` is alive (just looked up or validly linked) and
+        // nothing else references it while it runs; handlers never touch
+        // the block cache.
+        let block = unsafe { &mut *block };
         let single = cpu.int_shadow || cpu.rflags & TF != 0;
         let trap = cpu.rflags & TF != 0;
         cpu.int_shadow = false;
@@ -79,6 +114,12 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
             cpu.icount += done;
         }
         cpu.icount += done;
+        if cpu.stop || exit || !block.cached() {
+            prev = std::ptr::null_mut();
+        } else {
+            prev = block;
+            prev_gen = cache.generation();
+        }
         if cpu.stop {
             cache.forget_page();
         }

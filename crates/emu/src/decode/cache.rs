@@ -21,13 +21,63 @@ pub struct Block {
     pub insns: Box<[Insn]>,
     /// Times this block ran (a future JIT tier picks hot blocks by it).
     pub runs: u64,
+    /// Successors seen at run time: (rip, block, cache generation, TLB
+    /// epoch). Followed only while both stamps still match.
+    links: [Link; 2],
+    next_link: u8,
+    /// False for the uncached scratch block: never linked.
+    cached: bool,
 }
+
+// SAFETY: the raw pointers in `links` point into the same vCPU's block
+// cache, which lives and is used on one thread at a time with its Block.
+unsafe impl Send for Block {}
+
+#[derive(Clone, Copy)]
+struct Link {
+    rip: u64,
+    block: *mut Block,
+    cache_gen: u64,
+    tlb_epoch: u32,
+}
+
+const NO_LINK: Link = Link {
+    rip: u64::MAX,
+    block: std::ptr::null_mut(),
+    cache_gen: 0,
+    tlb_epoch: 0,
+};
 
 impl Block {
     /// No write has hit the block's page since it was decoded.
     #[inline(always)]
     pub fn is_current(&self, code: &crate::mem::CodeMap) -> bool {
         code.generation(self.frame) == self.generation
+    }
+
+    /// The linked successor for `rip`, if the link is still valid.
+    #[inline(always)]
+    pub fn successor(&self, rip: u64, cache_gen: u64, tlb_epoch: u32) -> Option<*mut Block> {
+        self.links
+            .iter()
+            .find(|l| l.rip == rip && l.cache_gen == cache_gen && l.tlb_epoch == tlb_epoch)
+            .map(|l| l.block)
+    }
+
+    /// Remembers that `next` followed this block at `rip`.
+    pub fn link(&mut self, rip: u64, next: *mut Block, cache_gen: u64, tlb_epoch: u32) {
+        let k = usize::from(self.next_link & 1);
+        self.links[k] = Link {
+            rip,
+            block: next,
+            cache_gen,
+            tlb_epoch,
+        };
+        self.next_link ^= 1;
+    }
+
+    pub fn cached(&self) -> bool {
+        self.cached
     }
 }
 
@@ -43,6 +93,9 @@ pub struct BlockCache {
     /// page, frame). Valid until the CPU changes mode or mappings, which
     /// always ends a block with `cpu.stop` (the loop then forgets it).
     page: Option<(u64, u64, usize)>,
+    /// Bumped whenever a block may be freed (slot replaced, scratch
+    /// replaced, clear): links stamped with an older value are dead.
+    generation: u64,
 }
 
 impl Default for BlockCache {
@@ -63,7 +116,13 @@ impl BlockCache {
             scratch: None,
             decoded: 0,
             page: None,
+            generation: 1,
         }
+    }
+
+    #[inline(always)]
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The block at the current CS:RIP, decoding it if needed.
@@ -101,7 +160,10 @@ impl BlockCache {
                 avail
             };
             match self.decode(cpu, rip, loc.host, loc.frame, avail)? {
-                Some(block) => self.slots[slot] = (key, Some(block)),
+                Some(block) => {
+                    self.generation += 1;
+                    self.slots[slot] = (key, Some(block));
+                }
                 None => return self.decode_scratch(cpu, lin, Some(loc.host)),
             }
         }
@@ -161,6 +223,9 @@ impl BlockCache {
             generation,
             insns: insns.into_boxed_slice(),
             runs: 0,
+            links: [NO_LINK; 2],
+            next_link: 0,
+            cached: true,
         })))
     }
 
@@ -190,11 +255,15 @@ impl BlockCache {
             Decoder::with_ip(u32::from(cpu.bits), &buf, cpu.rip(), DecoderOptions::NONE);
         let ins = decoder.decode();
         let (h, _) = table().resolve(&ins);
+        self.generation += 1;
         self.scratch = Some(Box::new(Block {
             frame: 0,
             generation: 0,
             insns: vec![Insn::build(&ins, h)].into_boxed_slice(),
             runs: 0,
+            links: [NO_LINK; 2],
+            next_link: 0,
+            cached: false,
         }));
         match self.scratch.as_deref_mut() {
             Some(b) => Ok(b),
@@ -210,6 +279,7 @@ impl BlockCache {
 
     /// Forgets every block (tests, INIT).
     pub fn clear(&mut self) {
+        self.generation += 1;
         self.slots.iter_mut().for_each(|s| *s = (u64::MAX, None));
     }
 }

@@ -76,6 +76,12 @@ impl Tlb {
         &mut self.sets[self.cur][Self::index(lin)]
     }
 
+    /// Bumped by every flush: cached translations made before are stale.
+    #[inline(always)]
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
     /// Whether `frame`'s code was checked since the last flush; marks it.
     pub fn verified(&mut self, frame: usize) -> bool {
         let slot = &mut self.verified[frame % VERIFIED];
