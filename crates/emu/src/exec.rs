@@ -62,10 +62,13 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         } else {
             None
         };
-        // SAFETY (both derefs): a link stamped with the current cache
-        // generation points at a live block of this vCPU's cache.
+        let live = |b: *mut Block| {
+            // SAFETY: a link stamped with the current cache generation
+            // points at a live block of this vCPU's cache.
+            unsafe { &*b }.is_current(&vm.code)
+        };
         let block: *mut Block = match linked {
-            Some(b) if unsafe { &*b }.is_current(&vm.code) => b,
+            Some(b) if live(b) => b,
             _ => {
                 let g0 = cache.generation();
                 match cache.lookup(cpu) {
