@@ -160,6 +160,19 @@ fn into(cpu: &mut Cpu, _: &Insn) -> Res {
     }
 }
 
+/// bound r, m: #BR unless lower <= index <= upper (signed).
+fn bound<W: Width>(cpu: &mut Cpu, i: &Insn) -> Res {
+    let off = cpu.ea(i);
+    let seg = usize::from(i.seg);
+    let lo = W::sext(cpu.read_virt::<W>(seg, off)?) as i64;
+    let hi = W::sext(cpu.read_virt::<W>(seg, off.wrapping_add(W::BYTES as u64) & i.amask)?) as i64;
+    let idx = W::sext(W::get(&cpu.gpr, i.r0)) as i64;
+    if idx < lo || idx > hi {
+        return Err(Fault::raise(crate::cpu::fault::BR, None));
+    }
+    Ok(())
+}
+
 fn iret<W: Width>(cpu: &mut Cpu, _: &Insn) -> Res {
     crate::mode::interrupt::iret(cpu, W::BYTES as u64)
 }
@@ -289,6 +302,8 @@ pub fn register(t: &mut Table) {
     t.add(c("Int3"), int3);
     t.add(c("Int1"), int1);
     t.add(c("Into"), into);
+    t.add(c("Bound_r16_m1616"), bound::<W16>);
+    t.add(c("Bound_r32_m3232"), bound::<W32>);
     t.add_stop(c("Iretw"), iret::<W16>);
     t.add_stop(c("Iretd"), iret::<W32>);
     t.add_stop(c("Iretq"), iret::<W64>);

@@ -106,6 +106,13 @@ fn sahf(cpu: &mut Cpu, _: &Insn) -> Res {
     Ok(())
 }
 
+/// salc (undocumented, 32-bit only): AL = CF ? 0xff : 0.
+fn salc(cpu: &mut Cpu, _: &Insn) -> Res {
+    let v = if cpu.flags.cf() { 0xff } else { 0 };
+    W8::set(&mut cpu.gpr, 0, v);
+    Ok(())
+}
+
 fn clc(cpu: &mut Cpu, _: &Insn) -> Res {
     cpu.flags.set_cf(false);
     Ok(())
@@ -401,6 +408,7 @@ pub fn register(t: &mut Table) {
     t.add(c("Xlat_m8"), xlat);
     t.add(c("Lahf"), lahf);
     t.add(c("Sahf"), sahf);
+    t.add(c("Salc"), salc);
     t.add(c("Clc"), clc);
     t.add(c("Stc"), stc);
     t.add(c("Cmc"), cmc);

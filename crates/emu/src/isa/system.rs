@@ -311,6 +311,12 @@ fn rdtscp(cpu: &mut Cpu, i: &Insn) -> Res {
     Ok(())
 }
 
+/// rdpmc: no performance counters are advertised, so every index is
+/// invalid (#GP), as is any use from ring 3 without CR4.PCE.
+fn rdpmc(_: &mut Cpu, _: &Insn) -> Res {
+    Err(Fault::gp(0))
+}
+
 fn clts(cpu: &mut Cpu, _: &Insn) -> Res {
     need_cpl0(cpu)?;
     cpu.cr0 &= !CR0_TS;
@@ -524,6 +530,7 @@ pub fn register(t: &mut Table) {
     t.add(c("Rdtsc"), rdtsc);
     t.add(c("Rdtscp"), rdtscp);
     t.add(c("Clts"), clts);
+    t.add(c("Rdpmc"), rdpmc);
     t.add(c("Wbinvd"), privileged_nop);
     t.add(c("Invd"), privileged_nop);
     for name in ["Mfence", "Sfence"] {

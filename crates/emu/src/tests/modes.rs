@@ -157,3 +157,37 @@ fn real_mode_switches_to_protected_then_long_mode() {
     assert!(st.cs.l, "64-bit code segment");
     assert_eq!(st.gpr[3] & 0x500, 0x500, "EFER.LME and LMA");
 }
+
+/// Real-mode IVT delivery of a fault: `bound` out of range raises #BR with
+/// the faulting IP on the stack.
+#[test]
+fn real_mode_bound_raises_br_through_the_ivt() {
+    let mut g = Guest::new(1);
+    g.write(5 * 4, &[0x00, 0x80, 0x00, 0x00]); // IVT[5] = 0000:8000
+    g.code(16, 0x8000, |a| {
+        a.mov(bx, 0x55u32).unwrap();
+        a.pop(dx).unwrap(); // faulting IP
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    g.write(0x7e00, &[10, 0, 20, 0]);
+    let size = g.code(16, 0x7c00, |a| {
+        a.mov(sp, 0x7000u32).unwrap();
+        a.mov(ax, 15u32).unwrap();
+        a.bound(ax, word_ptr(0x7e00)).unwrap(); // in range
+        a.mov(ax, 30u32).unwrap();
+    });
+    g.write(0x7c00 + size as u64, &[0x62, 0x06, 0x00, 0x7e]); // bound ax, [0x7e00]
+    let mut s = CpuState::reset();
+    s.cs = Segment::real_mode(0, true);
+    s.rip = 0x7c00;
+    g.vcpu.set_state(&s).unwrap();
+    assert_eq!(g.run().end, End::Halt);
+    let st = g.state();
+    assert_eq!(st.gpr[3], 0x55);
+    assert_eq!(
+        st.gpr[2],
+        0x7c00 + size as u64,
+        "#BR is a fault: IP of the bound"
+    );
+}
