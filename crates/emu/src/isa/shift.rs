@@ -211,7 +211,9 @@ fn shxd<W: Width, D: Dst, const LEFT: bool, const CL: bool>(cpu: &mut Cpu, i: &I
     // (AMD) clear CF there.
     let undefined16 = bits == 16 && n > 16;
     let (cf, of) = if undefined16 {
-        (false, msb::<W>(r) ^ ((r >> (bits - 2)) & 1 != 0))
+        // Measured on the host: CF=0; OF=0 for shld, bit 15 ^ bit 14 of
+        // the result for shrd.
+        (false, !LEFT && msb::<W>(r) ^ ((r >> (bits - 2)) & 1 != 0))
     } else if LEFT {
         let cf = (v >> (total - n)) & 1 != 0;
         (cf, cf ^ msb::<W>(r))
