@@ -102,7 +102,11 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         let (mut done, mut exit);
         loop {
             block.runs += 1;
-            (done, exit) = run_block(cpu, block, tracing);
+            (done, exit) = match (tracing, cpu.bits == 64) {
+                (false, true) => run_block::<false, true>(cpu, block),
+                (false, false) => run_block::<false, false>(cpu, block),
+                (true, _) => run_block::<true, false>(cpu, block),
+            };
             // A block that loops onto itself runs again without a lookup
             // while nothing needs attention and its code is unchanged.
             let att = sig.attention.load(std::sync::atomic::Ordering::Relaxed);
@@ -142,14 +146,16 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
 
 /// Runs one block's instructions; returns (retired, exited for I/O).
 #[inline(always)]
-fn run_block(cpu: &mut Cpu, block: &Block, tracing: bool) -> (u64, bool) {
+/// `TRACE` logs each instruction; `LONG` (64-bit code) skips the IP wrap.
+fn run_block<const TRACE: bool, const LONG: bool>(cpu: &mut Cpu, block: &Block) -> (u64, bool) {
     let mut done = 0u64;
     for insn in block.insns.iter() {
         let cur = cpu.gpr[RIP];
-        if tracing {
+        if TRACE {
             crate::trace::record(cpu, insn);
         }
-        cpu.gpr[RIP] = cur.wrapping_add(u64::from(insn.len)) & cpu.ip_mask;
+        let next = cur.wrapping_add(u64::from(insn.len));
+        cpu.gpr[RIP] = if LONG { next } else { next & cpu.ip_mask };
         match (insn.exec)(cpu, insn) {
             Ok(()) => {
                 done += 1;
