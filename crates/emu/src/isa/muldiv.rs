@@ -3,6 +3,7 @@
 
 use crate::cpu::Cpu;
 use crate::cpu::fault::{Fault, Res};
+use crate::cpu::flags::{AF, CF, OF};
 use crate::cpu::width::{W8, W16, W32, W64, Width};
 use crate::decode::{Insn, Table};
 use crate::isa::c;
@@ -16,6 +17,23 @@ fn rm0<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res<u64> {
     } else {
         S::get::<W>(cpu, i)
     }
+}
+
+/// Flags after a multiply. Only CF and OF (the high half is significant)
+/// are defined; SF, ZF, AF and PF are kept, as AMD (the host the
+/// differential tester compares with) does.
+#[inline(always)]
+fn mul_flags(cpu: &mut Cpu, overflow: bool) {
+    cpu.flags.set_cf(overflow);
+    cpu.flags.set_of(overflow);
+}
+
+/// Flags after a divide, all undefined: AMD keeps CF and OF, clears SF,
+/// ZF and PF and sets AF.
+#[inline(always)]
+fn div_flags(cpu: &mut Cpu) {
+    let keep = cpu.flags.bits() & (CF | OF);
+    cpu.flags.set_bits(keep | AF);
 }
 
 /// Writes a double-width product/dividend pair: AX for bytes, else rDX:rAX.
@@ -43,7 +61,7 @@ fn mul<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
     let lo = (p as u64) & W::MASK;
     let hi = (p >> W::BITS) as u64 & W::MASK;
     set_pair::<W>(cpu, lo, hi);
-    cpu.flags.set_result_cf_of::<W>(lo, hi != 0, hi != 0);
+    mul_flags(cpu, hi != 0);
     Ok(())
 }
 
@@ -55,7 +73,7 @@ fn imul1<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
     let hi = ((p >> W::BITS) as u64) & W::MASK;
     let fits = i128::from(W::sext(lo) as i64) == p;
     set_pair::<W>(cpu, lo, hi);
-    cpu.flags.set_result_cf_of::<W>(lo, !fits, !fits);
+    mul_flags(cpu, !fits);
     Ok(())
 }
 
@@ -64,7 +82,7 @@ fn imul_to<W: Width>(cpu: &mut Cpu, i: &Insn, a: u64, b: u64) {
     let lo = (p as u64) & W::MASK;
     let fits = i128::from(W::sext(lo) as i64) == p;
     W::set(&mut cpu.gpr, i.r0, lo);
-    cpu.flags.set_result_cf_of::<W>(lo, !fits, !fits);
+    mul_flags(cpu, !fits);
 }
 
 /// imul r, r/m
@@ -93,6 +111,7 @@ fn div<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
         return Err(Fault::de());
     }
     set_pair::<W>(cpu, q as u64, (n % d) as u64);
+    div_flags(cpu);
     Ok(())
 }
 
@@ -115,6 +134,7 @@ fn idiv<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
         return Err(Fault::de());
     }
     set_pair::<W>(cpu, (q as u64) & W::MASK, (r as u64) & W::MASK);
+    div_flags(cpu);
     Ok(())
 }
 
@@ -176,5 +196,50 @@ pub fn register(t: &mut Table) {
             32 => t.rm(c(name), imul3::<W32, RegSrc>, imul3::<W32, MemSrc>),
             _ => t.rm(c(name), imul3::<W64, RegSrc>, imul3::<W64, MemSrc>),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iced_x86::code_asm::*;
+
+    use crate::cpu::flags::{AF, CF, OF, OSZAPC, PF, SF, ZF};
+    use crate::isa::bit::harness::*;
+
+    type Emit = fn(&mut CodeAssembler) -> Result<(), IcedError>;
+
+    /// Runs one instruction in a long-mode guest with `v0`-`v2` in rax, rcx
+    /// and rdx and the arithmetic flags `f`; returns (rax, rdx, flags).
+    fn guest_run(emit: Emit, v0: u64, v1: u64, v2: u64, f: u64) -> (u64, u64, u64) {
+        let mut vm = TestVm::new(1);
+        vm.asm(64, CODE, |a| {
+            emit(a).unwrap();
+            a.hlt().unwrap();
+        });
+        let mut st = vm.long_mode(CODE);
+        (st.gpr[0], st.gpr[1], st.gpr[2]) = (v0, v1, v2);
+        st.rflags = f | 2;
+        let o = vm.run(&st);
+        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        (o.state.gpr[0], o.state.gpr[2], o.state.rflags & OSZAPC)
+    }
+
+    #[test]
+    fn multiplies_set_only_cf_and_of_like_amd() {
+        // 0xb0 * 1 = 0xb0: no overflow; SF/ZF/PF/AF stay as they were.
+        let (r, _, f) = guest_run(|a| a.mul(cl), 0xb0, 1, 0, OSZAPC);
+        assert_eq!((r, f), (0xb0, SF | ZF | AF | PF));
+        let (r, _, f) = guest_run(|a| a.imul_2(eax, ecx), 0x4000_0000, 4, 0, 0);
+        assert_eq!((r, f), (0, CF | OF), "overflow, ZF not set from the result");
+        let (_, d, f) = guest_run(|a| a.imul(rcx), 3, 5, 0, ZF);
+        assert_eq!((d, f), (0, ZF));
+    }
+
+    #[test]
+    fn divides_keep_cf_of_and_set_only_af_like_amd() {
+        let (q, r, f) = guest_run(|a| a.div(ecx), 7, 2, 0, OSZAPC);
+        assert_eq!((q, r, f), (3, 1, CF | OF | AF));
+        let (q, r, f) = guest_run(|a| a.idiv(cx), 0xfff9, 2, 0xffff, ZF | SF | PF);
+        assert_eq!((q, r, f), (0xfffd, 0xffff, AF));
     }
 }
