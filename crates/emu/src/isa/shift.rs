@@ -31,13 +31,25 @@ fn msb<W: Width>(v: u64) -> bool {
     v & W::SIGN != 0
 }
 
+/// A shift's result, CF and OF, with AF set: AF is undefined after
+/// shl/shr/sar/shld/shrd by a non-zero count, and AMD (the host the
+/// differential tester compares with) sets it.
+#[inline(always)]
+fn set_shift_flags<W: Width>(f: &mut Flags, r: u64, cf: bool, of: bool) {
+    f.set_result_cf_of::<W>(r, cf, of);
+    // AF lives in bit 3 of `aux` (see `Flags::af`); set_result_cf_of left
+    // it clear.
+    f.aux |= 1 << 3;
+    debug_assert!(f.af());
+}
+
 impl ShiftOp for Shl {
     fn apply<W: Width>(a: u64, n: u32, _: bool) -> u64 {
         if n >= 64 { 0 } else { (a << n) & W::MASK }
     }
     fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, _: bool) {
         let cf = n <= W::BITS && (a >> (W::BITS - n)) & 1 != 0;
-        f.set_result_cf_of::<W>(r, cf, msb::<W>(r) ^ cf);
+        set_shift_flags::<W>(f, r, cf, msb::<W>(r) ^ cf);
     }
 }
 impl ShiftOp for Shr {
@@ -48,7 +60,7 @@ impl ShiftOp for Shr {
         let cf = n <= 64 && (a >> (n - 1)) & 1 != 0;
         // OF is defined for a count of 1 only (the operand's sign); for
         // larger counts AMD, the host we match, clears it.
-        f.set_result_cf_of::<W>(r, cf, n == 1 && msb::<W>(a));
+        set_shift_flags::<W>(f, r, cf, n == 1 && msb::<W>(a));
     }
 }
 impl ShiftOp for Sar {
@@ -57,7 +69,7 @@ impl ShiftOp for Sar {
     }
     fn flags<W: Width>(f: &mut Flags, a: u64, n: u32, r: u64, _: bool) {
         let cf = ((W::sext(a) as i64) >> (n - 1).min(63)) & 1 != 0;
-        f.set_result_cf_of::<W>(r, cf, false);
+        set_shift_flags::<W>(f, r, cf, false);
     }
 }
 impl ShiftOp for Rol {
@@ -221,7 +233,7 @@ fn shxd<W: Width, D: Dst, const LEFT: bool, const CL: bool>(cpu: &mut Cpu, i: &I
         let cf = (v >> (n - 1)) & 1 != 0;
         (cf, msb::<W>(r) ^ ((r >> (bits - 2)) & 1 != 0))
     };
-    cpu.flags.set_result_cf_of::<W>(r, cf, of);
+    set_shift_flags::<W>(&mut cpu.flags, r, cf, of);
     Ok(())
 }
 
@@ -304,7 +316,7 @@ mod tests {
     use iced_x86::code_asm::*;
 
     use super::*;
-    use crate::cpu::flags::{CF, OF, OSZAPC};
+    use crate::cpu::flags::{AF, CF, OF, OSZAPC};
     use crate::isa::bit::harness::*;
 
     type Emit = fn(&mut CodeAssembler) -> Result<(), IcedError>;
@@ -336,6 +348,20 @@ mod tests {
         // rcl al, 9: OF = MSB ^ CF.
         let (r, f) = guest_run(|a| a.rcl(al, 9), 0x80, 0);
         assert_eq!((r, f & (CF | OF)), (0x80, OF));
+    }
+
+    #[test]
+    fn shifts_set_af_like_amd_and_rotates_keep_it() {
+        let (_, f) = guest_run(|a| a.shl(eax, 3), 0x11, 0);
+        assert_eq!(f & AF, AF, "shl");
+        let (_, f) = guest_run(|a| a.sar(ax, 1), 0x8000, 0);
+        assert_eq!(f & AF, AF, "sar");
+        let (_, f) = guest_run(|a| a.shrd(rax, rcx, 4), 0x10, 0);
+        assert_eq!(f & AF, AF, "shrd");
+        let (_, f) = guest_run(|a| a.rol(al, 3), 0x11, 0);
+        assert_eq!(f & AF, 0, "rol keeps AF");
+        let (_, f) = guest_run(|a| a.shl(al, 0x20), 0x11, 0);
+        assert_eq!(f & AF, 0, "a zero masked count changes nothing");
     }
 
     #[test]
