@@ -92,9 +92,7 @@ impl Dst for MemDst {
     #[inline(always)]
     fn rmw<W: Width>(cpu: &mut Cpu, i: &Insn, mut f: impl FnMut(u64) -> u64) -> Res<u64> {
         let lin = cpu.lin_w(usize::from(i.seg), cpu.ea(i), W::BYTES)?;
-        let old = cpu.read_lin::<W>(lin)?;
-        cpu.write_lin::<W>(lin, f(old) & W::MASK)?;
-        Ok(old)
+        cpu.rmw_lin::<W>(lin, f)
     }
 }
 

@@ -121,6 +121,25 @@ impl Cpu {
         self.write_slow(lin, W::BYTES, v)
     }
 
+    /// Read-modify-write of `W` at `lin` (not atomic): one TLB lookup when
+    /// the page is writable (a write tag implies read permission).
+    #[inline(always)]
+    pub fn rmw_lin<W: Width>(&mut self, lin: u64, mut f: impl FnMut(u64) -> u64) -> Res<u64> {
+        let e: &TlbEntry = self.tlb.entry(lin);
+        if e.tag_w == lin & PAGE_MASK && (lin & 0xfff) as usize <= 0x1000 - W::BYTES {
+            let p = e.addend.wrapping_add(lin) as *mut u8;
+            // SAFETY: a write tag is only installed for RAM pages without
+            // cached code, and the access stays inside the page.
+            let old = unsafe { host_load(p, W::BYTES) };
+            // SAFETY: as above.
+            unsafe { host_store(p, W::BYTES, f(old) & W::MASK) };
+            return Ok(old);
+        }
+        let old = self.read_lin::<W>(lin)?;
+        self.write_lin::<W>(lin, f(old) & W::MASK)?;
+        Ok(old)
+    }
+
     /// Reads the memory operand.
     #[inline(always)]
     pub fn read_mem<W: Width>(&mut self, i: &Insn) -> Res<u64> {
