@@ -201,7 +201,8 @@ impl BlockCache {
         let bytes = &buf[..avail];
         let t = table();
         let mut decoder = Decoder::with_ip(u32::from(cpu.bits), bytes, rip, DecoderOptions::NONE);
-        let mut insns = Vec::with_capacity(16);
+        let mut insns: Vec<Insn> = Vec::with_capacity(16);
+        let tracing = cpu.vm.trace.is_some();
         let mut ins = Instruction::default();
         while decoder.can_decode() && insns.len() < MAX_BLOCK {
             decoder.decode_out(&mut ins);
@@ -209,6 +210,14 @@ impl BlockCache {
                 break;
             }
             let (h, stop) = t.resolve(&ins);
+            if !tracing
+                && let Some(prev) = insns.last()
+                && let Some(fused) = super::fuse::fuse(prev, &ins)
+            {
+                insns.pop();
+                insns.push(fused);
+                break;
+            }
             insns.push(Insn::build(&ins, h));
             if stop || ins.flow_control() != FlowControl::Next {
                 break;

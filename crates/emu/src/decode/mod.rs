@@ -2,6 +2,7 @@
 //! and pre-decoded operands, cached in blocks keyed by physical address.
 
 pub mod cache;
+pub mod fuse;
 pub mod table;
 
 use iced_x86::{Instruction, OpKind, Register};

@@ -90,7 +90,7 @@ impl Dst for MemDst {
         cpu.write_mem::<W>(i, v)
     }
     #[inline(always)]
-    fn rmw<W: Width>(cpu: &mut Cpu, i: &Insn, mut f: impl FnMut(u64) -> u64) -> Res<u64> {
+    fn rmw<W: Width>(cpu: &mut Cpu, i: &Insn, f: impl FnMut(u64) -> u64) -> Res<u64> {
         let lin = cpu.lin_w(usize::from(i.seg), cpu.ea(i), W::BYTES)?;
         cpu.rmw_lin::<W>(lin, f)
     }

@@ -191,3 +191,43 @@ fn real_mode_bound_raises_br_through_the_ivt() {
         "#BR is a fault: IP of the bound"
     );
 }
+
+/// Fused compare-and-branch pairs keep both the branch and the flags.
+#[test]
+fn fused_compare_and_branch_keeps_flags_and_targets() {
+    let mut g = Guest::new(1);
+    g.code(64, CODE, |a| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.xor(ecx, ecx).unwrap();
+        a.xor(ebx, ebx).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.add(rbx, rcx).unwrap();
+        a.inc(rcx).unwrap();
+        a.cmp(rcx, 100).unwrap();
+        a.jne(top).unwrap();
+        a.mov(rax, 0u64).unwrap();
+        a.test(rax, rax).unwrap();
+        a.jz(skip).unwrap();
+        a.mov(rbx, 0u64).unwrap();
+        a.set_label(&mut skip).unwrap();
+        let mut end = a.create_label();
+        a.mov(edx, 5u32).unwrap();
+        a.cmp(edx, ecx).unwrap(); // 5 - 100: CF=1, SF=1
+        a.jae(end).unwrap(); // not taken
+        a.mov(r8d, 1u32).unwrap();
+        a.set_label(&mut end).unwrap();
+        a.hlt().unwrap();
+    });
+    let s = g.long_mode(CODE);
+    g.vcpu.set_state(&s).unwrap();
+    assert_eq!(g.run().end, End::Halt);
+    let st = g.state();
+    assert_eq!(
+        st.gpr[3], 4950,
+        "sum 0..99, and the taken jz skipped the clear"
+    );
+    assert_eq!(st.gpr[1], 100);
+    assert_eq!(st.gpr[8], 1, "jae fell through");
+    assert_eq!(st.rflags & 0x81, 0x81, "CF and SF from the fused cmp");
+}
