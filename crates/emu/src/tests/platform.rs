@@ -256,3 +256,43 @@ fn trace_file_records_executed_instructions() {
     assert!(text.contains("mov eax,2Ah"), "{text}");
     assert!(text.contains("hlt"), "{text}");
 }
+
+#[test]
+fn x2apic_self_ipi_through_msrs() {
+    let mut g = Guest::new(1);
+    let s = g.long_mode(CODE);
+    g.code(64, 0x20_0000, |a| {
+        a.mov(r12, 0x99u64).unwrap();
+        a.mov(ecx, 0x80bu32).unwrap(); // x2APIC EOI
+        a.xor(eax, eax).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.iretq().unwrap();
+    });
+    g.idt64(0x41, 0x20_0000, 0);
+    g.code(64, CODE, |a| {
+        a.mov(ecx, 0x1bu32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, 0xc00).unwrap(); // EN | EXTD
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0x80fu32).unwrap(); // SVR
+        a.mov(eax, 0x1ffu32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0x802u32).unwrap(); // APIC ID
+        a.rdmsr().unwrap();
+        a.mov(r13, rax).unwrap();
+        a.mov(ecx, 0x83fu32).unwrap(); // SELF IPI
+        a.mov(eax, 0x41u32).unwrap();
+        a.wrmsr().unwrap();
+        a.sti().unwrap();
+        a.nop().unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    g.vcpu.set_state(&s).unwrap();
+    assert_eq!(g.run().end, End::Halt);
+    let st = g.state();
+    assert_eq!(st.gpr[12], 0x99, "self IPI delivered after sti");
+    assert_eq!(st.gpr[13], 0, "x2APIC ID of vCPU 0");
+}
