@@ -283,3 +283,36 @@ fn rep_movs_and_stos_copy_across_pages() {
     assert_eq!(st.gpr[1], 0);
     assert_eq!(st.gpr[7], 0x50_0000 + 8 * 3000);
 }
+
+#[test]
+fn compat_mode_user_code_traps_into_a_64_bit_handler() {
+    let mut g = Guest::new(1);
+    let s = g.long_mode(CODE);
+    let user = 0x30_0000u64;
+    g.code(32, user, |a| {
+        a.mov(eax, 7u32).unwrap();
+        a.add(eax, eax).unwrap();
+        a.int(0x80).unwrap();
+    });
+    g.code(64, 0x20_0000, |a| {
+        a.mov(r12, rax).unwrap();
+        a.mov(r13, qword_ptr(rsp + 8)).unwrap(); // CS of the frame
+        a.mov(r14, qword_ptr(rsp)).unwrap(); // RIP of the frame
+        a.hlt().unwrap();
+    });
+    g.idt64(0x80, 0x20_0000, 0);
+    g.code(64, CODE, |a| {
+        a.push(i32::from(UDATA | 3)).unwrap();
+        a.push(0x2f000i32).unwrap();
+        a.push(0x2i32).unwrap();
+        a.push(0x23i32).unwrap(); // 32-bit user code, RPL 3
+        a.push(user as i32).unwrap();
+        a.iretq().unwrap();
+    });
+    g.vcpu.set_state(&s).unwrap();
+    assert_eq!(g.run().end, End::Halt, "{}", g.state());
+    let st = g.state();
+    assert_eq!(st.gpr[12], 14);
+    assert_eq!(st.gpr[13], 0x23);
+    assert_eq!(st.gpr[14], user + 5 + 2 + 2, "int pushes the next rip");
+}
