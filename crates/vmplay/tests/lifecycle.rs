@@ -4,7 +4,6 @@
 
 mod support;
 
-use iced_x86::code_asm::*;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
