@@ -7,3 +7,4 @@ mod modes;
 mod platform;
 mod robustness;
 mod system;
+mod system_more;
