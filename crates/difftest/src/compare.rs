@@ -2,7 +2,7 @@
 
 use crate::generate::Case;
 use crate::layout::{CODE_ADDR, DATA_ADDR, STACK_ADDR};
-use crate::state::{InitialState, Observed, USER_FLAGS};
+use crate::state::{InitialState, Observed, Outcome, USER_FLAGS};
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 use std::fmt::Write;
 
@@ -42,7 +42,16 @@ pub fn differences(case: &Case, native: &Observed, backend: &Observed) -> Vec<St
             ));
         }
     }
-    let mask = USER_FLAGS & !case.undefined_rflags;
+    // A faulting case stops part-way: flags undefined there count as
+    // undefined even if a later instruction would have defined them.
+    let (undefined_rflags, undefined_fsw) = match native.outcome {
+        Outcome::Completed => (case.undefined_rflags, case.undefined_fsw),
+        Outcome::Exception { .. } => (
+            case.undefined_rflags | case.undefined_rflags_before_fault,
+            case.undefined_fsw | case.undefined_fsw_before_fault,
+        ),
+    };
+    let mask = USER_FLAGS & !undefined_rflags;
     if (native.rflags ^ backend.rflags) & mask != 0 {
         d.push(format!(
             "rflags: host {:#x}, backend {:#x} (differing {}; compared {})",
@@ -56,11 +65,11 @@ pub fn differences(case: &Case, native: &Observed, backend: &Observed) -> Vec<St
     if n.fcw != b.fcw {
         d.push(format!("fcw: host {:#06x}, backend {:#06x}", n.fcw, b.fcw));
     }
-    let fsw_mask = !case.undefined_fsw;
+    let fsw_mask = !undefined_fsw;
     if (n.fsw ^ b.fsw) & fsw_mask != 0 {
         d.push(format!(
             "fsw: host {:#06x}, backend {:#06x} (undefined bits {:#06x} masked)",
-            n.fsw, b.fsw, case.undefined_fsw
+            n.fsw, b.fsw, undefined_fsw
         ));
     }
     if n.ftw != b.ftw {
@@ -189,7 +198,7 @@ pub fn describe_state(s: &InitialState) -> String {
 mod tests {
     use super::*;
     use crate::generate::{Class, blank_state};
-    use crate::state::{FLAGS_CF, FLAGS_OF, Outcome};
+    use crate::state::{FLAGS_AF, FLAGS_CF, FLAGS_OF, Outcome};
 
     fn case() -> Case {
         Case {
@@ -200,6 +209,8 @@ mod tests {
             init: blank_state(),
             undefined_rflags: FLAGS_OF,
             undefined_fsw: 0,
+            undefined_rflags_before_fault: FLAGS_OF | FLAGS_AF,
+            undefined_fsw_before_fault: 0,
         }
     }
 
@@ -223,6 +234,21 @@ mod tests {
         let d = differences(&case(), &obs(), &b);
         assert_eq!(d.len(), 1);
         assert!(d[0].contains("CF"), "{d:?}");
+    }
+
+    #[test]
+    fn a_fault_masks_flags_undefined_part_way() {
+        let fault = Observed {
+            outcome: Outcome::Exception { vector: 14 },
+            ..obs()
+        };
+        let mut b = fault.clone();
+        b.rflags = FLAGS_AF;
+        assert!(differences(&case(), &fault, &b).is_empty());
+        // Completed: AF was defined again by the end, so it counts.
+        let mut done = obs();
+        done.rflags = FLAGS_AF;
+        assert_eq!(differences(&case(), &obs(), &done).len(), 1);
     }
 
     #[test]

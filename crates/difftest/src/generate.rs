@@ -316,6 +316,10 @@ pub fn host_cpuid(leaf: u32) -> [u32; 4] {
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 
+/// A drawn sequence: its code, initial state and (flags undefined at the
+/// end, flags undefined on entry to some instruction), in iced's layout.
+type Drawn = (Vec<u8>, InitialState, (u32, u32));
+
 /// One generated test case.
 #[derive(Debug, Clone)]
 pub struct Case {
@@ -329,6 +333,11 @@ pub struct Case {
     pub undefined_rflags: u64,
     /// FSW condition bits undefined at the end, not compared.
     pub undefined_fsw: u16,
+    /// RFLAGS bits undefined on entry to some instruction: not compared
+    /// when the case ends in an exception (the fault may come there).
+    pub undefined_rflags_before_fault: u64,
+    /// The same for the FSW condition bits.
+    pub undefined_fsw_before_fault: u16,
 }
 
 const GPR64: [Register; 16] = [
@@ -849,7 +858,7 @@ impl Generator {
         for attempt in 0..64u64 {
             let mut rng = Rng::for_case(seed, self.class.name(), index.wrapping_add(attempt << 48));
             match self.try_case(&mut rng) {
-                Ok(Some((code, init, undef))) => {
+                Ok(Some((code, init, (undef, undef_anywhere)))) => {
                     return Ok(Case {
                         class: self.class,
                         seed,
@@ -858,6 +867,8 @@ impl Generator {
                         init,
                         undefined_rflags: rflags_from_iced(undef),
                         undefined_fsw: fsw_from_iced(undef),
+                        undefined_rflags_before_fault: rflags_from_iced(undef_anywhere),
+                        undefined_fsw_before_fault: fsw_from_iced(undef_anywhere),
                     });
                 }
                 Ok(None) => {}
@@ -872,7 +883,7 @@ impl Generator {
         }))
     }
 
-    fn try_case(&self, rng: &mut Rng) -> Result<Option<(Vec<u8>, InitialState, u32)>> {
+    fn try_case(&self, rng: &mut Rng) -> Result<Option<Drawn>> {
         let profile = StateProfile {
             fpu_control: self.class.fpu_heavy(),
             mxcsr_mask: self.mxcsr_mask,
@@ -1486,9 +1497,10 @@ impl Builder<'_> {
     }
 
     /// Walks every path (branches only go forward) and returns the flags
-    /// undefined at the end, or None if an instruction reads an undefined
-    /// flag.
-    fn check_flags(&self) -> Option<u32> {
+    /// undefined at the end and those undefined on entry to any reachable
+    /// instruction (what a fault there leaves), or None if an instruction
+    /// reads an undefined flag.
+    fn check_flags(&self) -> Option<(u32, u32)> {
         let n = self.items.len();
         // incoming[i]: flags possibly undefined on entry to item i.
         let mut incoming = vec![0u32; n + 1];
@@ -1534,7 +1546,10 @@ impl Builder<'_> {
                 }
             }
         }
-        Some(incoming[n])
+        let anywhere = (0..=n)
+            .filter(|&i| reachable[i])
+            .fold(0, |acc, i| acc | incoming[i]);
+        Some((incoming[n], anywhere))
     }
 
     /// Encodes at CODE_ADDR with branch targets resolved.
@@ -1567,7 +1582,7 @@ impl Builder<'_> {
 mod tests {
     use super::*;
     use crate::layout::CODE_ADDR;
-    use crate::state::{FLAGS_CF, FLAGS_SF, FLAGS_ZF};
+    use crate::state::{FLAGS_CF, FLAGS_OF, FLAGS_SF, FLAGS_ZF};
     use iced_x86::{Decoder, DecoderOptions};
 
     fn generator(class: Class) -> Generator {
@@ -1645,6 +1660,10 @@ mod tests {
     }
 
     fn flags_of(list: &[(Instruction, Option<usize>)]) -> Option<u32> {
+        flags_at_end_and_anywhere(list).map(|(end, _)| end)
+    }
+
+    fn flags_at_end_and_anywhere(list: &[(Instruction, Option<usize>)]) -> Option<(u32, u32)> {
         let mut rng = Rng::new(1);
         let mut b = Builder {
             rng: &mut rng,
@@ -1686,6 +1705,20 @@ mod tests {
         let test = ins2(Code::Test_rm32_r32, Register::EAX, Register::EAX);
         let undef = flags_of(&[mul, test, setz]).expect("test defines ZF");
         assert_eq!(rflags_from_iced(undef) & (FLAGS_ZF | FLAGS_SF), 0);
+    }
+
+    #[test]
+    fn flags_undefined_part_way_are_reported_for_faults() {
+        // shr eax, 5 (OF undefined); add eax, ecx (defines OF). At the end
+        // OF is defined, but a fault at the add sees it undefined.
+        let shr = (
+            Instruction::with2(Code::Shr_rm32_imm8, Register::EAX, 5).expect("shr"),
+            None,
+        );
+        let add = ins2(Code::Add_rm32_r32, Register::EAX, Register::ECX);
+        let (end, anywhere) = flags_at_end_and_anywhere(&[shr, add]).expect("valid");
+        assert_eq!(rflags_from_iced(end) & FLAGS_OF, 0);
+        assert_ne!(rflags_from_iced(anywhere) & FLAGS_OF, 0);
     }
 
     #[test]
