@@ -102,9 +102,12 @@ fn nmi_from_a_self_ipi_reaches_vector_2() {
         a.jne(done).unwrap();
         // A second NMI while the first is in service stays pending...
         a.mov(dword_ptr(rbx + 0x300), nmi_icr).unwrap();
-        for _ in 0..8 {
-            a.nop().unwrap();
-        }
+        // Spin over many block boundaries, where NMIs are checked.
+        let mut spin = a.create_label();
+        a.mov(ecx, 1000u32).unwrap();
+        a.set_label(&mut spin).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(spin).unwrap();
         // ...so no nested handler has bumped r12 by now.
         a.mov(r13, r12).unwrap();
         a.set_label(&mut done).unwrap();
