@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use vmplay_hypervisor::{CpuState, Result, Vcpu, VcpuExit, VcpuKicker};
+use vmplay_hypervisor::{CpuState, IoEventAddress, Result, Vcpu, VcpuExit, VcpuKicker};
 
 use crate::cpu::{Cpu, RunState};
 use crate::decode::cache::BlockCache;
@@ -37,6 +37,32 @@ impl EmuVcpu {
     /// Instructions retired so far (for measurements).
     pub fn instructions(&self) -> u64 {
         self.cpu.icount
+    }
+
+    /// The next posted write that is not an ioevent's: those signal their
+    /// eventfd here and never leave the vCPU.
+    fn next_posted(&mut self) -> Option<Posted> {
+        while let Some(w) = self.cpu.io.posted.pop_front() {
+            let (addr, data) = match &w {
+                Posted::Mmio { addr, data, len } => (IoEventAddress::Mmio(*addr), &data[..*len]),
+                Posted::PortOut { port, data, len } => (IoEventAddress::Pio(*port), &data[..*len]),
+            };
+            let events = self
+                .cpu
+                .vm
+                .ioevents
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            match events.iter().find(|e| e.matches(addr, data)) {
+                Some(e) => {
+                    if let Err(err) = e.fd.write(1) {
+                        tracing::warn!("ioevent eventfd write failed: {err}");
+                    }
+                }
+                None => return Some(w),
+            }
+        }
+        None
     }
 
     fn posted_exit(&mut self, w: Posted) -> VcpuExit<'_> {
@@ -75,12 +101,12 @@ impl Vcpu for EmuVcpu {
             self.cpu.io.pending = None;
         }
         self.cpu.io.pos = 0;
-        if let Some(w) = self.cpu.io.posted.pop_front() {
+        if let Some(w) = self.next_posted() {
             return Ok(self.posted_exit(w));
         }
         match exec::run(&mut self.cpu, &mut self.cache) {
             Event::Io => {
-                if let Some(w) = self.cpu.io.posted.pop_front() {
+                if let Some(w) = self.next_posted() {
                     return Ok(self.posted_exit(w));
                 }
                 match self.cpu.io.pending {

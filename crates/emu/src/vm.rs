@@ -8,7 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
-use vmplay_hypervisor::{Error, GuestMemory, IoEventAddress, IrqLine, Result, Vcpu, Vm, VmSpec};
+use vmplay_hypervisor::{
+    DmaObserver, Error, GuestMemory, IoEventAddress, IrqLine, Result, Vcpu, Vm, VmSpec,
+};
 
 use crate::mem::{CodeMap, PhysMem};
 use crate::platform::{Platform, start_timer_thread};
@@ -23,6 +25,35 @@ pub struct VmShared {
     pub split_lock: Mutex<()>,
     /// `--trace FILE`.
     pub trace: Option<Mutex<BufWriter<File>>>,
+    /// Guest writes that signal an eventfd instead of exiting (virtio
+    /// queue notifies); read on every posted write, written at setup.
+    pub ioevents: std::sync::RwLock<Vec<IoEvent>>,
+}
+
+/// One registered ioevent: a write of `len` bytes at `addr` (with
+/// `datamatch`, if set) signals `fd` and the vCPU goes on.
+pub struct IoEvent {
+    pub addr: IoEventAddress,
+    pub len: u32,
+    pub datamatch: Option<u64>,
+    pub fd: EventFd,
+}
+
+impl IoEvent {
+    /// Whether a guest write of `data` at `addr` is this event's.
+    pub fn matches(&self, addr: IoEventAddress, data: &[u8]) -> bool {
+        if addr != self.addr || (self.len != 0 && data.len() != self.len as usize) {
+            return false;
+        }
+        match self.datamatch {
+            None => true,
+            Some(want) => {
+                let mut b = [0u8; 8];
+                b[..data.len()].copy_from_slice(data);
+                u64::from_le_bytes(b) == want
+            }
+        }
+    }
 }
 
 impl VmShared {
@@ -45,6 +76,7 @@ impl VmShared {
             platform: Platform::new(vcpus),
             split_lock: Mutex::new(()),
             trace,
+            ioevents: std::sync::RwLock::new(Vec::new()),
         }))
     }
 }
@@ -120,14 +152,67 @@ impl Vm for EmuVm {
 
     fn register_ioevent(
         &self,
-        _: IoEventAddress,
-        _: u32,
-        _: Option<u64>,
-        _: &EventFd,
+        addr: IoEventAddress,
+        len: u32,
+        datamatch: Option<u64>,
+        fd: &EventFd,
     ) -> Result<()> {
-        Err(Error::Unsupported(
-            "emu has no ioeventfd fast path; the write exits instead".into(),
-        ))
+        if !matches!(len, 0 | 1 | 2 | 4 | 8) {
+            return Err(Error::Unsupported(format!(
+                "ioevent length {len} is not 0, 1, 2, 4 or 8"
+            )));
+        }
+        if let Some(v) = datamatch
+            && (len == 0 || (len < 8 && v >> (len * 8) != 0))
+        {
+            return Err(Error::Unsupported(format!(
+                "ioevent datamatch {v:#x} does not fit in {len} bytes"
+            )));
+        }
+        let fd = fd
+            .try_clone()
+            .map_err(|e| Error::host("duplicating an ioevent fd", e))?;
+        self.shared
+            .ioevents
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(IoEvent {
+                addr,
+                len,
+                datamatch,
+                fd,
+            });
+        Ok(())
+    }
+
+    fn dma_observer(&self) -> Option<Arc<dyn DmaObserver>> {
+        Some(Arc::new(CodeInvalidator(self.shared.clone())))
+    }
+}
+
+/// Drops cached code on pages a device wrote (virtio DMA into a page the
+/// guest later executes, e.g. a program read from disk).
+struct CodeInvalidator(Arc<VmShared>);
+
+impl DmaObserver for CodeInvalidator {
+    fn written(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa & crate::mem::PAGE_MASK;
+        let last = gpa.saturating_add(len - 1) & crate::mem::PAGE_MASK;
+        let mut page = first;
+        loop {
+            if let Some(loc) = self.0.phys.ram(page)
+                && self.0.code.is_code(loc.frame)
+            {
+                self.0.code.invalidate(loc.frame);
+            }
+            if page >= last {
+                break;
+            }
+            page += crate::mem::PAGE_SIZE;
+        }
     }
 }
 

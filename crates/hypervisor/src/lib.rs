@@ -103,6 +103,20 @@ pub trait Vm: Send + Sync {
         datamatch: Option<u64>,
         fd: &EventFd,
     ) -> Result<()>;
+
+    /// Who must hear about writes to guest RAM that bypass the vCPUs
+    /// (device DMA): a backend that caches translated guest code returns
+    /// an observer that invalidates it. `None`: nothing to tell.
+    fn dma_observer(&self) -> Option<Arc<dyn DmaObserver>> {
+        None
+    }
+}
+
+/// Told about guest-RAM writes made outside the vCPUs (virtio DMA), so a
+/// backend can drop what it derived from those bytes (decoded code).
+pub trait DmaObserver: Send + Sync {
+    /// Guest-physical `[gpa, gpa+len)` was written.
+    fn written(&self, gpa: u64, len: u64);
 }
 
 /// One interrupt input of the VM's interrupt controllers.
