@@ -66,6 +66,7 @@ fn vmplay_run(ctx: &Ctx, n: u32) -> Result<Cost, BenchError> {
         memory: GUEST_MEMORY,
         vcpus: 1,
         serial: SerialMode::None,
+        virtio: Default::default(),
     };
     let machine = Machine::new(&hv, &config).map_err(|e| BenchError::Run(e.to_string()))?;
     let (reason, cost) = costed(|| machine.run())?;

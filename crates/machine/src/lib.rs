@@ -13,6 +13,7 @@ mod vcpu_loop;
 pub use memory::{host_memory_bytes, parse_size};
 pub use vmplay_boot::{KernelEntry, Protocol};
 pub use vmplay_devices::control::{StopReason, VmControl};
+pub use vmplay_virtio::config::*;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
@@ -45,6 +46,8 @@ pub struct MachineConfig {
     pub memory: u64,
     pub vcpus: u32,
     pub serial: SerialMode,
+    /// The virtio devices, in the order the guest enumerates them.
+    pub virtio: VirtioConfig,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -146,6 +146,7 @@ fn machine_config(args: &RunArgs) -> Result<MachineConfig> {
             .or(file.machine_config.as_ref().map(|m| m.vcpu_count))
             .unwrap_or(1),
         serial: parse_serial(&args.serial)?,
+        virtio: Default::default(),
     })
 }
 

@@ -1,0 +1,104 @@
+//! What the machine asks for: one plain struct per device kind. The CLI
+//! flags and the Firecracker config file / API (their own schema types)
+//! both end up here, so the devices see one shape whatever the front end.
+
+use std::path::PathBuf;
+
+/// One token bucket: `size` tokens, refilled evenly over `refill_time_ms`,
+/// plus a `one_time_burst` spent first and never refilled (Firecracker's
+/// `TokenBucket`). `size == 0` or `refill_time_ms == 0` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenBucketConfig {
+    pub size: u64,
+    pub one_time_burst: u64,
+    pub refill_time_ms: u64,
+}
+
+/// Firecracker's `RateLimiter`: a byte bucket and an operation bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimiterConfig {
+    pub bandwidth: Option<TokenBucketConfig>,
+    pub ops: Option<TokenBucketConfig>,
+}
+
+/// Firecracker's `cache_type`: whether guest FLUSH reaches the host disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheType {
+    /// FLUSH is not advertised; the host page cache decides (Firecracker's default).
+    #[default]
+    Unsafe,
+    /// `VIRTIO_BLK_F_FLUSH` is advertised and a FLUSH is an `fdatasync`.
+    Writeback,
+}
+
+/// A virtio-blk drive backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// Firecracker's `drive_id`; also the GET_ID serial the guest reads.
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Boot from it: the machine adds `root=/dev/vdX` (or PARTUUID) and `ro`/`rw`.
+    pub root: bool,
+    pub partuuid: Option<String>,
+    pub cache: CacheType,
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Where a virtio-net device's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// A host TAP device by name (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
+    Tap { name: String },
+    /// User-mode networking: vmplay starts Debian's `passt` and speaks its
+    /// Unix-socket protocol (4-byte big-endian length, then the frame).
+    User,
+    /// An already-running passt (or any peer of that protocol) at this socket.
+    UserSocket { path: PathBuf },
+}
+
+/// A virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Firecracker's `iface_id`.
+    pub id: String,
+    pub backend: NetBackendConfig,
+    /// The guest's MAC; `None` lets vmplay pick a locally administered one.
+    pub mac: Option<[u8; 6]>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// The virtio-vsock device with Firecracker's hybrid Unix-socket backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub guest_cid: u32,
+    /// Host-initiated connections come in here; guest connections to host
+    /// port P go out to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+/// The virtio-rng device (host `getrandom`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EntropyConfig {
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Where a virtio-console (`hvc0`) goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// Guest output to stdout, host stdin to the guest.
+    Stdio,
+    /// Guest output appended to this file; no input.
+    File(PathBuf),
+}
+
+/// Every virtio device of one VM, in the order the guest sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VirtioConfig {
+    pub drives: Vec<DriveConfig>,
+    pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
+    pub entropy: Option<EntropyConfig>,
+    pub console: Option<ConsoleConfig>,
+}
