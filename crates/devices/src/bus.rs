@@ -14,6 +14,23 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// A device that does its own locking (`&self` accesses), so a vCPU never
+/// waits on a lock someone else holds for longer than one register access:
+/// the virtio transports are these. A `Mutex` around a [`BusDevice`] is one.
+pub trait BusDeviceSync: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+impl<T: BusDevice + ?Sized> BusDeviceSync for Mutex<T> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        lock(self).read(offset, data);
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        lock(self).write(offset, data);
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
     #[error("bus range {base:#x}+{len:#x} is empty or wraps")]
@@ -22,8 +39,8 @@ pub enum BusError {
     Overlap { base: u64, len: u64, other: u64 },
 }
 
-/// A shared, lockable device: the same device may sit on both buses.
-pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+/// A shared device: the same device may sit on both buses.
+pub type SharedDevice = Arc<dyn BusDeviceSync>;
 
 #[derive(Clone)]
 struct Entry {
@@ -92,7 +109,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, device)) => {
-                lock(device).read(offset, data);
+                device.read(offset, data);
                 true
             }
             None => {
@@ -106,7 +123,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, device)) => {
-                lock(device).write(offset, data);
+                device.write(offset, data);
                 true
             }
             None => false,
@@ -116,7 +133,7 @@ impl Bus {
 
 /// Locks a device. A device that panicked while holding its lock is still
 /// usable: its state is whatever it was, which beats wedging the VM.
-fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
+fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     device.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -23,7 +23,7 @@ pub mod rtc;
 pub mod serial;
 
 pub use acpi_pm::AcpiPm;
-pub use bus::{Bus, BusDevice, BusError, SharedDevice};
+pub use bus::{Bus, BusDevice, BusDeviceSync, BusError, SharedDevice};
 pub use console::{ConsoleError, RawTerminal, spawn_stdin_forwarder};
 pub use control::{StopReason, VmControl};
 pub use debug_exit::DebugExit;

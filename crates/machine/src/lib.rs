@@ -7,6 +7,7 @@
 //! devices ask [`VmControl`] to stop the VM. This crate never names a
 //! backend: it drives whatever `Hypervisor` it is handed.
 
+mod devices;
 mod memory;
 mod vcpu_loop;
 
@@ -72,6 +73,10 @@ pub enum MachineError {
     Console(#[from] vmplay_devices::console::ConsoleError),
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Device(String),
+    #[error(transparent)]
+    EventLoop(#[from] vmplay_virtio::EventLoopError),
 }
 
 /// A built VM, ready to run.
@@ -83,6 +88,7 @@ pub struct Machine {
     mmio: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
     stdio: bool,
+    event_loop: vmplay_virtio::EventLoop,
     protocol: Protocol,
     // Keeps the guest RAM mapped while the vCPUs run.
     _memory: vmplay_hypervisor::GuestMemory,
@@ -151,17 +157,23 @@ impl Machine {
             3,
         )?;
         pio.insert(Arc::new(Mutex::new(PostPort)), layout::POST_PORT.into(), 1)?;
-        let mmio = Bus::new();
+        let mut mmio = Bus::new();
+        let mut event_loop = vmplay_virtio::EventLoop::new()?;
+        let ram = vmplay_virtio::GuestRam::new(memory.clone(), vm.dma_observer());
+        let mut attacher =
+            devices::VirtioAttacher::new(vm.as_ref(), ram, &mut mmio, &mut event_loop);
+        attacher.attach_all(&config.virtio)?;
+        let slots = std::mem::take(&mut attacher.slots);
 
         let boot = vmplay_boot::load(
             &memory,
             &vmplay_boot::BootConfig {
                 kernel: &config.kernel,
                 initrd: config.initrd.as_deref(),
-                cmdline: &config.cmdline,
+                cmdline: &devices::cmdline_with_root(&config.cmdline, &config.virtio)?,
                 entry: config.entry,
                 vcpus: config.vcpus,
-                virtio_mmio: &[],
+                virtio_mmio: &slots,
             },
         )?;
 
@@ -189,6 +201,7 @@ impl Machine {
             mmio: Arc::new(mmio),
             serial,
             stdio: config.serial == SerialMode::Stdio,
+            event_loop,
             protocol: boot.protocol,
             _memory: memory,
             _vm: vm,
@@ -219,8 +232,12 @@ impl Machine {
             mmio,
             serial,
             stdio,
+            event_loop,
             ..
         } = self;
+        // Device work runs here until the vCPUs stop; dropping the handle
+        // stops and joins the thread.
+        let _event_loop = event_loop.start()?;
         let _raw_terminal = if stdio {
             let raw = vmplay_devices::RawTerminal::enter().map_err(MachineError::Console)?;
             vmplay_devices::spawn_stdin_forwarder(serial.clone(), control.clone())

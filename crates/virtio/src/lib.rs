@@ -1,3 +1,4 @@
+#![deny(unsafe_code)]
 //! virtio over MMIO (virtio 1.x, spec §4.2): the transport the guest
 //! programs, the VMM event loop that runs device work off the vCPU
 //! threads, and the devices (block, net, vsock, rng, console).
@@ -10,3 +11,14 @@
 pub mod config;
 
 pub use config::*;
+pub mod device;
+pub mod event_loop;
+pub mod mmio;
+
+pub use device::{ActivateError, Activation, GuestRam, Interrupt, VirtioDevice};
+pub use event_loop::{EventLoop, EventLoopError, EventLoopHandle};
+pub use mmio::MmioTransport;
+pub mod devices;
+pub mod queue;
+pub mod rate_limiter;
+mod sys;

@@ -3,6 +3,7 @@
 //! into a message and an exit status.
 
 mod config;
+mod device_flags;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -87,6 +88,28 @@ struct RunArgs {
     /// emu only: write an instruction trace to FILE.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// A virtio-blk drive, repeatable; the first is /dev/vda. root=on boots from it.
+    #[arg(
+        long,
+        value_name = "path=FILE[,readonly=on][,id=ID][,root=on][,cache=writeback]"
+    )]
+    drive: Vec<String>,
+    /// A virtio-net interface, repeatable: a host TAP, or user-mode networking through passt.
+    #[arg(long, value_name = "tap=NAME[,mac=M] | user[,mac=M] | socket=PATH")]
+    net: Vec<String>,
+    /// A virtio-vsock device with Firecracker's Unix-socket backend.
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<String>,
+    /// A virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// The guest console: serial (COM1 only) or virtio (hvc0 on stdio, or file=PATH).
+    #[arg(
+        long,
+        value_name = "serial|virtio[,file=PATH]",
+        default_value = "serial"
+    )]
+    console: String,
 }
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
@@ -146,7 +169,28 @@ fn machine_config(args: &RunArgs) -> Result<MachineConfig> {
             .or(file.machine_config.as_ref().map(|m| m.vcpu_count))
             .unwrap_or(1),
         serial: parse_serial(&args.serial)?,
-        virtio: Default::default(),
+        virtio: virtio_config(args)?,
+    })
+}
+
+/// The virtio devices the flags ask for, in the order the guest sees them.
+fn virtio_config(args: &RunArgs) -> Result<vmplay_machine::VirtioConfig> {
+    Ok(vmplay_machine::VirtioConfig {
+        drives: args
+            .drive
+            .iter()
+            .enumerate()
+            .map(|(i, t)| device_flags::drive(t, i))
+            .collect::<Result<_>>()?,
+        nets: args
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, t)| device_flags::net(t, i))
+            .collect::<Result<_>>()?,
+        vsock: args.vsock.as_deref().map(device_flags::vsock).transpose()?,
+        entropy: args.rng.then(Default::default),
+        console: device_flags::console(&args.console)?,
     })
 }
 
@@ -238,6 +282,11 @@ impl RunArgs {
             serial: "stdio".into(),
             config: None,
             trace: None,
+            drive: vec![],
+            net: vec![],
+            vsock: None,
+            rng: false,
+            console: "serial".into(),
         }
     }
 }

@@ -1,0 +1,545 @@
+//! virtio-blk (virtio 1.x §5.2) over a raw image file: read, write,
+//! flush (`fdatasync`), GET_ID, discard (punch hole) and write-zeroes
+//! (zero range), read-only drives, and a rate limiter. Every request is
+//! done before its used entry is published, so once the guest sees a
+//! FLUSH complete its data is on the host disk; a host error fails that
+//! request with IOERR and the device goes on.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet};
+use virtio_queue::Queue;
+
+use crate::config::{CacheType, DriveConfig};
+use crate::device::{
+    ActivateError, Activation, BACKEND_TOKEN_BASE, GuestRam, Interrupt, VirtioDevice, device_type,
+    feature,
+};
+use crate::queue::{self, Chain};
+use crate::rate_limiter::RateLimiter;
+
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+/// Bytes moved per host call: bounds the bounce buffer whatever a guest
+/// request claims.
+const CHUNK: usize = 256 * 1024;
+/// Most segments in one DISCARD/WRITE_ZEROES request we advertise.
+const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Descriptors per request beyond header and status (VIRTIO_BLK_F_SEG_MAX).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// The serial GET_ID returns is at most this long.
+const ID_BYTES: usize = 20;
+const LIMITER_TOKEN: u32 = BACKEND_TOKEN_BASE;
+
+mod features {
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+}
+
+mod request {
+    pub const IN: u32 = 0;
+    pub const OUT: u32 = 1;
+    pub const FLUSH: u32 = 4;
+    pub const GET_ID: u32 = 8;
+    pub const DISCARD: u32 = 11;
+    pub const WRITE_ZEROES: u32 = 13;
+}
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("drive {id}: {path}: {source}")]
+    Open {
+        id: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("drive {id}: {path}: {why}")]
+    Bad {
+        id: String,
+        path: PathBuf,
+        why: String,
+    },
+}
+
+/// The backing file and what the guest was told about it.
+struct Backing {
+    file: File,
+    path: PathBuf,
+    /// Capacity in sectors, as the config space says.
+    sectors: u64,
+}
+
+fn open_backing(id: &str, path: &Path, read_only: bool) -> Result<Backing, BlockError> {
+    let open_err = |source| BlockError::Open {
+        id: id.into(),
+        path: path.into(),
+        source,
+    };
+    let bad = |why: String| BlockError::Bad {
+        id: id.into(),
+        path: path.into(),
+        why,
+    };
+    // Checked before opening: opening a FIFO would block.
+    let meta = std::fs::metadata(path).map_err(open_err)?;
+    let ft = meta.file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(bad("not a regular file or block device".into()));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(open_err)?;
+    let len = if ft.is_block_device() {
+        // A block device's size is where it seeks to at the end.
+        use std::io::Seek;
+        (&file).seek(std::io::SeekFrom::End(0)).map_err(open_err)?
+    } else {
+        meta.len()
+    };
+    if !len.is_multiple_of(SECTOR_SIZE) {
+        return Err(bad(format!(
+            "{len} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"
+        )));
+    }
+    if len == 0 {
+        return Err(bad("the image is empty".into()));
+    }
+    Ok(Backing {
+        file,
+        path: path.into(),
+        sectors: len / SECTOR_SIZE,
+    })
+}
+
+struct Active {
+    ram: GuestRam,
+    queue: Queue,
+    interrupt: Arc<Interrupt>,
+}
+
+/// Counters for metrics (Firecracker's `block` group).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BlockCounters {
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_count: u64,
+    pub write_count: u64,
+    pub flush_count: u64,
+    pub io_errors: u64,
+    pub invalid_requests: u64,
+    pub rate_limiter_throttled: u64,
+}
+
+pub struct Block {
+    id: String,
+    backing: Backing,
+    read_only: bool,
+    cache: CacheType,
+    limiter: RateLimiter,
+    active: Option<Active>,
+    buf: Vec<u8>,
+    pub counters: BlockCounters,
+}
+
+/// A request's header (`struct virtio_blk_outhdr`).
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+struct Header {
+    kind: u32,
+    _reserved: u32,
+    sector: u64,
+}
+// SAFETY: plain integers, no padding (4 + 4 + 8 bytes), any bit pattern valid.
+#[allow(unsafe_code)]
+unsafe impl vm_memory::ByteValued for Header {}
+
+/// One DISCARD / WRITE_ZEROES segment.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+struct Segment {
+    sector: u64,
+    num_sectors: u32,
+    flags: u32,
+}
+// SAFETY: plain integers, no padding (8 + 4 + 4 bytes), any bit pattern valid.
+#[allow(unsafe_code)]
+unsafe impl vm_memory::ByteValued for Segment {}
+
+impl Block {
+    pub fn new(config: &DriveConfig) -> Result<Self, BlockError> {
+        let backing = open_backing(&config.id, &config.path, config.read_only)?;
+        let limiter =
+            RateLimiter::new(config.rate_limiter.as_ref(), LIMITER_TOKEN).map_err(|e| {
+                BlockError::Bad {
+                    id: config.id.clone(),
+                    path: config.path.clone(),
+                    why: format!("rate limiter timer: {e}"),
+                }
+            })?;
+        Ok(Block {
+            id: config.id.clone(),
+            backing,
+            read_only: config.read_only,
+            cache: config.cache,
+            limiter,
+            active: None,
+            buf: vec![0; CHUNK],
+            counters: Default::default(),
+        })
+    }
+
+    /// The capacity in sectors the guest sees.
+    pub fn sectors(&self) -> u64 {
+        self.backing.sectors
+    }
+
+    /// Swaps the backing file (Firecracker's PATCH /drives after boot) and
+    /// tells the driver the capacity may have changed.
+    pub fn replace_backing(&mut self, path: &Path) -> Result<(), BlockError> {
+        self.backing = open_backing(&self.id, path, self.read_only)?;
+        if let Some(a) = &self.active {
+            a.interrupt.signal_config_change();
+        }
+        Ok(())
+    }
+
+    /// Replaces the rate limiter's buckets (PATCH after boot).
+    pub fn limiter_mut(&mut self) -> &mut RateLimiter {
+        &mut self.limiter
+    }
+
+    fn config_bytes(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        c[0..8].copy_from_slice(&self.backing.sectors.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c[32] = u8::from(self.cache == CacheType::Writeback);
+        c[36..40].copy_from_slice(&(u32::MAX >> 9).to_le_bytes());
+        c[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        c[44..48].copy_from_slice(&1u32.to_le_bytes());
+        c[48..52].copy_from_slice(&(u32::MAX >> 9).to_le_bytes());
+        c[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        c[56] = 1;
+        c
+    }
+
+    fn process(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let mut worker = Worker {
+            id: &self.id,
+            backing: &self.backing,
+            read_only: self.read_only,
+            buf: &mut self.buf,
+            counters: &mut self.counters,
+            ram: &a.ram,
+        };
+        let limiter = &mut self.limiter;
+        queue::drain(&mut a.queue, &a.ram, &a.interrupt, |chain| {
+            worker.request(chain, limiter)
+        });
+    }
+}
+
+/// The part of the device a request touches (split from `Block` so the
+/// queue can be borrowed beside it).
+struct Worker<'a> {
+    id: &'a str,
+    backing: &'a Backing,
+    read_only: bool,
+    buf: &'a mut Vec<u8>,
+    counters: &'a mut BlockCounters,
+    ram: &'a GuestRam,
+}
+
+impl Worker<'_> {
+    /// Serves one request; `None` leaves it queued (rate limited).
+    fn request(&mut self, chain: Chain<'_>, limiter: &mut RateLimiter) -> Option<u32> {
+        let mem = &self.ram.mem;
+        let mut reader = match chain.clone().reader(mem) {
+            Ok(r) => r,
+            Err(e) => return Some(self.invalid(&format!("unreadable chain: {e:?}"))),
+        };
+        let mut writer = match chain.clone().writer(mem) {
+            Ok(w) => w,
+            Err(e) => return Some(self.invalid(&format!("unwritable chain: {e:?}"))),
+        };
+        let header: Header = match reader.read_obj() {
+            Ok(h) => h,
+            Err(_) => return Some(self.invalid("request shorter than its header")),
+        };
+        let writable = writer.available_bytes();
+        if writable == 0 {
+            return Some(self.invalid("no status byte"));
+        }
+        let mut status_w = match writer.split_at(writable - 1) {
+            Ok(s) => s,
+            Err(e) => return Some(self.invalid(&format!("chain split: {e:?}"))),
+        };
+        let bytes = match header.kind {
+            request::IN => writer.available_bytes(),
+            request::OUT => reader.available_bytes(),
+            _ => 0,
+        } as u64;
+        if !limiter.consume(bytes, 1) {
+            self.counters.rate_limiter_throttled += 1;
+            return None;
+        }
+        let status = match header.kind {
+            request::IN => self.read(header.sector, &mut writer),
+            request::OUT => self.write(header.sector, &mut reader),
+            request::FLUSH => self.flush(),
+            request::GET_ID => {
+                let mut id = [0u8; ID_BYTES];
+                let n = self.id.len().min(ID_BYTES);
+                id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
+                let n = writer.available_bytes().min(ID_BYTES);
+                match writer.write_all(&id[..n]) {
+                    Ok(()) => S_OK,
+                    Err(_) => S_IOERR,
+                }
+            }
+            request::DISCARD | request::WRITE_ZEROES => self.discard(header.kind, &mut reader),
+            other => {
+                tracing::debug!("drive {}: unsupported request type {other}", self.id);
+                S_UNSUPP
+            }
+        };
+        if status == S_IOERR {
+            self.counters.io_errors += 1;
+        }
+        let _ = status_w.write_obj(status);
+        queue::note_writes(self.ram, &chain);
+        Some((writer.bytes_written() + status_w.bytes_written()) as u32)
+    }
+
+    fn invalid(&mut self, why: &str) -> u32 {
+        tracing::debug!("drive {}: bad request: {why}", self.id);
+        self.counters.invalid_requests += 1;
+        0
+    }
+
+    /// Byte range of `len` bytes at `sector`, if it is inside the disk.
+    fn range(&self, sector: u64, len: u64) -> Option<u64> {
+        let start = sector.checked_mul(SECTOR_SIZE)?;
+        let end = start.checked_add(len)?;
+        (end <= self.backing.sectors * SECTOR_SIZE).then_some(start)
+    }
+
+    fn read(&mut self, sector: u64, writer: &mut virtio_queue::Writer<'_>) -> u8 {
+        let len = writer.available_bytes() as u64;
+        let Some(mut at) = self.range(sector, len) else {
+            tracing::debug!(
+                "drive {}: read past the end (sector {sector}, {len} bytes)",
+                self.id
+            );
+            return S_IOERR;
+        };
+        let mut left = len as usize;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            let buf = &mut self.buf[..n];
+            if let Err(e) = self.backing.file.read_exact_at(buf, at) {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    tracing::error!(
+                        "drive {}: {} is shorter than the {} sectors the guest was given: it shrank while in use",
+                        self.id,
+                        self.backing.path.display(),
+                        self.backing.sectors
+                    );
+                } else {
+                    tracing::warn!("drive {}: read at {at}: {e}", self.id);
+                }
+                return S_IOERR;
+            }
+            if writer.write_all(buf).is_err() {
+                return S_IOERR;
+            }
+            at += n as u64;
+            left -= n;
+        }
+        self.counters.read_bytes += len;
+        self.counters.read_count += 1;
+        S_OK
+    }
+
+    fn write(&mut self, sector: u64, reader: &mut virtio_queue::Reader<'_>) -> u8 {
+        if self.read_only {
+            return S_IOERR;
+        }
+        let len = reader.available_bytes() as u64;
+        let Some(mut at) = self.range(sector, len) else {
+            tracing::debug!(
+                "drive {}: write past the end (sector {sector}, {len} bytes)",
+                self.id
+            );
+            return S_IOERR;
+        };
+        let mut left = len as usize;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            let buf = &mut self.buf[..n];
+            if reader.read_exact(buf).is_err() {
+                return S_IOERR;
+            }
+            if let Err(e) = self.backing.file.write_all_at(buf, at) {
+                tracing::warn!("drive {}: write at {at}: {e}", self.id);
+                return S_IOERR;
+            }
+            at += n as u64;
+            left -= n;
+        }
+        self.counters.write_bytes += len;
+        self.counters.write_count += 1;
+        S_OK
+    }
+
+    fn flush(&mut self) -> u8 {
+        self.counters.flush_count += 1;
+        match self.backing.file.sync_data() {
+            Ok(()) => S_OK,
+            Err(e) => {
+                tracing::warn!("drive {}: fdatasync: {e}", self.id);
+                S_IOERR
+            }
+        }
+    }
+
+    fn discard(&mut self, kind: u32, reader: &mut virtio_queue::Reader<'_>) -> u8 {
+        if self.read_only {
+            return S_IOERR;
+        }
+        let seg_size = std::mem::size_of::<Segment>();
+        let count = reader.available_bytes() / seg_size;
+        if count == 0
+            || count > MAX_DISCARD_SEGMENTS as usize
+            || !reader.available_bytes().is_multiple_of(seg_size)
+        {
+            return S_UNSUPP;
+        }
+        for _ in 0..count {
+            let Ok(seg) = reader.read_obj::<Segment>() else {
+                return S_IOERR;
+            };
+            let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
+            let Some(at) = self.range(seg.sector, len) else {
+                return S_IOERR;
+            };
+            // Discard has no flags; write-zeroes may unmap (bit 0).
+            if kind == request::DISCARD && seg.flags != 0 || seg.flags & !1 != 0 {
+                return S_UNSUPP;
+            }
+            let mode = if kind == request::DISCARD || seg.flags & 1 != 0 {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            if let Err(e) = crate::sys::fallocate(&self.backing.file, mode, at, len) {
+                if kind == request::DISCARD {
+                    // Discard is a hint: a file system that cannot punch holes is no error.
+                    tracing::debug!("drive {}: discard: {e}", self.id);
+                    continue;
+                }
+                if let Err(e) = self.zero_by_writing(at, len) {
+                    tracing::warn!("drive {}: write-zeroes at {at}: {e}", self.id);
+                    return S_IOERR;
+                }
+            }
+        }
+        S_OK
+    }
+
+    fn zero_by_writing(&mut self, mut at: u64, len: u64) -> std::io::Result<()> {
+        let mut left = len;
+        let zeros = &mut self.buf[..];
+        zeros.fill(0);
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            self.backing.file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        let mut f = feature::RING_INDIRECT_DESC
+            | feature::RING_EVENT_IDX
+            | features::SEG_MAX
+            | features::BLK_SIZE;
+        if self.read_only {
+            f |= features::RO;
+        } else {
+            f |= features::DISCARD | features::WRITE_ZEROES;
+        }
+        if self.cache == CacheType::Writeback {
+            f |= features::FLUSH;
+        }
+        f
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| c.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+    fn activate(&mut self, act: Activation) -> Result<(), ActivateError> {
+        let queue = act
+            .queues
+            .into_iter()
+            .next()
+            .filter(virtio_queue::QueueT::ready)
+            .ok_or(ActivateError::QueueNotReady(0))?;
+        self.active = Some(Active {
+            ram: act.ram,
+            queue,
+            interrupt: act.interrupt,
+        });
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.active = None;
+    }
+    fn init_backend(&mut self, ops: &mut EventOps) {
+        self.limiter.register(ops);
+    }
+    fn queue_notified(&mut self, _index: usize, _ops: &mut EventOps) {
+        if !self.limiter.is_throttled() {
+            self.process();
+        }
+    }
+    fn backend_event(&mut self, token: u32, _events: EventSet, _ops: &mut EventOps) {
+        if self.limiter.is_timer(token) {
+            self.limiter.timer_fired();
+            self.process();
+        }
+    }
+}

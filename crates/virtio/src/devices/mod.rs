@@ -1,0 +1,5 @@
+//! The device models. Each file is one device; `rng.rs` is the smallest
+//! whole one and the place to start reading.
+
+pub mod block;
+pub mod rng;
