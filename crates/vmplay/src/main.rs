@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a kernel in a new VM and run it until it powers off, resets or exits.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Boot the built-in demo guest: it prints its command line, memory map,
     /// RTC time and CPU vendor, then powers off.
     Demo {
