@@ -7,7 +7,7 @@ use std::path::PathBuf;
 fn main() -> std::io::Result<()> {
     let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "guests".into()));
     std::fs::create_dir_all(&dir)?;
-    let guests: [(&str, Vec<u8>); 9] = [
+    let guests: [(&str, Vec<u8>); 10] = [
         ("hello_real_mode", vmplay_guests::hello_real_mode()),
         ("long_mode", vmplay_guests::long_mode()),
         ("smp_apic_ids", vmplay_guests::smp_apic_ids()),
@@ -17,6 +17,7 @@ fn main() -> std::io::Result<()> {
         ("triple_fault", vmplay_guests::triple_fault()),
         ("rtc_date", vmplay_guests::rtc_date()),
         ("demo", vmplay_guests::demo()),
+        ("virtio_blk", vmplay_guests::virtio_blk()),
     ];
     for (name, image) in guests {
         let path = dir.join(format!("{name}.elf"));

@@ -15,9 +15,11 @@ pub mod fixtures;
 pub mod image;
 pub mod programs;
 pub mod runtime;
+pub mod virtio;
 
 pub use image::MultibootImage;
 pub use programs::*;
+pub use virtio::virtio_blk;
 
 /// Why a guest image could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,9 @@ use iced_x86::{Code, Instruction};
 
 /// Builds an image, or panics: the programs are fixed, so a failure is a
 /// bug in this crate (the unit tests build every one of them).
-fn build_image(build: impl FnOnce(&mut MultibootImage) -> Result<(), GuestError>) -> Vec<u8> {
+pub(crate) fn build_image(
+    build: impl FnOnce(&mut MultibootImage) -> Result<(), GuestError>,
+) -> Vec<u8> {
     let mut img = MultibootImage::new();
     build(&mut img)
         .and_then(|()| img.build())
@@ -20,7 +22,7 @@ fn build_image(build: impl FnOnce(&mut MultibootImage) -> Result<(), GuestError>
 }
 
 /// Places `build` as the 32-bit entry code.
-fn entry32(
+pub(crate) fn entry32(
     img: &mut MultibootImage,
     build: impl FnOnce(&mut CodeAssembler, &mut Runtime32) -> Result<(), GuestError>,
 ) -> Result<(), GuestError> {
