@@ -11,6 +11,7 @@
 use crate::BenchError;
 use crate::kernels::{self, DATA_SIZE, LoopKind};
 use iced_x86::code_asm::*;
+use vmplay_devices::ports;
 use vmplay_guests::image::sel;
 use vmplay_guests::runtime::halt_forever;
 use vmplay_guests::{GuestError, MultibootImage};
@@ -94,7 +95,7 @@ pub fn idle_forever() -> Result<Vec<u8>, BenchError> {
     let idtr = img.data(&idtr);
     let main = img.code32(|a| {
         a.lidt(ptr(idtr))?;
-        a.mov(edx, u32::from(vmplay_boot::layout::COM1_PORT))?;
+        a.mov(edx, u32::from(ports::COM1_PORT))?;
         a.mov(al, u32::from(IDLE_READY_BYTE))?;
         a.out(dx, al)?;
         // A whole line: a VMM may hold a partial line back.

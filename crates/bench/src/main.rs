@@ -21,9 +21,10 @@ use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use vmplay_devices::ports;
 
 /// QEMU's isa-debug-exit port, which vmplay implements too.
-pub const DEBUG_EXIT_PORT: u16 = vmplay_boot::layout::DEBUG_EXIT_PORT;
+pub const DEBUG_EXIT_PORT: u16 = ports::DEBUG_EXIT_PORT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

@@ -18,10 +18,11 @@ use crate::measure::process_cpu;
 use crate::report::{self, Goal};
 use crate::{BenchError, Ctx};
 use std::time::{Duration, Instant};
+use vmplay_devices::ports;
 use vmplay_machine::{KernelEntry, Machine, MachineConfig, SerialMode, StopReason};
 
 /// The port the guest writes: the POST port, a sink device on vmplay's bus.
-pub const PORT: u16 = vmplay_boot::layout::POST_PORT;
+pub const PORT: u16 = ports::POST_PORT;
 const GUEST_MEMORY: u64 = 128 << 20;
 /// The goal: vmplay's exit at most 5% dearer than the bare loop's.
 const GOAL: f64 = 1.05;

@@ -4,7 +4,7 @@
 //! override or local APIC NMI structures.
 //!
 //! The FADT points the sleep and reset registers at port I/O
-//! ([`layout::ACPI_SLEEP_CONTROL_PORT`] and friends) so every backend sees
+//! ([`ports::ACPI_SLEEP_CONTROL_PORT`] and friends) so every backend sees
 //! them the same way. The DSDT declares `\_S5`, the legacy serial port and
 //! RTC, and one `LNRO0005` device per virtio-mmio transport, the only way
 //! Debian's kernel finds virtio-mmio devices.
@@ -16,6 +16,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use vmplay_devices::ports;
 
 use crate::VirtioMmioSlot;
 use crate::e820;
@@ -175,12 +176,12 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
         // No fixed-feature buttons: a hardware-reduced machine has none.
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    f.sci_int = (layout::ACPI_SCI_IRQ as u16).into();
+    f.sci_int = (ports::ACPI_SCI_IRQ as u16).into();
     f.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED).into();
-    f.reset_reg = io_register(layout::ACPI_RESET_PORT);
-    f.reset_value = layout::ACPI_RESET_VALUE;
-    f.sleep_control_reg = io_register(layout::ACPI_SLEEP_CONTROL_PORT);
-    f.sleep_status_reg = io_register(layout::ACPI_SLEEP_STATUS_PORT);
+    f.reset_reg = io_register(ports::ACPI_RESET_PORT);
+    f.reset_value = ports::ACPI_RESET_VALUE;
+    f.sleep_control_reg = io_register(ports::ACPI_SLEEP_CONTROL_PORT);
+    f.sleep_status_reg = io_register(ports::ACPI_SLEEP_STATUS_PORT);
     f.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_VENDOR).into();
     aml_bytes(&f.finalize())
 }
@@ -219,23 +220,23 @@ fn path(name: &str) -> aml::Path {
 
 /// DSDT: `\_S5`, and in `\_SB` COM1, the RTC and the virtio-mmio devices.
 fn dsdt(virtio_mmio: &[VirtioMmioSlot]) -> Result<Sdt, BootError> {
-    let s5_typ = layout::ACPI_S5_SLP_TYP;
+    let s5_typ = ports::ACPI_S5_SLP_TYP;
     // SLP_TYPa, then SLP_TYPb and two reserved values, as QEMU writes it.
     let s5 = aml::Name::new(
         path("_S5_"),
         &aml::Package::new(vec![&s5_typ, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
     );
 
-    let com1_io = aml::IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8);
-    let com1_irq = aml::Interrupt::new(true, true, false, false, layout::COM1_IRQ);
+    let com1_io = aml::IO::new(ports::COM1_PORT, ports::COM1_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, ports::COM1_IRQ);
     let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
     let com1_hid = aml::Name::new(path("_HID"), &aml::EISAName::new("PNP0501"));
     let com1_uid = aml::Name::new(path("_UID"), &aml::ZERO);
     let com1_crs = aml::Name::new(path("_CRS"), &com1_crs);
     let com1 = aml::Device::new(path("COM1"), vec![&com1_hid, &com1_uid, &com1_crs]);
 
-    let rtc_io = aml::IO::new(layout::RTC_PORT, layout::RTC_PORT, 1, 2);
-    let rtc_irq = aml::Interrupt::new(true, true, false, false, layout::RTC_IRQ);
+    let rtc_io = aml::IO::new(ports::RTC_PORT, ports::RTC_PORT, 1, 2);
+    let rtc_irq = aml::Interrupt::new(true, true, false, false, ports::RTC_IRQ);
     let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io, &rtc_irq]);
     let rtc_hid = aml::Name::new(path("_HID"), &aml::EISAName::new("PNP0B00"));
     let rtc_crs = aml::Name::new(path("_CRS"), &rtc_crs);
@@ -372,19 +373,19 @@ pub(crate) mod tests {
         assert_ne!(boot_arch & IAPC_MSI_NOT_SUPPORTED, 0);
         assert_eq!(
             u16::from_le_bytes([f[46], f[47]]),
-            layout::ACPI_SCI_IRQ as u16
+            ports::ACPI_SCI_IRQ as u16
         );
         // GAS: space 1 (SystemIO), 8 bits, offset 0, byte access, address.
         let gas = |at: usize| (f[at], f[at + 1], f[at + 3], u64_at(f, at + 4));
-        assert_eq!(gas(116), (1, 8, 1, u64::from(layout::ACPI_RESET_PORT)));
-        assert_eq!(f[128], layout::ACPI_RESET_VALUE);
+        assert_eq!(gas(116), (1, 8, 1, u64::from(ports::ACPI_RESET_PORT)));
+        assert_eq!(f[128], ports::ACPI_RESET_VALUE);
         assert_eq!(
             gas(244),
-            (1, 8, 1, u64::from(layout::ACPI_SLEEP_CONTROL_PORT))
+            (1, 8, 1, u64::from(ports::ACPI_SLEEP_CONTROL_PORT))
         );
         assert_eq!(
             gas(256),
-            (1, 8, 1, u64::from(layout::ACPI_SLEEP_STATUS_PORT))
+            (1, 8, 1, u64::from(ports::ACPI_SLEEP_STATUS_PORT))
         );
         assert_eq!(&f[268..276], &HYPERVISOR_VENDOR);
     }
@@ -423,7 +424,7 @@ pub(crate) mod tests {
         let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
         // Name(_S5_, Package(4) { 5, ... })
         assert!(has(&[0x08, b'_', b'S', b'5', b'_', 0x12]));
-        assert!(has(&[0x0a, layout::ACPI_S5_SLP_TYP]));
+        assert!(has(&[0x0a, ports::ACPI_S5_SLP_TYP]));
         assert!(has(b"COM1") && has(b"RTC_"));
         assert!(has(b"V000") && has(b"V001") && !has(b"V002"));
         assert!(has(b"LNRO0005\0"));

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use vmplay_boot::layout::{ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
+use crate::ports::{ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
 
 use crate::access::{read_bytes, write_bytes};
 use crate::bus::BusDevice;

@@ -6,6 +6,7 @@
 //! so the first drive is `/dev/vda`.
 
 use std::sync::{Arc, Mutex};
+use vmplay_devices::ports;
 
 use vmm_sys_util::eventfd::EventFd;
 use vmplay_boot::{VirtioMmioSlot, layout};
@@ -48,7 +49,7 @@ pub(crate) fn cmdline_with_root(
 }
 
 /// GSIs the legacy devices and ACPI already use.
-const RESERVED_GSIS: [u32; 2] = [layout::RTC_IRQ, layout::ACPI_SCI_IRQ];
+const RESERVED_GSIS: [u32; 2] = [ports::RTC_IRQ, ports::ACPI_SCI_IRQ];
 
 /// Hands out windows and GSIs, and remembers them for the DSDT.
 pub(crate) struct VirtioAttacher<'a> {

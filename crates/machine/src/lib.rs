@@ -20,8 +20,8 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
-use vmplay_boot::layout;
 use vmplay_devices::bus::{Bus, BusError, SharedDevice};
+use vmplay_devices::ports;
 use vmplay_devices::{AcpiPm, DebugExit, I8042, PostPort, Rtc, Serial, SerialOutput};
 use vmplay_hypervisor::{Hypervisor, Vcpu, VmSpec};
 
@@ -136,27 +136,27 @@ impl Machine {
         }
         .open()?;
         let serial = Arc::new(Mutex::new(Serial::new(
-            vm.irq_line(layout::COM1_IRQ).map_err(backend_err)?,
+            vm.irq_line(ports::COM1_IRQ).map_err(backend_err)?,
             serial_output,
         )));
         let mut pio = Bus::new();
-        pio.insert(serial.clone(), layout::COM1_PORT.into(), 8)?;
+        pio.insert(serial.clone(), ports::COM1_PORT.into(), 8)?;
         // The i8042 answers at 0x60 and 0x64 only: 0x61 is the PIT's.
         let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(control.clone())));
-        pio.insert_window(i8042.clone(), layout::I8042_DATA_PORT.into(), 1, 0)?;
-        pio.insert_window(i8042, layout::I8042_COMMAND_PORT.into(), 1, 4)?;
-        pio.insert(Arc::new(Mutex::new(Rtc::new())), layout::RTC_PORT.into(), 2)?;
+        pio.insert_window(i8042.clone(), ports::I8042_DATA_PORT.into(), 1, 0)?;
+        pio.insert_window(i8042, ports::I8042_COMMAND_PORT.into(), 1, 4)?;
+        pio.insert(Arc::new(Mutex::new(Rtc::new())), ports::RTC_PORT.into(), 2)?;
         pio.insert(
             Arc::new(Mutex::new(DebugExit::new(control.clone()))),
-            layout::DEBUG_EXIT_PORT.into(),
+            ports::DEBUG_EXIT_PORT.into(),
             4,
         )?;
         pio.insert(
             Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
-            layout::ACPI_SLEEP_CONTROL_PORT.into(),
+            ports::ACPI_SLEEP_CONTROL_PORT.into(),
             3,
         )?;
-        pio.insert(Arc::new(Mutex::new(PostPort)), layout::POST_PORT.into(), 1)?;
+        pio.insert(Arc::new(Mutex::new(PostPort)), ports::POST_PORT.into(), 1)?;
         let mut mmio = Bus::new();
         let mut event_loop = vmplay_virtio::EventLoop::new()?;
         let ram = vmplay_virtio::GuestRam::new(memory.clone(), vm.dma_observer());

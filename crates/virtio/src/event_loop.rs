@@ -131,6 +131,14 @@ impl EventLoop {
         self.manager.add_subscriber(s);
     }
 
+    /// Runs ready events on the caller's thread, waiting at most
+    /// `timeout_ms` (tests drive devices synchronously with it).
+    pub fn run_once(&mut self, timeout_ms: i32) -> Result<usize, EventLoopError> {
+        self.manager
+            .run_with_timeout(timeout_ms)
+            .map_err(|e| EventLoopError::Setup(format!("{e:?}")))
+    }
+
     /// Starts the thread. Dropping the handle stops and joins it.
     pub fn start(self) -> Result<EventLoopHandle, EventLoopError> {
         let EventLoop {

@@ -22,3 +22,5 @@ pub mod devices;
 pub mod queue;
 pub mod rate_limiter;
 mod sys;
+#[cfg(test)]
+pub(crate) mod testing;

@@ -199,6 +199,16 @@ impl MmioTransport {
                 }
             };
             if c.ready {
+                // Split rings are a power of two long (virtio 1.x §2.7).
+                if c.size == 0 || c.size > c.max_size || !c.size.is_power_of_two() {
+                    tracing::warn!(
+                        "virtio device {}: queue {i} size {} is not a power of two up to {}",
+                        self.device_id,
+                        c.size,
+                        c.max_size
+                    );
+                    return None;
+                }
                 q.set_size(c.size);
                 q.set_desc_table_address(Some(c.desc as u32), Some((c.desc >> 32) as u32));
                 q.set_avail_ring_address(Some(c.driver as u32), Some((c.driver >> 32) as u32));
@@ -405,5 +415,129 @@ impl BusDeviceSync for MmioTransport {
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::rng::Rng;
+    use crate::testing::{Rig, queue_addrs};
+
+    fn rng_rig() -> Rig {
+        Rig::new(Arc::new(Mutex::new(Rng::new(Default::default()))))
+    }
+
+    #[test]
+    fn identifies_as_a_modern_virtio_mmio_device() {
+        let rig = rng_rig();
+        assert_eq!(rig.read32(reg::MAGIC), 0x7472_6976);
+        assert_eq!(rig.read32(reg::VERSION), 2);
+        assert_eq!(rig.read32(reg::DEVICE_ID), 4);
+        rig.write32(reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rig.read32(reg::DEVICE_FEATURES) & 1, 1, "VERSION_1 offered");
+        rig.write32(reg::DEVICE_FEATURES_SEL, 7);
+        assert_eq!(rig.read32(reg::DEVICE_FEATURES), 0);
+    }
+
+    #[test]
+    fn refuses_features_it_did_not_offer_or_a_legacy_driver() {
+        let rig = rng_rig();
+        rig.write32(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        rig.write32(reg::DRIVER_FEATURES_SEL, 0);
+        rig.write32(reg::DRIVER_FEATURES, 1 << 5); // not offered
+        rig.write32(reg::DRIVER_FEATURES_SEL, 1);
+        rig.write32(reg::DRIVER_FEATURES, 1);
+        rig.write32(
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(rig.read32(reg::STATUS) & status::FEATURES_OK, 0);
+
+        rig.write32(reg::STATUS, 0);
+        rig.write32(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        rig.write32(
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(
+            rig.read32(reg::STATUS) & status::FEATURES_OK,
+            0,
+            "no VERSION_1: a legacy driver"
+        );
+    }
+
+    #[test]
+    fn status_only_grows_and_zero_resets_everything() {
+        let rig = rng_rig();
+        rig.handshake(0, &[256]);
+        assert_eq!(rig.read32(reg::STATUS), 15);
+        rig.write32(reg::STATUS, 3); // dropping bits is not allowed
+        assert_eq!(rig.read32(reg::STATUS), 15);
+        rig.write32(reg::STATUS, 0);
+        assert_eq!(rig.read32(reg::STATUS), 0);
+        rig.write32(reg::QUEUE_SEL, 0);
+        assert_eq!(rig.read32(reg::QUEUE_READY), 0, "reset clears the queues");
+        rig.write32(reg::STATUS, status::FAILED);
+        assert_eq!(rig.read32(reg::STATUS) & status::FAILED, status::FAILED);
+    }
+
+    #[test]
+    fn a_queue_size_that_is_not_a_power_of_two_needs_reset() {
+        let rig = rng_rig();
+        rig.handshake(0, &[100]);
+        assert_ne!(rig.read32(reg::STATUS) & status::NEEDS_RESET, 0);
+        rig.write32(reg::STATUS, 0);
+        assert_eq!(rig.read32(reg::STATUS), 0, "reset clears NEEDS_RESET");
+        rig.handshake(0, &[256]);
+        assert_eq!(rig.read32(reg::STATUS) & status::NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn queue_registers_are_frozen_after_driver_ok() {
+        let rig = rng_rig();
+        rig.handshake(0, &[256]);
+        rig.write32(reg::QUEUE_SEL, 0);
+        rig.write32(reg::QUEUE_READY, 0);
+        assert_eq!(rig.read32(reg::QUEUE_READY), 1);
+        assert_eq!(rig.read32(reg::QUEUE_NUM_MAX), 256);
+        rig.write32(reg::QUEUE_SEL, 5);
+        assert_eq!(rig.read32(reg::QUEUE_NUM_MAX), 0, "no queue 5");
+    }
+
+    #[test]
+    fn odd_widths_and_offsets_are_harmless() {
+        let rig = rng_rig();
+        let mut b = [0xaau8; 2];
+        rig.transport.read(reg::MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+        rig.transport.write(reg::STATUS + 1, &[1]);
+        rig.transport.write(reg::STATUS, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(rig.read32(reg::STATUS), 0);
+        let mut cfg = [0xffu8; 8];
+        rig.transport.read(0xffc, &mut cfg);
+        assert_eq!(cfg, [0; 8], "a read running past the window reads zero");
+    }
+
+    #[test]
+    fn a_notify_before_driver_ok_is_ignored() {
+        let mut rig = rng_rig();
+        rig.push_chain(0, &[(crate::testing::DATA_BASE, 64, true)]);
+        rig.notify(0);
+        assert_eq!(rig.used_idx(0), 0);
+        let _ = queue_addrs(0);
+    }
+
+    #[test]
+    fn interrupt_status_is_acknowledged_bit_by_bit() {
+        let mut rig = rng_rig();
+        rig.handshake(0, &[256]);
+        rig.push_chain(0, &[(crate::testing::DATA_BASE, 64, true)]);
+        rig.notify(0);
+        assert_eq!(rig.read32(reg::INTERRUPT_STATUS), 1);
+        rig.write32(reg::INTERRUPT_ACK, 2);
+        assert_eq!(rig.read32(reg::INTERRUPT_STATUS), 1);
+        rig.write32(reg::INTERRUPT_ACK, 1);
+        assert_eq!(rig.read32(reg::INTERRUPT_STATUS), 0);
     }
 }

@@ -543,3 +543,232 @@ impl VirtioDevice for Block {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{DATA_BASE, Rig, fuzz_device};
+    use std::sync::Mutex;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmplay_devices::BusDeviceSync;
+
+    struct Disk {
+        dir: PathBuf,
+        path: PathBuf,
+    }
+
+    impl Disk {
+        fn new(name: &str, bytes: &[u8]) -> Disk {
+            let dir = std::env::temp_dir().join(format!(
+                "vmplay-blk-{}-{name}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("disk.img");
+            std::fs::write(&path, bytes).unwrap();
+            Disk { dir, path }
+        }
+        fn config(&self, read_only: bool) -> DriveConfig {
+            DriveConfig {
+                id: "rootfs".into(),
+                path: self.path.clone(),
+                read_only,
+                root: false,
+                partuuid: None,
+                cache: CacheType::Writeback,
+                rate_limiter: None,
+            }
+        }
+    }
+
+    impl Drop for Disk {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    const HDR: u64 = DATA_BASE;
+    const BUF: u64 = DATA_BASE + 0x1000;
+    const STATUS: u64 = DATA_BASE + 0x800;
+
+    fn rig(disk: &Disk, read_only: bool) -> Rig {
+        let block = Block::new(&disk.config(read_only)).unwrap();
+        let rig = Rig::new(Arc::new(Mutex::new(block)));
+        rig.handshake(feature::RING_EVENT_IDX, &[256]);
+        rig
+    }
+
+    /// Submits one request and returns (status, used length).
+    fn request(
+        rig: &mut Rig,
+        kind: u32,
+        sector: u64,
+        data_len: u32,
+        device_writes: bool,
+    ) -> (u8, u32) {
+        rig.mem.write_obj(kind, GuestAddress(HDR)).unwrap();
+        rig.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        rig.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+        rig.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut chain = vec![(HDR, 16, false)];
+        if data_len > 0 {
+            chain.push((BUF, data_len, device_writes));
+        }
+        chain.push((STATUS, 1, true));
+        let before = rig.used_idx(0);
+        rig.push_chain(0, &chain);
+        rig.notify(0);
+        assert_eq!(rig.used_idx(0), before.wrapping_add(1), "request completed");
+        let (_, len) = rig.used_elem(0, before);
+        (rig.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+    }
+
+    #[test]
+    fn reads_and_writes_sectors_of_the_image() {
+        let mut image = vec![0u8; 8192];
+        image[512..1024].fill(b'r');
+        let disk = Disk::new("rw", &image);
+        let mut rig = rig(&disk, false);
+        assert_eq!(request(&mut rig, request::IN, 1, 512, true), (S_OK, 513));
+        let mut got = [0u8; 512];
+        rig.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert!(got.iter().all(|&b| b == b'r'));
+
+        rig.mem
+            .write_slice(&[b'w'; 1024], GuestAddress(BUF))
+            .unwrap();
+        assert_eq!(request(&mut rig, request::OUT, 4, 1024, false), (S_OK, 1));
+        assert_eq!(request(&mut rig, request::FLUSH, 0, 0, false), (S_OK, 1));
+        let on_disk = std::fs::read(&disk.path).unwrap();
+        assert!(on_disk[2048..3072].iter().all(|&b| b == b'w'));
+        assert!(on_disk[3072..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn capacity_and_serial_come_from_the_file_and_the_drive_id() {
+        let disk = Disk::new("id", &[0u8; 4096]);
+        let mut rig = rig(&disk, false);
+        let mut cap = [0u8; 8];
+        rig.transport.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        assert_eq!(request(&mut rig, request::GET_ID, 0, 20, true), (S_OK, 21));
+        let mut id = [0u8; 20];
+        rig.mem.read_slice(&mut id, GuestAddress(BUF)).unwrap();
+        assert_eq!(&id[..6], b"rootfs");
+        assert!(id[6..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_read_only_drive_refuses_writes_and_says_so() {
+        let disk = Disk::new("ro", &[7u8; 4096]);
+        let mut rig = rig(&disk, true);
+        rig.write32(0x14, 0);
+        assert_ne!(
+            rig.read32(0x10) & features::RO as u32,
+            0,
+            "VIRTIO_BLK_F_RO offered"
+        );
+        assert_eq!(request(&mut rig, request::OUT, 0, 512, false).0, S_IOERR);
+        assert_eq!(request(&mut rig, request::DISCARD, 0, 0, false).0, S_IOERR);
+        assert_eq!(std::fs::read(&disk.path).unwrap(), vec![7u8; 4096]);
+        assert_eq!(request(&mut rig, request::IN, 0, 512, true).0, S_OK);
+    }
+
+    #[test]
+    fn requests_past_the_end_fail_and_the_device_goes_on() {
+        let disk = Disk::new("end", &[0u8; 4096]);
+        let mut rig = rig(&disk, false);
+        assert_eq!(request(&mut rig, request::IN, 8, 512, true).0, S_IOERR);
+        assert_eq!(
+            request(&mut rig, request::OUT, u64::MAX / 256, 512, false).0,
+            S_IOERR
+        );
+        assert_eq!(request(&mut rig, request::IN, 7, 512, true).0, S_OK);
+    }
+
+    #[test]
+    fn an_image_that_shrinks_in_use_gives_io_errors_not_a_crash() {
+        let disk = Disk::new("shrink", &[1u8; 8192]);
+        let mut rig = rig(&disk, false);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk.path)
+            .unwrap()
+            .set_len(1024)
+            .unwrap();
+        assert_eq!(request(&mut rig, request::IN, 10, 512, true).0, S_IOERR);
+        assert_eq!(request(&mut rig, request::IN, 0, 512, true).0, S_OK);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_clear_the_range() {
+        let disk = Disk::new("zero", &[9u8; 8192]);
+        let mut rig = rig(&disk, false);
+        let seg = |rig: &Rig, sector: u64, n: u32, flags: u32| {
+            rig.mem.write_obj(sector, GuestAddress(BUF)).unwrap();
+            rig.mem.write_obj(n, GuestAddress(BUF + 8)).unwrap();
+            rig.mem.write_obj(flags, GuestAddress(BUF + 12)).unwrap();
+        };
+        seg(&rig, 2, 2, 0);
+        assert_eq!(
+            request(&mut rig, request::WRITE_ZEROES, 0, 16, false).0,
+            S_OK
+        );
+        seg(&rig, 8, 2, 0);
+        assert_eq!(request(&mut rig, request::DISCARD, 0, 16, false).0, S_OK);
+        let on_disk = std::fs::read(&disk.path).unwrap();
+        assert_eq!(on_disk.len(), 8192, "size kept");
+        assert!(on_disk[1024..2048].iter().all(|&b| b == 0));
+        assert!(on_disk[4096..5120].iter().all(|&b| b == 0));
+        assert!(on_disk[..1024].iter().all(|&b| b == 9));
+        seg(&rig, 15, 2, 0);
+        assert_eq!(
+            request(&mut rig, request::WRITE_ZEROES, 0, 16, false).0,
+            S_IOERR,
+            "past the end"
+        );
+        assert_eq!(
+            request(&mut rig, request::WRITE_ZEROES, 0, 10, false).0,
+            S_UNSUPP,
+            "ragged segment"
+        );
+    }
+
+    #[test]
+    fn an_unknown_request_type_is_unsupported() {
+        let disk = Disk::new("unk", &[0u8; 4096]);
+        let mut rig = rig(&disk, false);
+        assert_eq!(request(&mut rig, 99, 0, 0, false).0, S_UNSUPP);
+    }
+
+    #[test]
+    fn refuses_images_that_are_not_whole_sectors_or_not_files() {
+        let disk = Disk::new("ragged", &[0u8; 1000]);
+        let e = Block::new(&disk.config(false)).err().unwrap().to_string();
+        assert!(e.contains("not a whole number of 512-byte sectors"), "{e}");
+        let mut c = disk.config(false);
+        c.path = disk.dir.clone();
+        let e = Block::new(&c).err().unwrap().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        c.path = "/dev/zero".into();
+        assert!(Block::new(&c).is_err());
+        c.path = disk.dir.join("missing");
+        let e = Block::new(&c).err().unwrap().to_string();
+        assert!(e.contains("No such file"), "{e}");
+    }
+
+    #[test]
+    fn survives_random_garbage() {
+        let disk = Disk::new("fuzz", &[0u8; 65536]);
+        let seed = std::env::var("VMPLAY_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0xb10c);
+        fuzz_device(
+            || Arc::new(Mutex::new(Block::new(&disk.config(false)).unwrap())),
+            seed,
+            200,
+        );
+    }
+}
