@@ -16,14 +16,21 @@ pub const VIRTIO_FIRST_GSI: u32 = 5;
 /// The byte the guest fills sector [`WRITTEN_SECTOR`] with.
 pub const WRITTEN_BYTE: u8 = b'W';
 pub const WRITTEN_SECTOR: u32 = 1;
+/// The sector the guest reads over code it has already run; the host puts
+/// [`CODE_FROM_DISK`] there.
+pub const CODE_SECTOR: u32 = 2;
+/// `mov eax, 2; ret`: what the code page holds after the read.
+pub const CODE_FROM_DISK: [u8; 6] = [0xb8, 2, 0, 0, 0, 0xc3];
 
 const QUEUE_SIZE: u32 = 8;
 const PIC_VECTOR_BASE: u32 = 0x20;
 
 /// Probes the device at [`VIRTIO_MMIO_BASE`], writes sector 1 full of
 /// [`WRITTEN_BYTE`] (prints `write ok\n`), reads sector 0 and prints the
-/// NUL-terminated text found there, then `irqs N\n` (interrupts taken) and
-/// powers off (vmplay exits 0). Any failure prints `virtio-blk: <what>\n`
+/// NUL-terminated text found there; then runs `mov eax, 1; ret` from a code
+/// page, reads sector [`CODE_SECTOR`] over that page by DMA and runs it
+/// again, printing `code 1 then N\n` (N = 2 when the CPU saw the device's
+/// write); then `irqs N\n` (interrupts taken) and powers off (vmplay exits 0). Any failure prints `virtio-blk: <what>\n`
 /// and debug-exits 3 (status 7).
 pub fn virtio_blk() -> Vec<u8> {
     crate::programs::build_image(build_virtio_blk)
@@ -38,6 +45,7 @@ fn build_virtio_blk(img: &mut MultibootImage) -> Result<(), GuestError> {
     let status = img.zeroed(16, 16);
     let irqs = img.zeroed(16, 16);
     let resume = img.zeroed(16, 16);
+    let code_page = img.zeroed(4096, 4096);
     let idt = img.zeroed(8 * 0x30, 8);
     let mut idt_ptr = Vec::new();
     idt_ptr.extend_from_slice(&(8u16 * 0x30 - 1).to_le_bytes());
@@ -203,6 +211,27 @@ fn build_virtio_blk(img: &mut MultibootImage) -> Result<(), GuestError> {
         rt.print(a, "read: ")?;
         a.mov(eax, data)?;
         rt.print_str(a, eax)?;
+
+        // ---- DMA over code the CPU has run -----------------------------------
+        for (i, b) in [0xb8u32, 1, 0, 0, 0, 0xc3].into_iter().enumerate() {
+            a.mov(byte_ptr(code_page + i as u32), b)?;
+        }
+        a.mov(eax, code_page)?;
+        a.call(eax)?;
+        a.mov(ebx, eax)?;
+        a.mov(dword_ptr(desc + 16), code_page)?; // data descriptor → the code page
+        a.mov(dword_ptr(header), 0)?; // VIRTIO_BLK_T_IN
+        a.mov(dword_ptr(header + 8), CODE_SECTOR)?;
+        submit(a, 3)?;
+        a.cmp(byte_ptr(status), 0)?;
+        check!(je, "code read: status not OK");
+        a.mov(eax, code_page)?;
+        a.call(eax)?;
+        rt.print(a, "code ")?;
+        rt.print_dec(a, ebx, 1)?;
+        rt.print(a, " then ")?;
+        rt.print_dec(a, eax, 1)?;
+        rt.print(a, "\n")?;
         rt.print(a, "irqs ")?;
         rt.print_dec(a, dword_ptr(irqs), 1)?;
         rt.print(a, "\n")?;
