@@ -2,8 +2,10 @@
 //! backend, builds the machine and runs it, then turns why the VM stopped
 //! into a message and an exit status.
 
+mod accel;
 mod config;
 mod device_flags;
+mod image_cmd;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -34,11 +36,15 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Accel::Auto)]
         accel: Accel,
     },
+    /// Build a guest image: `vmplay image debian` fetches Debian's cloud
+    /// kernel and busybox and writes a bootable kernel + initramfs.
+    Image(image_cmd::ImageArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum Accel {
-    /// kvm when /dev/kvm can be opened, else emu.
+    /// kvm where it runs a stock kernel at hardware speed (a /dev/kvm that
+    /// opens and is not kvm_pvm), else emu; says which on stderr.
     Auto,
     /// Hardware virtualization through Linux KVM.
     Kvm,
@@ -194,28 +200,36 @@ fn virtio_config(args: &RunArgs) -> Result<vmplay_machine::VirtioConfig> {
     })
 }
 
-fn hypervisor(args: &RunArgs) -> Result<Box<dyn Hypervisor>> {
+/// The backend, and a line for stderr once the machine is built (why auto
+/// chose it, or a warning about the host's KVM).
+fn hypervisor(args: &RunArgs) -> Result<(Box<dyn Hypervisor>, Option<String>)> {
     let emu = || -> Box<dyn Hypervisor> {
         Box::new(vmplay_emu::EmuHypervisor::new(vmplay_emu::EmuOptions {
             trace: args.trace.clone(),
         }))
     };
     match args.accel {
-        Accel::Emu => Ok(emu()),
+        Accel::Emu => Ok((emu(), None)),
         Accel::Kvm => {
             if args.trace.is_some() {
                 bail!("--trace needs --accel emu");
             }
-            Ok(Box::new(vmplay_kvm::KvmHypervisor::new()?))
+            let warning = accel::kvm_warning(&accel::probe()).map(str::to_string);
+            Ok((Box::new(vmplay_kvm::KvmHypervisor::new()?), warning))
         }
-        Accel::Auto => match vmplay_kvm::KvmHypervisor::new() {
-            Ok(kvm) if args.trace.is_none() => Ok(Box::new(kvm)),
-            Ok(_) => Ok(emu()),
-            Err(e) => {
-                tracing::info!("{e}; using the software CPU");
-                Ok(emu())
+        Accel::Auto => {
+            let choice = accel::choose(&accel::probe(), args.trace.is_some());
+            if choice.kvm {
+                match vmplay_kvm::KvmHypervisor::new() {
+                    Ok(kvm) => return Ok((Box::new(kvm), Some(choice.why))),
+                    Err(e) => {
+                        let why = format!("vmplay: --accel auto: using emu: kvm failed: {e}");
+                        return Ok((emu(), Some(why)));
+                    }
+                }
             }
-        },
+            Ok((emu(), Some(choice.why)))
+        }
     }
 }
 
@@ -252,8 +266,11 @@ fn handle_signals(set: libc::sigset_t, control: std::sync::Arc<vmplay_machine::V
 fn run(args: &RunArgs) -> Result<StopReason> {
     let signals = block_stop_signals();
     let config = machine_config(args)?;
-    let hv = hypervisor(args)?;
+    let (hv, note) = hypervisor(args)?;
     let machine = Machine::new(hv.as_ref(), &config)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     handle_signals(signals, machine.control());
     Ok(machine.run()?)
 }
@@ -338,6 +355,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(&args),
         Command::Demo { accel } => demo(accel),
+        Command::Image(args) => {
+            return match image_cmd::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vmplay: error: {}", error_line(&e));
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(reason) => {
