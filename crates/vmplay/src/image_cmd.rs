@@ -27,6 +27,10 @@ struct DebianArgs {
     /// Where the fetched packages are kept and reused [default: the --out directory].
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
+    /// A script for the guest to run instead of the shell (it becomes
+    /// /etc/vmplay/run); the VM powers off when it ends.
+    #[arg(long, value_name = "FILE")]
+    run: Option<PathBuf>,
 }
 
 /// The command line the printed `vmplay run` and the config file use.
@@ -78,10 +82,13 @@ fn debian(args: &DebianArgs) -> Result<()> {
 
     progress("building the initramfs");
     let initrd = out.join("initramfs.cpio");
-    Initramfs::debian(&assets)
-        .context("cannot build the initramfs")?
-        .write(&initrd)
-        .context("cannot write the initramfs")?;
+    let mut image = Initramfs::debian(&assets).context("cannot build the initramfs")?;
+    if let Some(script) = &args.run {
+        image = image
+            .host_file(vmplay_image::RUN_HOOK, script)
+            .with_context(|| format!("--run {}", script.display()))?;
+    }
+    image.write(&initrd).context("cannot write the initramfs")?;
     let size = std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0);
     progress(&format!("wrote {} ({} KiB)", initrd.display(), size >> 10));
 
@@ -105,7 +112,10 @@ fn debian(args: &DebianArgs) -> Result<()> {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "vmplay".into());
-    progress("boot it to a shell (exit or poweroff stops the VM) with:");
+    progress(match args.run {
+        None => "boot it to a shell (exit or poweroff stops the VM) with:",
+        Some(_) => "boot it (it runs the --run script, then powers off) with:",
+    });
     println!(
         "{exe} run --kernel {} --initrd {} --cmdline '{BOOT_ARGS}' --memory {MEMORY_MIB}M",
         shell_quote(&kernel),

@@ -1,6 +1,6 @@
 //! vmplay's main job: Debian's stock cloud kernel (fetched with apt-get by
-//! `scripts/fetch-debian-kernel`) boots to a busybox `/init` on the software
-//! CPU, through both Linux entries, and powers off.
+//! vmplay-image) boots to the image's busybox `/init` on the software CPU,
+//! through both Linux entries, runs the image's run hook and powers off.
 
 mod support;
 
@@ -12,28 +12,43 @@ use support::{TempDir, debian_asset, run_with_deadline, vmplay_exe};
 /// tests side by side on two cores.
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
 
-/// Builds the initramfs with the same script the README's boot uses.
-fn initramfs(dir: &TempDir) -> std::path::PathBuf {
+/// The guest's steps: print who it is, then power off. `/init` runs
+/// [`vmplay_image::RUN_HOOK`] when there is no `root=`.
+const WHO_AM_I: &str = r#"#!/bin/sh
+echo "vmplay-init: $(uname -sr) on $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+echo "vmplay-init: $(grep -c ^processor /proc/cpuinfo) cpu(s), $(grep MemTotal /proc/meminfo | tr -s ' ')"
+echo "vmplay-init: reached init, powering off"
+"#;
+
+/// Builds the Debian initramfs (vmplay-image, as `vmplay image` does) with
+/// [`WHO_AM_I`] as its run hook.
+fn initramfs(dir: &TempDir) -> Option<std::path::PathBuf> {
+    let cache = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest-assets/debian");
+    let assets = match vmplay_image::DebianAssets::fetch(&cache, &mut |l| eprintln!("{l}")) {
+        Ok(a) => a,
+        Err(e) if std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none() => {
+            eprintln!("skipping: {e}");
+            return None;
+        }
+        Err(e) => panic!("{e}"),
+    };
     let out = dir.path().join("initramfs.cpio");
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-initramfs");
-    let status = Command::new(&script)
-        .arg(&out)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(status.success(), "{} failed: {status}", script.display());
-    out
+    vmplay_image::Initramfs::debian(&assets)
+        .expect("build the initramfs")
+        .file(vmplay_image::RUN_HOOK, WHO_AM_I, 0o755)
+        .write(&out)
+        .expect("write the initramfs");
+    Some(out)
 }
 
 fn boots_debian_to_init(entry: &str) {
+    let dir = TempDir::new();
+    let Some(initrd) = initramfs(&dir) else {
+        return;
+    };
     let Some(kernel) = debian_asset("vmlinuz") else {
         return;
     };
-    if debian_asset("busybox").is_none() {
-        return;
-    }
-    let dir = TempDir::new();
-    let initrd = initramfs(&dir);
     let mut cmd = Command::new(vmplay_exe());
     cmd.args([
         "run", "--accel", "emu", "--memory", "512M", "--serial", "stdio",
