@@ -27,6 +27,14 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
+    /// A kernel or initrd that is not a regular file, or is larger than
+    /// guest memory: refused before it is read.
+    #[error("{what} {}: {problem}", path.display())]
+    InputFile {
+        what: &'static str,
+        path: PathBuf,
+        problem: crate::input::InputFileProblem,
+    },
     /// An empty initrd is almost certainly a mistake (a truncated build).
     #[error("initrd {}: empty file", path.display())]
     EmptyInitrd { path: PathBuf },

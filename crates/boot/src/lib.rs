@@ -14,6 +14,7 @@ pub mod cpu_setup;
 pub mod e820;
 pub mod elf;
 pub mod error;
+pub mod input;
 pub mod layout;
 pub mod multiboot;
 pub mod unpack;
@@ -147,15 +148,22 @@ enum Plan<'a> {
 pub fn load(memory: &GuestMemory, config: &BootConfig) -> Result<Boot, BootError> {
     let map = RamMap::of(memory)?;
     let path = config.kernel;
-    let data = std::fs::read(path).map_err(|source| BootError::KernelRead {
-        path: path.to_path_buf(),
-        source,
+    let data = input::read(path, map.total).map_err(|e| match e {
+        input::CheckError::Io(source) => BootError::KernelRead {
+            path: path.to_path_buf(),
+            source,
+        },
+        input::CheckError::Problem(problem) => BootError::InputFile {
+            what: "kernel",
+            path: path.to_path_buf(),
+            problem,
+        },
     })?;
     if data.is_empty() {
         return Err(kernel_error(path, KernelProblem::Empty));
     }
     let initrd = match config.initrd {
-        Some(p) => Some((p, read_initrd(p)?)),
+        Some(p) => Some((p, read_initrd(p, map.total)?)),
         None => None,
     };
     if let Some(offset) = config.cmdline.bytes().position(|b| b == 0) {
@@ -432,10 +440,17 @@ fn check_placement(map: &RamMap, path: &Path, range: &Range<u64>) -> Result<(), 
         })
 }
 
-fn read_initrd(path: &Path) -> Result<Vec<u8>, BootError> {
-    let bytes = std::fs::read(path).map_err(|source| BootError::InitrdRead {
-        path: path.to_path_buf(),
-        source,
+fn read_initrd(path: &Path, limit: u64) -> Result<Vec<u8>, BootError> {
+    let bytes = input::read(path, limit).map_err(|e| match e {
+        input::CheckError::Io(source) => BootError::InitrdRead {
+            path: path.to_path_buf(),
+            source,
+        },
+        input::CheckError::Problem(problem) => BootError::InputFile {
+            what: "initrd",
+            path: path.to_path_buf(),
+            problem,
+        },
     })?;
     if bytes.is_empty() {
         return Err(BootError::EmptyInitrd {
