@@ -199,16 +199,19 @@ fn boots_the_debian_image_to_a_shell_that_answers_on_the_console_and_powers_off(
     let start = Instant::now();
     let mut console = Console::start(
         Command::new(vmplay_exe())
-            .args(["run", "--accel", "emu", "--config"])
+            .args(["run", "--accel", "emu", "--rng", "--config"])
             .arg(dir.path().join("vmplay.json")),
     );
     console.wait_for("a shell on the console", start);
     console.wait_for("root@vmplay:/# ", start);
     console.type_line("echo UNAME=$(uname -r)");
     assert_eq!(console.line_starting("UNAME=", start), release);
-    // No virtio devices are configured, so the guest sees none.
+    // The one configured virtio device, bound to its driver (a module
+    // the image loaded).
     console.type_line("echo VIRTIO=[$(ls /sys/bus/virtio/devices)]");
-    assert_eq!(console.line_starting("VIRTIO=", start), "[]");
+    assert_eq!(console.line_starting("VIRTIO=", start), "[virtio0]");
+    console.type_line("echo DRIVER=$(basename $(readlink /sys/bus/virtio/devices/virtio0/driver))");
+    assert_eq!(console.line_starting("DRIVER=", start), "virtio_rng");
     // Job control: the shell owns the console.
     console.type_line("echo TTY=$(tty)");
     assert_eq!(console.line_starting("TTY=", start), "/dev/ttyS0");
@@ -218,4 +221,77 @@ fn boots_the_debian_image_to_a_shell_that_answers_on_the_console_and_powers_off(
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("guest powered off"), "{text}");
     assert!(!text.contains("panicked"), "{text}");
+}
+
+/// An ext4 image made with `mkfs.ext4 -d` from `tree`, or `None` without mke2fs.
+fn ext4_image(tree: &Path, image: &Path) -> Option<()> {
+    let made = Command::new("truncate")
+        .args(["-s", "64M"])
+        .arg(image)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("mkfs.ext4")
+            .args(["-q", "-d"])
+            .arg(tree)
+            .arg(image)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !made {
+        assert!(
+            std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none(),
+            "mkfs.ext4 -d failed (install e2fsprogs)"
+        );
+        eprintln!("skipping: mkfs.ext4 -d failed");
+        return None;
+    }
+    Some(())
+}
+
+#[test]
+fn a_root_drive_is_mounted_and_switched_to_as_the_root_file_system() {
+    let dir = TempDir::new();
+    let Some(assets) = vmplay_image::DebianAssets::fetch(&cache(), &mut |l| eprintln!("{l}"))
+        .map_err(|e| eprintln!("skipping: {e}"))
+        .ok()
+    else {
+        assert!(std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none());
+        return;
+    };
+    let tree = dir.path().join("root");
+    for d in ["bin", "sbin", "dev", "proc", "sys", "tmp"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::copy(assets.busybox(), tree.join("bin/busybox")).unwrap();
+    let init = tree.join("sbin/init");
+    std::fs::write(
+        &init,
+        "#!/bin/busybox sh\n\
+         /bin/busybox echo \"ROOT=$(/bin/busybox awk '$2 == \"/\" { r = $1 \" \" $3 } END { print r }' /proc/mounts) PID=$$\"\n\
+         /bin/busybox poweroff -f\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let disk = dir.path().join("root.ext4");
+    if ext4_image(&tree, &disk).is_none() {
+        return;
+    }
+    let initrd = dir.path().join("initramfs.cpio");
+    vmplay_image::Initramfs::debian(&assets)
+        .unwrap()
+        .write(&initrd)
+        .unwrap();
+    let mut cmd = Command::new(vmplay_exe());
+    cmd.args(["run", "--accel", "emu", "--memory", "512M", "--kernel"])
+        .arg(assets.kernel())
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", "console=ttyS0 panic=-1 quiet", "--drive"])
+        .arg(format!("path={},root=on", disk.display()));
+    let run = run_with_deadline(cmd, BOOT_DEADLINE);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("ROOT=/dev/vda ext4 PID=1"),
+        "the disk's /sbin/init did not run as PID 1 on /dev/vda\n{run}"
+    );
 }
