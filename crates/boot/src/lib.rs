@@ -446,6 +446,13 @@ fn read_initrd(path: &Path, limit: u64) -> Result<Vec<u8>, BootError> {
             path: path.to_path_buf(),
             source,
         },
+        input::CheckError::Problem(input::InputFileProblem::TooLarge { size, limit }) => {
+            BootError::InitrdTooBig {
+                path: path.to_path_buf(),
+                size,
+                memory: limit,
+            }
+        }
         input::CheckError::Problem(problem) => BootError::InputFile {
             what: "initrd",
             path: path.to_path_buf(),

@@ -87,7 +87,7 @@ fn a_kernel_or_initrd_larger_than_guest_memory_is_refused_before_it_is_read() {
     refused(
         &["--kernel", kernel.to_str().unwrap(), "--initrd", h],
         h,
-        "larger than guest memory",
+        "does not fit in guest memory",
     );
 }
 
