@@ -6,7 +6,7 @@ mod support;
 
 use std::process::Command;
 use std::time::Duration;
-use support::{TempDir, debian_asset, run_with_deadline, vmplay_exe};
+use support::{TempDir, debian_guest, run_with_deadline, vmplay_exe};
 
 /// A Linux boot on the interpreter takes ~10 s on an idle machine; CI runs
 /// tests side by side on two cores.
@@ -20,33 +20,9 @@ echo "vmplay-init: $(grep -c ^processor /proc/cpuinfo) cpu(s), $(grep MemTotal /
 echo "vmplay-init: reached init, powering off"
 "#;
 
-/// Builds the Debian initramfs (vmplay-image, as `vmplay image` does) with
-/// [`WHO_AM_I`] as its run hook.
-fn initramfs(dir: &TempDir) -> Option<std::path::PathBuf> {
-    let cache = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest-assets/debian");
-    let assets = match vmplay_image::DebianAssets::fetch(&cache, &mut |l| eprintln!("{l}")) {
-        Ok(a) => a,
-        Err(e) if std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none() => {
-            eprintln!("skipping: {e}");
-            return None;
-        }
-        Err(e) => panic!("{e}"),
-    };
-    let out = dir.path().join("initramfs.cpio");
-    vmplay_image::Initramfs::debian(&assets)
-        .expect("build the initramfs")
-        .file(vmplay_image::RUN_HOOK, WHO_AM_I, 0o755)
-        .write(&out)
-        .expect("write the initramfs");
-    Some(out)
-}
-
 fn boots_debian_to_init(entry: &str) {
     let dir = TempDir::new();
-    let Some(initrd) = initramfs(&dir) else {
-        return;
-    };
-    let Some(kernel) = debian_asset("vmlinuz") else {
+    let Some((kernel, initrd)) = debian_guest(&dir, WHO_AM_I, &[]) else {
         return;
     };
     let mut cmd = Command::new(vmplay_exe());

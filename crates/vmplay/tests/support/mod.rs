@@ -254,3 +254,51 @@ pub fn debian_asset(name: &str) -> Option<PathBuf> {
     );
     None
 }
+
+/// Debian's kernel and an initramfs (vmplay-image's, as `vmplay image`
+/// builds it) whose `/init` runs `run_hook` and powers off; extra files
+/// go in too. `None` after saying why when the assets are missing outside CI.
+#[allow(dead_code)]
+pub fn debian_guest(
+    dir: &TempDir,
+    run_hook: &str,
+    files: &[(&str, &[u8], u32)],
+) -> Option<(PathBuf, PathBuf)> {
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest-assets/debian");
+    let assets = match vmplay_image::DebianAssets::fetch(&cache, &mut |l| eprintln!("{l}")) {
+        Ok(a) => a,
+        Err(e) if std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none() => {
+            eprintln!("skipping: {e}");
+            return None;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let mut image = vmplay_image::Initramfs::debian(&assets)
+        .expect("build the initramfs")
+        .file(vmplay_image::RUN_HOOK, run_hook, 0o755);
+    for (path, data, mode) in files {
+        image = image.file(path, data.to_vec(), *mode);
+    }
+    let out = dir.path().join("initramfs.cpio");
+    image.write(&out).expect("write the initramfs");
+    Some((assets.kernel().to_path_buf(), out))
+}
+
+/// A host tool the test needs, or `None` after saying why it skips
+/// (outside CI; in CI, `scripts/test` installs it and a missing one fails).
+#[allow(dead_code)]
+pub fn host_tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none(),
+            "{name} is missing (scripts/test installs it)"
+        );
+        eprintln!("skipping: {name} not found");
+    }
+    found
+}
