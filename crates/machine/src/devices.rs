@@ -188,10 +188,12 @@ impl<'a> VirtioAttacher<'a> {
     }
 
     pub fn attach_net(&mut self, n: &vmplay_virtio::NetConfig) -> Result<(), MachineError> {
-        Err(MachineError::Device(format!(
-            "network interface {}: virtio-net is not wired yet",
-            n.id
-        )))
+        let net = vmplay_virtio::devices::net::Net::new(n)
+            .map_err(|e| MachineError::Device(e.to_string()))?;
+        self.attach(
+            &format!("network interface {}", n.id),
+            Arc::new(Mutex::new(net)),
+        )
     }
 
     pub fn attach_vsock(&mut self, _v: &vmplay_virtio::VsockConfig) -> Result<(), MachineError> {

@@ -2,4 +2,5 @@
 //! whole one and the place to start reading.
 
 pub mod block;
+pub mod net;
 pub mod rng;
