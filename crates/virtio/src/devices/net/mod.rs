@@ -141,13 +141,17 @@ impl Backend {
         }
     }
 
-    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Recv> {
+    /// The next frame; with `may_read` false only one the backend already
+    /// holds (a stream's buffer), so a batch ends without losing frames
+    /// epoll would not announce again.
+    fn recv(&mut self, buf: &mut [u8], may_read: bool) -> std::io::Result<Recv> {
         match self {
+            Backend::Tap(_) if !may_read => Ok(Recv::Nothing),
             Backend::Tap(t) => Ok(match t.recv(buf)? {
                 Some(n) => Recv::Frame(n),
                 None => Recv::Nothing,
             }),
-            Backend::Stream(s) => Ok(match s.recv(buf)? {
+            Backend::Stream(s) => Ok(match s.recv(buf, may_read)? {
                 passt::Recv::Frame(n) => Recv::Frame(n),
                 passt::Recv::Nothing => Recv::Nothing,
                 passt::Recv::Dropped => Recv::Dropped,
@@ -311,12 +315,14 @@ impl Net {
         };
         let mrg = a.features & features::MRG_RXBUF != 0;
         let mut used_any = false;
-        for _ in 0..RX_BATCH {
+        let mut frames = 0usize;
+        loop {
             if self.rx_len == 0 {
-                if self.dead || self.backend.closed() {
+                if self.dead {
                     break;
                 }
-                match self.backend.recv(&mut self.rx_buf) {
+                frames += 1;
+                match self.backend.recv(&mut self.rx_buf, frames <= RX_BATCH) {
                     Ok(Recv::Frame(n)) if n >= VNET_HDR_LEN + ETH_HLEN => {
                         self.rx_len = n;
                         self.rx_paid = false;
@@ -408,8 +414,7 @@ impl Net {
             // A checksum or segmentation request the driver was not offered.
             let (flags, gso_type) = (frame[0], frame[1]);
             if (flags & HDR_F_NEEDS_CSUM != 0 && offloads & features::CSUM == 0)
-                || (gso_type != 0
-                    && offloads & (features::HOST_TSO4 | features::HOST_TSO6) == 0)
+                || (gso_type != 0 && offloads & (features::HOST_TSO4 | features::HOST_TSO6) == 0)
             {
                 counters.tx_malformed_frames += 1;
                 return Some(0);
@@ -446,7 +451,8 @@ impl Net {
         let fd = self.backend.fd();
         if self.dead || self.backend.closed() {
             if self.interest.take().is_some()
-                && let Err(e) = ops.remove(Events::with_data_raw(fd, BACKEND_TOKEN, EventSet::empty()))
+                && let Err(e) =
+                    ops.remove(Events::with_data_raw(fd, BACKEND_TOKEN, EventSet::empty()))
             {
                 tracing::warn!("network interface {}: unwatch: {e:?}", self.id);
             }

@@ -123,8 +123,9 @@ impl Stream {
     }
 
     /// One frame, behind a zeroed vnet header, into `buf` (at least
-    /// `VNET_HDR_LEN + MAX_FRAME` bytes).
-    pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<Recv> {
+    /// `VNET_HDR_LEN + MAX_FRAME` bytes). With `may_read` false only
+    /// frames already read from the socket come out.
+    pub fn recv(&mut self, buf: &mut [u8], may_read: bool) -> io::Result<Recv> {
         loop {
             let avail = self.in_end - self.in_start;
             if self.skip > 0 && avail > 0 {
@@ -154,7 +155,7 @@ impl Stream {
                     return Ok(Recv::Frame(VNET_HDR_LEN + len));
                 }
             }
-            if self.closed {
+            if self.closed || !may_read {
                 return Ok(Recv::Nothing);
             }
             // Need more bytes: move what is left to the front, then read.
@@ -192,7 +193,8 @@ impl Stream {
             }
         }
         let eth = &frame[VNET_HDR_LEN.min(frame.len())..];
-        self.out.extend_from_slice(&(eth.len() as u32).to_be_bytes());
+        self.out
+            .extend_from_slice(&(eth.len() as u32).to_be_bytes());
         self.out.extend_from_slice(eth);
         self.flush()?;
         Ok(true)
@@ -225,6 +227,12 @@ impl Stream {
             self.out_start = 0;
         }
         Ok(())
+    }
+
+    /// Whether bytes read from the socket wait to be taken: epoll will
+    /// not say so, the socket may have nothing more.
+    pub fn has_buffered(&self) -> bool {
+        self.in_end > self.in_start
     }
 
     /// Whether bytes wait for the socket to become writable.

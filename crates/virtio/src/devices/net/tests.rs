@@ -165,7 +165,9 @@ fn sends_a_guest_frame_to_the_socket_without_its_header() {
     let f = frame(60, 1);
     let mut hdr_and_head = vec![0u8; VNET_HDR_LEN];
     hdr_and_head.extend_from_slice(&f[..20]);
-    r.mem.write_slice(&hdr_and_head, GuestAddress(0x10000)).unwrap();
+    r.mem
+        .write_slice(&hdr_and_head, GuestAddress(0x10000))
+        .unwrap();
     r.mem.write_slice(&f[20..], GuestAddress(0x20000)).unwrap();
     r.tx.offer(&r.mem, &[(0x10000, 32, false), (0x20000, 40, false)]);
     r.net.process_tx();
@@ -181,7 +183,9 @@ fn receives_a_frame_into_one_buffer_with_num_buffers_1() {
     let mut r = rig(0);
     let f = frame(100, 2);
     peer_send(&mut r.peer, &f);
-    r.mem.write_slice(&[0xaa; 16], GuestAddress(0x10000)).unwrap();
+    r.mem
+        .write_slice(&[0xaa; 16], GuestAddress(0x10000))
+        .unwrap();
     r.rx.offer(&r.mem, &[(0x10000, 2048, true)]);
     r.net.process_rx();
     assert_eq!(r.rx.used_idx(&r.mem), 1);
@@ -273,7 +277,10 @@ fn skips_frames_of_impossible_length_from_the_peer() {
     writer.join().unwrap();
     assert_eq!(r.net.counters.rx_fails, 2);
     assert_eq!(r.net.counters.rx_packets_count, 1);
-    assert_eq!(read(&r.mem, 0x10000 + VNET_HDR_LEN as u64, 64), frame(64, 7));
+    assert_eq!(
+        read(&r.mem, 0x10000 + VNET_HDR_LEN as u64, 64),
+        frame(64, 7)
+    );
 }
 
 #[test]
@@ -352,8 +359,7 @@ fn survives_random_rings_descriptors_and_config_writes() {
     let mut rnd = Rand(0x5eed_1234_abcd_0001);
     const SMALL_MEM: u64 = 64 * 1024;
     for round in 0..300 {
-        let mem =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SMALL_MEM as usize)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SMALL_MEM as usize)]).unwrap();
         // Random bytes everywhere, then descriptors that mostly point
         // into memory so chains get walked far.
         let mut noise = vec![0u8; SMALL_MEM as usize];
@@ -384,7 +390,10 @@ fn survives_random_rings_descriptors_and_config_writes() {
                 let _ = mem.write_obj(flags, at.unchecked_add(12));
                 let _ = mem.write_obj(next, at.unchecked_add(14));
             }
-            let _ = mem.write_obj(rnd.below(u64::from(size) * 2) as u16, GuestAddress(ring.avail + 2));
+            let _ = mem.write_obj(
+                rnd.below(u64::from(size) * 2) as u16,
+                GuestAddress(ring.avail + 2),
+            );
             let mut q = ring.queue();
             q.set_event_idx(rnd.below(2) == 0);
             if rnd.below(16) == 0 {
@@ -448,4 +457,28 @@ fn survives_random_rings_descriptors_and_config_writes() {
         }
         net.reset();
     }
+}
+
+/// The shared transport fuzz (register, config and ring garbage, random
+/// notifies) with frames waiting on the peer's side.
+#[test]
+fn survives_the_transport_fuzz() {
+    let peers = std::sync::Mutex::new(Vec::new());
+    let make = || {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        for len in [60usize, 1500, 9000, 70000] {
+            let _ = peer.write_all(&(len as u32).to_be_bytes());
+            let _ = peer.write_all(&frame(len.min(9000), len as u8));
+        }
+        peers.lock().unwrap().push(peer);
+        let net = Net::with_backend(
+            "fuzz",
+            [6, 0, 0, 0, 0, 3],
+            Backend::Stream(passt::Stream::from_socket(ours).unwrap()),
+            RateLimiter::default(),
+            RateLimiter::default(),
+        );
+        Arc::new(std::sync::Mutex::new(net)) as Arc<std::sync::Mutex<dyn VirtioDevice>>
+    };
+    crate::testing::fuzz_device(make, 0x6e65_7400_0001, 200);
 }
