@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{Run, TempDir, debian_asset, run_with_deadline, vmplay_exe};
+use support::{Run, TempDir, debian_guest, host_tool, run_with_deadline, vmplay_exe};
 
 /// A Linux boot on the interpreter takes 10-25 s; the transfers a few
 /// more; CI runs tests side by side on two cores.
@@ -32,37 +32,9 @@ fn have(what: &str, ok: bool) -> bool {
     ok
 }
 
-fn command_exists(name: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// The Debian initramfs (vmplay-image) with `script` as its run hook.
-fn initramfs(dir: &TempDir, script: &str) -> Option<PathBuf> {
-    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest-assets/debian");
-    let assets = match vmplay_image::DebianAssets::fetch(&cache, &mut |l| eprintln!("{l}")) {
-        Ok(a) => a,
-        Err(e) => {
-            have(&e.to_string(), false);
-            return None;
-        }
-    };
-    let out = dir.path().join("initramfs.cpio");
-    vmplay_image::Initramfs::debian(&assets)
-        .expect("build the initramfs")
-        .file(vmplay_image::RUN_HOOK, script, 0o755)
-        .write(&out)
-        .expect("write the initramfs");
-    Some(out)
-}
-
-/// `vmplay run` on emu with the Debian kernel, `initrd` and `net`,
-/// optionally inside network namespace `netns`.
-fn boot(netns: Option<&str>, initrd: &Path, net: &str) -> Option<Run> {
-    let kernel = debian_asset("vmlinuz")?;
+/// `vmplay run` on emu with `kernel`, `initrd` and `net`, optionally
+/// inside network namespace `netns`.
+fn boot(netns: Option<&str>, (kernel, initrd): &(PathBuf, PathBuf), net: &str) -> Run {
     let mut cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -80,7 +52,7 @@ fn boot(netns: Option<&str>, initrd: &Path, net: &str) -> Option<Run> {
         .args(["--net", net]);
     let run = run_with_deadline(cmd, BOOT_DEADLINE);
     run.assert_code(0);
-    Some(run)
+    run
 }
 
 /// The value the guest printed after `key `.
@@ -228,13 +200,13 @@ fn guest_on_a_tap_pings_the_host_and_moves_4_mib_each_way_over_tcp() {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !have("the TAP test needs root (network namespaces)", root)
-        || !have("the TAP test needs `ip` (iproute2)", command_exists("ip"))
+        || host_tool("ip").is_none()
         || !have("no /dev/net/tun", Path::new("/dev/net/tun").exists())
     {
         return;
     }
     let dir = TempDir::new();
-    let Some(initrd) = initramfs(&dir, TAP_GUEST) else {
+    let Some(guest) = debian_guest(&dir, TAP_GUEST, &[]) else {
         return;
     };
     let pid = std::process::id();
@@ -250,9 +222,7 @@ fn guest_on_a_tap_pings_the_host_and_moves_4_mib_each_way_over_tcp() {
         serve(g2h, h2g, data)
     });
     ready.recv().expect("host listeners");
-    let Some(run) = boot(Some(&ns.name), &initrd, &format!("tap={tap}")) else {
-        return;
-    };
+    let run = boot(Some(&ns.name), &guest, &format!("tap={tap}"));
     let got = host.join().expect("host side");
     assert!(
         run.stdout.contains("ping ok"),
@@ -273,10 +243,7 @@ fn guest_on_a_tap_pings_the_host_and_moves_4_mib_each_way_over_tcp() {
 
 #[test]
 fn guest_on_user_networking_reaches_a_tcp_listener_on_the_host_loopback() {
-    if !have(
-        "`--net user` needs Debian's passt (apt-get install passt)",
-        command_exists("passt"),
-    ) {
+    if host_tool("passt").is_none() {
         return;
     }
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
@@ -301,7 +268,7 @@ echo "reply $(cat /tmp/reply)"
 "#
     );
     let dir = TempDir::new();
-    let Some(initrd) = initramfs(&dir, &script) else {
+    let Some(guest) = debian_guest(&dir, &script, &[]) else {
         return;
     };
     let host = std::thread::spawn(move || {
@@ -313,9 +280,7 @@ echo "reply $(cat /tmp/reply)"
         s.write_all(format!("{sha}\n").as_bytes()).ok()?;
         Some((peer, got.len(), sha))
     });
-    let Some(run) = boot(None, &initrd, "user") else {
-        return;
-    };
+    let run = boot(None, &guest, "user");
     let (peer, len, sha) = host
         .join()
         .expect("host side")
