@@ -13,11 +13,20 @@
 //! - the KBD port is registered; no keyboard answers `atkbd`'s probe, so
 //!   it times out asynchronously and finds no keyboard.
 //!
+//! Keyboard input: [`I8042::send_ctrl_alt_del`] queues the key presses of
+//! Ctrl-Alt-Del (Firecracker's `SendCtrlAltDel`) as a keyboard would send
+//! them, in scancode set 1 while the guest has translation on (CTR bit 6)
+//! and set 2 otherwise, with an IRQ 1 per byte while the guest has the
+//! keyboard interrupt on (CTR bit 0).
+//!
 //! Reset: command 0xfe (or any 0xf0-0xff pulse with bit 0 clear, or an
 //! output-port write with bit 0 clear) stops the VM with
 //! [`StopReason::Reset`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+
+use vmplay_hypervisor::IrqLine;
 
 use crate::access::{read_bytes, write_bytes};
 use crate::bus::BusDevice;
@@ -37,7 +46,9 @@ const STS_UNLOCKED: u8 = 0x10;
 const STS_AUXDATA: u8 = 0x20;
 
 /// Controller command byte (CTR) bits.
+const CTR_KBDINT: u8 = 0x01;
 const CTR_SYS: u8 = 0x04;
+const CTR_XLATE: u8 = 0x40;
 const CTR_KBDDIS: u8 = 0x10;
 const CTR_AUXDIS: u8 = 0x20;
 /// What a BIOS leaves: KBD interrupt on, system flag, AUX off, translation.
@@ -61,9 +72,26 @@ enum Pending {
     AuxDevice,
 }
 
+/// Room for keyboard bytes the guest has not read yet (Firecracker's 16).
+const KBD_QUEUE: usize = 16;
+
+/// Ctrl-Alt-Del as make codes: L-Ctrl, L-Alt, Delete.
+const CTRL_ALT_DEL_SET2: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
+const CTRL_ALT_DEL_SET1: [u8; 4] = [0x1d, 0x38, 0xe0, 0x53];
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum I8042Error {
+    #[error("i8042 internal buffer full.")]
+    BufferFull,
+}
+
 /// The i8042 controller at 0x60 (data) and 0x64 (status/command).
 pub struct I8042 {
     control: Arc<VmControl>,
+    /// IRQ 1, raised for keyboard bytes.
+    irq: Option<Arc<dyn IrqLine>>,
+    /// Keyboard bytes waiting for the output buffer.
+    kbd: VecDeque<u8>,
     /// Controller RAM; byte 0 is the command byte (CTR).
     ram: [u8; 32],
     output_port: u8,
@@ -79,11 +107,52 @@ impl I8042 {
         ram[0] = CTR_DEFAULT;
         I8042 {
             control,
+            irq: None,
+            kbd: VecDeque::with_capacity(KBD_QUEUE),
             ram,
             output_port: OUT_RESET | OUT_A20,
             output: None,
             pending: None,
             last_write_was_command: false,
+        }
+    }
+
+    /// The controller with its keyboard interrupt on `irq` (GSI 1).
+    pub fn with_irq(control: Arc<VmControl>, irq: Arc<dyn IrqLine>) -> I8042 {
+        I8042 {
+            irq: Some(irq),
+            ..I8042::new(control)
+        }
+    }
+
+    /// Queues the keyboard's Ctrl-Alt-Del: four bytes, one interrupt each.
+    /// Queued even while the guest has the keyboard interrupt off.
+    pub fn send_ctrl_alt_del(&mut self) -> Result<(), I8042Error> {
+        if self.kbd.len() + 4 > KBD_QUEUE {
+            return Err(I8042Error::BufferFull);
+        }
+        let codes = if self.ram[0] & CTR_XLATE != 0 {
+            CTRL_ALT_DEL_SET1
+        } else {
+            CTRL_ALT_DEL_SET2
+        };
+        self.kbd.extend(codes);
+        self.feed_keyboard();
+        Ok(())
+    }
+
+    /// Moves the next keyboard byte into an empty output buffer.
+    fn feed_keyboard(&mut self) {
+        if self.output.is_some() {
+            return;
+        }
+        if let Some(byte) = self.kbd.pop_front() {
+            self.output = Some((byte, false));
+            if self.ram[0] & CTR_KBDINT != 0
+                && let Some(irq) = &self.irq
+            {
+                irq.pulse();
+            }
         }
     }
 
@@ -183,7 +252,11 @@ impl I8042 {
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         read_bytes(offset, data, |off| match off {
-            DATA => self.output.take().map_or(0, |(byte, _)| byte),
+            DATA => {
+                let byte = self.output.take().map_or(0, |(byte, _)| byte);
+                self.feed_keyboard();
+                byte
+            }
             COMMAND => self.status(),
             // 0x61-0x63 are not the controller's.
             _ => 0xff,
@@ -327,6 +400,47 @@ mod tests {
         let mut wide = [0u8; 2];
         d.read(1, &mut wide);
         assert_eq!(wide, [0xff, 0xff]);
+    }
+
+    struct CountPulses(std::sync::atomic::AtomicUsize);
+    impl IrqLine for CountPulses {
+        fn pulse(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn set_level(&self, _: bool) {}
+    }
+
+    #[test]
+    fn ctrl_alt_del_arrives_as_four_bytes_with_an_irq_each() {
+        let control = VmControl::new();
+        let irq = Arc::new(CountPulses(Default::default()));
+        let mut d = I8042::with_irq(control, irq.clone());
+        // Translation on (the BIOS default): set 1.
+        d.send_ctrl_alt_del().unwrap();
+        let mut got = Vec::new();
+        while status(&mut d) & STS_OBF != 0 {
+            got.push(data(&mut d));
+        }
+        assert_eq!(got, CTRL_ALT_DEL_SET1);
+        assert_eq!(irq.0.load(std::sync::atomic::Ordering::SeqCst), 4);
+        // Translation and interrupts off: set 2, no IRQ.
+        command(&mut d, 0x60, Some(0x04), false);
+        d.send_ctrl_alt_del().unwrap();
+        let mut got = Vec::new();
+        while status(&mut d) & STS_OBF != 0 {
+            got.push(data(&mut d));
+        }
+        assert_eq!(got, CTRL_ALT_DEL_SET2);
+        assert_eq!(irq.0.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn a_full_keyboard_buffer_refuses_more_keys() {
+        let (mut d, _) = i8042();
+        for _ in 0..4 {
+            d.send_ctrl_alt_del().unwrap();
+        }
+        assert_eq!(d.send_ctrl_alt_del(), Err(I8042Error::BufferFull));
     }
 
     #[test]

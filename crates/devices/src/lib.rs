@@ -18,6 +18,7 @@ pub mod console;
 pub mod control;
 pub mod debug_exit;
 pub mod i8042;
+pub mod mmds;
 pub mod ports;
 pub mod post;
 pub mod rtc;

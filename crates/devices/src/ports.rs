@@ -7,6 +7,8 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// The keyboard interrupt (ISA IRQ 1).
+pub const I8042_IRQ: u32 = 1;
 pub const RTC_PORT: u16 = 0x70;
 pub const RTC_IRQ: u32 = 8;
 /// QEMU's `isa-debug-exit,iobase=0xf4,iosize=4`.

@@ -188,6 +188,18 @@ impl Vm for EmuVm {
     fn dma_observer(&self) -> Option<Arc<dyn DmaObserver>> {
         Some(Arc::new(CodeInvalidator(self.shared.clone())))
     }
+
+    fn pause_clock(&self) -> Result<()> {
+        self.shared.platform.clock.pause();
+        Ok(())
+    }
+
+    fn resume_clock(&self) -> Result<()> {
+        self.shared.platform.clock.resume();
+        // Timers armed before the pause are due relative to guest time.
+        self.shared.platform.timer.notify();
+        Ok(())
+    }
 }
 
 /// Drops cached code on pages a device wrote (virtio DMA into a page the

@@ -110,6 +110,18 @@ pub trait Vm: Send + Sync {
     fn dma_observer(&self) -> Option<Arc<dyn DmaObserver>> {
         None
     }
+
+    /// Stops the guest's clocks (TSC, timers, kvmclock) while the machine
+    /// holds every vCPU paused, so that after [`Vm::resume_clock`] the
+    /// guest does not see the paused time. Default: nothing to stop.
+    fn pause_clock(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Lets the guest's clocks run again after [`Vm::pause_clock`].
+    fn resume_clock(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Told about guest-RAM writes made outside the vCPUs (virtio DMA), so a

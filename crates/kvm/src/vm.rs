@@ -48,6 +48,8 @@ pub(crate) struct VmShared {
 /// A VM on KVM.
 pub struct KvmVm {
     shared: Arc<VmShared>,
+    /// kvmclock read at pause, written back at resume.
+    paused_clock: Mutex<Option<u64>>,
 }
 
 impl KvmVm {
@@ -134,6 +136,7 @@ impl KvmVm {
                 _memory: memory.clone(),
                 created: Mutex::new(vec![false; config.vcpus as usize]),
             }),
+            paused_clock: Mutex::new(None),
         })
     }
 }
@@ -161,6 +164,43 @@ impl Vm for KvmVm {
         // before its VM, so the id could not be created again anyway.
         let vcpu = vcpu::KvmVcpu::new(Arc::clone(shared), id)?;
         Ok(Box::new(vcpu))
+    }
+
+    fn pause_clock(&self) -> Result<()> {
+        let mut slot = self
+            .paused_clock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            let data = self
+                .shared
+                .fd
+                .get_clock()
+                .map_err(|e| Error::host("KVM_GET_CLOCK", e))?;
+            *slot = Some(data.clock);
+        }
+        Ok(())
+    }
+
+    fn resume_clock(&self) -> Result<()> {
+        let saved = self
+            .paused_clock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(clock) = saved {
+            // kvmclock continues from where it stopped: the guest does not
+            // see the paused time.
+            let data = kvm_bindings::kvm_clock_data {
+                clock,
+                ..Default::default()
+            };
+            self.shared
+                .fd
+                .set_clock(&data)
+                .map_err(|e| Error::host("KVM_SET_CLOCK", e))?;
+        }
+        Ok(())
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {

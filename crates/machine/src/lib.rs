@@ -8,18 +8,19 @@
 //! backend: it drives whatever `Hypervisor` it is handed.
 
 mod devices;
+mod handle;
 mod memory;
 mod vcpu_loop;
 
+pub use handle::{ControlError, RunningMachine};
 pub use memory::{host_memory_bytes, parse_size};
 pub use vmplay_boot::{KernelEntry, Protocol};
 pub use vmplay_devices::control::{StopReason, VmControl};
+pub use vmplay_devices::{RawTerminal, mmds};
 pub use vmplay_virtio::config::*;
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 use vmplay_devices::bus::{Bus, BusError, SharedDevice};
 use vmplay_devices::ports;
 use vmplay_devices::{AcpiPm, DebugExit, I8042, PostPort, Rtc, Serial, SerialOutput};
@@ -87,17 +88,14 @@ pub struct Machine {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
     stdio: bool,
     event_loop: vmplay_virtio::EventLoop,
     protocol: Protocol,
     // Keeps the guest RAM mapped while the vCPUs run.
     _memory: vmplay_hypervisor::GuestMemory,
-    _vm: Arc<dyn vmplay_hypervisor::Vm>,
+    vm: Arc<dyn vmplay_hypervisor::Vm>,
 }
-
-/// How long stopped vCPU threads get to leave their loops before vmplay
-/// gives up on them: a wedged backend must not wedge the VMM.
-const VCPU_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Machine {
     /// Validates `config`, builds memory, the VM, its devices and vCPUs,
@@ -142,9 +140,13 @@ impl Machine {
         let mut pio = Bus::new();
         pio.insert(serial.clone(), ports::COM1_PORT.into(), 8)?;
         // The i8042 answers at 0x60 and 0x64 only: 0x61 is the PIT's.
-        let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(control.clone())));
-        pio.insert_window(i8042.clone(), ports::I8042_DATA_PORT.into(), 1, 0)?;
-        pio.insert_window(i8042, ports::I8042_COMMAND_PORT.into(), 1, 4)?;
+        let i8042 = Arc::new(Mutex::new(I8042::with_irq(
+            control.clone(),
+            vm.irq_line(ports::I8042_IRQ).map_err(backend_err)?,
+        )));
+        let shared: SharedDevice = i8042.clone();
+        pio.insert_window(shared.clone(), ports::I8042_DATA_PORT.into(), 1, 0)?;
+        pio.insert_window(shared, ports::I8042_COMMAND_PORT.into(), 1, 4)?;
         pio.insert(Arc::new(Mutex::new(Rtc::new())), ports::RTC_PORT.into(), 2)?;
         pio.insert(
             Arc::new(Mutex::new(DebugExit::new(control.clone()))),
@@ -200,11 +202,12 @@ impl Machine {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             serial,
+            i8042,
             stdio: config.serial == SerialMode::Stdio,
             event_loop,
             protocol: boot.protocol,
             _memory: memory,
-            _vm: vm,
+            vm,
         })
     }
 
@@ -223,64 +226,9 @@ impl Machine {
         self.backend
     }
 
-    /// Runs the VM until something stops it and returns why.
+    /// Runs the VM until something stops it and returns why. The CLI
+    /// puts the terminal in raw mode first, if it wants that.
     pub fn run(self) -> Result<StopReason, MachineError> {
-        let Machine {
-            control,
-            vcpus,
-            pio,
-            mmio,
-            serial,
-            stdio,
-            event_loop,
-            ..
-        } = self;
-        // Device work runs here until the vCPUs stop; dropping the handle
-        // stops and joins the thread.
-        let _event_loop = event_loop.start()?;
-        let _raw_terminal = if stdio {
-            let raw = vmplay_devices::RawTerminal::enter().map_err(MachineError::Console)?;
-            vmplay_devices::spawn_stdin_forwarder(serial.clone(), control.clone())
-                .map_err(MachineError::Console)?;
-            Some(raw)
-        } else {
-            None
-        };
-        let count = vcpus.len();
-        let (done_tx, done_rx) = mpsc::channel();
-        let ctx = Arc::new(vcpu_loop::VcpuContext {
-            pio,
-            mmio,
-            control: control.clone(),
-            halted: AtomicUsize::new(0),
-            vcpu_count: count,
-        });
-        for vcpu in vcpus {
-            let ctx = ctx.clone();
-            let done = done_tx.clone();
-            std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.id()))
-                .spawn(move || {
-                    vcpu_loop::run(vcpu, &ctx);
-                    let _ = done.send(());
-                })
-                .map_err(MachineError::Thread)?;
-        }
-        drop(done_tx);
-        let reason = control.wait();
-        let deadline = std::time::Instant::now() + VCPU_JOIN_TIMEOUT;
-        for _ in 0..count {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if done_rx.recv_timeout(left).is_err() {
-                tracing::warn!("a vCPU thread did not stop within {VCPU_JOIN_TIMEOUT:?}");
-                break;
-            }
-        }
-        // A last line without a newline must still reach the user.
-        serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .flush_output();
-        Ok(reason)
+        Ok(self.start()?.wait())
     }
 }

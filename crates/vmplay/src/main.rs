@@ -1,10 +1,11 @@
 //! The `vmplay` command: parses flags (or a Firecracker config), picks a
 //! backend, builds the machine and runs it, then turns why the VM stopped
-//! into a message and an exit status.
+//! into a message and an exit status. Called `firecracker` (or as
+//! `vmplay firecracker`), it is Firecracker's command line instead.
 
 mod accel;
-mod config;
 mod device_flags;
+mod firecracker;
 mod image_cmd;
 
 use anyhow::{Context, Result, bail};
@@ -26,6 +27,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
     /// Boot a kernel in a new VM and run it until it powers off, resets or exits.
     Run(Box<RunArgs>),
@@ -42,7 +44,7 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum Accel {
+pub(crate) enum Accel {
     /// kvm where it runs a stock kernel at hardware speed (a /dev/kvm that
     /// opens and is not kvm_pvm), else emu; says which on stderr.
     Auto,
@@ -116,6 +118,10 @@ struct RunArgs {
         default_value = "serial"
     )]
     console: String,
+    /// Serve Firecracker's REST API on this Unix socket. With a kernel the
+    /// VM boots at once; without one it waits for the API's InstanceStart.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
@@ -133,36 +139,61 @@ fn parse_serial(text: &str) -> Result<SerialMode> {
 
 /// Merges flags over the config file into one machine description.
 fn machine_config(args: &RunArgs) -> Result<MachineConfig> {
+    // The file goes through the API's own validation (vmplay_api::resources).
+    let mut has_boot_args = false;
     let file = match &args.config {
-        Some(path) => config::FirecrackerConfig::load(path)?,
-        None => Default::default(),
+        Some(path) => {
+            let config = vmplay_api::config::load(path)?;
+            has_boot_args = config.boot_source.boot_args.is_some();
+            let resources = vmplay_api::VmResources::from_config(&config)
+                .with_context(|| format!("config {}", path.display()))?;
+            Some(
+                resources
+                    .machine_config(parse_serial(&args.serial)?)
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+        None => None,
     };
-    let boot = file.boot_source.as_ref();
     let kernel = args
         .kernel
         .clone()
-        .or_else(|| boot.map(|b| b.kernel_image_path.clone()))
+        .or_else(|| file.as_ref().map(|f| f.kernel.clone()))
         .context("no kernel: give --kernel PATH (or boot-source in --config)")?;
-    let memory = match (&args.memory, &file.machine_config) {
+    let memory = match (&args.memory, &file) {
         (Some(text), _) => {
             vmplay_machine::parse_size(text).map_err(|e| anyhow::anyhow!("--memory {e}"))?
         }
-        (None, Some(m)) => m
-            .mem_size_mib
-            .checked_mul(1 << 20)
-            .context("mem_size_mib is too large")?,
+        (None, Some(f)) => f.memory,
         (None, None) => 512 << 20,
     };
+    // Device flags add to the file's devices.
+    let mut virtio = virtio_config(args)?;
+    if let Some(f) = &file {
+        let mut drives = f.virtio.drives.clone();
+        drives.append(&mut virtio.drives);
+        virtio.drives = drives;
+        let mut nets = f.virtio.nets.clone();
+        nets.append(&mut virtio.nets);
+        virtio.nets = nets;
+        virtio.vsock = virtio.vsock.or(f.virtio.vsock.clone());
+        virtio.entropy = virtio.entropy.or(f.virtio.entropy);
+    }
     Ok(MachineConfig {
         kernel,
         initrd: args
             .initrd
             .clone()
-            .or_else(|| boot.and_then(|b| b.initrd_path.clone())),
+            .or_else(|| file.as_ref().and_then(|f| f.initrd.clone())),
         cmdline: args
             .cmdline
             .clone()
-            .or_else(|| boot.and_then(|b| b.boot_args.clone()))
+            // A config file without boot_args keeps vmplay's default.
+            .or_else(|| {
+                file.as_ref()
+                    .filter(|_| has_boot_args)
+                    .map(|f| f.cmdline.clone())
+            })
             .unwrap_or_else(|| DEFAULT_CMDLINE.into()),
         entry: match args.kernel_entry {
             EntryArg::Auto => KernelEntry::Auto,
@@ -170,12 +201,9 @@ fn machine_config(args: &RunArgs) -> Result<MachineConfig> {
             EntryArg::Pvh => KernelEntry::Pvh,
         },
         memory,
-        vcpus: args
-            .cpus
-            .or(file.machine_config.as_ref().map(|m| m.vcpu_count))
-            .unwrap_or(1),
+        vcpus: args.cpus.or(file.as_ref().map(|f| f.vcpus)).unwrap_or(1),
         serial: parse_serial(&args.serial)?,
-        virtio: virtio_config(args)?,
+        virtio,
     })
 }
 
@@ -203,22 +231,30 @@ fn virtio_config(args: &RunArgs) -> Result<vmplay_machine::VirtioConfig> {
 /// The backend, and a line for stderr once the machine is built (why auto
 /// chose it, or a warning about the host's KVM).
 fn hypervisor(args: &RunArgs) -> Result<(Box<dyn Hypervisor>, Option<String>)> {
+    hypervisor_for(args.accel, args.trace.clone())
+}
+
+/// The backend for `accel`, and the note for stderr.
+pub(crate) fn hypervisor_for(
+    accel: Accel,
+    trace: Option<PathBuf>,
+) -> Result<(Box<dyn Hypervisor>, Option<String>)> {
     let emu = || -> Box<dyn Hypervisor> {
         Box::new(vmplay_emu::EmuHypervisor::new(vmplay_emu::EmuOptions {
-            trace: args.trace.clone(),
+            trace: trace.clone(),
         }))
     };
-    match args.accel {
+    match accel {
         Accel::Emu => Ok((emu(), None)),
         Accel::Kvm => {
-            if args.trace.is_some() {
+            if trace.is_some() {
                 bail!("--trace needs --accel emu");
             }
             let warning = accel::kvm_warning(&accel::probe()).map(str::to_string);
             Ok((Box::new(vmplay_kvm::KvmHypervisor::new()?), warning))
         }
         Accel::Auto => {
-            let choice = accel::choose(&accel::probe(), args.trace.is_some());
+            let choice = accel::choose(&accel::probe(), trace.is_some());
             if choice.kvm {
                 match vmplay_kvm::KvmHypervisor::new() {
                     Ok(kvm) => return Ok((Box::new(kvm), Some(choice.why))),
@@ -263,8 +299,22 @@ fn handle_signals(set: libc::sigset_t, control: std::sync::Arc<vmplay_machine::V
         .ok();
 }
 
+/// CLOCK_MONOTONIC in µs (what `--start-time-us` is measured against).
+pub(crate) fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
 fn run(args: &RunArgs) -> Result<StopReason> {
     let signals = block_stop_signals();
+    if let Some(sock) = &args.api_sock {
+        return run_with_api(args, sock, signals);
+    }
     let config = machine_config(args)?;
     let (hv, note) = hypervisor(args)?;
     let machine = Machine::new(hv.as_ref(), &config)?;
@@ -272,7 +322,66 @@ fn run(args: &RunArgs) -> Result<StopReason> {
         eprintln!("{note}");
     }
     handle_signals(signals, machine.control());
+    // The guest's console takes the terminal: raw mode until the VM stops.
+    let _raw = match config.serial {
+        SerialMode::Stdio => Some(vmplay_machine::RawTerminal::enter()?),
+        _ => None,
+    };
     Ok(machine.run()?)
+}
+
+/// `vmplay run --api-sock PATH`: Firecracker's API beside vmplay's flags.
+fn run_with_api(
+    args: &RunArgs,
+    sock: &std::path::Path,
+    signals: libc::sigset_t,
+) -> Result<StopReason> {
+    let preset = if args.kernel.is_some() || args.config.is_some() {
+        Some(machine_config(args)?)
+    } else {
+        None
+    };
+    let serial = parse_serial(&args.serial)?;
+    let listener = vmplay_api::server::bind(sock)?;
+    let metrics = std::sync::Arc::new(vmplay_api::metrics::Metrics::default());
+    let (events_tx, events_rx) = std::sync::mpsc::channel();
+    let (accel, trace) = (args.accel, args.trace.clone());
+    let mut hypervisors = Vec::new();
+    let launcher: vmplay_api::vmm::Launcher = Box::new(move |config| {
+        let (hv, note) = hypervisor_for(accel, trace.clone()).map_err(|e| error_line(&e))?;
+        let machine = Machine::new(hv.as_ref(), config).map_err(|e| e.to_string())?;
+        if let Some(note) = note {
+            eprintln!("{note}");
+        }
+        handle_signals(signals, machine.control());
+        hypervisors.push(hv);
+        Ok(machine)
+    });
+    let mut vmm = vmplay_api::Vmm::new(
+        vmplay_api::VmmOptions {
+            id: "anonymous-instance".into(),
+            serial,
+            mmds_size_limit: vmplay_api::server::DEFAULT_MAX_PAYLOAD,
+            boot_timer: false,
+        },
+        launcher,
+        events_tx.clone(),
+        metrics.clone(),
+    );
+    vmplay_api::server::spawn(
+        listener,
+        events_tx,
+        vmplay_api::server::ServerConfig {
+            max_payload: vmplay_api::server::DEFAULT_MAX_PAYLOAD,
+            metrics,
+        },
+    )
+    .context("cannot start the API server thread")?;
+    if let Some(config) = preset {
+        vmm.set_preset(config);
+        vmm.start().map_err(anyhow::Error::msg)?;
+    }
+    Ok(vmm.run(events_rx))
 }
 
 /// Writes the demo guest to a temporary file and boots it.
@@ -304,6 +413,7 @@ impl RunArgs {
             vsock: None,
             rng: false,
             console: "serial".into(),
+            api_sock: None,
         }
     }
 }
@@ -351,6 +461,18 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let argv: Vec<String> = std::env::args().collect();
+    let called = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if called == "firecracker" {
+        return firecracker::main(&argv[1..]);
+    }
+    if argv.get(1).map(String::as_str) == Some("firecracker") {
+        return firecracker::main(&argv[2..]);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(&args),

@@ -1,0 +1,370 @@
+//! The VMM side of the API: one thread owns the VM's resources and, after
+//! `InstanceStart`, the running machine, and answers each request the API
+//! thread forwards over a channel (Firecracker's `rpc_interface.rs`).
+
+use crate::logger;
+use crate::metrics::Metrics;
+use crate::request::{ParsedRequest, Phase, VmmAction};
+use crate::resources::{ConfigError, VmResources};
+use crate::schema::*;
+use serde::Serialize;
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmplay_machine::mmds::{Mmds, MmdsError};
+use vmplay_machine::{Machine, MachineConfig, RunningMachine, SerialMode, StopReason};
+
+/// The Firecracker release whose interface vmplay copies.
+pub const FIRECRACKER_VERSION: &str = "1.16.0";
+
+pub const NOT_SUPPORTED_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+pub const NOT_SUPPORTED_BEFORE_START: &str =
+    "The requested operation is not supported before starting the microVM.";
+
+/// How often metrics are written while the VM runs.
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+
+/// One answer: the status, an optional JSON body, the deprecation flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub body: Option<String>,
+    pub deprecation: bool,
+}
+
+impl ApiResponse {
+    pub fn no_content() -> Self {
+        ApiResponse {
+            status: 204,
+            body: None,
+            deprecation: false,
+        }
+    }
+
+    pub fn json<T: Serialize>(value: &T) -> Self {
+        ApiResponse {
+            status: 200,
+            body: Some(serde_json::to_string(value).unwrap_or_else(|_| "{}".into())),
+            deprecation: false,
+        }
+    }
+
+    pub fn fault(status: u16, message: impl Into<String>) -> Self {
+        ApiResponse {
+            status,
+            body: Some(
+                serde_json::to_string(&Fault {
+                    fault_message: message.into(),
+                })
+                .unwrap_or_default(),
+            ),
+            deprecation: false,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::fault(400, message)
+    }
+}
+
+/// A request on its way to the VMM thread, with where to answer.
+pub struct ApiRequest {
+    pub parsed: ParsedRequest,
+    pub reply: SyncSender<ApiResponse>,
+}
+
+/// What the VMM thread waits for.
+pub enum VmmEvent {
+    Api(ApiRequest),
+    /// The VM stopped (a device, a vCPU or a signal asked it to).
+    Stopped,
+}
+
+/// Builds a machine for `InstanceStart`: the CLI picks the backend.
+pub type Launcher = Box<dyn FnMut(&MachineConfig) -> Result<Machine, String> + Send>;
+
+/// What the VMM is started with (from Firecracker's flags).
+pub struct VmmOptions {
+    pub id: String,
+    /// COM1 unless `PUT /serial` says otherwise.
+    pub serial: SerialMode,
+    pub mmds_size_limit: usize,
+    pub boot_timer: bool,
+}
+
+/// The VMM: resources before boot, the machine after.
+pub struct Vmm {
+    id: String,
+    serial: SerialMode,
+    boot_timer: bool,
+    pub resources: VmResources,
+    running: Option<RunningMachine>,
+    launcher: Launcher,
+    events: Sender<VmmEvent>,
+    pub mmds: Arc<Mutex<Mmds>>,
+    pub metrics: Arc<Metrics>,
+    /// A `vmplay run` MachineConfig to boot instead of the resources.
+    preset: Option<MachineConfig>,
+}
+
+impl Vmm {
+    pub fn new(
+        options: VmmOptions,
+        launcher: Launcher,
+        events: Sender<VmmEvent>,
+        metrics: Arc<Metrics>,
+    ) -> Vmm {
+        Vmm {
+            id: options.id,
+            serial: options.serial,
+            boot_timer: options.boot_timer,
+            resources: VmResources::default(),
+            running: None,
+            launcher,
+            events,
+            mmds: Arc::new(Mutex::new(Mmds::new(options.mmds_size_limit))),
+            metrics,
+            preset: None,
+        }
+    }
+
+    /// Boots `config` (vmplay's own flags) instead of the API resources.
+    pub fn set_preset(&mut self, config: MachineConfig) {
+        self.resources.boot_source = Some(BootSource {
+            kernel_image_path: config.kernel.to_string_lossy().into_owned(),
+            initrd_path: config
+                .initrd
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            boot_args: Some(config.cmdline.clone()),
+        });
+        self.resources.machine_config.vcpu_count = config.vcpus.min(255) as u8;
+        self.resources.machine_config.mem_size_mib = (config.memory >> 20) as usize;
+        self.preset = Some(config);
+    }
+
+    pub fn started(&self) -> bool {
+        self.running.is_some()
+    }
+
+    fn state(&self) -> InstanceState {
+        match &self.running {
+            None => InstanceState::NotStarted,
+            Some(m) if m.is_paused() => InstanceState::Paused,
+            Some(_) => InstanceState::Running,
+        }
+    }
+
+    /// `InstanceStart`: builds the machine and starts its vCPUs.
+    pub fn start(&mut self) -> Result<(), String> {
+        let t0 = Instant::now();
+        let cpu0 = crate::metrics::process_cpu_us();
+        let config = match &self.preset {
+            Some(c) => c.clone(),
+            None => self.resources.machine_config(self.serial.clone())?,
+        };
+        let mut machine =
+            (self.launcher)(&config).map_err(|e| format!("Start microvm error: {e}"))?;
+        if self.boot_timer {
+            machine
+                .add_boot_timer(Box::new(move || {
+                    let us = t0.elapsed().as_micros() as u64;
+                    let cpu_us = crate::metrics::process_cpu_us().saturating_sub(cpu0);
+                    logger::info(&format!(
+                        "Guest-boot-time = {us:>6} us {} ms, {cpu_us:>6} CPU us {} CPU ms",
+                        us / 1000,
+                        cpu_us / 1000
+                    ));
+                }))
+                .map_err(|e| format!("Start microvm error: {e}"))?;
+        }
+        let running = machine
+            .start()
+            .map_err(|e| format!("Start microvm error: {e}"))?;
+        let control = running.control();
+        let events = self.events.clone();
+        std::thread::Builder::new()
+            .name("vm-watch".into())
+            .spawn(move || {
+                control.wait();
+                let _ = events.send(VmmEvent::Stopped);
+            })
+            .map_err(|e| format!("Start microvm error: {e}"))?;
+        self.running = Some(running);
+        Ok(())
+    }
+
+    /// Answers one request.
+    pub fn handle(&mut self, parsed: ParsedRequest) -> ApiResponse {
+        let mut response = self.dispatch(parsed.action);
+        response.deprecation = parsed.deprecation.is_some();
+        response
+    }
+
+    fn dispatch(&mut self, action: VmmAction) -> ApiResponse {
+        match (action.phase(), self.started()) {
+            (Phase::PreBoot, true) => return ApiResponse::bad_request(NOT_SUPPORTED_AFTER_START),
+            (Phase::PostBoot, false) => {
+                return ApiResponse::bad_request(NOT_SUPPORTED_BEFORE_START);
+            }
+            _ => {}
+        }
+        let done = |r: Result<(), ConfigError>| match r {
+            Ok(()) => ApiResponse::no_content(),
+            Err(e) => ApiResponse::bad_request(e.to_string()),
+        };
+        match action {
+            VmmAction::GetInstanceInfo => ApiResponse::json(&InstanceInfo {
+                id: self.id.clone(),
+                state: self.state(),
+                vmm_version: FIRECRACKER_VERSION.into(),
+                app_name: "Firecracker".into(),
+            }),
+            VmmAction::GetVersion => ApiResponse::json(&Version {
+                firecracker_version: FIRECRACKER_VERSION.into(),
+            }),
+            VmmAction::GetMachineConfig => ApiResponse::json(&self.resources.machine_config),
+            VmmAction::GetVmConfig => ApiResponse::json(&self.resources.full_config()),
+            VmmAction::PutBootSource(b) => done(self.resources.set_boot_source(b)),
+            VmmAction::PutMachineConfig(m) => done(self.resources.set_machine_config(m)),
+            VmmAction::PatchMachineConfig(u) => done(self.resources.update_machine_config(&u)),
+            VmmAction::PutDrive(d) => done(self.resources.set_drive(d)),
+            VmmAction::PatchDrive(d) => {
+                if !self
+                    .resources
+                    .drives
+                    .iter()
+                    .any(|o| o.drive_id == d.drive_id)
+                {
+                    return ApiResponse::bad_request(
+                        "Drive config error: Invalid block device ID!",
+                    );
+                }
+                ApiResponse::bad_request(
+                    "vmplay does not have updating a running drive (PATCH /drives) yet.",
+                )
+            }
+            VmmAction::PutNetworkInterface(n) => done(self.resources.set_network_interface(n)),
+            VmmAction::PatchNetworkInterface(n) => {
+                if !self
+                    .resources
+                    .network_interfaces
+                    .iter()
+                    .any(|o| o.iface_id == n.iface_id)
+                {
+                    return ApiResponse::bad_request(format!(
+                        "Network interface update error: Invalid network interface ID - not found: {}",
+                        n.iface_id
+                    ));
+                }
+                ApiResponse::bad_request(
+                    "vmplay does not have updating a running network interface (PATCH /network-interfaces) yet.",
+                )
+            }
+            VmmAction::PutVsock(v) => done(self.resources.set_vsock(v)),
+            VmmAction::PutEntropy(e) => done(self.resources.set_entropy(e)),
+            VmmAction::PutSerial(s) => done(self.resources.set_serial(s)),
+            VmmAction::PutLogger(l) => match logger::configure(&l) {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => ApiResponse::bad_request(format!("Logger error: {e}")),
+            },
+            VmmAction::PutMetrics(m) => match self.metrics.init(&m.metrics_path) {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => ApiResponse::bad_request(format!("Metrics error: {e}")),
+            },
+            VmmAction::PutMmdsConfig(c) => done(self.resources.set_mmds_config(c)),
+            VmmAction::PutMmds(v) => self.mmds_result(|m| m.put(v)),
+            VmmAction::PatchMmds(v) => self.mmds_result(|m| m.patch(v)),
+            VmmAction::GetMmds => {
+                let v = self.mmds.lock().unwrap_or_else(|e| e.into_inner()).get();
+                ApiResponse::json(&v)
+            }
+            VmmAction::InstanceStart => match self.start() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => ApiResponse::bad_request(e),
+            },
+            VmmAction::SendCtrlAltDel => match self.running.as_ref().map(|m| m.send_ctrl_alt_del())
+            {
+                Some(Ok(())) | None => ApiResponse::no_content(),
+                Some(Err(e)) => ApiResponse::bad_request(format!("Internal VMM error: {e}")),
+            },
+            VmmAction::FlushMetrics => match self.metrics.flush() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => ApiResponse::bad_request(format!("Metrics error: {e}")),
+            },
+            VmmAction::Pause => {
+                let t = Instant::now();
+                let r = self.running.as_mut().map(|m| m.pause());
+                self.metrics.latency("pause_vm", t.elapsed());
+                match r {
+                    Some(Err(e)) => ApiResponse::bad_request(format!(
+                        "Internal VMM error: Failed to pause the vCPUs: {e}"
+                    )),
+                    _ => ApiResponse::no_content(),
+                }
+            }
+            VmmAction::Resume => {
+                let t = Instant::now();
+                let r = self.running.as_mut().map(|m| m.resume());
+                self.metrics.latency("resume_vm", t.elapsed());
+                match r {
+                    Some(Err(e)) => ApiResponse::bad_request(format!(
+                        "Internal VMM error: Failed to resume the vCPUs: {e}"
+                    )),
+                    _ => ApiResponse::no_content(),
+                }
+            }
+            VmmAction::GetBalloon => {
+                ApiResponse::bad_request("Balloon config error: No balloon device found.")
+            }
+            VmmAction::NotYet { fault_message, .. } => ApiResponse::bad_request(fault_message),
+        }
+    }
+
+    fn mmds_result(&self, f: impl FnOnce(&mut Mmds) -> Result<(), MmdsError>) -> ApiResponse {
+        match f(&mut self.mmds.lock().unwrap_or_else(|e| e.into_inner())) {
+            Ok(()) => ApiResponse::no_content(),
+            Err(e @ MmdsError::DataStoreLimitExceeded) => {
+                ApiResponse::fault(413, format!("MMDS limit exceeded error: {e}"))
+            }
+            Err(e) => ApiResponse::bad_request(format!("MMDS error: {e}")),
+        }
+    }
+
+    /// Serves events until the VM stops (or, before boot, until every
+    /// sender is gone); returns why it stopped.
+    pub fn run(mut self, events: Receiver<VmmEvent>) -> StopReason {
+        let mut next_metrics = Instant::now() + METRICS_PERIOD;
+        loop {
+            let timeout = next_metrics.saturating_duration_since(Instant::now());
+            match events.recv_timeout(timeout) {
+                Ok(VmmEvent::Api(req)) => {
+                    let response = self.handle(req.parsed);
+                    let _ = req.reply.send(response);
+                }
+                Ok(VmmEvent::Stopped) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if self.running.as_ref().is_some_and(|m| !m.is_paused()) {
+                        let _ = self.metrics.flush();
+                    }
+                    next_metrics = Instant::now() + METRICS_PERIOD;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        logger::info("Vmm is stopping.");
+        let reason = match self.running.take() {
+            Some(m) => m.finish(),
+            None => StopReason::HostError("the API server stopped".into()),
+        };
+        let _ = self.metrics.flush();
+        reason
+    }
+
+    /// After a successful start: the first metrics line, as Firecracker
+    /// writes one when it arms the periodic timer.
+    pub fn after_start(&self) {
+        let _ = self.metrics.flush();
+    }
+}

@@ -1,0 +1,259 @@
+//! A started machine: its vCPU threads run, and the VMM drives them with
+//! commands (pause, resume, exit) and talks to its devices (Ctrl-Alt-Del),
+//! until the VM stops and [`RunningMachine::finish`] collects the threads.
+
+use crate::vcpu_loop::{self, VcpuChannels, VcpuCommand, VcpuContext, VcpuResponse};
+use crate::{Machine, MachineError};
+use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmplay_devices::control::{StopReason, VmControl};
+use vmplay_devices::{I8042, Serial};
+use vmplay_hypervisor::VcpuKicker;
+
+/// How long the vCPUs get to answer a command before vmplay gives up on
+/// them: a wedged backend must not wedge the VMM.
+const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a command to the running machine failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("vCPU {0} did not answer within {VCPU_ANSWER_TIMEOUT:?}")]
+    Timeout(u32),
+    #[error("the machine has stopped")]
+    Stopped,
+    #[error("{0}")]
+    Clock(vmplay_hypervisor::Error),
+    #[error("I8042 error: {0}")]
+    I8042(#[from] vmplay_devices::i8042::I8042Error),
+}
+
+struct VcpuHandle {
+    id: u32,
+    commands: Sender<VcpuCommand>,
+    kicker: Arc<dyn VcpuKicker>,
+    exited: bool,
+}
+
+/// A machine whose vCPUs are running (or paused).
+pub struct RunningMachine {
+    control: Arc<VmControl>,
+    vcpus: Vec<VcpuHandle>,
+    responses: Receiver<(u32, VcpuResponse)>,
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    vm: Arc<dyn vmplay_hypervisor::Vm>,
+    paused: bool,
+    /// Stops and joins the device thread when dropped, after the vCPUs.
+    _event_loop: vmplay_virtio::EventLoopHandle,
+    // Keeps the guest RAM mapped while the vCPUs run.
+    _memory: vmplay_hypervisor::GuestMemory,
+}
+
+/// Firecracker's boot-timer device on x86: one page at 3 GiB. The guest
+/// writes the byte 123 at offset 0 when its init starts.
+pub const BOOT_TIMER_ADDR: u64 = 0xc000_0000;
+const BOOT_TIMER_MAGIC: u8 = 123;
+
+struct BootTimer(Box<dyn Fn() + Send>);
+
+impl vmplay_devices::BusDevice for BootTimer {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == 0 && data == [BOOT_TIMER_MAGIC] {
+            (self.0)();
+        }
+    }
+}
+
+impl Machine {
+    /// Attaches Firecracker's boot timer (`--boot-timer`): `on_boot` runs
+    /// on each write of 123 to [`BOOT_TIMER_ADDR`]. Only below 3 GiB of
+    /// RAM is that address MMIO.
+    pub fn add_boot_timer(&mut self, on_boot: Box<dyn Fn() + Send>) -> Result<(), MachineError> {
+        let bus = Arc::get_mut(&mut self.mmio).ok_or_else(|| {
+            MachineError::Memory("boot timer".into(), "the MMIO bus is already shared".into())
+        })?;
+        bus.insert(
+            Arc::new(Mutex::new(BootTimer(on_boot))),
+            BOOT_TIMER_ADDR,
+            0x1000,
+        )?;
+        Ok(())
+    }
+
+    /// Starts one thread per vCPU (and the stdin forwarder for a stdio
+    /// serial) and returns at once.
+    pub fn start(self) -> Result<RunningMachine, MachineError> {
+        let Machine {
+            control,
+            vcpus,
+            pio,
+            mmio,
+            serial,
+            stdio,
+            i8042,
+            vm,
+            event_loop,
+            _memory,
+            ..
+        } = self;
+        // Device work runs on its own thread until the machine is dropped.
+        let event_loop = event_loop.start()?;
+        if stdio {
+            vmplay_devices::spawn_stdin_forwarder(serial.clone(), control.clone())
+                .map_err(MachineError::Console)?;
+        }
+        let ctx = Arc::new(VcpuContext {
+            pio,
+            mmio,
+            control: control.clone(),
+            halted: AtomicUsize::new(0),
+            vcpu_count: vcpus.len(),
+        });
+        let (responses_tx, responses) = mpsc::channel();
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let (commands_tx, commands) = mpsc::channel();
+            let id = vcpu.id();
+            let kicker = vcpu.kicker();
+            let ctx = ctx.clone();
+            let chan = VcpuChannels {
+                commands,
+                responses: responses_tx.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_loop::run(vcpu, &ctx, chan))
+                .map_err(MachineError::Thread)?;
+            handles.push(VcpuHandle {
+                id,
+                commands: commands_tx,
+                kicker,
+                exited: false,
+            });
+        }
+        Ok(RunningMachine {
+            control,
+            vcpus: handles,
+            responses,
+            serial,
+            i8042,
+            vm,
+            paused: false,
+            _event_loop: event_loop,
+            _memory,
+        })
+    }
+}
+
+impl RunningMachine {
+    /// The handle to stop this VM from elsewhere and to wait for it.
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Sends `command` to every live vCPU, kicks it and waits for `expect`
+    /// from each (a vCPU that exits meanwhile counts as done).
+    fn command_all(
+        &mut self,
+        command: VcpuCommand,
+        expect: VcpuResponse,
+    ) -> Result<(), ControlError> {
+        let mut waiting = Vec::new();
+        for v in self.vcpus.iter().filter(|v| !v.exited) {
+            if v.commands.send(command).is_ok() {
+                v.kicker.kick();
+                waiting.push(v.id);
+            }
+        }
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        while let Some(&first) = waiting.first() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok((id, r)) => {
+                    if r == VcpuResponse::Exited
+                        && let Some(v) = self.vcpus.iter_mut().find(|v| v.id == id)
+                    {
+                        v.exited = true;
+                    }
+                    if r == expect || r == VcpuResponse::Exited {
+                        waiting.retain(|w| *w != id);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => return Err(ControlError::Timeout(first)),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(ControlError::Stopped),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU at an instruction boundary and the guest's clock
+    /// with them. Pausing a paused machine does nothing.
+    pub fn pause(&mut self) -> Result<(), ControlError> {
+        if self.paused {
+            return Ok(());
+        }
+        if self.control.is_stopping() {
+            return Err(ControlError::Stopped);
+        }
+        self.command_all(VcpuCommand::Pause, VcpuResponse::Paused)?;
+        self.vm.pause_clock().map_err(ControlError::Clock)?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Lets the guest run on; its clock continues from where it paused.
+    pub fn resume(&mut self) -> Result<(), ControlError> {
+        if !self.paused {
+            return Ok(());
+        }
+        self.vm.resume_clock().map_err(ControlError::Clock)?;
+        self.command_all(VcpuCommand::Resume, VcpuResponse::Resumed)?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Presses Ctrl-Alt-Del on the i8042 keyboard.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), ControlError> {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_ctrl_alt_del()?;
+        Ok(())
+    }
+
+    /// Blocks until something stops the VM, then collects it.
+    pub fn wait(self) -> StopReason {
+        self.control.wait();
+        self.finish()
+    }
+
+    /// Tells every vCPU thread to exit, waits for them (a bounded time)
+    /// and flushes the serial output. Returns why the VM stopped; a VM
+    /// nothing stopped yet is stopped as a host request.
+    pub fn finish(mut self) -> StopReason {
+        self.control
+            .request_stop(StopReason::HostError("the VMM stopped the VM".into()));
+        if self
+            .command_all(VcpuCommand::Exit, VcpuResponse::Exited)
+            .is_err()
+        {
+            tracing::warn!("a vCPU thread did not stop within {VCPU_ANSWER_TIMEOUT:?}");
+        }
+        // A last line without a newline must still reach the user.
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush_output();
+        self.control.wait()
+    }
+}
