@@ -144,7 +144,7 @@ impl VmResources {
             return Err(ConfigError::MachineConfig(VCPU_COUNT_MSG.into()));
         }
         if m.mem_size_mib == 0
-            || (m.huge_pages == HugePages::Hugetlbfs2M && m.mem_size_mib % 2 != 0)
+            || (m.huge_pages == HugePages::Hugetlbfs2M && !m.mem_size_mib.is_multiple_of(2))
         {
             return Err(ConfigError::MachineConfig(MEM_SIZE_MSG.into()));
         }
@@ -649,8 +649,10 @@ mod tests {
     #[test]
     fn machine_config_limits() {
         let mut r = VmResources::default();
-        let mut m = MachineConfiguration::default();
-        m.vcpu_count = 0;
+        let mut m = MachineConfiguration {
+            vcpu_count: 0,
+            ..Default::default()
+        };
         assert!(
             r.set_machine_config(m.clone())
                 .unwrap_err()

@@ -277,7 +277,7 @@ async fn handle(
             }
             let (tx, rx) = sync_channel(1);
             if vmm
-                .send(VmmEvent::Api(ApiRequest { parsed, reply: tx }))
+                .send(VmmEvent::Api(Box::new(ApiRequest { parsed, reply: tx })))
                 .is_err()
             {
                 ApiResponse::fault(400, "The microVM is stopping.")

@@ -76,7 +76,7 @@ pub struct ApiRequest {
 
 /// What the VMM thread waits for.
 pub enum VmmEvent {
-    Api(ApiRequest),
+    Api(Box<ApiRequest>),
     /// The VM stopped (a device, a vCPU or a signal asked it to).
     Stopped,
 }
