@@ -233,7 +233,7 @@ fn tilde_printer() -> Vec<u8> {
             let mut delay = a.create_label();
             a.set_label(&mut again)?;
             rt.print(a, "~")?;
-            a.mov(ecx, 3_000_000u32)?;
+            a.mov(ecx, 200_000u32)?;
             a.set_label(&mut delay)?;
             a.dec(ecx)?;
             a.jnz(delay)?;
