@@ -196,8 +196,10 @@ impl<'a> VirtioAttacher<'a> {
         )
     }
 
-    pub fn attach_vsock(&mut self, _v: &vmplay_virtio::VsockConfig) -> Result<(), MachineError> {
-        Err(MachineError::Device("vsock: not wired yet".into()))
+    pub fn attach_vsock(&mut self, v: &vmplay_virtio::VsockConfig) -> Result<(), MachineError> {
+        let vsock = vmplay_virtio::devices::vsock::Vsock::new(v)
+            .map_err(|e| MachineError::Device(e.to_string()))?;
+        self.attach("vsock", Arc::new(Mutex::new(vsock)))
     }
 
     pub fn attach_console(
