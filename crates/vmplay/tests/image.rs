@@ -295,3 +295,61 @@ fn a_root_drive_is_mounted_and_switched_to_as_the_root_file_system() {
         "the disk's /sbin/init did not run as PID 1 on /dev/vda\n{run}"
     );
 }
+
+/// The run hook `script` in the Debian image, booted with `cmdline`
+/// appended; returns what the guest printed once it powered off.
+fn run_hook(script: &str, cmdline: &str) -> Option<support::Run> {
+    let dir = TempDir::new();
+    let assets = match vmplay_image::DebianAssets::fetch(&cache(), &mut |l| eprintln!("{l}")) {
+        Ok(a) => a,
+        Err(e) => {
+            assert!(std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none(), "{e}");
+            eprintln!("skipping: {e}");
+            return None;
+        }
+    };
+    let initrd = dir.path().join("initramfs.cpio");
+    vmplay_image::Initramfs::debian(&assets)
+        .unwrap()
+        .file(vmplay_image::RUN_HOOK, script, 0o755)
+        .write(&initrd)
+        .unwrap();
+    let mut cmd = Command::new(vmplay_exe());
+    cmd.args(["run", "--accel", "emu", "--memory", "512M", "--kernel"])
+        .arg(assets.kernel())
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--cmdline")
+        .arg(format!("console=ttyS0 panic=-1 quiet {cmdline}"));
+    let run = run_with_deadline(cmd, BOOT_DEADLINE);
+    run.assert_code(0);
+    Some(run)
+}
+
+#[test]
+fn the_kernel_ip_parameter_configures_the_named_interface_address_route_hostname_and_dns() {
+    // On `lo`, so it needs no virtio-net; nothing leaves the guest.
+    let script = r#"#!/bin/sh
+echo "HOST=$(hostname)"
+echo "ADDR=$(ip -4 addr show dev lo | grep -o 'inet [0-9./]*')"
+echo "ROUTE=$(ip route | grep default | cut -d' ' -f1-3)"
+echo "DNS=$(cat /etc/resolv.conf)"
+exit 3
+"#;
+    let Some(run) = run_hook(
+        script,
+        "ip=10.0.2.15:10.0.2.2:10.0.2.2:255.255.255.0:guesty:lo:off:10.0.2.3",
+    ) else {
+        return;
+    };
+    for line in [
+        "HOST=guesty",
+        "ADDR=inet 10.0.2.15/24",
+        "ROUTE=default via 10.0.2.2",
+        "DNS=nameserver 10.0.2.3",
+        // The hook's status is reported, and the VM still powers off.
+        "vmplay-init: /etc/vmplay/run exited with status 3",
+    ] {
+        assert!(run.stdout.contains(line), "no {line:?}\n{run}");
+    }
+}
