@@ -9,10 +9,12 @@
 //!   adds its own files to [`Initramfs::debian`]'s image, typically a
 //!   script at [`RUN_HOOK`] that the guest's `/init` runs before it powers
 //!   off.
+//! - [`build_rootfs`]: a Debian root file system (`mmdebstrap` minbase and
+//!   the packages asked for) on an ext4 image made with `mkfs.ext4 -d`.
 //!
 //! It does not boot anything (the `vmplay` binary does) and needs no root
 //! privileges, except that `apt-get update` does when apt has no package
-//! lists yet.
+//! lists yet, and `mmdebstrap` does where it cannot run unprivileged.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +22,7 @@ mod debian;
 mod error;
 mod initramfs;
 pub mod modules;
+mod rootfs;
 
 pub use debian::{BUSYBOX_PACKAGE, DebianAssets, GUEST_MODULES, KERNEL_METAPACKAGE};
 pub use error::ImageError;
@@ -27,3 +30,4 @@ pub use initramfs::{
     DEBIAN_INIT, Entry, INIT_SCRIPT, Initramfs, MODULE_LIST, RUN_HOOK, write_atomically,
 };
 pub use modules::{Module, ModuleTree};
+pub use rootfs::{ROOTFS_INIT, RootfsOptions, build_rootfs};

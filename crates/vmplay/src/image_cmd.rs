@@ -31,6 +31,21 @@ struct DebianArgs {
     /// /etc/vmplay/run); the VM powers off when it ends.
     #[arg(long, value_name = "FILE")]
     run: Option<PathBuf>,
+    /// Also build rootfs.ext4, a real Debian (mmdebstrap minbase) to boot
+    /// as the root drive; the image's init starts bash on the console.
+    #[arg(long)]
+    rootfs: bool,
+    /// Size of rootfs.ext4: a number with K/M/G suffix; a bare number is MiB.
+    #[arg(long, value_name = "SIZE", default_value = "2G", requires = "rootfs")]
+    size: String,
+    /// Packages to add to rootfs.ext4, comma-separated (`--packages curl,python3`).
+    #[arg(
+        long,
+        value_name = "A,B,...",
+        value_delimiter = ',',
+        requires = "rootfs"
+    )]
+    packages: Vec<String>,
 }
 
 /// The command line the printed `vmplay run` and the config file use.
@@ -92,6 +107,29 @@ fn debian(args: &DebianArgs) -> Result<()> {
     let size = std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0);
     progress(&format!("wrote {} ({} KiB)", initrd.display(), size >> 10));
 
+    let rootfs = out.join("rootfs.ext4");
+    if args.rootfs {
+        let size =
+            vmplay_machine::parse_size(&args.size).map_err(|e| anyhow::anyhow!("--size {e}"))?;
+        let options = vmplay_image::RootfsOptions {
+            size,
+            packages: args.packages.clone(),
+            suite: None,
+        };
+        vmplay_image::build_rootfs(&rootfs, &options, &mut progress)
+            .context("cannot build the root file system")?;
+        progress(&format!("wrote {}", rootfs.display()));
+    }
+    let drives = match args.rootfs {
+        true => serde_json::json!([{
+            "drive_id": "rootfs",
+            "path_on_host": rootfs,
+            "is_root_device": true,
+            "is_read_only": false,
+        }]),
+        false => serde_json::json!([]),
+    };
+
     let config = out.join("vmplay.json");
     let json = serde_json::json!({
         "boot-source": {
@@ -99,7 +137,7 @@ fn debian(args: &DebianArgs) -> Result<()> {
             "initrd_path": initrd,
             "boot_args": BOOT_ARGS,
         },
-        "drives": [],
+        "drives": drives,
         "machine-config": { "vcpu_count": 1, "mem_size_mib": MEMORY_MIB },
     });
     let text = serde_json::to_string_pretty(&json)? + "\n";
@@ -116,8 +154,12 @@ fn debian(args: &DebianArgs) -> Result<()> {
         None => "boot it to a shell (exit or poweroff stops the VM) with:",
         Some(_) => "boot it (it runs the --run script, then powers off) with:",
     });
+    let drive = match args.rootfs {
+        true => format!(" --drive path={},root=on", shell_quote(&rootfs)),
+        false => String::new(),
+    };
     println!(
-        "{exe} run --kernel {} --initrd {} --cmdline '{BOOT_ARGS}' --memory {MEMORY_MIB}M",
+        "{exe} run --kernel {} --initrd {} --cmdline '{BOOT_ARGS}' --memory {MEMORY_MIB}M{drive}",
         shell_quote(&kernel),
         shell_quote(&initrd)
     );

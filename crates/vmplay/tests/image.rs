@@ -36,6 +36,18 @@ fn build_image(out: &Path) -> Option<support::Run> {
     Some(run)
 }
 
+/// `line` without the terminal escapes (bash's bracketed-paste switches)
+/// that may open it.
+fn strip_escapes(mut line: &str) -> &str {
+    while let Some(rest) = line.strip_prefix("\x1b[") {
+        let end = rest
+            .find(|c: char| c.is_ascii_alphabetic())
+            .map_or(rest.len(), |i| i + 1);
+        line = &rest[end..];
+    }
+    line
+}
+
 /// A running vmplay whose console we type into and read.
 struct Console {
     child: Child,
@@ -87,7 +99,7 @@ impl Console {
             let text = self.text();
             if let Some(line) = text
                 .split(['\n', '\r'])
-                .find_map(|l| l.strip_prefix(prefix))
+                .find_map(|l| strip_escapes(l).strip_prefix(prefix))
             {
                 return line.to_string();
             }
@@ -352,4 +364,85 @@ exit 3
     ] {
         assert!(run.stdout.contains(line), "no {line:?}\n{run}");
     }
+}
+
+/// `vmplay image debian --rootfs` once into the workspace's cache (it takes
+/// minutes: mmdebstrap), then a sparse copy for this test to write on.
+fn debian_rootfs(dir: &TempDir) -> Option<PathBuf> {
+    let built = cache().join("rootfs-test");
+    if !built.join("rootfs.ext4").exists() {
+        let mut cmd = Command::new(vmplay_exe());
+        cmd.args(["image", "debian", "--rootfs", "--size", "512M", "--out"])
+            .arg(&built)
+            .arg("--cache")
+            .arg(cache());
+        let run = run_with_deadline(cmd, Duration::from_secs(1200));
+        if run.code() != 0 {
+            assert!(
+                std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none(),
+                "vmplay image debian --rootfs failed\n{run}"
+            );
+            eprintln!("skipping: vmplay image debian --rootfs failed here\n{run}");
+            return None;
+        }
+    }
+    let copy = dir.path().join("rootfs.ext4");
+    let status = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(built.join("rootfs.ext4"))
+        .arg(&copy)
+        .status()
+        .expect("run cp");
+    assert!(status.success());
+    Some(copy)
+}
+
+#[test]
+fn a_debian_rootfs_boots_to_bash_with_apt_and_keeps_what_one_boot_wrote_for_the_next() {
+    let dir = TempDir::new();
+    let Some(disk) = debian_rootfs(&dir) else {
+        return;
+    };
+    let built = cache().join("rootfs-test");
+    let boot = |lines: &[(&str, &str, &str)]| {
+        let start = Instant::now();
+        let mut console = Console::start(
+            Command::new(vmplay_exe())
+                .args(["run", "--accel", "emu", "--memory", "512M", "--kernel"])
+                .arg(built.join("vmlinuz"))
+                .arg("--initrd")
+                .arg(built.join("initramfs.cpio"))
+                .args(["--cmdline", "console=ttyS0 panic=-1 quiet", "--drive"])
+                .arg(format!("path={},root=on", disk.display())),
+        );
+        console.wait_for("a root shell on the console", start);
+        console.wait_for("root@vmplay:/# ", start);
+        for (command, prefix, expected) in lines {
+            console.type_line(command);
+            let answer = console.line_starting(prefix, start);
+            assert!(
+                answer.starts_with(expected),
+                "{command}: {answer:?}\n{}",
+                console.text()
+            );
+        }
+        console.type_line("poweroff");
+        let code = console.wait_exit(start);
+        assert_eq!(code, 0, "{}", console.text());
+    };
+    boot(&[
+        ("bash -c 'echo BASH=$BASH_VERSION'", "BASH=", "5."),
+        ("echo APT=$(apt-get --version | head -1)", "APT=", "apt "),
+        (
+            "echo ROOT=$(findmnt -no SOURCE,FSTYPE /)",
+            "ROOT=",
+            "/dev/vda ext4",
+        ),
+        (
+            "echo first-boot > /root/note; sync; echo WROTE=$(cat /root/note)",
+            "WROTE=",
+            "first-boot",
+        ),
+    ]);
+    boot(&[("echo NOTE=$(cat /root/note)", "NOTE=", "first-boot")]);
 }
