@@ -218,7 +218,8 @@ fn path(name: &str) -> aml::Path {
     aml::Path::new(name)
 }
 
-/// DSDT: `\_S5`, and in `\_SB` COM1, the RTC and the virtio-mmio devices.
+/// DSDT: `\_S5`, and in `\_SB` COM1, the RTC, the i8042 keyboard and the
+/// virtio-mmio devices.
 fn dsdt(virtio_mmio: &[VirtioMmioSlot]) -> Result<Sdt, BootError> {
     let s5_typ = ports::ACPI_S5_SLP_TYP;
     // SLP_TYPa, then SLP_TYPb and two reserved values, as QEMU writes it.
@@ -242,8 +243,20 @@ fn dsdt(virtio_mmio: &[VirtioMmioSlot]) -> Result<Sdt, BootError> {
     let rtc_crs = aml::Name::new(path("_CRS"), &rtc_crs);
     let rtc = aml::Device::new(path("RTC_"), vec![&rtc_hid, &rtc_crs]);
 
+    // The i8042 with its keyboard (Firecracker's `PS2_`): without it a
+    // hardware-reduced ACPI guest never probes the controller, so it would
+    // not see SendCtrlAltDel.
+    let kbd_data = aml::IO::new(ports::I8042_DATA_PORT, ports::I8042_DATA_PORT, 1, 1);
+    let kbd_cmd = aml::IO::new(ports::I8042_COMMAND_PORT, ports::I8042_COMMAND_PORT, 1, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, ports::I8042_IRQ);
+    let kbd_crs = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
+    let kbd_hid = aml::Name::new(path("_HID"), &aml::EISAName::new("PNP0303"));
+    let kbd_crs = aml::Name::new(path("_CRS"), &kbd_crs);
+    let ps2 = aml::Device::new(path("PS2_"), vec![&kbd_hid, &kbd_crs]);
+
     let mut sb = aml_bytes(&com1);
     sb.extend(aml_bytes(&rtc));
+    sb.extend(aml_bytes(&ps2));
     for (i, slot) in virtio_mmio.iter().enumerate() {
         sb.extend(virtio_device(i, slot)?);
     }

@@ -3,15 +3,16 @@
 //!
 //! Modelled: the controller itself (command byte, self-test, interface
 //! test, port enable/disable, output port, AUX loopback, the output
-//! buffer and status). Not modelled: a keyboard or mouse, and interrupts
-//! (the device has no IRQ line). What Linux's `i8042` driver sees:
+//! buffer and status), and, when built [`I8042::with_irq`], a minimal
+//! keyboard on IRQ 1. Not modelled: a mouse. What Linux's `i8042` driver sees:
 //! - the controller self-test (0xaa) passes with 0x55;
 //! - the AUX port cannot be enabled (0xa8 leaves CTR bit 5 set, as on a
 //!   controller without a mouse port), so `i8042_check_aux` fails in a
 //!   few milliseconds and no AUX/mux port is registered — rather than
 //!   after a 250 ms wait for an AUX interrupt that would never come;
-//! - the KBD port is registered; no keyboard answers `atkbd`'s probe, so
-//!   it times out asynchronously and finds no keyboard.
+//! - the KBD port is registered; with IRQ 1 wired (the machine's i8042) a
+//!   keyboard ACKs every command and identifies as MF2 (0xab 0x83), so
+//!   `atkbd` binds; without it, nothing answers and `atkbd` finds none.
 //!
 //! Keyboard input: [`I8042::send_ctrl_alt_del`] queues the key presses of
 //! Ctrl-Alt-Del (Firecracker's `SendCtrlAltDel`) as a keyboard would send
@@ -141,6 +142,26 @@ impl I8042 {
         Ok(())
     }
 
+    /// A byte for the keyboard (present when the controller has IRQ 1):
+    /// it acknowledges everything, as Firecracker's does, and answers the
+    /// identify and reset commands as an MF2 keyboard, so Linux's `atkbd`
+    /// finds it and Ctrl-Alt-Del can be pressed.
+    fn keyboard_command(&mut self, value: u8) {
+        let answer: &[u8] = match value {
+            // Echo.
+            0xee => &[0xee],
+            // Identify: ACK, MF2 keyboard.
+            0xf2 => &[0xfa, 0xab, 0x83],
+            // Reset: ACK, self-test passed.
+            0xff => &[0xfa, 0xaa],
+            _ => &[0xfa],
+        };
+        if self.kbd.len() + answer.len() <= KBD_QUEUE {
+            self.kbd.extend(answer);
+        }
+        self.feed_keyboard();
+    }
+
     /// Moves the next keyboard byte into an empty output buffer.
     fn feed_keyboard(&mut self) {
         if self.output.is_some() {
@@ -241,6 +262,7 @@ impl I8042 {
             Some(Pending::KbdOutput) => self.output = Some((value, false)),
             // AUX loopback is the controller's own: it works without a mouse.
             Some(Pending::AuxOutput) => self.output = Some((value, true)),
+            None if self.irq.is_some() => self.keyboard_command(value),
             Some(Pending::AuxDevice) | None => {
                 // To a keyboard or mouse that is not there.
                 tracing::trace!(value, "i8042: byte for an absent device");
@@ -432,6 +454,21 @@ mod tests {
         }
         assert_eq!(got, CTRL_ALT_DEL_SET2);
         assert_eq!(irq.0.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn the_keyboard_identifies_as_mf2_when_wired_to_irq_1() {
+        let control = VmControl::new();
+        let irq = Arc::new(CountPulses(Default::default()));
+        let mut d = I8042::with_irq(control, irq);
+        d.write(DATA, &[0xf2]);
+        let mut got = Vec::new();
+        while status(&mut d) & STS_OBF != 0 {
+            got.push(data(&mut d));
+        }
+        assert_eq!(got, [0xfa, 0xab, 0x83]);
+        d.write(DATA, &[0xed]);
+        assert_eq!(data(&mut d), 0xfa);
     }
 
     #[test]
