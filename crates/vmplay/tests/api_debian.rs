@@ -135,7 +135,9 @@ fn debian_boots_over_the_api_pauses_without_clock_jump_and_reboots_on_ctrl_alt_d
     let out_now = text();
     let a = seconds_after(&out_now, "uptime-a").unwrap();
     let b = seconds_after(&out_now, "uptime-b").unwrap();
-    assert!(b - a < 3.0, "the guest saw the pause: uptime {a} -> {b}");
+    // 2 s of guest sleep plus slack for a loaded host; had the guest seen
+    // the 5 s pause it would be 7 s or more.
+    assert!(b - a < 4.5, "the guest saw the pause: uptime {a} -> {b}");
 
     assert_eq!(
         call(
