@@ -14,7 +14,7 @@ bound | renew)
         : >/etc/resolv.conf
         for server in $dns; do echo "nameserver $server" >>/etc/resolv.conf; done
     fi
-    echo "vmplay-init: $interface has $ip (DHCP)"
+    echo "vmplay-init: $interface has $ip (DHCP)" >/dev/console
     ;;
 esac
 exit 0

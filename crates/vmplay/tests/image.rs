@@ -310,7 +310,7 @@ fn a_root_drive_is_mounted_and_switched_to_as_the_root_file_system() {
 
 /// The run hook `script` in the Debian image, booted with `cmdline`
 /// appended; returns what the guest printed once it powered off.
-fn run_hook(script: &str, cmdline: &str) -> Option<support::Run> {
+fn run_hook(script: &str, cmdline: &str, extra: &[&str]) -> Option<support::Run> {
     let dir = TempDir::new();
     let assets = match vmplay_image::DebianAssets::fetch(&cache(), &mut |l| eprintln!("{l}")) {
         Ok(a) => a,
@@ -332,7 +332,8 @@ fn run_hook(script: &str, cmdline: &str) -> Option<support::Run> {
         .arg("--initrd")
         .arg(&initrd)
         .arg("--cmdline")
-        .arg(format!("console=ttyS0 panic=-1 quiet {cmdline}"));
+        .arg(format!("console=ttyS0 panic=-1 quiet {cmdline}"))
+        .args(extra);
     let run = run_with_deadline(cmd, BOOT_DEADLINE);
     run.assert_code(0);
     Some(run)
@@ -351,6 +352,7 @@ exit 3
     let Some(run) = run_hook(
         script,
         "ip=10.0.2.15:10.0.2.2:10.0.2.2:255.255.255.0:guesty:lo:off:10.0.2.3",
+        &[],
     ) else {
         return;
     };
@@ -445,4 +447,29 @@ fn a_debian_rootfs_boots_to_bash_with_apt_and_keeps_what_one_boot_wrote_for_the_
         ),
     ]);
     boot(&[("echo NOTE=$(cat /root/note)", "NOTE=", "first-boot")]);
+}
+
+#[test]
+fn ip_dhcp_gets_eth0_a_lease_through_user_networking() {
+    if Command::new("passt").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none(),
+            "passt is missing (apt-get install passt)"
+        );
+        eprintln!("skipping: no passt");
+        return;
+    }
+    let script = r#"#!/bin/sh
+echo "ADDR=$(ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*')"
+echo "GATEWAY=$(ip route | grep -c '^default via')"
+"#;
+    let Some(run) = run_hook(script, "ip=dhcp", &["--net", "user"]) else {
+        return;
+    };
+    assert!(run.stdout.contains("(DHCP)"), "no lease reported\n{run}");
+    assert!(
+        run.stdout.contains("ADDR=inet "),
+        "eth0 has no address\n{run}"
+    );
+    assert!(run.stdout.contains("GATEWAY=1"), "no default route\n{run}");
 }
