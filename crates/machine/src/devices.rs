@@ -58,6 +58,8 @@ pub(crate) struct VirtioAttacher<'a> {
     pub mmio: &'a mut Bus,
     pub event_loop: &'a mut EventLoop,
     pub slots: Vec<VirtioMmioSlot>,
+    /// Whether stdin is free for a virtio console (COM1 is not on stdio).
+    pub stdin_free: bool,
     next_gsi: u32,
 }
 
@@ -74,6 +76,7 @@ impl<'a> VirtioAttacher<'a> {
             mmio,
             event_loop,
             slots: Vec::new(),
+            stdin_free: false,
             next_gsi: layout::VIRTIO_GSI_START,
         }
     }
@@ -202,10 +205,9 @@ impl<'a> VirtioAttacher<'a> {
         self.attach("vsock", Arc::new(Mutex::new(vsock)))
     }
 
-    pub fn attach_console(
-        &mut self,
-        _c: &vmplay_virtio::ConsoleConfig,
-    ) -> Result<(), MachineError> {
-        Err(MachineError::Device("virtio console: not wired yet".into()))
+    pub fn attach_console(&mut self, c: &vmplay_virtio::ConsoleConfig) -> Result<(), MachineError> {
+        let console = vmplay_virtio::devices::console::Console::from_config(c, self.stdin_free)
+            .map_err(|e| MachineError::Device(e.to_string()))?;
+        self.attach("virtio console", Arc::new(Mutex::new(console)))
     }
 }

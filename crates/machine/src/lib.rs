@@ -164,6 +164,7 @@ impl Machine {
         let ram = vmplay_virtio::GuestRam::new(memory.clone(), vm.dma_observer());
         let mut attacher =
             devices::VirtioAttacher::new(vm.as_ref(), ram, &mut mmio, &mut event_loop);
+        attacher.stdin_free = config.serial != SerialMode::Stdio;
         attacher.attach_all(&config.virtio)?;
         let slots = std::mem::take(&mut attacher.slots);
 

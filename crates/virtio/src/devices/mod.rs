@@ -2,6 +2,7 @@
 //! whole one and the place to start reading.
 
 pub mod block;
+pub mod console;
 pub mod net;
 pub mod rng;
 pub mod vsock;
