@@ -55,8 +55,11 @@ fn hvc0_output_goes_to_the_console_file_on_emu() {
 #[test]
 fn hvc0_on_stdio_reads_host_input_and_writes_to_stdout_on_emu() {
     let dir = TempDir::new();
-    let script = "#!/bin/sh\nstty -F /dev/hvc0 -echo 2>/dev/null\nread line < /dev/hvc0\n\
-                  echo \"vmplay-hvc0: got $line\" > /dev/hvc0\necho 'serial: done'\n";
+    // hvc0 stays open from before the host types until the guest has read
+    // the line: input that arrives while no one has the tty open waits in
+    // the driver until the next interrupt.
+    let script = "#!/bin/sh\nexec 3<>/dev/hvc0\nstty -echo <&3\necho 'vmplay-hvc0: ready' >&3\n\
+                  read line <&3\necho \"vmplay-hvc0: got $line\" >&3\necho 'serial: done'\n";
     let Some((kernel, initrd)) = debian_guest(&dir, script, &[]) else {
         return;
     };
@@ -74,12 +77,23 @@ fn hvc0_on_stdio_reads_host_input_and_writes_to_stdout_on_emu() {
     .spawn()
     .expect("start vmplay");
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"ping from the host\n").unwrap();
     let mut stdout = child.stdout.take().unwrap();
+    // Types once the guest reads, then collects the rest of stdout.
     let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut typed = false;
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if !typed && String::from_utf8_lossy(&seen).contains("vmplay-hvc0: ready") {
+                typed = true;
+                let _ = stdin.write_all(b"ping from the host\n");
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
     });
     let start = Instant::now();
     let status = loop {
@@ -92,7 +106,6 @@ fn hvc0_on_stdio_reads_host_input_and_writes_to_stdout_on_emu() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    drop(stdin);
     let out = reader.join().unwrap();
     let mut err = String::new();
     let _ = child.stderr.take().unwrap().read_to_string(&mut err);
