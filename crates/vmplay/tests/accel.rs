@@ -102,3 +102,31 @@ fn explicit_kvm_on_kvm_pvm_warns() {
         .assert_stdout("Hello from real mode\n")
         .assert_stderr_contains("warning: this host's KVM is kvm_pvm");
 }
+
+#[test]
+fn auto_picks_emu_and_says_so_when_dev_kvm_is_absent() {
+    // An empty /dev in a private mount namespace.
+    let can = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can {
+        eprintln!("skipping: cannot make a mount namespace here");
+        return;
+    }
+    let dir = TempDir::new();
+    let kernel = tiny_guest(&dir);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs vmplay-test /dev && exec "$0" "$@""#)
+        .arg(vmplay_exe())
+        .args(["run", "--serial", "stdio", "--memory", "64M", "--kernel"])
+        .arg(&kernel);
+    let run = run(cmd);
+    run.assert_code(1).assert_stdout("Hello from real mode\n");
+    let line = auto_line(&run);
+    assert!(
+        line.contains("using emu") && line.contains("no /dev/kvm"),
+        "{line}"
+    );
+}
