@@ -8,6 +8,7 @@
 //! and assert nothing about speed. `scripts/bench` builds in release and
 //! runs them; BENCHMARKS.md records the figures.
 
+mod block;
 mod emu_loops;
 mod guests;
 mod kernels;
@@ -56,6 +57,8 @@ enum Bench {
     Start,
     /// Guest instructions/s of the emu backend vs QEMU TCG and native, on three loops.
     EmuLoops,
+    /// virtio-blk sequential and random I/O under Debian's kernel on emu vs QEMU TCG.
+    Block,
 }
 
 #[derive(Parser)]
@@ -188,7 +191,7 @@ fn main() -> ExitCode {
     };
     let mut benches = cli.bench;
     if benches.contains(&Bench::All) {
-        benches = vec![Bench::PioExit, Bench::Start, Bench::EmuLoops];
+        benches = vec![Bench::PioExit, Bench::Start, Bench::EmuLoops, Bench::Block];
     }
     benches.dedup();
     println!(
@@ -204,6 +207,7 @@ fn main() -> ExitCode {
             Bench::PioExit => ("pio-exit", pio_exit::run(&ctx)),
             Bench::Start => ("start", start::run(&ctx)),
             Bench::EmuLoops => ("emu-loops", emu_loops::run(&ctx)),
+            Bench::Block => ("block", block::run(&ctx)),
             Bench::All => unreachable!("expanded above"),
         };
         if let Err(e) = result {
