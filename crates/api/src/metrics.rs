@@ -14,11 +14,17 @@ use std::time::Duration;
 
 type Group = BTreeMap<&'static str, u64>;
 
+/// Counters kept elsewhere (the vCPUs'): `(group, field, total so far)`.
+pub type Source = Box<dyn Fn() -> Vec<(&'static str, &'static str, u64)> + Send>;
+
 #[derive(Default)]
 struct State {
     target: Option<std::fs::File>,
     counters: BTreeMap<&'static str, Group>,
     stores: BTreeMap<&'static str, Group>,
+    sources: Vec<Source>,
+    /// What each source said at the previous line.
+    last: BTreeMap<(&'static str, &'static str), u64>,
 }
 
 /// The metrics system of one process.
@@ -83,6 +89,11 @@ impl Metrics {
             .insert(field, value);
     }
 
+    /// Adds counters kept elsewhere; each line reports their change.
+    pub fn add_source(&self, source: Source) {
+        self.lock().sources.push(source);
+    }
+
     /// Records a latency in `latencies_us`.
     pub fn latency(&self, field: &'static str, d: Duration) {
         self.store("latencies_us", field, d.as_micros() as u64);
@@ -103,6 +114,17 @@ impl Metrics {
             for (f, v) in fields {
                 e.insert((*f).into(), (*v).into());
             }
+        }
+        let mut from_sources = Vec::new();
+        for source in &s.sources {
+            from_sources.extend(source());
+        }
+        for (g, f, total) in from_sources {
+            let last = s.last.insert((g, f), total).unwrap_or(0);
+            groups
+                .entry(g)
+                .or_default()
+                .insert(f.into(), total.saturating_sub(last).into());
         }
         for (g, fields) in s.counters.iter_mut() {
             let e = groups.entry(g).or_default();

@@ -402,14 +402,19 @@ impl VmResources {
         }
     }
 
-    /// The kernel command line the guest gets: the boot args plus the root
-    /// device, as Firecracker's builder appends it.
-    pub fn cmdline(&self) -> String {
-        let mut line = self
-            .boot_source
+    /// The boot args (Firecracker's default when none were given).
+    pub fn boot_args(&self) -> String {
+        self.boot_source
             .as_ref()
             .and_then(|b| b.boot_args.clone())
-            .unwrap_or_else(|| DEFAULT_BOOT_ARGS.into());
+            .unwrap_or_else(|| DEFAULT_BOOT_ARGS.into())
+    }
+
+    /// The kernel command line the guest gets: the boot args plus the root
+    /// device, as Firecracker's builder appends it (the machine appends
+    /// it the same way from the drive list: see `machine_config`).
+    pub fn cmdline(&self) -> String {
+        let mut line = self.boot_args();
         if let Some(root) = self.drives.iter().find(|d| d.is_root_device) {
             match &root.partuuid {
                 Some(uuid) => line.push_str(&format!(" root=PARTUUID={uuid}")),
@@ -483,7 +488,8 @@ impl VmResources {
         Ok(machine::MachineConfig {
             kernel: PathBuf::from(&boot.kernel_image_path),
             initrd: boot.initrd_path.as_ref().map(PathBuf::from),
-            cmdline: self.cmdline(),
+            // The machine adds root= and ro/rw for the root drive.
+            cmdline: self.boot_args(),
             entry: machine::KernelEntry::Auto,
             memory: (self.machine_config.mem_size_mib as u64) << 20,
             vcpus: self.machine_config.vcpu_count.into(),

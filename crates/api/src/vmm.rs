@@ -182,6 +182,14 @@ impl Vmm {
         let running = machine
             .start()
             .map_err(|e| format!("Start microvm error: {e}"))?;
+        let counters = running.vcpu_counters();
+        self.metrics.add_source(Box::new(move || {
+            counters
+                .snapshot()
+                .into_iter()
+                .map(|(f, v)| ("vcpu", f, v))
+                .collect()
+        }));
         let control = running.control();
         let events = self.events.clone();
         std::thread::Builder::new()
@@ -192,6 +200,8 @@ impl Vmm {
             })
             .map_err(|e| format!("Start microvm error: {e}"))?;
         self.running = Some(running);
+        // Firecracker writes a first metrics line when the VM starts.
+        let _ = self.metrics.flush();
         Ok(())
     }
 
@@ -360,11 +370,5 @@ impl Vmm {
         };
         let _ = self.metrics.flush();
         reason
-    }
-
-    /// After a successful start: the first metrics line, as Firecracker
-    /// writes one when it arms the periodic timer.
-    pub fn after_start(&self) {
-        let _ = self.metrics.flush();
     }
 }

@@ -2,7 +2,7 @@
 //! commands (pause, resume, exit) and talks to its devices (Ctrl-Alt-Del),
 //! until the VM stops and [`RunningMachine::finish`] collects the threads.
 
-use crate::vcpu_loop::{self, VcpuChannels, VcpuCommand, VcpuContext, VcpuResponse};
+use crate::vcpu_loop::{self, VcpuChannels, VcpuCommand, VcpuContext, VcpuCounters, VcpuResponse};
 use crate::{Machine, MachineError};
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -45,6 +45,7 @@ pub struct RunningMachine {
     i8042: Arc<Mutex<I8042>>,
     vm: Arc<dyn vmplay_hypervisor::Vm>,
     paused: bool,
+    counters: Arc<VcpuCounters>,
     /// Stops and joins the device thread when dropped, after the vCPUs.
     _event_loop: vmplay_virtio::EventLoopHandle,
     // Keeps the guest RAM mapped while the vCPUs run.
@@ -113,7 +114,9 @@ impl Machine {
             control: control.clone(),
             halted: AtomicUsize::new(0),
             vcpu_count: vcpus.len(),
+            counters: Arc::default(),
         });
+        let counters = ctx.counters.clone();
         let (responses_tx, responses) = mpsc::channel();
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
@@ -144,6 +147,7 @@ impl Machine {
             i8042,
             vm,
             paused: false,
+            counters,
             _event_loop: event_loop,
             _memory,
         })
@@ -154,6 +158,11 @@ impl RunningMachine {
     /// The handle to stop this VM from elsewhere and to wait for it.
     pub fn control(&self) -> Arc<VmControl> {
         self.control.clone()
+    }
+
+    /// Exit counts of all vCPUs since the start.
+    pub fn vcpu_counters(&self) -> Arc<VcpuCounters> {
+        self.counters.clone()
     }
 
     /// Whether the vCPUs are paused.

@@ -14,6 +14,7 @@ mod vcpu_loop;
 
 pub use handle::{ControlError, RunningMachine};
 pub use memory::{host_memory_bytes, parse_size};
+pub use vcpu_loop::VcpuCounters;
 pub use vmplay_boot::{KernelEntry, Protocol};
 pub use vmplay_devices::control::{StopReason, VmControl};
 pub use vmplay_devices::{RawTerminal, mmds};

@@ -17,7 +17,7 @@
 //! there to a device.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use vmplay_devices::bus::Bus;
 use vmplay_devices::control::{StopReason, VmControl};
@@ -31,6 +31,33 @@ pub(crate) struct VcpuContext {
     /// vCPUs parked after `hlt` with interrupts masked.
     pub halted: AtomicUsize,
     pub vcpu_count: usize,
+    pub counters: Arc<VcpuCounters>,
+}
+
+/// Exits served by every vCPU of the VM, since it started (Firecracker's
+/// `vcpu` metrics group counts the same things).
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    pub exit_io_in: AtomicU64,
+    pub exit_io_out: AtomicU64,
+    pub exit_mmio_read: AtomicU64,
+    pub exit_mmio_write: AtomicU64,
+    /// Exits that stopped the VM: crashes and host errors.
+    pub failures: AtomicU64,
+}
+
+impl VcpuCounters {
+    /// `(field, value)` in Firecracker's names.
+    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("exit_io_in", get(&self.exit_io_in)),
+            ("exit_io_out", get(&self.exit_io_out)),
+            ("exit_mmio_read", get(&self.exit_mmio_read)),
+            ("exit_mmio_write", get(&self.exit_mmio_write)),
+            ("failures", get(&self.failures)),
+        ]
+    }
 }
 
 /// What the machine tells a vCPU thread.
@@ -168,26 +195,33 @@ enum Step {
 
 fn step(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Step {
     let id = vcpu.id();
+    let count = |c: &AtomicU64| {
+        c.fetch_add(1, Ordering::Relaxed);
+    };
     let crash = match vcpu.run() {
         Ok(VcpuExit::IoOut { port, data }) => {
+            count(&ctx.counters.exit_io_out);
             if !ctx.pio.write(port.into(), data) {
                 tracing::trace!(port, ?data, "write to unclaimed port");
             }
             return Step::Continue;
         }
         Ok(VcpuExit::IoIn { port, data }) => {
+            count(&ctx.counters.exit_io_in);
             if !ctx.pio.read(port.into(), data) {
                 tracing::trace!(port, "read from unclaimed port");
             }
             return Step::Continue;
         }
         Ok(VcpuExit::MmioWrite { addr, data }) => {
+            count(&ctx.counters.exit_mmio_write);
             if !ctx.mmio.write(addr, data) {
                 tracing::debug!(addr, ?data, "write to unclaimed MMIO");
             }
             return Step::Continue;
         }
         Ok(VcpuExit::MmioRead { addr, data }) => {
+            count(&ctx.counters.exit_mmio_read);
             if !ctx.mmio.read(addr, data) {
                 tracing::debug!(addr, "read from unclaimed MMIO");
             }
@@ -199,11 +233,13 @@ fn step(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Step {
         Ok(VcpuExit::Shutdown) => "triple fault (CPU shutdown)".to_string(),
         Ok(VcpuExit::InternalError(why)) => why,
         Err(e) => {
+            count(&ctx.counters.failures);
             ctx.control
                 .request_stop(StopReason::HostError(format!("vCPU {id}: {e}")));
             return Step::Stop;
         }
     };
+    count(&ctx.counters.failures);
     let registers = match vcpu.state() {
         Ok(state) => state.to_string(),
         Err(e) => format!("(registers unavailable: {e})"),

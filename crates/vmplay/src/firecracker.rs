@@ -523,7 +523,6 @@ pub fn main(argv: &[String]) -> ExitCode {
             );
         }
         logger::info("Successfully started microvm that was configured from one single json");
-        vmm.after_start();
     }
     drop(events_tx);
 

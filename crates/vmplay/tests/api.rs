@@ -533,6 +533,9 @@ fn instance_start_boots_and_pause_stops_every_vcpu() {
                 .status,
             204
         );
+        let metrics = dir.path().join("metrics.json");
+        let body = serde_json::json!({ "metrics_path": metrics }).to_string();
+        assert_eq!(c.put("/metrics", &body).status, 204);
         assert_eq!(
             c.put("/actions", r#"{"action_type":"InstanceStart"}"#)
                 .status,
@@ -551,6 +554,20 @@ fn instance_start_boots_and_pause_stops_every_vcpu() {
                 .status,
             204
         );
+        // One line at start, one per flush: JSON, Firecracker's groups.
+        let text = std::fs::read_to_string(&metrics).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[1]["utc_timestamp_ms"].as_u64().unwrap() > 0);
+        assert!(
+            lines[1]["vcpu"]["exit_io_out"].as_u64().unwrap() > 0,
+            "{text}"
+        );
+        assert_eq!(lines[0]["put_api_requests"]["metrics_count"], 1, "{text}");
+        assert_eq!(lines[1]["put_api_requests"]["metrics_count"], 0, "{text}");
         assert_eq!(
             c.get("/vm/config").json()["boot-source"]["boot_args"],
             "console=ttyS0"
