@@ -169,7 +169,8 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
         emu.push(run_once(ctx, &a, false)?);
         tcg.push(run_once(ctx, &a, true)?);
     }
-    let rows: [(&str, fn(&Figures) -> f64, f64, &str); 3] = [
+    type Row = (&'static str, fn(&Figures) -> f64, f64, &'static str);
+    let rows: [Row; 3] = [
         ("sequential read 64 MiB", |f| f.seq_read, 64.0, "MiB/s"),
         ("sequential write 64 MiB", |f| f.seq_write, 64.0, "MiB/s"),
         (
