@@ -1,5 +1,6 @@
 //! The crate's only unsafe code: thin wrappers over host calls the std
-//! library lacks (getrandom, the TAP ioctls, fallocate).
+//! library lacks (getrandom, the TAP ioctls, fallocate, a non-blocking
+//! Unix connect).
 #![allow(unsafe_code)]
 
 use std::io;
@@ -88,4 +89,52 @@ pub fn tap_set_offload(file: &impl AsRawFd, flags: libc::c_uint) -> io::Result<(
     } else {
         Ok(())
     }
+}
+
+/// Connects a Unix stream socket to `path` without blocking: a listener
+/// whose backlog is full refuses at once (EAGAIN) instead of stalling the
+/// event loop, as std's blocking `UnixStream::connect` would.
+pub fn connect_unix_nonblocking(
+    path: &std::path::Path,
+) -> io::Result<std::os::unix::net::UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    let mut addr = libc::sockaddr_un {
+        sun_family: libc::AF_UNIX as libc::sa_family_t,
+        sun_path: [0; 108],
+    };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain syscall; no memory is passed.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket just created and owned by nobody else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un; `len` does not exceed its size
+    // (the path is shorter than `sun_path`, checked above).
+    let r = unsafe {
+        libc::connect(
+            fd,
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(std::os::unix::net::UnixStream::from(socket))
 }

@@ -235,6 +235,18 @@ impl Vsock {
                     };
                     let room = payload.available_bytes().min(MAX_PKT_PAYLOAD);
                     let Some((h, data)) = self.muxer.next_rx(room, now) else {
+                        if room == 0 && self.muxer.has_rx() {
+                            // Data waits and this buffer holds none: give
+                            // it back empty rather than let it block the ring.
+                            self.muxer.counters.bad_descriptors += 1;
+                            if let Err(e) = a.rx.add_used(&a.ram.mem, head, 0) {
+                                tracing::warn!("virtio-vsock: rx queue: {e:?}");
+                                a.interrupt.set_needs_reset();
+                                break;
+                            }
+                            used = true;
+                            continue;
+                        }
                         a.rx.go_to_previous_position();
                         break;
                     };

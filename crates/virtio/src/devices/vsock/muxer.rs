@@ -275,7 +275,9 @@ impl Muxer {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", h.dst_port));
-        let stream = match UnixStream::connect(&path) {
+        // Non-blocking: a host listener that does not accept (its backlog
+        // full) refuses the guest instead of stalling every device.
+        let stream = match crate::sys::connect_unix_nonblocking(Path::new(&path)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(
@@ -286,11 +288,6 @@ impl Muxer {
                 return;
             }
         };
-        if let Err(e) = stream.set_nonblocking(true) {
-            tracing::warn!("vsock: {}: {e}", Path::new(&path).display());
-            self.queue_ctrl(h.rst_reply());
-            return;
-        }
         let token = self.alloc_token();
         let key = (h.dst_port, h.src_port);
         self.owners.insert(token, Owner::Conn(key));
@@ -411,11 +408,15 @@ impl Muxer {
     /// standalone RST first, then one packet of the next connection in
     /// turn. Returns the header and its payload (`header.len` bytes).
     pub fn next_rx(&mut self, room: usize, now: Instant) -> Option<(Header, &[u8])> {
-        if let Some(h) = self.ctrl.pop_front() {
-            self.counters.rx_packets_count += 1;
-            return Some((h, &[]));
-        }
-        while let Some(key) = self.rx_ready.pop_front() {
+        // Connections whose data does not fit this buffer keep their turn.
+        let mut skipped = Vec::new();
+        let next = loop {
+            if let Some(h) = self.ctrl.pop_front() {
+                break Some(h);
+            }
+            let Some(key) = self.rx_ready.pop_front() else {
+                break None;
+            };
             let Some(c) = self.conns.get_mut(&key) else {
                 continue;
             };
@@ -429,20 +430,25 @@ impl Muxer {
             ) {
                 Ok(Some(h)) => {
                     self.mark_rx(key);
-                    self.counters.rx_packets_count += 1;
                     self.counters.rx_bytes_count += u64::from(h.len);
-                    return Some((h, &self.bounce[..h.len as usize]));
+                    break Some(h);
                 }
+                Ok(None) if c.has_rx_work() => skipped.push(key),
                 Ok(None) => {}
-                Err(v) => {
-                    self.apply(key, v);
-                    if let Some(h) = self.ctrl.pop_front() {
-                        return Some((h, &[]));
-                    }
-                }
+                Err(v) => self.apply(key, v),
+            }
+        };
+        for key in skipped.into_iter().rev() {
+            if let Some(c) = self.conns.get_mut(&key)
+                && !c.in_rx_queue
+            {
+                c.in_rx_queue = true;
+                self.rx_ready.push_front(key);
             }
         }
-        None
+        let h = next?;
+        self.counters.rx_packets_count += 1;
+        Some((h, &self.bounce[..h.len as usize]))
     }
 
     /// Whether anything waits for a receive buffer.

@@ -828,3 +828,51 @@ fn fuzz_random_rings_and_packets_never_panic() {
     assert!(k.rx_packets_count > 0, "{k:?}");
     assert!(k.bad_packets + k.bad_cid + k.bad_descriptors > 0);
 }
+
+#[test]
+fn a_receive_buffer_with_no_room_for_data_does_not_stall_the_connection() {
+    let dir = Dir::new();
+    let host = UnixListener::bind(format!("{}_52", dir.uds().display())).unwrap();
+    let mut g = Guest::new(&dir.uds());
+    g.post_rx(1);
+    g.send(pkt(5000, 52, op::REQUEST), &[]);
+    assert_eq!(g.recv()[0].0.op, op::RESPONSE);
+    let (mut s, _) = host.accept().unwrap();
+    s.write_all(b"data").unwrap();
+    // A header-sized buffer: returned empty, counted.
+    let a = g.alloc(HDR_LEN as u64);
+    g.push(RX, &[(a, HDR_LEN as u32, true)]);
+    g.dev.on_queue(RX, &mut g.poll);
+    g.pump();
+    assert_eq!(g.used(RX), [(u32::from(g.rings[RX].next_desc - 1), 0)]);
+    assert_eq!(g.dev.counters().bad_descriptors, 1);
+    // A real buffer gets the data.
+    g.post_rx(1);
+    let got = g.recv();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, b"data");
+}
+
+#[test]
+fn a_host_listener_that_never_accepts_refuses_the_guest_without_stalling() {
+    let dir = Dir::new();
+    let path = format!("{}_52", dir.uds().display());
+    // A listener with a backlog of one, never accepted.
+    let host = UnixListener::bind(&path).unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: listen() again on a listening socket we own only changes its backlog.
+    let r = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&host), 1) };
+    assert_eq!(r, 0);
+    let mut g = Guest::new(&dir.uds());
+    g.post_rx(64);
+    let start = Instant::now();
+    for p in 0..40 {
+        g.send(pkt(7000 + p, 52, op::REQUEST), &[]);
+    }
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let got = g.recv();
+    let rsts = got.iter().filter(|(h, _)| h.op == op::RST).count();
+    let oks = got.iter().filter(|(h, _)| h.op == op::RESPONSE).count();
+    assert_eq!(rsts + oks, 40);
+    assert!(oks > 0, "the backlog takes a few");
+}
