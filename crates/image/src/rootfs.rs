@@ -84,6 +84,9 @@ pub fn build_rootfs(
             });
         }
     }
+    if options.suite.is_none() {
+        check_packages_known(&options.packages)?;
+    }
     let name = out.file_name().unwrap_or_default().to_string_lossy();
     let tree = TempTree(out.with_file_name(format!(".{name}.tree-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&tree.0);
@@ -104,11 +107,13 @@ pub fn build_rootfs(
         source,
     })?;
     if !output.status.success() {
-        let text = String::from_utf8_lossy(&output.stderr);
+        // apt's own errors reach mmdebstrap's stdout, its summary stderr.
+        let text =
+            String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
         let detail = text
             .lines()
-            .rev()
-            .find(|l| l.starts_with("E:"))
+            .find(|l| l.starts_with("E:") && !l.contains("mmdebstrap failed"))
+            .or_else(|| text.lines().rev().find(|l| l.starts_with("E:")))
             .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))
             .unwrap_or("no message")
             .trim()
@@ -155,6 +160,29 @@ pub fn build_rootfs(
             Err(std::io::Error::new(kind, format!("mkfs.ext4: {text}")))
         }
     })
+}
+
+/// Fails at once, naming it, on a package the host's apt does not know
+/// (the guest gets the host's suite), instead of minutes into mmdebstrap.
+/// Says nothing when the host has no package lists to ask.
+fn check_packages_known(packages: &[String]) -> Result<(), ImageError> {
+    let known = |p: &str| {
+        Command::new("apt-cache")
+            .args(["show", "--no-all-versions", p])
+            .env("LC_ALL", "C")
+            .output()
+            .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+    };
+    if !known("busybox-static") {
+        return Ok(());
+    }
+    match packages.iter().find(|p| !known(p)) {
+        Some(p) => Err(ImageError::MissingPackage {
+            package: p.clone(),
+            detail: "the host's apt does not know it".into(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The temporary name [`crate::write_atomically`] writes `out` under.

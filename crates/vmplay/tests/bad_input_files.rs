@@ -181,3 +181,30 @@ fn image_on_a_full_disk_says_so_and_leaves_nothing_behind() {
     // The tmpfs went with the namespace; nothing reached the directory below.
     assert_eq!(leftovers(&small), Vec::<String>::new(), "\n{run}");
 }
+
+#[test]
+fn image_with_an_unknown_package_names_it_and_writes_no_root_file_system() {
+    let apt_knows = Command::new("apt-cache")
+        .args(["show", "--no-all-versions", "busybox-static"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !apt_knows || vmplay_image::DebianAssets::open(&cache()).is_err() {
+        eprintln!("skipping: apt has no package lists or nothing is fetched here");
+        return;
+    }
+    let dir = TempDir::new();
+    let mut cmd = Command::new(vmplay_exe());
+    cmd.args(["image", "debian", "--rootfs", "--packages"])
+        .arg("bash,vmplay-no-such-package")
+        .arg("--cache")
+        .arg(cache())
+        .arg("--out")
+        .arg(dir.path());
+    let run = run(cmd);
+    assert_image_error(&run, "vmplay-no-such-package");
+    let names: Vec<String> = leftovers(dir.path())
+        .into_iter()
+        .filter(|p| p.contains("rootfs") || p.contains(".tmp") || p.contains(".tree"))
+        .collect();
+    assert_eq!(names, Vec::<String>::new(), "\n{run}");
+}
