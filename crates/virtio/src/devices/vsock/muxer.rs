@@ -65,6 +65,8 @@ pub struct Muxer {
     uds_path: PathBuf,
     listener: UnixListener,
     listener_registered: bool,
+    /// Accept failed (no fds): the listener waits for a connection to end.
+    listener_paused: bool,
     /// Whether the driver is running (host connections are taken only then).
     active: bool,
     conns: HashMap<Key, Connection>,
@@ -102,6 +104,7 @@ impl Muxer {
             uds_path: uds_path.into(),
             listener,
             listener_registered: false,
+            listener_paused: false,
             active: false,
             conns: HashMap::new(),
             handshakes: HashMap::new(),
@@ -132,6 +135,7 @@ impl Muxer {
     /// the next [`Muxer::sync`].
     pub fn reset(&mut self) {
         self.active = false;
+        self.listener_paused = false;
         for (_, c) in self.conns.drain() {
             self.doomed.push((c.stream, c.registered.is_some()));
             self.counters.conns_removed += 1;
@@ -212,6 +216,7 @@ impl Muxer {
         }
         self.counters.conns_removed += 1;
         self.doomed.push((c.stream, c.registered.is_some()));
+        self.listener_paused = false;
     }
 
     /// A packet from the guest's transmit queue; `payload` is its data
@@ -304,8 +309,12 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
+                    // Out of fds, typically: the connection stays in the
+                    // backlog and the listener readable, so stop watching
+                    // it (no busy loop) until a connection goes away.
                     tracing::warn!("vsock: accept on {}: {e}", self.uds_path.display());
                     self.counters.muxer_event_fails += 1;
+                    self.listener_paused = true;
                     return;
                 }
             };
@@ -384,6 +393,7 @@ impl Muxer {
             self.counters.bad_connect += 1;
             self.owners.remove(&token);
             self.doomed.push((hs.stream, true));
+            self.listener_paused = false;
             return;
         };
         let local_port = self.alloc_local_port(port);
@@ -486,7 +496,7 @@ impl Muxer {
                 poll.add(h.stream.as_raw_fd(), token, EventSet::IN);
             }
         }
-        let want_listener = self.active;
+        let want_listener = self.active && !self.listener_paused;
         if want_listener != self.listener_registered {
             if want_listener {
                 poll.add(self.listener.as_raw_fd(), self.listener_token, EventSet::IN);

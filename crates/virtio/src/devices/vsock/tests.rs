@@ -876,3 +876,57 @@ fn a_host_listener_that_never_accepts_refuses_the_guest_without_stalling() {
     assert_eq!(rsts + oks, 40);
     assert!(oks > 0, "the backlog takes a few");
 }
+
+/// The soft limit on open files, from /proc/self/limits.
+fn open_file_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_table_holds_1023_connections_and_refuses_the_next() {
+    if open_file_limit() < 2 * MAX_CONNECTIONS as u64 + 200 {
+        eprintln!("skipping: too few open files allowed for 2 x 1023 sockets");
+        return;
+    }
+    let dir = Dir::new();
+    let host = UnixListener::bind(format!("{}_52", dir.uds().display())).unwrap();
+    let mut g = Guest::new(&dir.uds());
+    let mut streams = Vec::new();
+    let mut responses = 0;
+    let mut port = 10_000;
+    while port < 10_000 + MAX_CONNECTIONS as u32 {
+        let batch = (10_000 + MAX_CONNECTIONS as u32 - port).min(100);
+        g.post_rx(batch as usize);
+        for _ in 0..batch {
+            g.post_tx(pkt(port, 52, op::REQUEST), &[]);
+            streams.push(host.accept().unwrap().0);
+            port += 1;
+        }
+        responses += g
+            .recv()
+            .iter()
+            .filter(|(h, _)| h.op == op::RESPONSE)
+            .count();
+    }
+    assert_eq!(responses, MAX_CONNECTIONS);
+    assert_eq!(g.dev.connections(), MAX_CONNECTIONS);
+    g.post_rx(4);
+    g.send(pkt(port, 52, op::REQUEST), &[]);
+    let got = g.recv();
+    assert_eq!((got.len(), got[0].0.op), (1, op::RST));
+    // A host connection past the limit is accepted and dropped.
+    let mut late = UnixStream::connect(dir.uds()).unwrap();
+    g.pump();
+    assert!(is_closed(&mut late));
+    // One connection ends; a new one fits.
+    g.send(pkt(10_000, 52, op::RST), &[]);
+    g.send(pkt(port, 52, op::REQUEST), &[]);
+    assert_eq!(g.recv()[0].0.op, op::RESPONSE);
+}
