@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod request;
 pub mod resources;
 pub mod schema;
+pub mod seccomp;
 pub mod server;
 pub mod vmm;
 

@@ -50,6 +50,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
 pub struct ServerConfig {
     pub max_payload: usize,
     pub metrics: Arc<Metrics>,
+    /// Install the API thread's seccomp filter before serving.
+    pub seccomp: bool,
 }
 
 /// Starts the `fc_api` thread serving `listener`; requests go to `vmm`.
@@ -72,6 +74,21 @@ pub fn spawn(
                     return;
                 }
             };
+            if config.seccomp {
+                // A test hook: make a forbidden call once the filter is on.
+                let selftest =
+                    std::env::var_os("VMPLAY_SECCOMP_SELFTEST").is_some_and(|v| v == "api");
+                match crate::seccomp::api_filter().and_then(|f| crate::seccomp::install(&f)) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        logger::error(&format!("Seccomp error: {e}"));
+                        return;
+                    }
+                }
+                if selftest {
+                    let _ = std::os::unix::process::parent_id();
+                }
+            }
             rt.block_on(serve(listener, vmm, Arc::new(config)));
         })
 }

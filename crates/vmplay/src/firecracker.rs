@@ -345,7 +345,12 @@ pub fn main(argv: &[String]) -> ExitCode {
         );
     }
     if !args.has("no-seccomp") {
-        logger::warn("vmplay installs no seccomp filters yet; running as with --no-seccomp.");
+        catch_sigsys();
+        if args.has("seccomp-filter") {
+            logger::warn(
+                "vmplay cannot load Firecracker's compiled filter files yet; it installs its own API filter.",
+            );
+        }
     }
     if args.has("enable-pci") {
         eprintln!("vmplay: --enable-pci accepted; vmplay's devices use virtio-mmio");
@@ -437,6 +442,7 @@ pub fn main(argv: &[String]) -> ExitCode {
             vmplay_api::server::ServerConfig {
                 max_payload,
                 metrics: metrics.clone(),
+                seccomp: !args.has("no-seccomp"),
             },
         );
         match server {
@@ -529,6 +535,48 @@ pub fn main(argv: &[String]) -> ExitCode {
     let reason = vmm.run(events_rx);
     drop(raw.lock().unwrap_or_else(|e| e.into_inner()).take());
     exit_for(&reason)
+}
+
+/// SIGSYS from a seccomp filter: Firecracker's message and exit 148.
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: for SIGSYS the kernel fills `_sigsys` (call address, then
+    // the syscall number as an int) after the 16-byte siginfo header.
+    let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
+    let mut buf = *b"Shutting down VM after intercepting a bad syscall (0000000000";
+    let mut len = buf.len() - 10;
+    let mut digits = [0u8; 10];
+    let mut n = nr.unsigned_abs();
+    let mut i = 0;
+    loop {
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        i += 1;
+        if n == 0 {
+            break;
+        }
+    }
+    while i > 0 {
+        i -= 1;
+        buf[len] = digits[i];
+        len += 1;
+    }
+    let tail = b").\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffers are live.
+    unsafe {
+        libc::write(1, buf.as_ptr().cast(), len);
+        libc::write(1, tail.as_ptr().cast(), tail.len());
+        libc::_exit(148);
+    }
+}
+
+fn catch_sigsys() {
+    // SAFETY: a zeroed sigaction with a valid handler and SA_SIGINFO.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut());
+    }
 }
 
 fn monotonic_us() -> u64 {

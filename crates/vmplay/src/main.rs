@@ -374,6 +374,7 @@ fn run_with_api(
         vmplay_api::server::ServerConfig {
             max_payload: vmplay_api::server::DEFAULT_MAX_PAYLOAD,
             metrics,
+            seccomp: false,
         },
     )
     .context("cannot start the API server thread")?;

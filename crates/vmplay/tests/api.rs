@@ -769,3 +769,55 @@ fn vmplay_run_serves_the_api_beside_its_own_flags() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn the_api_threads_seccomp_filter_kills_a_forbidden_syscall_and_no_seccomp_lifts_it() {
+    let dir = TempDir::new();
+    let sock = dir.path().join("s.sock");
+    let run = |extra: &[&str]| {
+        let mut child = Command::new(vmplay_exe())
+            .args(["firecracker", "--api-sock"])
+            .arg(&sock)
+            .args(extra)
+            .env("VMPLAY_SECCOMP_SELFTEST", "api")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if start.elapsed() > Duration::from_secs(3) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let _ = std::fs::remove_file(&sock);
+        (status.and_then(|s| s.code()), out)
+    };
+    // getppid is outside the API thread's filter: SIGSYS, exit 148.
+    let (code, out) = run(&[]);
+    assert_eq!(code, Some(148), "{out}");
+    assert!(
+        out.contains(&format!(
+            "Shutting down VM after intercepting a bad syscall ({}).",
+            libc::SYS_getppid
+        )),
+        "{out}"
+    );
+    // Without filters the same call is harmless and the API serves on.
+    let (code, out) = run(&["--no-seccomp"]);
+    assert_eq!(code, None, "{out}");
+}
