@@ -8,6 +8,7 @@
 //! and assert nothing about speed. `scripts/bench` builds in release and
 //! runs them; BENCHMARKS.md records the figures.
 
+mod api;
 mod block;
 mod emu_loops;
 mod guests;
@@ -59,6 +60,8 @@ enum Bench {
     EmuLoops,
     /// virtio-blk sequential and random I/O under Debian's kernel on emu vs QEMU TCG.
     Block,
+    /// Firecracker API: process start to socket accepting (CPU ms) and GET / latency.
+    Api,
 }
 
 #[derive(Parser)]
@@ -191,7 +194,13 @@ fn main() -> ExitCode {
     };
     let mut benches = cli.bench;
     if benches.contains(&Bench::All) {
-        benches = vec![Bench::PioExit, Bench::Start, Bench::EmuLoops, Bench::Block];
+        benches = vec![
+            Bench::PioExit,
+            Bench::Start,
+            Bench::EmuLoops,
+            Bench::Block,
+            Bench::Api,
+        ];
     }
     benches.dedup();
     println!(
@@ -208,6 +217,7 @@ fn main() -> ExitCode {
             Bench::Start => ("start", start::run(&ctx)),
             Bench::EmuLoops => ("emu-loops", emu_loops::run(&ctx)),
             Bench::Block => ("block", block::run(&ctx)),
+            Bench::Api => ("api", api::run(&ctx)),
             Bench::All => unreachable!("expanded above"),
         };
         if let Err(e) = result {
