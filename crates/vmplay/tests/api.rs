@@ -821,3 +821,67 @@ fn the_api_threads_seccomp_filter_kills_a_forbidden_syscall_and_no_seccomp_lifts
     let (code, out) = run(&["--no-seccomp"]);
     assert_eq!(code, None, "{out}");
 }
+
+/// A guest that writes Firecracker's boot-timer byte (123 at 0xc0000000),
+/// says `timed`, then resets through the i8042.
+fn boot_timer_writer() -> Vec<u8> {
+    let mut img = MultibootImage::new();
+    let scratch = img.zeroed(vmplay_guests::runtime::RUNTIME32_SCRATCH, 16);
+    let entry = img
+        .code32(|a| {
+            let mut rt = Runtime32::new(a, scratch);
+            use iced_x86::code_asm::*;
+            a.cli()?;
+            a.mov(eax, 0xc000_0000u32)?;
+            a.mov(byte_ptr(eax), 123u32)?;
+            rt.print(a, "timed\n")?;
+            a.mov(al, 0xfeu32)?;
+            a.out(0x64, al)?;
+            let mut spin = a.create_label();
+            a.set_label(&mut spin)?;
+            a.jmp(spin)?;
+            rt.finish(a)
+        })
+        .expect("assemble the boot-timer guest");
+    img.set_entry32(entry);
+    img.build().expect("build the boot-timer guest")
+}
+
+#[test]
+fn boot_timer_logs_the_time_since_instance_start() {
+    for accel in backends() {
+        let dir = TempDir::new();
+        let kernel = dir.file("timer.elf", &boot_timer_writer());
+        let config = serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+            "drives": [],
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        });
+        let path = dir.file("vm.json", config.to_string().as_bytes());
+        // With the API on, the config file boots at once and the API serves it.
+        let mut fc = Fc::start(
+            &dir,
+            accel,
+            &["--boot-timer", "--config-file", path.to_str().unwrap()],
+        );
+        assert_eq!(fc.wait_exit(), 0, "{accel}");
+        let out = fc.stdout();
+        let line = out
+            .lines()
+            .find(|l| l.contains("Guest-boot-time ="))
+            .unwrap_or_else(|| panic!("{accel}: no boot-timer line:\n{out}"));
+        // Firecracker's test parses exactly this shape.
+        let tail = line.split("Guest-boot-time =").nth(1).unwrap();
+        let words: Vec<&str> = tail.split_whitespace().collect();
+        assert_eq!(
+            (words[1], words[3], words[5], words[8]),
+            ("us", "ms,", "CPU", "CPU"),
+            "{line}"
+        );
+        assert!(
+            words[0].parse::<u64>().is_ok() && words[4].parse::<u64>().is_ok(),
+            "{line}"
+        );
+        assert!(out.contains("timed"), "{out}");
+    }
+}
