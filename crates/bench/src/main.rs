@@ -12,7 +12,9 @@ mod api;
 mod block;
 mod emu_loops;
 mod guests;
+mod initramfs;
 mod kernels;
+mod linux;
 mod measure;
 mod native;
 mod pio_exit;
@@ -62,6 +64,10 @@ enum Bench {
     Block,
     /// Firecracker API: process start to socket accepting (CPU ms) and GET / latency.
     Api,
+    /// Debian's kernel to /init and power-off (bzImage and PVH entry) under emu vs QEMU TCG.
+    LinuxBoot,
+    /// Busybox workloads in Debian's kernel, timed by the guest clock, emu vs QEMU TCG.
+    Workloads,
 }
 
 #[derive(Parser)]
@@ -88,6 +94,10 @@ struct Cli {
     /// emu-loops only: which loops (default all).
     #[arg(long = "loop", value_name = "int|mem|bignum")]
     loops: Vec<String>,
+    /// linux-boot and workloads: the directory with Debian's `vmlinuz` and static `busybox`
+    /// (scripts/fetch-debian-kernel fills guest-assets/debian).
+    #[arg(long, value_name = "DIR", default_value = "guest-assets/debian")]
+    debian: PathBuf,
     /// Instead of benchmarking, write every benchmark guest into DIR (to
     /// run one by hand under vmplay or QEMU) and exit.
     #[arg(long, value_name = "DIR")]
@@ -128,6 +138,7 @@ pub struct Ctx {
     pub reps: usize,
     pub quick: bool,
     pub loops: Vec<kernels::LoopKind>,
+    pub debian: PathBuf,
     pub scratch: measure::Scratch,
 }
 
@@ -190,6 +201,7 @@ fn main() -> ExitCode {
         reps: cli.reps,
         quick: cli.quick,
         loops,
+        debian: cli.debian,
         scratch,
     };
     let mut benches = cli.bench;
@@ -200,6 +212,8 @@ fn main() -> ExitCode {
             Bench::EmuLoops,
             Bench::Block,
             Bench::Api,
+            Bench::LinuxBoot,
+            Bench::Workloads,
         ];
     }
     benches.dedup();
@@ -218,6 +232,8 @@ fn main() -> ExitCode {
             Bench::EmuLoops => ("emu-loops", emu_loops::run(&ctx)),
             Bench::Block => ("block", block::run(&ctx)),
             Bench::Api => ("api", api::run(&ctx)),
+            Bench::LinuxBoot => ("linux-boot", linux::run_boot(&ctx)),
+            Bench::Workloads => ("workloads", linux::run_workloads(&ctx)),
             Bench::All => unreachable!("expanded above"),
         };
         if let Err(e) = result {
