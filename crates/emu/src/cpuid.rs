@@ -70,9 +70,12 @@ pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
         2 => [1, 0, 0, 0],
         // Leaf 4: no more cache levels described.
         4 => [0, 0, 0, 0],
-        // Leaf 7: only TSC_ADJUST (EBX bit 1), which with the invariant,
-        // known-frequency TSC lets Linux trust the TSC without a watchdog.
-        7 if sub == 0 => [0, 1 << 1, 0, 0],
+        // Leaf 7: TSC_ADJUST (EBX bit 1), which with the invariant,
+        // known-frequency TSC lets Linux trust the TSC without a watchdog;
+        // IA32_ARCH_CAPABILITIES (EDX bit 29), which says this CPU, which
+        // does not speculate, has none of the speculation bugs that would
+        // make Linux isolate its page tables or clear buffers on exits.
+        7 if sub == 0 => [0, 1 << 1, 0, 1 << 29],
         0xb => {
             let shift = 32 - (ncpu.max(1) - 1).leading_zeros();
             match sub {

@@ -11,6 +11,27 @@ pub const TSC: u32 = 0x10;
 pub const TSC_ADJUST: u32 = 0x3b;
 pub const APIC_BASE: u32 = 0x1b;
 pub const UCODE_REV: u32 = 0x8b;
+pub const ARCH_CAPABILITIES: u32 = 0x10a;
+
+/// IA32_ARCH_CAPABILITIES: the "not affected" bits of every speculation
+/// bug Linux checks (an interpreter does not speculate): RDCL_NO (0),
+/// SKIP_L1DFL_VMENTRY (3), SSB_NO (4), MDS_NO (5), PSCHANGE_MC_NO (6),
+/// TAA_NO (8), SBDR_SSDP_NO (13), FBSDP_NO (14), PSDP_NO (15), BHI_NO (20),
+/// PBRSB_NO (24), GDS_NO (26), RFDS_NO (27). RDCL_NO is what spares the
+/// guest page-table isolation: two CR3 writes per kernel entry.
+pub const ARCH_CAPABILITIES_VALUE: u64 = 1
+    | 1 << 3
+    | 1 << 4
+    | 1 << 5
+    | 1 << 6
+    | 1 << 8
+    | 1 << 13
+    | 1 << 14
+    | 1 << 15
+    | 1 << 20
+    | 1 << 24
+    | 1 << 26
+    | 1 << 27;
 pub const SYSENTER_CS: u32 = 0x174;
 pub const SYSENTER_ESP: u32 = 0x175;
 pub const SYSENTER_EIP: u32 = 0x176;
@@ -52,6 +73,7 @@ impl Cpu {
             TSC_ADJUST => self.msr.tsc_adjust as u64,
             APIC_BASE => self.with_lapic(|l| l.base),
             UCODE_REV => self.msr.ucode_rev,
+            ARCH_CAPABILITIES => ARCH_CAPABILITIES_VALUE,
             SYSENTER_CS => self.msr.sysenter_cs,
             SYSENTER_ESP => self.msr.sysenter_esp,
             SYSENTER_EIP => self.msr.sysenter_eip,
