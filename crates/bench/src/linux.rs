@@ -82,7 +82,11 @@ impl Assets {
         let initramfs = ctx
             .scratch
             .write("workloads.cpio", &initramfs::build(&bb))?;
-        let plugin = build_plugin(ctx);
+        let plugin = if ctx.insn_count {
+            build_plugin(ctx)
+        } else {
+            None
+        };
         Ok(Assets {
             bzimage,
             vmlinux,

@@ -98,6 +98,9 @@ struct Cli {
     /// (scripts/fetch-debian-kernel fills guest-assets/debian).
     #[arg(long, value_name = "DIR", default_value = "guest-assets/debian")]
     debian: PathBuf,
+    /// linux-boot and workloads: skip the extra QEMU runs that count guest instructions.
+    #[arg(long)]
+    no_insn_count: bool,
     /// Instead of benchmarking, write every benchmark guest into DIR (to
     /// run one by hand under vmplay or QEMU) and exit.
     #[arg(long, value_name = "DIR")]
@@ -139,6 +142,7 @@ pub struct Ctx {
     pub quick: bool,
     pub loops: Vec<kernels::LoopKind>,
     pub debian: PathBuf,
+    pub insn_count: bool,
     pub scratch: measure::Scratch,
 }
 
@@ -202,6 +206,7 @@ fn main() -> ExitCode {
         quick: cli.quick,
         loops,
         debian: cli.debian,
+        insn_count: !cli.no_insn_count,
         scratch,
     };
     let mut benches = cli.bench;
