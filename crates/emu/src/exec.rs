@@ -27,10 +27,9 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
     let vm = cpu.vm.clone();
     let sig = &vm.platform.signals[cpu.id as usize];
     let tracing = vm.trace.is_some();
-    // The block that just ran to its end, and the cache generation then:
-    // its links lead to the next block without a lookup.
+    // The block that just ran to its end: its links lead to the next
+    // block without a lookup.
     let mut prev: *mut Block = std::ptr::null_mut();
-    let mut prev_gen = 0u64;
     loop {
         if cpu.shutdown {
             return Event::Shutdown;
@@ -55,45 +54,44 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         }
         let rip = cpu.gpr[RIP];
         let epoch = cpu.tlb.epoch();
-        let linked = if !prev.is_null() && prev_gen == cache.generation() {
-            // SAFETY: blocks are freed only when the cache generation
-            // moves; it has not since `prev` ran, so `prev` is alive.
-            unsafe { &*prev }.successor(rip, prev_gen, epoch)
-        } else {
+        let linked = if prev.is_null() {
             None
+        } else {
+            // SAFETY: `prev` points into the block slab, which lives as
+            // long as `cache`.
+            unsafe { &*prev }.successor(rip, epoch)
         };
         let live = |b: *mut Block| {
-            // SAFETY: a link stamped with the current cache generation
-            // points at a live block of this vCPU's cache.
+            // SAFETY: as above, for a link target.
             unsafe { &*b }.is_current(&vm.code)
         };
         let block: *mut Block = match linked {
             Some(b) if live(b) => b,
-            _ => {
-                let g0 = cache.generation();
-                match cache.lookup(cpu) {
-                    Ok(b) => {
-                        let bp: *mut Block = b;
-                        if !prev.is_null() && prev_gen == g0 && cache.generation() == g0 {
-                            // SAFETY: `prev` is alive (generation unchanged)
-                            // and no reference to it or `bp` is held.
-                            unsafe { (*prev).link(rip, bp, g0, epoch) };
-                        }
-                        bp
+            _ => match cache.lookup(cpu) {
+                Ok(bp) => {
+                    // SAFETY: `bp` points into the slab or at the scratch
+                    // block, alive while `cache` is; no reference is held.
+                    let target = unsafe { &*bp }.link_target();
+                    if let (false, Some(target)) = (prev.is_null(), target) {
+                        // SAFETY: `prev` points into the slab; the shared
+                        // borrow of `bp` above has ended.
+                        unsafe { (*prev).link(rip, bp, target, epoch) };
                     }
-                    Err(s) => {
-                        cache.forget_page();
-                        prev = std::ptr::null_mut();
-                        stopped(cpu, s);
-                        continue;
-                    }
+                    bp
                 }
-            }
+                Err(s) => {
+                    cache.forget_page();
+                    prev = std::ptr::null_mut();
+                    stopped(cpu, s);
+                    continue;
+                }
+            },
         };
         // SAFETY: `block` is alive (just looked up or validly linked) and
         // nothing else references it while it runs; handlers never touch
         // the block cache.
         let block = unsafe { &mut *block };
+        block.prefetch_successors();
         let single = cpu.int_shadow || cpu.rflags & TF != 0;
         let trap = cpu.rflags & TF != 0;
         cpu.int_shadow = false;
@@ -125,7 +123,6 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
             prev = std::ptr::null_mut();
         } else {
             prev = block;
-            prev_gen = cache.generation();
         }
         if cpu.stop {
             cache.forget_page();
@@ -149,10 +146,10 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
 /// `TRACE` logs each instruction; `LONG` (64-bit code) skips the IP wrap.
 fn run_block<const TRACE: bool, const LONG: bool>(cpu: &mut Cpu, block: &Block) -> (u64, bool) {
     let mut done = 0u64;
-    for insn in block.insns.iter() {
+    for (k, insn) in block.insns.iter().enumerate() {
         let cur = cpu.gpr[RIP];
         if TRACE {
-            crate::trace::record(cpu, insn);
+            crate::trace::record(cpu, block.full.get(k));
         }
         let next = cur.wrapping_add(u64::from(insn.len));
         cpu.gpr[RIP] = if LONG { next } else { next & cpu.ip_mask };

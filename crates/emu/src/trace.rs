@@ -4,11 +4,10 @@
 use std::io::Write;
 
 use crate::cpu::{CS, Cpu};
-use crate::decode::Insn;
-
 /// Logs `insn` about to run at the current RIP.
-pub fn record(cpu: &Cpu, insn: &Insn) {
+pub fn record(cpu: &Cpu, insn: Option<&iced_x86::Instruction>) {
     if let Some(t) = &cpu.vm.trace
+        && let Some(insn) = insn
         && let Ok(mut w) = t.lock()
     {
         let _ = writeln!(
@@ -17,7 +16,7 @@ pub fn record(cpu: &Cpu, insn: &Insn) {
             cpu.id,
             cpu.seg[CS].sel,
             cpu.rip(),
-            insn.ins
+            insn
         );
     }
 }

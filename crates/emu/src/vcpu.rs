@@ -165,6 +165,19 @@ impl Vcpu for EmuVcpu {
     }
 }
 
+impl Drop for EmuVcpu {
+    fn drop(&mut self) {
+        tracing::debug!(
+            vcpu = self.cpu.id,
+            instructions = self.cpu.icount,
+            blocks_decoded = self.cache.blocks_decoded,
+            instructions_decoded = self.cache.decoded,
+            slow_lookups = self.cache.slow_lookups,
+            "emu vCPU statistics"
+        );
+    }
+}
+
 struct Kicker {
     vm: Arc<VmShared>,
     id: usize,

@@ -14,41 +14,117 @@ use crate::mem::{PAGE_MASK, RamLoc};
 /// Most instructions in one block.
 pub const MAX_BLOCK: usize = 64;
 const SLOTS: usize = 1 << 15;
+/// The slab is 4-way set associative: two hot blocks whose keys hash
+/// alike no longer evict each other on every pass of a loop.
+const WAYS: usize = 4;
+const SETS: usize = SLOTS / WAYS;
+/// Entries of the jump cache (linear RIP → block), as TCG's `tb_jmp_cache`.
+const JUMPS: usize = 1 << 12;
 
+/// A decoded block: its instructions, the iced forms for `--trace`, and
+/// the page generation they were decoded at.
+type Decoded = (Box<[Insn]>, Box<[Instruction]>, u32);
+
+/// Blocks live in one slab that never moves or shrinks while the cache
+/// exists, so a pointer to a block is always safe to read: a link or a
+/// jump-cache entry carries the `serial` its target had, and is stale
+/// once the slot has been decoded anew (or cleared).
+///
+/// The fields a block's start needs (serial, page check, instructions)
+/// share its first cache line; the links follow.
+#[repr(C, align(64))]
 pub struct Block {
+    /// Unique per decode (never 0 for a live block).
+    serial: u64,
     frame: usize,
     generation: u32,
+    /// False for the uncached scratch block: never linked.
+    cached: bool,
+    next_link: u8,
     pub insns: Box<[Insn]>,
     /// Times this block ran (a future JIT tier picks hot blocks by it).
     pub runs: u64,
-    /// Successors seen at run time: (rip, block, cache generation, TLB
-    /// epoch). Followed only while both stamps still match.
+    /// (host address of the first byte) << 2 | code size; `u64::MAX` empty.
+    key: u64,
+    /// Successors seen at run time: (rip, block, its serial and
+    /// instructions, TLB epoch). Followed only while the serial and the
+    /// epoch still match.
     links: [Link; 2],
-    next_link: u8,
-    /// False for the uncached scratch block: never linked.
-    cached: bool,
+    /// The iced instructions beside `insns`, kept only for `--trace`.
+    pub full: Box<[Instruction]>,
 }
 
 // SAFETY: the raw pointers in `links` point into the same vCPU's block
-// cache, which lives and is used on one thread at a time with its Block.
+// slab, which lives and is used on one thread at a time with its Block.
 unsafe impl Send for Block {}
 
 #[derive(Clone, Copy)]
 struct Link {
     rip: u64,
     block: *mut Block,
-    cache_gen: u64,
+    serial: u64,
+    /// The target's first instruction, to prefetch with its header.
+    insns: *const Insn,
     tlb_epoch: u32,
 }
 
 const NO_LINK: Link = Link {
     rip: u64::MAX,
     block: std::ptr::null_mut(),
-    cache_gen: 0,
+    serial: 0,
+    insns: std::ptr::null(),
     tlb_epoch: 0,
 };
 
+/// Starts loading the cache line at `p` (a hint: any address is fine).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch never faults and has no architectural effect; it
+    // only moves a line towards the cache.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>())
+    };
+}
+
+/// A jump-cache entry: the block decoded for linear address `lin` in code
+/// size `bits` under TLB epoch `epoch`.
+#[derive(Clone, Copy)]
+struct Jump {
+    lin: u64,
+    block: *mut Block,
+    serial: u64,
+    epoch: u32,
+    bits: u32,
+}
+
+// SAFETY: as for `Block`: the pointer is into the same vCPU's slab.
+unsafe impl Send for Jump {}
+
+const NO_JUMP: Jump = Jump {
+    lin: u64::MAX,
+    block: std::ptr::null_mut(),
+    serial: 0,
+    epoch: 0,
+    bits: 0,
+};
+
 impl Block {
+    fn empty(cached: bool) -> Block {
+        Block {
+            key: u64::MAX,
+            frame: 0,
+            generation: 0,
+            serial: 0,
+            insns: Box::new([]),
+            full: Box::new([]),
+            runs: 0,
+            links: [NO_LINK; 2],
+            next_link: 0,
+            cached,
+        }
+    }
+
     /// No write has hit the block's page since it was decoded.
     #[inline(always)]
     pub fn is_current(&self, code: &crate::mem::CodeMap) -> bool {
@@ -57,23 +133,45 @@ impl Block {
 
     /// The linked successor for `rip`, if the link is still valid.
     #[inline(always)]
-    pub fn successor(&self, rip: u64, cache_gen: u64, tlb_epoch: u32) -> Option<*mut Block> {
-        self.links
-            .iter()
-            .find(|l| l.rip == rip && l.cache_gen == cache_gen && l.tlb_epoch == tlb_epoch)
-            .map(|l| l.block)
+    pub fn successor(&self, rip: u64, tlb_epoch: u32) -> Option<*mut Block> {
+        let l = self.links.iter().find(|l| l.rip == rip && l.serial != 0)?;
+        // SAFETY: link targets point into the slab, which outlives every
+        // block in it; the serial tells whether the slot still holds the
+        // block the link was made to.
+        (l.tlb_epoch == tlb_epoch && unsafe { (*l.block).serial } == l.serial).then_some(l.block)
     }
 
-    /// Remembers that `next` followed this block at `rip`.
-    pub fn link(&mut self, rip: u64, next: *mut Block, cache_gen: u64, tlb_epoch: u32) {
+    /// What a link to this block records: its serial and instructions,
+    /// or `None` for the scratch block, which is never linked.
+    pub fn link_target(&self) -> Option<(u64, *const Insn)> {
+        self.cached.then_some((self.serial, self.insns.as_ptr()))
+    }
+
+    /// Remembers that `next` (whose `link_target` is `target`) followed
+    /// this block at `rip`.
+    pub fn link(&mut self, rip: u64, next: *mut Block, target: (u64, *const Insn), tlb_epoch: u32) {
         let k = usize::from(self.next_link & 1);
         self.links[k] = Link {
             rip,
             block: next,
-            cache_gen,
+            serial: target.0,
+            insns: target.1,
             tlb_epoch,
         };
         self.next_link ^= 1;
+    }
+
+    /// Starts loading the likely next blocks while this one runs: their
+    /// headers and first instructions are the interpreter's main cache
+    /// misses on branchy code.
+    #[inline(always)]
+    pub fn prefetch_successors(&self) {
+        for l in &self.links {
+            if l.serial != 0 {
+                prefetch(l.block);
+                prefetch(l.insns);
+            }
+        }
     }
 
     pub fn cached(&self) -> bool {
@@ -82,20 +180,27 @@ impl Block {
 }
 
 pub struct BlockCache {
-    /// (key, block): the key sits beside the pointer so a miss costs
-    /// no pointer chase.
-    slots: Vec<(u64, Option<Box<Block>>)>,
+    /// The slab, `WAYS` blocks per set of keys. Never reallocated.
+    blocks: Box<[Block]>,
+    /// Each slot's key, beside the others of its set (one line per set).
+    keys: Box<[u64]>,
+    /// The way each set replaces next (round robin).
+    victim: Box<[u8]>,
+    /// Linear RIP → block, checked before the code page is translated.
+    jumps: Box<[Jump]>,
     /// The uncached block for an instruction crossing a page or fetched
     /// from outside RAM.
-    scratch: Option<Box<Block>>,
+    scratch: Box<Block>,
+    /// Instructions decoded, for statistics.
     pub decoded: u64,
+    /// Lookups past the jump cache, and how many of them decoded a block.
+    pub slow_lookups: u64,
+    pub blocks_decoded: u64,
     /// The code page the previous block came from: (linear page, host
     /// page, frame). Valid until the CPU changes mode or mappings, which
     /// always ends a block with `cpu.stop` (the loop then forgets it).
     page: Option<(u64, u64, usize)>,
-    /// Bumped whenever a block may be freed (slot replaced, scratch
-    /// replaced, clear): links stamped with an older value are dead.
-    generation: u64,
+    next_serial: u64,
 }
 
 impl Default for BlockCache {
@@ -105,35 +210,64 @@ impl Default for BlockCache {
 }
 
 #[inline(always)]
-fn slot_of(key: u64) -> usize {
-    ((key ^ (key >> 15) ^ (key >> 30)) as usize) & (SLOTS - 1)
+fn set_of(key: u64) -> usize {
+    ((key ^ (key >> 15) ^ (key >> 30)) as usize >> 2 ^ (key as usize & 3)) & (SETS - 1)
+}
+
+#[inline(always)]
+fn jump_of(lin: u64) -> usize {
+    ((lin ^ (lin >> 12)) as usize) & (JUMPS - 1)
 }
 
 impl BlockCache {
     pub fn new() -> Self {
         BlockCache {
-            slots: (0..SLOTS).map(|_| (u64::MAX, None)).collect(),
-            scratch: None,
+            blocks: (0..SLOTS).map(|_| Block::empty(true)).collect(),
+            keys: vec![u64::MAX; SLOTS].into_boxed_slice(),
+            victim: vec![0; SETS].into_boxed_slice(),
+            jumps: vec![NO_JUMP; JUMPS].into_boxed_slice(),
+            scratch: Box::new(Block::empty(false)),
             decoded: 0,
+            slow_lookups: 0,
+            blocks_decoded: 0,
             page: None,
-            generation: 1,
+            next_serial: 1,
         }
     }
 
-    #[inline(always)]
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    /// The block at the current CS:RIP, decoding it if needed.
+    /// The block at the current CS:RIP, decoding it if needed. The
+    /// pointer stays readable as long as the cache exists.
     #[inline]
-    pub fn lookup(&mut self, cpu: &mut Cpu) -> Res<&mut Block> {
+    pub fn lookup(&mut self, cpu: &mut Cpu) -> Res<*mut Block> {
         let rip = cpu.rip();
         let cs = cpu.seg[CS];
         if cpu.mode != Mode::Long && rip > u64::from(cs.limit) {
             return Err(Fault::gp(0));
         }
         let lin = cs.base.wrapping_add(rip) & cpu.lin_mask;
+        let epoch = cpu.tlb.epoch();
+        let bits = u32::from(cpu.bits);
+        let j = self.jumps[jump_of(lin)];
+        if j.lin == lin && j.epoch == epoch && j.bits == bits && j.serial != 0 {
+            // SAFETY: jump targets point into the slab (see `Block`).
+            let b = unsafe { &*j.block };
+            if b.serial == j.serial && b.is_current(&cpu.vm.code) {
+                return Ok(j.block);
+            }
+        }
+        self.lookup_slow(cpu, rip, lin, epoch, bits)
+    }
+
+    fn lookup_slow(
+        &mut self,
+        cpu: &mut Cpu,
+        rip: u64,
+        lin: u64,
+        epoch: u32,
+        bits: u32,
+    ) -> Res<*mut Block> {
+        let cs = cpu.seg[CS];
+        self.slow_lookups += 1;
         let loc = match self.page {
             Some((page, host, frame)) if page == lin & PAGE_MASK => RamLoc {
                 host: (host + (lin & 0xfff)) as *mut u8,
@@ -148,11 +282,15 @@ impl BlockCache {
             }
         };
         let key = (loc.host as u64) << 2 | u64::from(cpu.bits >> 5);
-        let slot = slot_of(key);
-        let entry = &self.slots[slot];
-        let hit = entry.0 == key
-            && matches!(&entry.1, Some(b) if cpu.vm.code.generation(b.frame) == b.generation);
-        if !hit {
+        let set = set_of(key) * WAYS;
+        let way = (0..WAYS).find(|&w| self.keys[set + w] == key);
+        let hit = way.filter(|&w| self.blocks[set + w].is_current(&cpu.vm.code));
+        let slot = match hit {
+            Some(w) => set + w,
+            // A stale block of the same key is replaced in place.
+            None => set + way.unwrap_or_else(|| usize::from(self.victim[set / WAYS])),
+        };
+        if hit.is_none() {
             let avail = 0x1000 - (lin & 0xfff) as usize;
             let avail = if cpu.mode != Mode::Long {
                 avail.min((u64::from(cs.limit) - rip + 1).min(0x1000) as usize)
@@ -160,17 +298,36 @@ impl BlockCache {
                 avail
             };
             match self.decode(cpu, rip, loc.host, loc.frame, avail)? {
-                Some(block) => {
-                    self.generation += 1;
-                    self.slots[slot] = (key, Some(block));
+                Some((insns, full, generation)) => {
+                    self.blocks_decoded += 1;
+                    let serial = self.next_serial;
+                    self.next_serial += 1;
+                    if way.is_none() {
+                        let v = &mut self.victim[set / WAYS];
+                        *v = (*v + 1) % WAYS as u8;
+                    }
+                    self.keys[slot] = key;
+                    let b = &mut self.blocks[slot];
+                    *b = Block::empty(true);
+                    b.key = key;
+                    b.frame = loc.frame;
+                    b.generation = generation;
+                    b.serial = serial;
+                    b.insns = insns;
+                    b.full = full;
                 }
                 None => return self.decode_scratch(cpu, lin, Some(loc.host)),
             }
         }
-        match self.slots[slot].1.as_deref_mut() {
-            Some(b) => Ok(b),
-            None => Err(Fault::ud()),
-        }
+        let b = &mut self.blocks[slot];
+        self.jumps[jump_of(lin)] = Jump {
+            lin,
+            block: b,
+            serial: b.serial,
+            epoch,
+            bits,
+        };
+        Ok(b)
     }
 
     /// Decodes a cached block; `None` if its first instruction crosses the page.
@@ -181,7 +338,7 @@ impl BlockCache {
         host: *mut u8,
         frame: usize,
         avail: usize,
-    ) -> Res<Option<Box<Block>>> {
+    ) -> Res<Option<Decoded>> {
         if cpu.vm.code.mark(frame) {
             // First code on this page: no vCPU may write it through the TLB.
             cpu.tlb.drop_write(frame);
@@ -193,7 +350,9 @@ impl BlockCache {
                 .set_hash(frame, unsafe { crate::mem::page_hash(page) });
         }
         let generation = cpu.vm.code.generation(frame);
-        let mut buf = [0u8; 0x1000];
+        // A block holds at most MAX_BLOCK instructions of at most 15 bytes.
+        let avail = avail.min(MAX_BLOCK * 15);
+        let mut buf = [0u8; MAX_BLOCK * 15];
         // SAFETY: `host..host+avail` is inside the RAM page `fetch_target`
         // found; other vCPUs may write it concurrently (the generation
         // check catches that), so copy it out once with a raw copy.
@@ -203,7 +362,9 @@ impl BlockCache {
         let mut decoder = Decoder::with_ip(u32::from(cpu.bits), bytes, rip, DecoderOptions::NONE);
         let mut insns: Vec<Insn> = Vec::with_capacity(16);
         let tracing = cpu.vm.trace.is_some();
+        let mut full = Vec::new();
         let mut ins = Instruction::default();
+        let mut prev_ins = Instruction::default();
         while decoder.can_decode() && insns.len() < MAX_BLOCK {
             decoder.decode_out(&mut ins);
             if ins.is_invalid() && decoder.last_error() == DecoderError::NoMoreBytes {
@@ -212,13 +373,17 @@ impl BlockCache {
             let (h, stop) = t.resolve(&ins);
             if !tracing
                 && let Some(prev) = insns.last()
-                && let Some(fused) = super::fuse::fuse(prev, &ins)
+                && let Some(fused) = super::fuse::fuse(prev, &prev_ins, &ins)
             {
                 insns.pop();
                 insns.push(fused);
                 break;
             }
             insns.push(Insn::build(&ins, h));
+            if tracing {
+                full.push(ins);
+            }
+            prev_ins = ins;
             if stop || ins.flow_control() != FlowControl::Next {
                 break;
             }
@@ -227,15 +392,11 @@ impl BlockCache {
             return Ok(None);
         }
         self.decoded += insns.len() as u64;
-        Ok(Some(Box::new(Block {
-            frame,
+        Ok(Some((
+            insns.into_boxed_slice(),
+            full.into_boxed_slice(),
             generation,
-            insns: insns.into_boxed_slice(),
-            runs: 0,
-            links: [NO_LINK; 2],
-            next_link: 0,
-            cached: true,
-        })))
+        )))
     }
 
     /// Decodes one instruction that crosses a page (or is outside RAM,
@@ -246,7 +407,7 @@ impl BlockCache {
         cpu: &mut Cpu,
         lin: u64,
         host: Option<*mut u8>,
-    ) -> Res<&mut Block> {
+    ) -> Res<*mut Block> {
         let mut buf = [0xffu8; 15];
         if host.is_some() {
             let first = (0x1000 - (lin & 0xfff) as usize).min(15);
@@ -264,20 +425,13 @@ impl BlockCache {
             Decoder::with_ip(u32::from(cpu.bits), &buf, cpu.rip(), DecoderOptions::NONE);
         let ins = decoder.decode();
         let (h, _) = table().resolve(&ins);
-        self.generation += 1;
-        self.scratch = Some(Box::new(Block {
-            frame: 0,
-            generation: 0,
-            insns: vec![Insn::build(&ins, h)].into_boxed_slice(),
-            runs: 0,
-            links: [NO_LINK; 2],
-            next_link: 0,
-            cached: false,
-        }));
-        match self.scratch.as_deref_mut() {
-            Some(b) => Ok(b),
-            None => Err(Fault::ud()),
+        let mut b = Block::empty(false);
+        b.insns = vec![Insn::build(&ins, h)].into_boxed_slice();
+        if cpu.vm.trace.is_some() {
+            b.full = vec![ins].into_boxed_slice();
         }
+        *self.scratch = b;
+        Ok(&mut *self.scratch)
     }
 
     /// The mapping of the last code page may have changed.
@@ -288,7 +442,8 @@ impl BlockCache {
 
     /// Forgets every block (tests, INIT).
     pub fn clear(&mut self) {
-        self.generation += 1;
-        self.slots.iter_mut().for_each(|s| *s = (u64::MAX, None));
+        self.blocks.iter_mut().for_each(|b| *b = Block::empty(true));
+        self.keys.fill(u64::MAX);
+        self.jumps.fill(NO_JUMP);
     }
 }

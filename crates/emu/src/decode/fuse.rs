@@ -103,14 +103,14 @@ fn cc_index(c: ConditionCode) -> Option<u8> {
 }
 
 /// The fused form of `first` + `jcc`, if the pair qualifies.
-pub fn fuse(first: &Insn, jcc: &Instruction) -> Option<Insn> {
+pub fn fuse(first: &Insn, first_ins: &Instruction, jcc: &Instruction) -> Option<Insn> {
     if jcc.flow_control() != FlowControl::ConditionalBranch
         || !matches!(jcc.op0_kind(), OpKind::NearBranch32 | OpKind::NearBranch64)
     {
         return None;
     }
     let cc = cc_index(jcc.condition_code())?;
-    let (w64, test, imm) = match first.ins.code() {
+    let (w64, test, imm) = match first_ins.code() {
         Code::Cmp_rm32_imm8 | Code::Cmp_rm32_imm32 | Code::Cmp_EAX_imm32 => (false, false, true),
         Code::Cmp_rm64_imm8 | Code::Cmp_rm64_imm32 | Code::Cmp_RAX_imm32 => (true, false, true),
         Code::Cmp_rm32_r32 | Code::Cmp_r32_rm32 => (false, false, false),
@@ -120,7 +120,7 @@ pub fn fuse(first: &Insn, jcc: &Instruction) -> Option<Insn> {
         _ => return None,
     };
     // Register operands only (memory forms keep their own handlers).
-    if (0..first.ins.op_count()).any(|k| first.ins.op_kind(k) == OpKind::Memory) {
+    if (0..first_ins.op_count()).any(|k| first_ins.op_kind(k) == OpKind::Memory) {
         return None;
     }
     let exec = match (w64, test, imm) {

@@ -37,9 +37,21 @@ pub struct Insn {
     pub imm: u64,
     /// Second immediate (`enter` level) or far-pointer selector.
     pub imm2: u64,
-    /// The iced instruction, for slow handlers that want it.
-    pub ins: Instruction,
+    /// The iced `Code` (as its number), for the few handlers that look.
+    pub code: u16,
+    /// The mod and r/m bits of the memory operand's ModRM (x87 FOP).
+    pub modrm: u8,
 }
+
+impl Insn {
+    /// The iced `Code` this instruction was decoded as.
+    pub fn code(&self) -> iced_x86::Code {
+        iced_x86::Code::try_from(usize::from(self.code)).unwrap_or(iced_x86::Code::INVALID)
+    }
+}
+
+// Blocks are arrays of these, and the hot ones should stay in cache.
+const _: () = assert!(std::mem::size_of::<Insn>() <= 56);
 
 /// The byte slot of an 8-bit register (AH..BH are `0x10 | n`).
 pub fn gpr8_slot(r: Register) -> u8 {
@@ -114,7 +126,8 @@ impl Insn {
             disp: 0,
             imm: 0,
             imm2: 0,
-            ins: *ins,
+            code: ins.code() as u16,
+            modrm: 0,
         };
         let mut regs = [0u8; 3];
         for op in 0..ins.op_count().min(5) {
@@ -126,6 +139,7 @@ impl Insn {
                     }
                 }
                 OpKind::Memory => {
+                    d.modrm = crate::isa::x87::modrm_mem(ins);
                     d.seg = ins.memory_segment().number() as u8;
                     d.amask = address_mask(ins);
                     let base = ins.memory_base();

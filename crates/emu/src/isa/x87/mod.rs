@@ -265,9 +265,9 @@ const FOP_MEM: u16 = 0x8000;
 /// register operand (one of r0/r1 is ST(0) = 0) or the memory ModRM.
 #[inline]
 fn fop_fast(i: &Insn) -> u16 {
-    let e = fop_table()[i.ins.code() as usize];
+    let e = fop_table()[usize::from(i.code)];
     if e & FOP_MEM != 0 {
-        (e & 0x7ff) | u16::from(modrm_mem(&i.ins))
+        (e & 0x7ff) | u16::from(i.modrm)
     } else {
         e + u16::from(i.r0 | i.r1)
     }
@@ -307,7 +307,7 @@ pub fn fop(ins: &Instruction) -> u16 {
 }
 
 /// The mod and r/m fields of a memory operand's ModRM byte.
-fn modrm_mem(ins: &Instruction) -> u8 {
+pub(crate) fn modrm_mem(ins: &Instruction) -> u8 {
     let base = ins.memory_base();
     let index = ins.memory_index();
     let dsize = ins.memory_displ_size();
