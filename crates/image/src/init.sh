@@ -6,7 +6,8 @@
 #   3. ip=CLIENT:SERVER:GATEWAY:NETMASK:HOSTNAME:DEVICE:AUTOCONF:DNS0:DNS1
 #      (as the kernel documents it; ip=dhcp asks DHCP) configures eth0;
 #   4. then one of:
-#      root=DEV [rootfstype=T] [rootflags=F] [ro|rw] [init=PATH]:
+#      root=DEV|UUID=U|LABEL=L|PARTUUID=P [rootfstype=T] [rootflags=F]
+#      [ro|rw] [init=PATH]:
 #          mount DEV and switch_root to PATH (default /sbin/init);
 #      /etc/vmplay/run exists: run it, then power off;
 #      otherwise: an interactive shell on the console (job control), and
@@ -60,6 +61,7 @@ for arg in $(cat /proc/cmdline); do
     ip=*) ip=${arg#ip=} ;;
     esac
 done
+set +f
 
 # Waits up to $2 tenths of a second for the test `[ $1 ]` to hold.
 wait_for() {
@@ -110,9 +112,40 @@ shell() {
     wait $!
 }
 
+# The partition of a /dev/vd* disk whose PARTUUID is $1: a GPT entry's
+# unique GUID, or an MBR disk signature and partition number (SSSSSSSS-NN).
+partuuid_device() {
+    want=$(echo "$1" | tr A-F a-f)
+    for sys in /sys/block/vd*; do
+        disk=/dev/${sys##*/}
+        [ -b "$disk" ] || continue
+        if [ "$(dd if="$disk" bs=8 skip=64 count=1 2>/dev/null)" = "EFI PART" ]; then
+            lba=$(hexdump -s 584 -n 4 -e '1/4 "%u"' "$disk")
+            count=$(hexdump -s 592 -n 4 -e '1/4 "%u"' "$disk")
+            size=$(hexdump -s 596 -n 4 -e '1/4 "%u"' "$disk")
+            i=0
+            while [ "$i" -lt "$count" ] && [ "$i" -lt 256 ]; do
+                guid=$(hexdump -s $((lba * 512 + i * size + 16)) -n 16 \
+                    -e '1/4 "%08x" "-" 1/2 "%04x" "-" 1/2 "%04x" "-" 2/1 "%02x" "-" 6/1 "%02x"' "$disk")
+                i=$((i + 1))
+                [ "$guid" = "$want" ] && echo "$disk$i" && return
+            done
+        else
+            signature=$(hexdump -s 440 -n 4 -e '1/4 "%08x"' "$disk")
+            case "$want" in
+            "$signature"-??) echo "$disk$((0x${want#*-}))" && return ;;
+            esac
+        fi
+    done
+}
+
 if [ -n "$root" ]; then
     case "$root" in
     UUID=* | LABEL=*) device=$(findfs "$root") ;;
+    PARTUUID=*)
+        wait_for "-n \"\$(partuuid_device ${root#PARTUUID=})\"" 100
+        device=$(partuuid_device "${root#PARTUUID=}")
+        ;;
     *) device=$root ;;
     esac
     if [ -z "$device" ] || ! wait_for "-b $device" 100; then

@@ -473,3 +473,86 @@ echo "GATEWAY=$(ip route | grep -c '^default via')"
     );
     assert!(run.stdout.contains("GATEWAY=1"), "no default route\n{run}");
 }
+
+#[test]
+fn root_partuuid_finds_the_gpt_partition_and_switches_to_it() {
+    let dir = TempDir::new();
+    let Some(assets) = vmplay_image::DebianAssets::fetch(&cache(), &mut |l| eprintln!("{l}"))
+        .map_err(|e| eprintln!("skipping: {e}"))
+        .ok()
+    else {
+        assert!(std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none());
+        return;
+    };
+    let tree = dir.path().join("root");
+    for d in ["bin", "sbin", "dev", "proc", "sys"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::copy(assets.busybox(), tree.join("bin/busybox")).unwrap();
+    let init = tree.join("sbin/init");
+    std::fs::write(
+        &init,
+        "#!/bin/busybox sh\n\
+         /bin/busybox echo \"ROOT=$(/bin/busybox awk '$2 == \"/\" { r = $1 } END { print r }' /proc/mounts)\"\n\
+         /bin/busybox poweroff -f\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A GPT disk: partition 1 from 1 MiB holds the ext4 root.
+    let disk = dir.path().join("gpt.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(64 << 20))
+        .unwrap();
+    let uuid = "8d1d8b84-5c0f-4f2a-9d6e-1c2b3a4d5e6f";
+    let sfdisk = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&disk)
+        .stdin(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("stdin").write_all(
+                format!("label: gpt\nstart=2048, size=120000, uuid={uuid}\n").as_bytes(),
+            )?;
+            c.wait()
+        });
+    if !sfdisk.is_ok_and(|s| s.success()) {
+        assert!(
+            std::env::var_os("VMPLAY_REQUIRE_ASSETS").is_none(),
+            "sfdisk failed (install fdisk)"
+        );
+        eprintln!("skipping: no sfdisk");
+        return;
+    }
+    let made = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "offset=1048576", "-d"])
+        .arg(&tree)
+        .arg(&disk)
+        .arg("58M")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(made, "mkfs.ext4 -E offset= -d failed");
+    let initrd = dir.path().join("initramfs.cpio");
+    vmplay_image::Initramfs::debian(&assets)
+        .unwrap()
+        .write(&initrd)
+        .unwrap();
+    let mut cmd = Command::new(vmplay_exe());
+    cmd.args(["run", "--accel", "emu", "--memory", "512M", "--kernel"])
+        .arg(assets.kernel())
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet root=PARTUUID={} rw",
+            uuid.to_uppercase()
+        ))
+        .arg("--drive")
+        .arg(format!("path={}", disk.display()));
+    let run = run_with_deadline(cmd, BOOT_DEADLINE);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("ROOT=/dev/vda1"),
+        "not switched to /dev/vda1\n{run}"
+    );
+}
