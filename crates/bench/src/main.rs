@@ -17,6 +17,7 @@ mod kernels;
 mod linux;
 mod measure;
 mod native;
+mod net;
 mod pio_exit;
 mod report;
 mod start;
@@ -68,6 +69,8 @@ enum Bench {
     LinuxBoot,
     /// Busybox workloads in Debian's kernel, timed by the guest clock, emu vs QEMU TCG.
     Workloads,
+    /// virtio-net TCP throughput each way over a TAP under Debian's kernel on emu vs QEMU TCG (needs root).
+    Net,
 }
 
 #[derive(Parser)]
@@ -219,6 +222,7 @@ fn main() -> ExitCode {
             Bench::Api,
             Bench::LinuxBoot,
             Bench::Workloads,
+            Bench::Net,
         ];
     }
     benches.dedup();
@@ -239,6 +243,7 @@ fn main() -> ExitCode {
             Bench::Api => ("api", api::run(&ctx)),
             Bench::LinuxBoot => ("linux-boot", linux::run_boot(&ctx)),
             Bench::Workloads => ("workloads", linux::run_workloads(&ctx)),
+            Bench::Net => ("net", net::run(&ctx)),
             Bench::All => unreachable!("expanded above"),
         };
         if let Err(e) = result {
