@@ -544,7 +544,7 @@ fn deliver(
                 break;
             }
         };
-        queue::note_writes(&a.ram, &chain);
+        note_written(&a.ram, &chain, n);
         heads.push((head, n as u32));
         written += n;
         if first.is_none() {
@@ -574,6 +574,20 @@ fn deliver(
         Delivery::Dropped
     } else {
         Delivery::Done
+    }
+}
+
+/// Tells the DMA observer about the first `len` bytes of `chain`'s
+/// writable buffers, the ones a frame filled (a guest's 64 KiB buffer
+/// holding a 60-byte frame is one page written, not sixteen).
+fn note_written(ram: &GuestRam, chain: &queue::Chain<'_>, mut len: usize) {
+    for d in chain.clone().writable() {
+        if len == 0 {
+            break;
+        }
+        let n = len.min(d.len() as usize);
+        ram.written(d.addr().0, n as u64);
+        len -= n;
     }
 }
 

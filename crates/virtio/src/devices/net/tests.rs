@@ -482,3 +482,38 @@ fn survives_the_transport_fuzz() {
     };
     crate::testing::fuzz_device(make, 0x6e65_7400_0001, 200);
 }
+
+#[test]
+fn the_tx_rate_limiter_holds_frames_back_until_its_bucket_refills() {
+    let mut r = rig(0);
+    let bucket = crate::config::TokenBucketConfig {
+        size: 100,
+        one_time_burst: 0,
+        refill_time_ms: 100,
+    };
+    r.net.tx_limiter = RateLimiter::new(
+        Some(&crate::config::RateLimiterConfig {
+            bandwidth: Some(bucket),
+            ops: None,
+        }),
+        TX_LIMITER_TOKEN,
+    )
+    .unwrap();
+    for i in 0..2 {
+        let at = 0x10000 + i * 0x1000;
+        r.mem
+            .write_slice(&[0u8; VNET_HDR_LEN + 72], GuestAddress(at))
+            .unwrap();
+        r.tx.offer(&r.mem, &[(at, (VNET_HDR_LEN + 72) as u32, false)]);
+    }
+    r.net.process_tx();
+    assert_eq!(r.tx.used_idx(&r.mem), 1, "the second frame must wait");
+    assert_eq!(r.net.counters.tx_rate_limiter_throttled, 1);
+    assert_eq!(peer_recv(&mut r.peer).len(), 72);
+    std::thread::sleep(Duration::from_millis(150));
+    r.net.tx_limiter.timer_fired();
+    r.net.process_tx();
+    assert_eq!(r.tx.used_idx(&r.mem), 2);
+    assert_eq!(peer_recv(&mut r.peer).len(), 72);
+    assert_eq!(r.net.counters.tx_packets_count, 2);
+}
