@@ -270,6 +270,9 @@ fn run_once(ctx: &Ctx, ns: &Netns, a: &Assets, qemu: bool) -> Result<Figures, Be
         .map_err(|e| BenchError::Run(format!("{who}: {e}")))
 }
 
+/// One printed row: its name and which figure it reads.
+type Row = (&'static str, fn(&Figures) -> f64);
+
 fn median(v: impl Iterator<Item = f64>) -> f64 {
     measure::median(&mut v.collect::<Vec<_>>()).unwrap_or(f64::NAN)
 }
@@ -295,7 +298,7 @@ pub fn run(ctx: &Ctx) -> Result<(), BenchError> {
         tcg.push(run_once(ctx, &ns, &a, true)?);
     }
     let mib = (a.bytes >> 20) as f64;
-    let rows: [(&str, fn(&Figures) -> f64); 2] = [
+    let rows: [Row; 2] = [
         ("TCP guest to host", |f| f.g2h),
         ("TCP host to guest", |f| f.h2g),
     ];
