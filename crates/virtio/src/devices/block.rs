@@ -156,29 +156,42 @@ pub struct Block {
     pub counters: BlockCounters,
 }
 
-/// A request's header (`struct virtio_blk_outhdr`).
+/// A request's header (`struct virtio_blk_outhdr`: le32 type, le32
+/// reserved, le64 sector).
 #[derive(Clone, Copy, Default)]
-#[repr(C)]
 struct Header {
     kind: u32,
-    _reserved: u32,
     sector: u64,
 }
-// SAFETY: plain integers, no padding (4 + 4 + 8 bytes), any bit pattern valid.
-#[allow(unsafe_code)]
-unsafe impl vm_memory::ByteValued for Header {}
 
-/// One DISCARD / WRITE_ZEROES segment.
+impl Header {
+    const SIZE: usize = 16;
+    fn parse(b: [u8; Self::SIZE]) -> Header {
+        Header {
+            kind: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            sector: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+        }
+    }
+}
+
+/// One DISCARD / WRITE_ZEROES segment (le64 sector, le32 count, le32 flags).
 #[derive(Clone, Copy, Default)]
-#[repr(C)]
 struct Segment {
     sector: u64,
     num_sectors: u32,
     flags: u32,
 }
-// SAFETY: plain integers, no padding (8 + 4 + 4 bytes), any bit pattern valid.
-#[allow(unsafe_code)]
-unsafe impl vm_memory::ByteValued for Segment {}
+
+impl Segment {
+    const SIZE: usize = 16;
+    fn parse(b: [u8; Self::SIZE]) -> Segment {
+        Segment {
+            sector: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            num_sectors: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            flags: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        }
+    }
+}
 
 impl Block {
     pub fn new(config: &DriveConfig) -> Result<Self, BlockError> {
@@ -280,10 +293,11 @@ impl Worker<'_> {
             Ok(w) => w,
             Err(e) => return Some(self.invalid(&format!("unwritable chain: {e:?}"))),
         };
-        let header: Header = match reader.read_obj() {
-            Ok(h) => h,
-            Err(_) => return Some(self.invalid("request shorter than its header")),
-        };
+        let mut raw = [0u8; Header::SIZE];
+        if reader.read_exact(&mut raw).is_err() {
+            return Some(self.invalid("request shorter than its header"));
+        }
+        let header = Header::parse(raw);
         let writable = writer.available_bytes();
         if writable == 0 {
             return Some(self.invalid("no status byte"));
@@ -425,7 +439,7 @@ impl Worker<'_> {
         if self.read_only {
             return S_IOERR;
         }
-        let seg_size = std::mem::size_of::<Segment>();
+        let seg_size = Segment::SIZE;
         let count = reader.available_bytes() / seg_size;
         if count == 0
             || count > MAX_DISCARD_SEGMENTS as usize
@@ -434,9 +448,11 @@ impl Worker<'_> {
             return S_UNSUPP;
         }
         for _ in 0..count {
-            let Ok(seg) = reader.read_obj::<Segment>() else {
+            let mut raw = [0u8; Segment::SIZE];
+            if reader.read_exact(&mut raw).is_err() {
                 return S_IOERR;
-            };
+            }
+            let seg = Segment::parse(raw);
             let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
             let Some(at) = self.range(seg.sector, len) else {
                 return S_IOERR;
