@@ -60,6 +60,9 @@ for w in "$@"; do
         begin; i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i + 1)); done; end fork ;;
     files)
         begin; i=0; while [ $i -lt 2000 ]; do echo "line $i" > /tmp/small; read -r x < /tmp/small; i=$((i + 1)); done; end files ;;
+    info)
+        mount -t sysfs sys /sys
+        for f in /sys/devices/system/cpu/vulnerabilities/*; do echo "vmplay-info ${f##*/}: $(cat $f)"; done ;;
     prep16) data 16777216; rm /tmp/data ;;
     prep8) data 8388608; rm /tmp/data ;;
     none) ;;
@@ -112,7 +115,7 @@ pub fn build(busybox: &[u8]) -> Vec<u8> {
         entry(out, ino, name, mode, data);
         ino += 1;
     };
-    for d in ["bin", "dev", "proc", "tmp"] {
+    for d in ["bin", "dev", "proc", "sys", "tmp"] {
         add(&mut out, d, DIR, &[]);
     }
     add(&mut out, "bin/busybox", FILE, busybox);

@@ -111,7 +111,8 @@ struct Cli {
 }
 
 /// Writes each guest as DIR/<name>.elf; the loop guests run n = 1000.
-fn write_guests(dir: &std::path::Path) -> Result<(), BenchError> {
+/// With Debian's busybox in `debian`, also DIR/workloads.cpio.
+fn write_guests(dir: &std::path::Path, debian: &std::path::Path) -> Result<(), BenchError> {
     std::fs::create_dir_all(dir).map_err(|e| BenchError::File(dir.to_path_buf(), e))?;
     let mut images = vec![
         (
@@ -132,6 +133,12 @@ fn write_guests(dir: &std::path::Path) -> Result<(), BenchError> {
     for (name, image) in images {
         let path = dir.join(format!("{name}.elf"));
         std::fs::write(&path, image).map_err(|e| BenchError::File(path.clone(), e))?;
+        println!("{}", path.display());
+    }
+    if let Ok(busybox) = std::fs::read(debian.join("busybox")) {
+        let path = dir.join("workloads.cpio");
+        std::fs::write(&path, initramfs::build(&busybox))
+            .map_err(|e| BenchError::File(path.clone(), e))?;
         println!("{}", path.display());
     }
     Ok(())
@@ -187,7 +194,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if let Some(dir) = &cli.write_guests {
-        return match write_guests(dir) {
+        return match write_guests(dir, &cli.debian) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("vmplay-bench: {e}");

@@ -17,7 +17,8 @@ pub const ARCH_CAPABILITIES: u32 = 0x10a;
 /// bug Linux checks (an interpreter does not speculate): RDCL_NO (0),
 /// SKIP_L1DFL_VMENTRY (3), SSB_NO (4), MDS_NO (5), PSCHANGE_MC_NO (6),
 /// TAA_NO (8), SBDR_SSDP_NO (13), FBSDP_NO (14), PSDP_NO (15), BHI_NO (20),
-/// PBRSB_NO (24), GDS_NO (26), RFDS_NO (27). RDCL_NO is what spares the
+/// PBRSB_NO (24), GDS_NO (26), RFDS_NO (27), ITS_NO (62: else every
+/// kernel `ret` goes through an aligned return thunk). RDCL_NO is what spares the
 /// guest page-table isolation: two CR3 writes per kernel entry.
 pub const ARCH_CAPABILITIES_VALUE: u64 = 1
     | 1 << 3
@@ -31,7 +32,8 @@ pub const ARCH_CAPABILITIES_VALUE: u64 = 1
     | 1 << 20
     | 1 << 24
     | 1 << 26
-    | 1 << 27;
+    | 1 << 27
+    | 1 << 62;
 pub const SYSENTER_CS: u32 = 0x174;
 pub const SYSENTER_ESP: u32 = 0x175;
 pub const SYSENTER_EIP: u32 = 0x176;
