@@ -44,10 +44,46 @@ const API_SYSCALLS: &[i64] = &[
     libc::SYS_writev,
 ];
 
-/// The API thread's filter: the list above allowed, anything else traps.
-pub fn api_filter() -> Result<BpfProgram, String> {
+/// What a vCPU thread makes while it runs the guest, on either backend:
+/// KVM_RUN and the register ioctls (kvm), kicks (signals, futexes),
+/// device work done on the exit (serial output, eventfd writes, the
+/// boot-timer log line), the allocator, and thread exit.
+const VCPU_SYSCALLS: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_fcntl,
+    libc::SYS_futex,
+    libc::SYS_getpid,
+    libc::SYS_getrandom,
+    libc::SYS_gettid,
+    libc::SYS_gettimeofday,
+    libc::SYS_ioctl,
+    libc::SYS_madvise,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_munmap,
+    libc::SYS_nanosleep,
+    libc::SYS_read,
+    libc::SYS_restart_syscall,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sched_yield,
+    libc::SYS_sigaltstack,
+    libc::SYS_tgkill,
+    libc::SYS_tkill,
+    libc::SYS_write,
+    libc::SYS_writev,
+];
+
+fn filter(list: &[i64]) -> Result<BpfProgram, String> {
     let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        API_SYSCALLS.iter().map(|nr| (*nr, vec![])).collect();
+        list.iter().map(|nr| (*nr, vec![])).collect();
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -58,6 +94,16 @@ pub fn api_filter() -> Result<BpfProgram, String> {
     filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// The API thread's filter: [`API_SYSCALLS`] allowed, anything else traps.
+pub fn api_filter() -> Result<BpfProgram, String> {
+    filter(API_SYSCALLS)
+}
+
+/// Each vCPU thread's filter: [`VCPU_SYSCALLS`] allowed, anything else traps.
+pub fn vcpu_filter() -> Result<BpfProgram, String> {
+    filter(VCPU_SYSCALLS)
 }
 
 /// Installs `filter` on the calling thread (after `PR_SET_NO_NEW_PRIVS`).
@@ -72,5 +118,6 @@ mod tests {
     #[test]
     fn the_api_filter_compiles() {
         assert!(!api_filter().unwrap().is_empty());
+        assert!(!vcpu_filter().unwrap().is_empty());
     }
 }

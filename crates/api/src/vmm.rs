@@ -91,6 +91,8 @@ pub struct VmmOptions {
     pub serial: SerialMode,
     pub mmds_size_limit: usize,
     pub boot_timer: bool,
+    /// Install the vCPU threads' seccomp filter.
+    pub seccomp: bool,
 }
 
 /// The VMM: resources before boot, the machine after.
@@ -98,6 +100,7 @@ pub struct Vmm {
     id: String,
     serial: SerialMode,
     boot_timer: bool,
+    seccomp: bool,
     pub resources: VmResources,
     running: Option<RunningMachine>,
     launcher: Launcher,
@@ -119,6 +122,7 @@ impl Vmm {
             id: options.id,
             serial: options.serial,
             boot_timer: options.boot_timer,
+            seccomp: options.seccomp,
             resources: VmResources::default(),
             running: None,
             launcher,
@@ -179,8 +183,22 @@ impl Vmm {
                 }))
                 .map_err(|e| format!("Start microvm error: {e}"))?;
         }
+        let hook: Option<vmplay_machine::VcpuThreadHook> = if self.seccomp {
+            let filter =
+                crate::seccomp::vcpu_filter().map_err(|e| format!("Seccomp error: {e}"))?;
+            let selftest = std::env::var_os("VMPLAY_SECCOMP_SELFTEST").is_some_and(|v| v == "vcpu");
+            Some(std::sync::Arc::new(move || {
+                crate::seccomp::install(&filter)?;
+                if selftest {
+                    let _ = std::os::unix::process::parent_id();
+                }
+                Ok(())
+            }))
+        } else {
+            None
+        };
         let running = machine
-            .start()
+            .start_with(hook)
             .map_err(|e| format!("Start microvm error: {e}"))?;
         let counters = running.vcpu_counters();
         self.metrics.add_source(Box::new(move || {

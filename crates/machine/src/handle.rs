@@ -16,6 +16,9 @@ use vmplay_hypervisor::VcpuKicker;
 /// them: a wedged backend must not wedge the VMM.
 const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Run on each vCPU thread before guest code.
+pub type VcpuThreadHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Why a command to the running machine failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -89,6 +92,16 @@ impl Machine {
     /// Starts one thread per vCPU (and the stdin forwarder for a stdio
     /// serial) and returns at once.
     pub fn start(self) -> Result<RunningMachine, MachineError> {
+        self.start_with(None)
+    }
+
+    /// [`Machine::start`], with `on_vcpu_thread` run first on each vCPU
+    /// thread, before any guest code (where the VMM installs that
+    /// thread's seccomp filter). If it fails the VM stops with its error.
+    pub fn start_with(
+        self,
+        on_vcpu_thread: Option<VcpuThreadHook>,
+    ) -> Result<RunningMachine, MachineError> {
         let Machine {
             control,
             vcpus,
@@ -128,9 +141,20 @@ impl Machine {
                 commands,
                 responses: responses_tx.clone(),
             };
+            let hook = on_vcpu_thread.clone();
             std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop::run(vcpu, &ctx, chan))
+                .spawn(move || {
+                    if let Some(hook) = hook
+                        && let Err(e) = hook()
+                    {
+                        ctx.control
+                            .request_stop(StopReason::HostError(format!("vCPU {id}: {e}")));
+                        let _ = chan.responses.send((id, VcpuResponse::Exited));
+                        return;
+                    }
+                    vcpu_loop::run(vcpu, &ctx, chan)
+                })
                 .map_err(MachineError::Thread)?;
             handles.push(VcpuHandle {
                 id,

@@ -12,7 +12,7 @@ mod handle;
 mod memory;
 mod vcpu_loop;
 
-pub use handle::{ControlError, RunningMachine};
+pub use handle::{ControlError, RunningMachine, VcpuThreadHook};
 pub use memory::{host_memory_bytes, parse_size};
 pub use vcpu_loop::VcpuCounters;
 pub use vmplay_boot::{KernelEntry, Protocol};

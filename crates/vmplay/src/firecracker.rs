@@ -399,6 +399,7 @@ pub fn main(argv: &[String]) -> ExitCode {
             serial: SerialMode::Stdio,
             mmds_size_limit: mmds_limit,
             boot_timer: args.has("boot-timer"),
+            seccomp: !args.has("no-seccomp"),
         },
         launcher,
         events_tx.clone(),
@@ -542,8 +543,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // SAFETY: for SIGSYS the kernel fills `_sigsys` (call address, then
     // the syscall number as an int) after the 16-byte siginfo header.
     let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
-    let mut buf = *b"Shutting down VM after intercepting a bad syscall (0000000000";
-    let mut len = buf.len() - 10;
+    let mut buf = *b"Shutting down VM after intercepting a bad syscall (0000000000).\n\0\0\0";
+    let mut len = buf.len() - 16;
     let mut digits = [0u8; 10];
     let mut n = nr.unsigned_abs();
     let mut i = 0;
@@ -560,11 +561,14 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         buf[len] = digits[i];
         len += 1;
     }
-    let tail = b").\n";
-    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffers are live.
+    for &b in b").\n" {
+        buf[len] = b;
+        len += 1;
+    }
+    // One write, so the line is not split by another thread's output.
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is live.
     unsafe {
         libc::write(1, buf.as_ptr().cast(), len);
-        libc::write(1, tail.as_ptr().cast(), tail.len());
         libc::_exit(148);
     }
 }

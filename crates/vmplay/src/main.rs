@@ -363,6 +363,7 @@ fn run_with_api(
             serial,
             mmds_size_limit: vmplay_api::server::DEFAULT_MAX_PAYLOAD,
             boot_timer: false,
+            seccomp: false,
         },
         launcher,
         events_tx.clone(),

@@ -885,3 +885,40 @@ fn boot_timer_logs_the_time_since_instance_start() {
         assert!(out.contains("timed"), "{out}");
     }
 }
+
+#[test]
+fn each_vcpu_threads_seccomp_filter_kills_a_forbidden_syscall() {
+    for accel in backends() {
+        let dir = TempDir::new();
+        let kernel = dir.file("reset.elf", &vmplay_guests::i8042_reset());
+        let config = serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+            "drives": [],
+        });
+        let path = dir.file("vm.json", config.to_string().as_bytes());
+        let run = |extra: &[&str]| {
+            let mut cmd = Command::new(vmplay_exe());
+            cmd.args(["firecracker", "--no-api", "--config-file"])
+                .arg(&path)
+                .args(extra)
+                .env("VMPLAY_ACCEL", accel)
+                .env("VMPLAY_SECCOMP_SELFTEST", "vcpu");
+            support::run(cmd)
+        };
+        // getppid is outside the vCPU filter: SIGSYS before any guest code.
+        let r = run(&[]);
+        assert_eq!(r.code(), 148, "{accel}: {r}");
+        assert!(
+            r.stdout.contains(&format!(
+                "Shutting down VM after intercepting a bad syscall ({}).",
+                libc::SYS_getppid
+            )),
+            "{r}"
+        );
+        assert!(!r.stdout.contains("resetting"), "{r}");
+        // --no-seccomp: the guest runs and resets, exit 0.
+        let r = run(&["--no-seccomp"]);
+        assert_eq!(r.code(), 0, "{accel}: {r}");
+        assert!(r.stdout.contains("resetting"), "{r}");
+    }
+}
