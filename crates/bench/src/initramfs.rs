@@ -2,7 +2,8 @@
 //! the workloads use, and an `/init` that runs the workloads named on the
 //! kernel command line (`vmplay_run=sh,sha256,...`), times each with the
 //! guest clock (`/proc/uptime`, 10 ms steps) and powers the VM off.
-//! Written as an uncompressed newc cpio, so the kernel does not inflate it.
+//! Written as an uncompressed newc cpio (vmplay-image's writer), so the
+//! kernel does not inflate it.
 
 /// The workloads `/init` knows, in the order they run, with what each does.
 pub const WORKLOADS: &[(&str, &str)] = &[
@@ -73,58 +74,18 @@ echo "vmplay-workload done"
 poweroff -f
 "#;
 
-/// One newc cpio entry.
-fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
-    let hdr = format!(
-        "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-        0,
-        0,
-        1,
-        0,
-        data.len(),
-        0,
-        0,
-        0,
-        0,
-        name.len() + 1,
-        0
-    );
-    out.extend_from_slice(hdr.as_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    pad4(out);
-    out.extend_from_slice(data);
-    pad4(out);
-}
-
-fn pad4(out: &mut Vec<u8>) {
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
+/// The initramfs around `busybox` (the static binary's bytes), written by
+/// vmplay-image's newc writer.
+pub fn build(busybox: &[u8]) -> Result<Vec<u8>, vmplay_image::ImageError> {
+    let mut image = vmplay_image::Initramfs::new();
+    for d in ["/bin", "/dev", "/proc", "/sys", "/tmp"] {
+        image = image.dir(d, 0o755);
     }
-}
-
-const DIR: u32 = 0o040755;
-const FILE: u32 = 0o100755;
-const LINK: u32 = 0o120777;
-
-/// The initramfs around `busybox` (the static binary's bytes).
-pub fn build(busybox: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(busybox.len() + 4096);
-    let mut ino = 1;
-    let mut add = |out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]| {
-        entry(out, ino, name, mode, data);
-        ino += 1;
-    };
-    for d in ["bin", "dev", "proc", "sys", "tmp"] {
-        add(&mut out, d, DIR, &[]);
-    }
-    add(&mut out, "bin/busybox", FILE, busybox);
+    image = image.file("/bin/busybox", busybox, 0o755);
     for a in APPLETS {
-        add(&mut out, &format!("bin/{a}"), LINK, b"busybox");
+        image = image.symlink(&format!("/bin/{a}"), "busybox");
     }
-    add(&mut out, "init", FILE, INIT.as_bytes());
-    entry(&mut out, 0, "TRAILER!!!", 0, &[]);
-    out
+    image.file("/init", INIT, 0o755).to_bytes()
 }
 
 /// Parses the console lines `vmplay-workload NAME MS` into (name, ms).
@@ -147,7 +108,7 @@ mod tests {
 
     #[test]
     fn archive_is_newc_with_init_and_trailer() {
-        let a = build(b"\x7fELF-ish");
+        let a = build(b"\x7fELF-ish").unwrap();
         assert!(a.starts_with(b"070701"));
         assert_eq!(a.len() % 4, 0);
         let text = String::from_utf8_lossy(&a);

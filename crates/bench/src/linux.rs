@@ -79,9 +79,10 @@ impl Assets {
         let elf = vmplay_boot::unpack::unpack(payload, 512 << 20)
             .map_err(|e| BenchError::Guest(format!("unpacking the bzImage payload: {e}")))?;
         let vmlinux = ctx.scratch.write("vmlinux", &elf)?;
-        let initramfs = ctx
-            .scratch
-            .write("workloads.cpio", &initramfs::build(&bb))?;
+        let initramfs = ctx.scratch.write(
+            "workloads.cpio",
+            &initramfs::build(&bb).map_err(guest_image)?,
+        )?;
         let plugin = if ctx.insn_count {
             build_plugin(ctx)
         } else {
@@ -94,6 +95,10 @@ impl Assets {
             plugin,
         })
     }
+}
+
+fn guest_image(e: vmplay_image::ImageError) -> BenchError {
+    BenchError::Guest(e.to_string())
 }
 
 /// Builds the TCG instruction-count plugin, if a C compiler is here.

@@ -19,6 +19,7 @@ mod measure;
 mod native;
 mod net;
 mod pio_exit;
+mod prompt;
 mod report;
 mod start;
 
@@ -71,6 +72,8 @@ enum Bench {
     Workloads,
     /// virtio-net TCP throughput each way over a TAP under Debian's kernel on emu vs QEMU TCG (needs root).
     Net,
+    /// The README's first command: `vmplay image debian` cold and warm, boot to the shell prompt, emu vs QEMU TCG and vs emu's older CPU model.
+    Prompt,
 }
 
 #[derive(Parser)]
@@ -137,8 +140,8 @@ fn write_guests(dir: &std::path::Path, debian: &std::path::Path) -> Result<(), B
     }
     if let Ok(busybox) = std::fs::read(debian.join("busybox")) {
         let path = dir.join("workloads.cpio");
-        std::fs::write(&path, initramfs::build(&busybox))
-            .map_err(|e| BenchError::File(path.clone(), e))?;
+        let image = initramfs::build(&busybox).map_err(|e| BenchError::Guest(e.to_string()))?;
+        std::fs::write(&path, image).map_err(|e| BenchError::File(path.clone(), e))?;
         println!("{}", path.display());
     }
     Ok(())
@@ -230,6 +233,7 @@ fn main() -> ExitCode {
             Bench::LinuxBoot,
             Bench::Workloads,
             Bench::Net,
+            Bench::Prompt,
         ];
     }
     benches.dedup();
@@ -251,6 +255,7 @@ fn main() -> ExitCode {
             Bench::LinuxBoot => ("linux-boot", linux::run_boot(&ctx)),
             Bench::Workloads => ("workloads", linux::run_workloads(&ctx)),
             Bench::Net => ("net", net::run(&ctx)),
+            Bench::Prompt => ("prompt", prompt::run(&ctx)),
             Bench::All => unreachable!("expanded above"),
         };
         if let Err(e) = result {

@@ -9,7 +9,7 @@ use vmplay_emu::{EmuHypervisor, EmuOptions};
 const CASES: u64 = 3000;
 
 fn emu() -> EmuHypervisor {
-    EmuHypervisor::new(EmuOptions { trace: None })
+    EmuHypervisor::new(EmuOptions::default())
 }
 
 macro_rules! emu_tests {

@@ -1,8 +1,21 @@
-//! The CPUID model: a qemu64/kvm64-class GenuineIntel family 15 CPU plus
-//! x2APIC, TSC-deadline, invariant TSC and a known TSC frequency (leaf
-//! 0x15). Feature bits for instruction families are set only when the
-//! handler table implements them, so CPUID never promises more than emu
-//! does.
+//! The CPUID model. Feature bits for instruction families are set only
+//! when the handler table implements them, so CPUID never promises more
+//! than emu does; x2APIC, TSC-deadline, invariant TSC and a known TSC
+//! frequency (leaf 0x15) are the platform's.
+//!
+//! [`CpuModel::Vmplay`] (the default) tells Linux the truth that matters
+//! for speed: this CPU does not speculate. Linux has no architectural bit
+//! for "not affected by Spectre v1/v2"; it keeps a list of CPUs that do
+//! not speculate, and the one 64-bit family-6 Intel entry on it is the
+//! in-order Atom (Bonnell, family 6 model 0x1c). So the model reports that
+//! family/model (stepping 10, past Bonnell's PSE erratum), plus
+//! IA32_ARCH_CAPABILITIES with every NO bit for the checks done before
+//! that list. Debian's kernel then runs without page-table isolation,
+//! retpolines, RSB filling, return thunks or VERW, all pure cost here.
+//! Family 6 also gives REP_GOOD, and ERMS/FSRM say `rep movsb`/`stosb` are
+//! the fast copy, true here where one string instruction moves a whole
+//! host range. The cache leaves (2, 4, 0x8000_0006) describe one
+//! consistent hierarchy.
 
 use iced_x86::Code;
 
@@ -15,6 +28,86 @@ const VENDOR: &[u8; 12] = b"GenuineIntel";
 const BRAND: &[u8; 48] =
     b"vmplay emu x86-64 CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
 const HV_SIGNATURE: &[u8; 12] = b"vmplayemu\0\0\0";
+
+/// The CPU the guest is told it runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CpuModel {
+    /// Family 6 model 0x1c stepping 10 (a CPU Linux knows does not
+    /// speculate), IA32_ARCH_CAPABILITIES, ERMS/FSRM, leaf-4 caches.
+    #[default]
+    Vmplay,
+    /// The earlier qemu64-class family 15 model, which says nothing about
+    /// speculation, so Linux turns every mitigation on. Kept so the bench
+    /// can measure what the model costs or saves (`VMPLAY_EMU_CPU=qemu64`).
+    Qemu64,
+}
+
+impl std::str::FromStr for CpuModel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vmplay" => Ok(CpuModel::Vmplay),
+            "qemu64" => Ok(CpuModel::Qemu64),
+            _ => Err(format!("unknown emu CPU model {s:?} (vmplay or qemu64)")),
+        }
+    }
+}
+
+/// One level of the cache hierarchy leaves 4 and 0x8000_0006 describe.
+struct Cache {
+    /// 1 data, 2 instruction, 3 unified.
+    kind: u32,
+    level: u32,
+    kib: u32,
+    ways: u32,
+}
+
+const LINE: u32 = 64;
+const CACHES: [Cache; 3] = [
+    Cache {
+        kind: 1,
+        level: 1,
+        kib: 32,
+        ways: 8,
+    },
+    Cache {
+        kind: 2,
+        level: 1,
+        kib: 32,
+        ways: 8,
+    },
+    Cache {
+        kind: 3,
+        level: 2,
+        kib: 512,
+        ways: 8,
+    },
+];
+
+/// Leaf 4, subleaf `sub`: deterministic cache parameters, one core per
+/// cache, `ncpu` cores in the package.
+fn cache_leaf(sub: u32, ncpu: u32) -> [u32; 4] {
+    let Some(c) = CACHES.get(sub as usize) else {
+        return [0; 4];
+    };
+    let cores = (ncpu.clamp(1, 64) - 1) << 26;
+    let eax = c.kind | c.level << 5 | 1 << 8 | cores;
+    let ebx = (LINE - 1) | (c.ways - 1) << 22;
+    let sets = c.kib * 1024 / (c.ways * LINE);
+    [eax, ebx, sets - 1, 0]
+}
+
+/// The 0x8000_0006 associativity code for `ways`.
+fn amd_assoc(ways: u32) -> u32 {
+    match ways {
+        1 => 1,
+        2 => 2,
+        4 => 4,
+        8 => 6,
+        16 => 8,
+        _ => 0xf,
+    }
+}
 
 fn reg(b: &[u8], i: usize) -> u32 {
     u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
@@ -31,8 +124,18 @@ fn bit(on: bool, n: u32) -> u32 {
 
 /// CPUID.(leaf, subleaf) for vCPU `cpu`: (eax, ebx, ecx, edx).
 pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
-    let id = cpu.id;
-    let ncpu = cpu.vm.platform.vcpus() as u32;
+    model_leaf(
+        cpu.vm.cpu_model,
+        cpu.vm.platform.vcpus() as u32,
+        cpu.id,
+        leaf,
+        sub,
+    )
+}
+
+/// CPUID.(leaf, subleaf) of `model` for vCPU `id` of `ncpu`.
+pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [u32; 4] {
+    let vmplay = model == CpuModel::Vmplay;
     match leaf {
         0 => [0x16, reg(VENDOR, 0), reg(VENDOR, 8), reg(VENDOR, 4)],
         1 => {
@@ -61,21 +164,24 @@ pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
                 | bit(has(Code::Addps_xmm_xmmm128), 25)
                 | bit(has(Code::Addpd_xmm_xmmm128), 26);
             [
-                0x0000_0f61,
+                if vmplay { 0x0001_06ca } else { 0x0000_0f61 },
                 (id << 24) | ((ncpu & 0xff) << 16) | (8 << 8),
                 ecx,
                 edx,
             ]
         }
+        // Leaf 2: one descriptor, 0xff: "see leaf 4".
+        2 if vmplay => [0x0000_ff01, 0, 0, 0],
         2 => [1, 0, 0, 0],
-        // Leaf 4: no more cache levels described.
+        4 if vmplay => cache_leaf(sub, ncpu),
         4 => [0, 0, 0, 0],
         // Leaf 7: TSC_ADJUST (EBX bit 1), which with the invariant,
         // known-frequency TSC lets Linux trust the TSC without a watchdog;
-        // IA32_ARCH_CAPABILITIES (EDX bit 29), which says this CPU, which
-        // does not speculate, has none of the speculation bugs that would
-        // make Linux isolate its page tables or clear buffers on exits.
-        7 if sub == 0 => [0, 1 << 1, 0, 1 << 29],
+        // then ERMS (EBX 9), FSRM (EDX 4) and IA32_ARCH_CAPABILITIES (EDX
+        // 29), which says this CPU has none of the speculation bugs that
+        // would make Linux isolate its page tables or clear buffers.
+        7 if sub == 0 && vmplay => [0, 1 << 1 | 1 << 9, 0, 1 << 4 | 1 << 29],
+        7 if sub == 0 => [0, 1 << 1, 0, 0],
         0xb => {
             let shift = 32 - (ncpu.max(1) - 1).leading_zeros();
             match sub {
@@ -118,7 +224,10 @@ pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
                 reg(BRAND, o + 12),
             ]
         }
-        0x8000_0006 => [0, 0, (512 << 16) | (6 << 12) | 64, 0],
+        0x8000_0006 => {
+            let l2 = &CACHES[2];
+            [0, 0, l2.kib << 16 | amd_assoc(l2.ways) << 12 | LINE, 0]
+        }
         // Invariant TSC.
         0x8000_0007 => [0, 0, 0, 1 << 8],
         0x8000_0008 => [PHYS_BITS | (48 << 8), 0, 0, 0],
@@ -129,6 +238,128 @@ pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use iced_x86::CpuidFeature;
+
+    #[test]
+    fn leaf_4_describes_the_same_l2_as_leaf_0x8000_0006() {
+        let l2 = cache_leaf(2, 2);
+        assert_eq!(l2[0] & 0x1f, 3, "unified");
+        assert_eq!((l2[0] >> 5) & 7, 2, "level 2");
+        assert_eq!(l2[0] >> 26, 1, "two cores");
+        let ways = (l2[1] >> 22) + 1;
+        let line = (l2[1] & 0xfff) + 1;
+        let size = ways * line * (l2[2] + 1);
+        assert_eq!(size, 512 * 1024);
+        assert_eq!(line, LINE);
+        assert_eq!(amd_assoc(ways), 6);
+        assert_eq!(cache_leaf(3, 1), [0; 4], "the list ends");
+        for sub in 0..3 {
+            let c = cache_leaf(sub, 1);
+            let bytes = ((c[1] >> 22) + 1) * ((c[1] & 0xfff) + 1) * (c[2] + 1);
+            assert_eq!(bytes, CACHES[sub as usize].kib * 1024);
+        }
+    }
+
+    /// The instruction-set bits of CPUID and the iced feature each names.
+    const ISA_BITS: &[(u32, usize, u32, CpuidFeature)] = &[
+        // (leaf, register: 1 ebx 2 ecx 3 edx, bit, feature)
+        (1, 2, 0, CpuidFeature::SSE3),
+        (1, 2, 1, CpuidFeature::PCLMULQDQ),
+        (1, 2, 3, CpuidFeature::MONITOR),
+        (1, 2, 9, CpuidFeature::SSSE3),
+        (1, 2, 12, CpuidFeature::FMA),
+        (1, 2, 13, CpuidFeature::CMPXCHG16B),
+        (1, 2, 19, CpuidFeature::SSE4_1),
+        (1, 2, 20, CpuidFeature::SSE4_2),
+        (1, 2, 22, CpuidFeature::MOVBE),
+        (1, 2, 23, CpuidFeature::POPCNT),
+        (1, 2, 25, CpuidFeature::AES),
+        (1, 2, 26, CpuidFeature::XSAVE),
+        (1, 2, 28, CpuidFeature::AVX),
+        (1, 2, 29, CpuidFeature::F16C),
+        (1, 2, 30, CpuidFeature::RDRAND),
+        (1, 3, 0, CpuidFeature::FPU),
+        (1, 3, 4, CpuidFeature::TSC),
+        (1, 3, 5, CpuidFeature::MSR),
+        (1, 3, 8, CpuidFeature::CX8),
+        (1, 3, 11, CpuidFeature::SEP),
+        (1, 3, 15, CpuidFeature::CMOV),
+        (1, 3, 19, CpuidFeature::CLFSH),
+        (1, 3, 23, CpuidFeature::MMX),
+        (1, 3, 24, CpuidFeature::FXSR),
+        (1, 3, 25, CpuidFeature::SSE),
+        (1, 3, 26, CpuidFeature::SSE2),
+        (7, 1, 0, CpuidFeature::FSGSBASE),
+        (7, 1, 3, CpuidFeature::BMI1),
+        (7, 1, 5, CpuidFeature::AVX2),
+        (7, 1, 8, CpuidFeature::BMI2),
+        (7, 1, 18, CpuidFeature::RDSEED),
+        (7, 1, 19, CpuidFeature::ADX),
+        (7, 1, 23, CpuidFeature::CLFLUSHOPT),
+        (7, 1, 24, CpuidFeature::CLWB),
+        (7, 1, 29, CpuidFeature::SHA),
+        (0x8000_0001, 2, 5, CpuidFeature::LZCNT),
+        (0x8000_0001, 3, 11, CpuidFeature::SYSCALL),
+        (0x8000_0001, 3, 27, CpuidFeature::RDTSCP),
+    ];
+
+    /// What every x86-64 CPU has, with no CPUID bit of its own.
+    const BASE: &[CpuidFeature] = &[
+        CpuidFeature::INTEL8086,
+        CpuidFeature::INTEL186,
+        CpuidFeature::INTEL286,
+        CpuidFeature::INTEL386,
+        CpuidFeature::INTEL486,
+        CpuidFeature::X64,
+        CpuidFeature::CPUID,
+        CpuidFeature::FPU287,
+        CpuidFeature::FPU387,
+        CpuidFeature::MULTIBYTENOP,
+        CpuidFeature::PAUSE,
+    ];
+
+    /// Every instruction-set bit the model sets is backed by every
+    /// legacy-encoded 64-bit-mode instruction of that set (an instruction
+    /// needing several sets counts once all of them are advertised).
+    #[test]
+    fn every_advertised_instruction_set_is_implemented_whole() {
+        for model in [CpuModel::Vmplay, CpuModel::Qemu64] {
+            let advertised: Vec<CpuidFeature> = ISA_BITS
+                .iter()
+                .filter(|(leaf, r, bit, _)| model_leaf(model, 1, 0, *leaf, 0)[*r] & (1 << bit) != 0)
+                .map(|x| x.3)
+                .collect();
+            assert!(advertised.contains(&CpuidFeature::SSE2), "{advertised:?}");
+            let mut missing = Vec::new();
+            for code in Code::values() {
+                let op = code.op_code();
+                if code == Code::INVALID
+                    || !op.is_instruction()
+                    || op.encoding() != iced_x86::EncodingKind::Legacy
+                    || !op.mode64()
+                {
+                    continue;
+                }
+                let f = code.cpuid_features();
+                let named = f.iter().any(|x| advertised.contains(x));
+                let all_there = f.iter().all(|x| advertised.contains(x) || BASE.contains(x));
+                if named && all_there && !has(code) {
+                    missing.push(code);
+                }
+            }
+            assert!(
+                missing.is_empty(),
+                "{model:?} advertises sets emu only partly implements: {missing:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_models_parse_by_name() {
+        assert_eq!("vmplay".parse::<CpuModel>(), Ok(CpuModel::Vmplay));
+        assert_eq!("qemu64".parse::<CpuModel>(), Ok(CpuModel::Qemu64));
+        assert!("pentium".parse::<CpuModel>().is_err());
+    }
 
     #[test]
     fn vendor_and_brand_are_readable_text() {

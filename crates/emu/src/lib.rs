@@ -41,6 +41,8 @@ pub use vm::EmuVm;
 pub struct EmuOptions {
     /// Write an instruction trace to this file (`--trace FILE`).
     pub trace: Option<PathBuf>,
+    /// The CPU the guest is told it runs on (CPUID, the MSRs that go with it).
+    pub cpu_model: cpuid::CpuModel,
 }
 
 /// The `emu` backend.
@@ -84,6 +86,7 @@ impl Hypervisor for EmuHypervisor {
             spec,
             memory,
             self.opts.trace.as_deref(),
+            self.opts.cpu_model,
         )?))
     }
 }

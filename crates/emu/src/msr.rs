@@ -75,7 +75,9 @@ impl Cpu {
             TSC_ADJUST => self.msr.tsc_adjust as u64,
             APIC_BASE => self.with_lapic(|l| l.base),
             UCODE_REV => self.msr.ucode_rev,
-            ARCH_CAPABILITIES => ARCH_CAPABILITIES_VALUE,
+            ARCH_CAPABILITIES if self.vm.cpu_model == crate::cpuid::CpuModel::Vmplay => {
+                ARCH_CAPABILITIES_VALUE
+            }
             SYSENTER_CS => self.msr.sysenter_cs,
             SYSENTER_ESP => self.msr.sysenter_esp,
             SYSENTER_EIP => self.msr.sysenter_eip,

@@ -28,6 +28,8 @@ pub struct VmShared {
     /// Guest writes that signal an eventfd instead of exiting (virtio
     /// queue notifies); read on every posted write, written at setup.
     pub ioevents: std::sync::RwLock<Vec<IoEvent>>,
+    /// What CPUID and the model-specific MSRs describe.
+    pub cpu_model: crate::cpuid::CpuModel,
 }
 
 /// One registered ioevent: a write of `len` bytes at `addr` (with
@@ -57,7 +59,12 @@ impl IoEvent {
 }
 
 impl VmShared {
-    pub fn new(vcpus: u32, memory: &GuestMemory, trace: Option<&Path>) -> Result<Arc<Self>> {
+    pub fn new(
+        vcpus: u32,
+        memory: &GuestMemory,
+        trace: Option<&Path>,
+        cpu_model: crate::cpuid::CpuModel,
+    ) -> Result<Arc<Self>> {
         let phys = PhysMem::new(memory);
         let trace = match trace {
             Some(p) => Some(Mutex::new(BufWriter::new(File::create(p).map_err(
@@ -77,6 +84,7 @@ impl VmShared {
             split_lock: Mutex::new(()),
             trace,
             ioevents: std::sync::RwLock::new(Vec::new()),
+            cpu_model,
         }))
     }
 }
@@ -87,11 +95,16 @@ pub struct EmuVm {
 }
 
 impl EmuVm {
-    pub fn new(spec: &VmSpec, memory: &GuestMemory, trace: Option<&Path>) -> Result<Self> {
+    pub fn new(
+        spec: &VmSpec,
+        memory: &GuestMemory,
+        trace: Option<&Path>,
+        cpu_model: crate::cpuid::CpuModel,
+    ) -> Result<Self> {
         if spec.vcpus == 0 {
             return Err(Error::Unsupported("a VM needs at least one vCPU".into()));
         }
-        let shared = VmShared::new(spec.vcpus, memory, trace)?;
+        let shared = VmShared::new(spec.vcpus, memory, trace, cpu_model)?;
         let weak = Arc::downgrade(&shared);
         start_timer_thread(shared.platform.timer.clone(), move || {
             let vm = weak.upgrade()?;

@@ -239,9 +239,17 @@ pub(crate) fn hypervisor_for(
     accel: Accel,
     trace: Option<PathBuf>,
 ) -> Result<(Box<dyn Hypervisor>, Option<String>)> {
+    // VMPLAY_EMU_CPU=qemu64 selects the older CPU model, for the bench.
+    let cpu_model = match std::env::var("VMPLAY_EMU_CPU") {
+        Ok(name) => name
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("VMPLAY_EMU_CPU: {e}"))?,
+        Err(_) => vmplay_emu::cpuid::CpuModel::default(),
+    };
     let emu = || -> Box<dyn Hypervisor> {
         Box::new(vmplay_emu::EmuHypervisor::new(vmplay_emu::EmuOptions {
             trace: trace.clone(),
+            cpu_model,
         }))
     };
     match accel {

@@ -67,3 +67,99 @@ fn boots_debian_kernel_to_init_through_pvh_on_emu() {
 fn boots_debian_kernel_to_init_through_the_bzimage_decompressor_on_emu() {
     boots_debian_to_init("bzimage");
 }
+
+/// What the guest's Linux made of the CPU: its feature flags, family and
+/// model, caches, speculation view and whether it isolated page tables.
+const CPU_VIEW: &str = r#"#!/bin/sh
+echo "CPU-FLAGS:$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2)"
+for k in 'cpu family' model stepping 'cache size'; do
+    echo "CPU-INFO $k:$(grep -m1 "^$k[[:space:]]*:" /proc/cpuinfo | cut -d: -f2)"
+done
+for c in /sys/devices/system/cpu/cpu0/cache/index*; do
+    echo "CPU-CACHE L$(cat $c/level) $(cat $c/type) $(cat $c/size)"
+done
+for f in /sys/devices/system/cpu/vulnerabilities/*; do
+    echo "CPU-VULN ${f##*/}: $(cat $f)"
+done
+dmesg | grep -i -E 'page tables isolation|Spectre V2 :|retbleed:|mitigation' | sed 's/^/CPU-DMESG /'
+"#;
+
+fn cpu_view(model: &str) -> support::Run {
+    let dir = TempDir::new();
+    let (kernel, initrd) = debian_guest(&dir, CPU_VIEW, &[]).expect("Debian assets");
+    let mut cmd = Command::new(vmplay_exe());
+    cmd.args(["run", "--accel", "emu", "--serial", "stdio", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", "console=ttyS0 panic=-1 quiet"])
+        .env("VMPLAY_EMU_CPU", model);
+    let run = run_with_deadline(cmd, BOOT_DEADLINE);
+    run.assert_code(0);
+    run
+}
+
+fn lines<'a>(run: &'a support::Run, prefix: &str) -> Vec<&'a str> {
+    run.stdout
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix(prefix))
+        .collect()
+}
+
+#[test]
+fn the_emu_cpu_is_one_linux_knows_does_not_speculate_and_cpuinfo_lists_what_it_implements() {
+    if support::debian_asset("vmlinuz").is_none() {
+        return;
+    }
+    let run = cpu_view("vmplay");
+    // Exactly these flags. The CPUID-backed ones are each checked against
+    // the handler table by emu's `every_advertised_instruction_set_is_implemented_whole`;
+    // constant_tsc, rep_good, nopl, xtopology, nonstop_tsc, cpuid and
+    // tsc_known_freq are Linux's own conclusions from them.
+    let flags = lines(&run, "CPU-FLAGS:");
+    let expected = "fpu de pse tsc msr pae cx8 apic sep pge cmov pat pse36 clflush mmx fxsr sse \
+        sse2 syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc cpuid \
+        tsc_known_freq pni cx16 x2apic popcnt tsc_deadline_timer hypervisor lahf_lm tsc_adjust \
+        erms fsrm arch_capabilities";
+    assert_eq!(flags, [format!(" {expected}")], "{run}");
+    // Family 6 model 0x1c stepping 10, caches as leaves 4 and 0x8000_0006 say.
+    let info: Vec<String> = lines(&run, "CPU-INFO ")
+        .iter()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        info,
+        [
+            "cpu family: 6",
+            "model: 28",
+            "stepping: 10",
+            "cache size: 512 KB"
+        ],
+        "{run}"
+    );
+    assert_eq!(
+        lines(&run, "CPU-CACHE "),
+        ["L1 Data 32K", "L1 Instruction 32K", "L2 Unified 512K"],
+        "{run}"
+    );
+    // Every speculation issue Linux knows of: not affected, so no
+    // mitigation runs (no page-table isolation, retpolines or RSB filling).
+    let vulns = lines(&run, "CPU-VULN ");
+    assert!(vulns.len() >= 10, "{run}");
+    for v in &vulns {
+        assert!(v.ends_with(": Not affected"), "{v}\n{run}");
+    }
+    assert!(vulns.contains(&"meltdown: Not affected"), "{run}");
+    assert_eq!(lines(&run, "CPU-DMESG "), Vec::<&str>::new(), "{run}");
+
+    // The older model, for contrast: the same kernel isolates page tables.
+    let old = cpu_view("qemu64");
+    let vulns = lines(&old, "CPU-VULN ");
+    assert!(vulns.contains(&"meltdown: Mitigation: PTI"), "{old}");
+    assert!(
+        lines(&old, "CPU-DMESG ")
+            .iter()
+            .any(|l| l.contains("page tables isolation: enabled")),
+        "{old}"
+    );
+}

@@ -234,6 +234,7 @@ fn trace_file_records_executed_instructions() {
     let mem = memory();
     let hv = crate::EmuHypervisor::new(crate::EmuOptions {
         trace: Some(dir.clone()),
+        ..Default::default()
     });
     let vm = vmplay_hypervisor::Hypervisor::create_vm(
         &hv,
