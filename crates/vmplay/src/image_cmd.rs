@@ -46,6 +46,10 @@ struct DebianArgs {
         requires = "rootfs"
     )]
     packages: Vec<String>,
+    /// Replace an existing rootfs.ext4 (and what earlier boots wrote on it)
+    /// with a freshly built one; without it an existing one is kept.
+    #[arg(long, requires = "rootfs")]
+    rebuild_rootfs: bool,
 }
 
 /// The command line the printed `vmplay run` and the config file use.
@@ -116,9 +120,24 @@ fn debian(args: &DebianArgs) -> Result<()> {
             packages: args.packages.clone(),
             suite: None,
         };
-        vmplay_image::build_rootfs(&rootfs, &options, &mut progress)
-            .context("cannot build the root file system")?;
-        progress(&format!("wrote {}", rootfs.display()));
+        let recipe = out.join(RECIPE);
+        let wanted = rootfs_recipe(&options);
+        match reuse_rootfs(&rootfs, &recipe, &wanted, args.rebuild_rootfs)? {
+            true => progress(&format!(
+                "reusing {} (built with the same size and packages; it keeps what earlier \
+                 boots wrote: --rebuild-rootfs starts over)",
+                rootfs.display()
+            )),
+            false => {
+                // The old recipe goes first: a build cut short leaves no
+                // stamp claiming the old image matches.
+                let _ = std::fs::remove_file(&recipe);
+                vmplay_image::build_rootfs(&rootfs, &options, &mut progress)
+                    .context("cannot build the root file system")?;
+                write_atomically(&recipe, |f| std::io::Write::write_all(f, wanted.as_bytes()))?;
+                progress(&format!("wrote {}", rootfs.display()));
+            }
+        }
     }
     let drives = match args.rootfs {
         true => serde_json::json!([{
@@ -167,6 +186,43 @@ fn debian(args: &DebianArgs) -> Result<()> {
     Ok(())
 }
 
+/// Beside rootfs.ext4: what it was built from, so a second run can reuse it.
+const RECIPE: &str = "rootfs.ext4.recipe";
+
+/// The build inputs of a root file system, one per line.
+fn rootfs_recipe(options: &vmplay_image::RootfsOptions) -> String {
+    let mut packages = options.packages.clone();
+    packages.sort();
+    packages.dedup();
+    format!("size {}\npackages {}\n", options.size, packages.join(","))
+}
+
+/// Whether the existing `rootfs` is kept: it is when its recipe matches.
+/// A disk that earlier boots may have written to is never replaced
+/// silently: a different or missing recipe is an error unless `rebuild`.
+fn reuse_rootfs(rootfs: &Path, recipe: &Path, wanted: &str, rebuild: bool) -> Result<bool> {
+    if rebuild || !rootfs.exists() {
+        return Ok(false);
+    }
+    let had = std::fs::read_to_string(recipe).ok();
+    if had.as_deref() == Some(wanted) {
+        return Ok(true);
+    }
+    let why = match had {
+        Some(had) => format!(
+            "it was built with {} and this run asks for {}",
+            had.trim().replace('\n', ", "),
+            wanted.trim().replace('\n', ", ")
+        ),
+        None => "vmplay did not build it (no rootfs.ext4.recipe beside it)".into(),
+    };
+    anyhow::bail!(
+        "{} exists and {why}; it may hold what earlier boots wrote, so it is kept: \
+         pass --rebuild-rootfs to replace it, or --out another directory",
+        rootfs.display()
+    )
+}
+
 /// `path` as one shell word.
 fn shell_quote(path: &Path) -> String {
     let text = path.display().to_string();
@@ -183,6 +239,50 @@ fn shell_quote(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options(size: u64, packages: &[&str]) -> vmplay_image::RootfsOptions {
+        vmplay_image::RootfsOptions {
+            size,
+            packages: packages.iter().map(|p| p.to_string()).collect(),
+            suite: None,
+        }
+    }
+
+    #[test]
+    fn the_recipe_ignores_package_order_and_repeats() {
+        assert_eq!(
+            rootfs_recipe(&options(1 << 30, &["curl", "bash", "curl"])),
+            rootfs_recipe(&options(1 << 30, &["bash", "curl"]))
+        );
+        assert_ne!(
+            rootfs_recipe(&options(1 << 30, &["bash"])),
+            rootfs_recipe(&options(2 << 30, &["bash"]))
+        );
+    }
+
+    #[test]
+    fn an_existing_root_file_system_is_reused_only_when_it_matches_and_never_replaced_silently() {
+        let dir = std::env::temp_dir().join(format!("vmplay-recipe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (rootfs, recipe) = (dir.join("rootfs.ext4"), dir.join(RECIPE));
+        let wanted = rootfs_recipe(&options(1 << 30, &["bash"]));
+        // Nothing there: build.
+        assert!(!reuse_rootfs(&rootfs, &recipe, &wanted, false).unwrap());
+        std::fs::write(&rootfs, b"disk").unwrap();
+        // A disk without a recipe is not ours to replace.
+        let err = reuse_rootfs(&rootfs, &recipe, &wanted, false).unwrap_err();
+        assert!(err.to_string().contains("--rebuild-rootfs"), "{err}");
+        std::fs::write(&recipe, &wanted).unwrap();
+        assert!(reuse_rootfs(&rootfs, &recipe, &wanted, false).unwrap());
+        // Asked for other packages: refused, naming both.
+        let other = rootfs_recipe(&options(1 << 30, &["curl"]));
+        let err = reuse_rootfs(&rootfs, &recipe, &other, false).unwrap_err();
+        assert!(err.to_string().contains("packages bash"), "{err}");
+        assert!(err.to_string().contains("packages curl"), "{err}");
+        assert!(!reuse_rootfs(&rootfs, &recipe, &other, true).unwrap());
+        assert_eq!(std::fs::read(&rootfs).unwrap(), b"disk");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn quotes_paths_only_when_the_shell_needs_it() {
