@@ -112,16 +112,9 @@ fn the_emu_cpu_is_one_linux_knows_does_not_speculate_and_cpuinfo_lists_what_it_i
         return;
     }
     let run = cpu_view("vmplay");
-    // Exactly these flags. The CPUID-backed ones are each checked against
-    // the handler table by emu's `every_advertised_instruction_set_is_implemented_whole`;
-    // constant_tsc, rep_good, nopl, xtopology, nonstop_tsc, cpuid and
-    // tsc_known_freq are Linux's own conclusions from them.
+    // Exactly the flags of what emu implements.
     let flags = lines(&run, "CPU-FLAGS:");
-    let expected = "fpu de pse tsc msr pae cx8 apic sep pge cmov pat pse36 clflush mmx fxsr sse \
-        sse2 syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc cpuid \
-        tsc_known_freq pni cx16 x2apic popcnt tsc_deadline_timer hypervisor lahf_lm tsc_adjust \
-        erms fsrm arch_capabilities";
-    assert_eq!(flags, [format!(" {expected}")], "{run}");
+    assert_eq!(flags, [format!(" {}", support::EMU_CPUINFO_FLAGS)], "{run}");
     // Family 6 model 0x1c stepping 10, caches as leaves 4 and 0x8000_0006 say.
     let info: Vec<String> = lines(&run, "CPU-INFO ")
         .iter()

@@ -208,22 +208,44 @@ fn boots_the_debian_image_to_a_shell_that_answers_on_the_console_and_powers_off(
         .expect("fetched assets")
         .kernel_release()
         .to_string();
+    let disk = dir.file("disk.img", &[0x5a; 64 * 1024]);
     let start = Instant::now();
     let mut console = Console::start(
         Command::new(vmplay_exe())
             .args(["run", "--accel", "emu", "--rng", "--config"])
-            .arg(dir.path().join("vmplay.json")),
+            .arg(dir.path().join("vmplay.json"))
+            .arg("--drive")
+            .arg(format!("path={},readonly=on", disk.display()))
+            .arg("--vsock")
+            .arg(format!("cid=3,uds={}", dir.path().join("v.sock").display())),
     );
     console.wait_for("a shell on the console", start);
     console.wait_for("root@vmplay:/# ", start);
     console.type_line("echo UNAME=$(uname -r)");
     assert_eq!(console.line_starting("UNAME=", start), release);
-    // The one configured virtio device, bound to its driver (a module
-    // the image loaded).
+    // The configured virtio devices (drives first, then net, vsock, rng,
+    // as the machine attaches them), each bound to its driver: modules
+    // the image loaded.
     console.type_line("echo VIRTIO=[$(ls /sys/bus/virtio/devices)]");
-    assert_eq!(console.line_starting("VIRTIO=", start), "[virtio0]");
-    console.type_line("echo DRIVER=$(basename $(readlink /sys/bus/virtio/devices/virtio0/driver))");
-    assert_eq!(console.line_starting("DRIVER=", start), "virtio_rng");
+    assert_eq!(
+        console.line_starting("VIRTIO=", start),
+        "[virtio0 virtio1 virtio2]"
+    );
+    console.type_line(
+        "echo DRIVERS=$(for d in /sys/bus/virtio/devices/*; do basename $(readlink $d/driver); done)",
+    );
+    assert_eq!(
+        console.line_starting("DRIVERS=", start),
+        "virtio_blk vmw_vsock_virtio_transport virtio_rng"
+    );
+    console.type_line("echo VDA=$(cat /sys/block/vda/size)/$(cat /sys/block/vda/ro)");
+    assert_eq!(console.line_starting("VDA=", start), "128/1");
+    // Exactly the features the software CPU implements.
+    console.type_line("echo FLAGS=$(grep -m1 ^flags /proc/cpuinfo | cut -d: -f2)");
+    assert_eq!(
+        console.line_starting("FLAGS=", start).trim(),
+        support::EMU_CPUINFO_FLAGS
+    );
     // Job control: the shell owns the console.
     console.type_line("echo TTY=$(tty)");
     assert_eq!(console.line_starting("TTY=", start), "/dev/ttyS0");

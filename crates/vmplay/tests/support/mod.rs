@@ -15,6 +15,17 @@ use std::time::{Duration, Instant};
 /// loaded CI machine get a wide margin.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The `flags` line of Debian's `/proc/cpuinfo` on emu's default CPU
+/// model: exactly what it implements. The CPUID-backed ones are each
+/// checked against the handler table by emu's
+/// `every_advertised_instruction_set_is_implemented_whole`; constant_tsc,
+/// rep_good, nopl, xtopology, nonstop_tsc, cpuid and tsc_known_freq are
+/// Linux's own conclusions from them.
+pub const EMU_CPUINFO_FLAGS: &str = "fpu de pse tsc msr pae cx8 apic sep pge cmov pat pse36 \
+    clflush mmx fxsr sse sse2 syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology \
+    nonstop_tsc cpuid tsc_known_freq pni cx16 x2apic popcnt tsc_deadline_timer hypervisor lahf_lm \
+    tsc_adjust erms fsrm arch_capabilities";
+
 pub fn vmplay_exe() -> &'static str {
     env!("CARGO_BIN_EXE_vmplay")
 }
