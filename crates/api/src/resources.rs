@@ -7,6 +7,7 @@ use crate::schema::*;
 use std::fs::OpenOptions;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use vmplay_machine as machine;
 
 /// Firecracker's default kernel command line.
@@ -430,10 +431,28 @@ impl VmResources {
     }
 
     /// What the machine is built from at `InstanceStart`.
+    /// `mmds` is the VM's metadata store, served on the interfaces that
+    /// `/mmds/config` names.
     pub fn machine_config(
         &self,
         serial: machine::SerialMode,
+        mmds: &Arc<Mutex<machine::mmds::Mmds>>,
     ) -> Result<machine::MachineConfig, String> {
+        let mmds_net = self.mmds_config.as_ref().map(|m| machine::MmdsNetConfig {
+            store: mmds.clone(),
+            tokens: Arc::default(),
+            ipv4: m.ipv4_address,
+            version: match m.version {
+                MmdsVersion::V1 => machine::MmdsVersion::V1,
+                MmdsVersion::V2 => machine::MmdsVersion::V2,
+            },
+            imds_compat: m.imds_compat,
+        });
+        let serves_mmds = |id: &str| {
+            self.mmds_config
+                .as_ref()
+                .is_some_and(|m| m.network_interfaces.iter().any(|i| i == id))
+        };
         let boot = self
             .boot_source
             .as_ref()
@@ -474,6 +493,7 @@ impl VmResources {
                     mac: n.guest_mac.as_deref().and_then(parse_mac),
                     rx_rate_limiter: n.rx_rate_limiter.map(limiter),
                     tx_rate_limiter: n.tx_rate_limiter.map(limiter),
+                    mmds: mmds_net.clone().filter(|_| serves_mmds(&n.iface_id)),
                 })
                 .collect(),
             vsock: self.vsock.as_ref().map(|v| machine::VsockConfig {

@@ -166,7 +166,9 @@ impl Vmm {
         let cpu0 = crate::metrics::process_cpu_us();
         let config = match &self.preset {
             Some(c) => c.clone(),
-            None => self.resources.machine_config(self.serial.clone())?,
+            None => self
+                .resources
+                .machine_config(self.serial.clone(), &self.mmds)?,
         };
         let mut machine =
             (self.launcher)(&config).map_err(|e| format!("Start microvm error: {e}"))?;

@@ -2,7 +2,13 @@
 //! flags and the Firecracker config file / API (their own schema types)
 //! both end up here, so the devices see one shape whatever the front end.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use vmplay_devices::mmds::Mmds;
+
+pub use crate::devices::net::mmds::http::Tokens;
 
 /// One token bucket: `size` tokens, refilled evenly over `refill_time_ms`,
 /// plus a `one_time_burst` spent first and never refilled (Firecracker's
@@ -67,7 +73,50 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// The metadata service answers on this interface (`/mmds/config`
+    /// names it).
+    pub mmds: Option<MmdsNetConfig>,
 }
+
+/// Firecracker's MMDS versions: V2 needs session tokens on every GET.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MmdsVersion {
+    #[default]
+    V1,
+    V2,
+}
+
+/// The metadata service as an interface sees it. One VM has one store
+/// and one set of tokens, shared by every interface that serves it.
+#[derive(Clone)]
+pub struct MmdsNetConfig {
+    pub store: Arc<Mutex<Mmds>>,
+    pub tokens: Arc<Tokens>,
+    pub ipv4: Ipv4Addr,
+    pub version: MmdsVersion,
+    /// Always answer in IMDS text, even to `Accept: application/json`.
+    pub imds_compat: bool,
+}
+
+impl std::fmt::Debug for MmdsNetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmdsNetConfig")
+            .field("ipv4", &self.ipv4)
+            .field("version", &self.version)
+            .field("imds_compat", &self.imds_compat)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for MmdsNetConfig {
+    fn eq(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.store, &o.store)
+            && Arc::ptr_eq(&self.tokens, &o.tokens)
+            && (self.ipv4, self.version, self.imds_compat) == (o.ipv4, o.version, o.imds_compat)
+    }
+}
+
+impl Eq for MmdsNetConfig {}
 
 /// The virtio-vsock device with Firecracker's hybrid Unix-socket backend.
 #[derive(Debug, Clone, PartialEq, Eq)]

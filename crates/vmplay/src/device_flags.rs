@@ -130,6 +130,7 @@ pub fn net(text: &str, index: usize) -> Result<NetConfig> {
         mac: kv.get("mac").map(|m| mac(m)).transpose()?,
         rx_rate_limiter: None,
         tx_rate_limiter: None,
+        mmds: None,
     })
 }
 

@@ -149,7 +149,9 @@ fn machine_config(args: &RunArgs) -> Result<MachineConfig> {
                 .with_context(|| format!("config {}", path.display()))?;
             Some(
                 resources
-                    .machine_config(parse_serial(&args.serial)?)
+                    // No API here to fill the store: MMDS answers from an
+                    // empty one, as Firecracker without --metadata.
+                    .machine_config(parse_serial(&args.serial)?, &Default::default())
                     .map_err(anyhow::Error::msg)?,
             )
         }

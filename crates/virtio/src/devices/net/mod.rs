@@ -14,6 +14,7 @@
 //! starts again. Every frame is bounded by [`MAX_FRAME`]; a chain the
 //! guest got wrong drops its frame and counts, never more.
 
+pub mod mmds;
 pub mod passt;
 pub mod tap;
 
@@ -49,6 +50,7 @@ const TX: usize = 1;
 const BACKEND_TOKEN: u32 = BACKEND_TOKEN_BASE;
 const RX_LIMITER_TOKEN: u32 = BACKEND_TOKEN_BASE + 1;
 const TX_LIMITER_TOKEN: u32 = BACKEND_TOKEN_BASE + 2;
+const MMDS_TIMER_TOKEN: u32 = BACKEND_TOKEN_BASE + 3;
 
 /// Frames received per event before the loop looks at its other fds.
 const RX_BATCH: usize = 256;
@@ -230,6 +232,8 @@ pub struct Net {
     /// Heads of the chains one merged frame used, and their lengths.
     rx_heads: Vec<(u16, u32)>,
     tx_buf: Box<[u8]>,
+    /// The metadata service, on interfaces `/mmds/config` names.
+    mmds: Option<mmds::MmdsStack>,
     pub counters: NetCounters,
 }
 
@@ -260,9 +264,12 @@ impl Net {
             .map_err(err("rx rate limiter timer".into()))?;
         let tx_limiter = RateLimiter::new(config.tx_rate_limiter.as_ref(), TX_LIMITER_TOKEN)
             .map_err(err("tx rate limiter timer".into()))?;
-        Ok(Self::with_backend(
-            &config.id, mac, backend, rx_limiter, tx_limiter,
-        ))
+        let mut net = Self::with_backend(&config.id, mac, backend, rx_limiter, tx_limiter);
+        if let Some(m) = &config.mmds {
+            net.mmds =
+                Some(mmds::MmdsStack::new(m.clone()).map_err(err("metadata service".into()))?);
+        }
+        Ok(net)
     }
 
     fn with_backend(
@@ -286,6 +293,7 @@ impl Net {
             rx_paid: false,
             rx_heads: Vec::with_capacity(QUEUE_SIZE.into()),
             tx_buf: vec![0; MAX_BUFFER].into_boxed_slice(),
+            mmds: None,
             counters: NetCounters::default(),
         }
     }
@@ -293,6 +301,11 @@ impl Net {
     /// The guest's MAC address.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// The metadata service's counters, if it answers here.
+    pub fn mmds_counters(&self) -> Option<mmds::MmdsCounters> {
+        self.mmds.as_ref().map(|m| m.counters)
     }
 
     /// The rate limiters, for PATCH after boot.
@@ -317,6 +330,16 @@ impl Net {
         let mut used_any = false;
         let mut frames = 0usize;
         loop {
+            if self.rx_len == 0
+                && let Some(n) = self
+                    .mmds
+                    .as_mut()
+                    .and_then(|m| m.pop(&mut self.rx_buf[VNET_HDR_LEN..]))
+            {
+                self.rx_buf[..VNET_HDR_LEN].fill(0);
+                self.rx_len = VNET_HDR_LEN + n;
+                self.rx_paid = false;
+            }
             if self.rx_len == 0 {
                 if self.dead {
                     break;
@@ -381,6 +404,7 @@ impl Net {
             tx_limiter,
             dead,
             id,
+            mmds,
             ..
         } = self;
         let Some(a) = active.as_mut() else {
@@ -391,6 +415,7 @@ impl Net {
             return;
         }
         let offloads = a.features & (features::CSUM | features::HOST_TSO4 | features::HOST_TSO6);
+        let mut for_mmds = false;
         queue::drain(&mut a.tx, &a.ram, &a.interrupt, |chain| {
             let mut reader = match chain.reader(&a.ram.mem) {
                 Ok(r) => r,
@@ -419,6 +444,22 @@ impl Net {
                 counters.tx_malformed_frames += 1;
                 return Some(0);
             }
+            if let Some(m) = mmds.as_mut() {
+                match m.classify(&frame[VNET_HDR_LEN..]) {
+                    mmds::Verdict::Pass => {}
+                    // A TSO segment would exceed the stack's MTU; requests
+                    // are small, so it never is one in practice.
+                    mmds::Verdict::Mmds if gso_type == 0 => {
+                        m.push(&frame[VNET_HDR_LEN..]);
+                        for_mmds = true;
+                        return Some(0);
+                    }
+                    mmds::Verdict::Mmds | mmds::Verdict::Drop => {
+                        m.dropped();
+                        return Some(0);
+                    }
+                }
+            }
             if *dead {
                 counters.tx_fails += 1;
                 return Some(0);
@@ -443,6 +484,9 @@ impl Net {
                 }
             }
         });
+        if for_mmds && let Some(m) = mmds.as_mut() {
+            m.poll();
+        }
     }
 
     /// Watches the backend fd for what the device can use now: input while
@@ -686,6 +730,14 @@ impl VirtioDevice for Net {
     fn init_backend(&mut self, ops: &mut EventOps) {
         self.rx_limiter.register(ops);
         self.tx_limiter.register(ops);
+        if let Some(m) = &self.mmds
+            && let Err(e) = ops.add(Events::with_data(m.timer(), MMDS_TIMER_TOKEN, EventSet::IN))
+        {
+            tracing::error!(
+                "network interface {}: cannot watch the MMDS timer: {e:?}",
+                self.id
+            );
+        }
         self.sync_interest(ops);
     }
     fn queue_notified(&mut self, index: usize, ops: &mut EventOps) {
@@ -713,6 +765,9 @@ impl VirtioDevice for Net {
             }
             if events.intersects(EventSet::OUT) {
                 self.process_tx();
+                if self.mmds.as_ref().is_some_and(|m| m.has_output()) {
+                    self.process_rx();
+                }
             }
             if events.intersects(EventSet::ERROR | EventSet::HANG_UP)
                 && !events.intersects(EventSet::IN)
@@ -730,6 +785,11 @@ impl VirtioDevice for Net {
         } else if self.tx_limiter.is_timer(token) {
             self.tx_limiter.timer_fired();
             self.process_tx();
+        } else if token == MMDS_TIMER_TOKEN
+            && let Some(m) = self.mmds.as_mut()
+        {
+            m.timer_fired();
+            self.process_rx();
         }
         self.sync_interest(ops);
     }
