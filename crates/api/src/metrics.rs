@@ -14,8 +14,9 @@ use std::time::Duration;
 
 type Group = BTreeMap<&'static str, u64>;
 
-/// Counters kept elsewhere (the vCPUs'): `(group, field, total so far)`.
-pub type Source = Box<dyn Fn() -> Vec<(&'static str, &'static str, u64)> + Send>;
+/// Counters kept elsewhere (the vCPUs', the devices'): `(group, field,
+/// total so far)`.
+pub type Source = Box<dyn Fn() -> Vec<(String, String, u64)> + Send>;
 
 #[derive(Default)]
 struct State {
@@ -24,7 +25,7 @@ struct State {
     stores: BTreeMap<&'static str, Group>,
     sources: Vec<Source>,
     /// What each source said at the previous line.
-    last: BTreeMap<(&'static str, &'static str), u64>,
+    last: BTreeMap<(String, String), u64>,
 }
 
 /// The metrics system of one process.
@@ -107,10 +108,10 @@ impl Metrics {
             .unwrap_or_default()
             .as_millis() as u64;
         top.insert("utc_timestamp_ms".into(), now.into());
-        let mut groups: BTreeMap<&'static str, serde_json::Map<String, serde_json::Value>> =
+        let mut groups: BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
             BTreeMap::new();
         for (g, fields) in s.stores.iter() {
-            let e = groups.entry(g).or_default();
+            let e = groups.entry(g.to_string()).or_default();
             for (f, v) in fields {
                 e.insert((*f).into(), (*v).into());
             }
@@ -120,21 +121,21 @@ impl Metrics {
             from_sources.extend(source());
         }
         for (g, f, total) in from_sources {
-            let last = s.last.insert((g, f), total).unwrap_or(0);
+            let last = s.last.insert((g.clone(), f.clone()), total).unwrap_or(0);
             groups
                 .entry(g)
                 .or_default()
-                .insert(f.into(), total.saturating_sub(last).into());
+                .insert(f, total.saturating_sub(last).into());
         }
         for (g, fields) in s.counters.iter_mut() {
-            let e = groups.entry(g).or_default();
+            let e = groups.entry(g.to_string()).or_default();
             for (f, v) in fields.iter_mut() {
                 e.insert((*f).into(), (*v).into());
                 *v = 0;
             }
         }
         for (g, m) in groups {
-            top.insert(g.into(), m.into());
+            top.insert(g, m.into());
         }
         serde_json::Value::Object(top).to_string()
     }

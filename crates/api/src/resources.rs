@@ -550,7 +550,7 @@ fn bucket(b: TokenBucket) -> machine::TokenBucketConfig {
     }
 }
 
-fn limiter(l: RateLimiter) -> machine::RateLimiterConfig {
+pub(crate) fn limiter(l: RateLimiter) -> machine::RateLimiterConfig {
     machine::RateLimiterConfig {
         bandwidth: l.bandwidth.map(bucket),
         ops: l.ops.map(bucket),

@@ -207,9 +207,11 @@ impl Vmm {
             counters
                 .snapshot()
                 .into_iter()
-                .map(|(f, v)| ("vcpu", f, v))
+                .map(|(f, v)| ("vcpu".to_string(), f.to_string(), v))
                 .collect()
         }));
+        let devices = running.virtio_devices();
+        self.metrics.add_source(Box::new(move || devices.metrics()));
         let control = running.control();
         let events = self.events.clone();
         std::thread::Builder::new()
@@ -223,6 +225,79 @@ impl Vmm {
         // Firecracker writes a first metrics line when the VM starts.
         let _ = self.metrics.flush();
         Ok(())
+    }
+
+    /// `PATCH /drives/{id}` after boot: swaps the backing file and/or the
+    /// rate limiter of the running device, and what `/vm/config` shows.
+    fn patch_drive(&mut self, d: PartialDrive) -> ApiResponse {
+        let Some(running) = &self.running else {
+            return ApiResponse::bad_request(NOT_SUPPORTED_BEFORE_START);
+        };
+        let fail = |e: String| {
+            ApiResponse::bad_request(format!(
+                "Drive config error: Unable to patch the block device: {e}"
+            ))
+        };
+        let path = d.path_on_host.as_ref().map(std::path::PathBuf::from);
+        if let Some(p) = &path
+            && let Err(e) = std::fs::metadata(p)
+        {
+            return fail(format!(
+                "Error manipulating the backing file: {e} {}",
+                p.display()
+            ));
+        }
+        let limiter = d.rate_limiter.map(crate::resources::limiter);
+        if let Err(e) =
+            running
+                .virtio_devices()
+                .update_drive(&d.drive_id, path.as_deref(), limiter.as_ref())
+        {
+            return fail(e);
+        }
+        if let Some(r) = self
+            .resources
+            .drives
+            .iter_mut()
+            .find(|o| o.drive_id == d.drive_id)
+        {
+            if d.path_on_host.is_some() {
+                r.path_on_host = d.path_on_host;
+            }
+            if d.rate_limiter.is_some() {
+                r.rate_limiter = d.rate_limiter;
+            }
+        }
+        ApiResponse::no_content()
+    }
+
+    /// `PATCH /network-interfaces/{id}` after boot: new rate limiters.
+    fn patch_network_interface(&mut self, n: PartialNetworkInterface) -> ApiResponse {
+        let Some(running) = &self.running else {
+            return ApiResponse::bad_request(NOT_SUPPORTED_BEFORE_START);
+        };
+        let rx = n.rx_rate_limiter.map(crate::resources::limiter);
+        let tx = n.tx_rate_limiter.map(crate::resources::limiter);
+        if let Err(e) = running
+            .virtio_devices()
+            .update_net(&n.iface_id, rx.as_ref(), tx.as_ref())
+        {
+            return ApiResponse::bad_request(format!("Network interface update error: {e}"));
+        }
+        if let Some(r) = self
+            .resources
+            .network_interfaces
+            .iter_mut()
+            .find(|o| o.iface_id == n.iface_id)
+        {
+            if n.rx_rate_limiter.is_some() {
+                r.rx_rate_limiter = n.rx_rate_limiter;
+            }
+            if n.tx_rate_limiter.is_some() {
+                r.tx_rate_limiter = n.tx_rate_limiter;
+            }
+        }
+        ApiResponse::no_content()
     }
 
     /// Answers one request.
@@ -271,9 +346,7 @@ impl Vmm {
                         "Drive config error: Invalid block device ID!",
                     );
                 }
-                ApiResponse::bad_request(
-                    "vmplay does not have updating a running drive (PATCH /drives) yet.",
-                )
+                self.patch_drive(d)
             }
             VmmAction::PutNetworkInterface(n) => done(self.resources.set_network_interface(n)),
             VmmAction::PatchNetworkInterface(n) => {
@@ -288,9 +361,7 @@ impl Vmm {
                         n.iface_id
                     ));
                 }
-                ApiResponse::bad_request(
-                    "vmplay does not have updating a running network interface (PATCH /network-interfaces) yet.",
-                )
+                self.patch_network_interface(n)
             }
             VmmAction::PutVsock(v) => done(self.resources.set_vsock(v)),
             VmmAction::PutEntropy(e) => done(self.resources.set_entropy(e)),

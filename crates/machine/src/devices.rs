@@ -60,7 +60,104 @@ pub(crate) struct VirtioAttacher<'a> {
     pub slots: Vec<VirtioMmioSlot>,
     /// Whether stdin is free for a virtio console (COM1 is not on stdio).
     pub stdin_free: bool,
+    /// What the API reaches after boot: every device, drives and
+    /// interfaces by id.
+    pub handles: VirtioDevices,
     next_gsi: u32,
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+/// The running VM's virtio devices, for metrics and for PATCH after boot.
+/// Each lock is the one the event loop takes for the device's work, so a
+/// reader waits at most for one event's processing.
+#[derive(Default)]
+pub struct VirtioDevices {
+    all: Vec<Shared<dyn VirtioDevice>>,
+    drives: Vec<(String, Shared<vmplay_virtio::devices::block::Block>)>,
+    nets: Vec<(String, Shared<vmplay_virtio::devices::net::Net>)>,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VirtioDevices {
+    /// Every counter as `(group, field, total)`: Firecracker's groups,
+    /// `block` and `net` as sums over the devices plus `block_<id>` and
+    /// `net_<id>` per device.
+    pub fn metrics(&self) -> Vec<(String, String, u64)> {
+        let mut sums: std::collections::BTreeMap<(String, String), u64> = Default::default();
+        let mut out = Vec::new();
+        for d in &self.all {
+            let d = lock(d);
+            let id = d.metrics_id().map(str::to_string);
+            for (group, fields) in d.metrics() {
+                for (field, v) in fields {
+                    if let Some(id) = &id
+                        && matches!(group, "block" | "net")
+                    {
+                        out.push((format!("{group}_{id}"), field.clone(), v));
+                    }
+                    *sums.entry((group.to_string(), field)).or_default() += v;
+                }
+            }
+        }
+        out.extend(sums.into_iter().map(|((g, f), v)| (g, f, v)));
+        out
+    }
+
+    /// `PATCH /drives/{id}` after boot: a new backing file (the guest is
+    /// told its capacity may have changed) and/or new rate-limiter buckets.
+    pub fn update_drive(
+        &self,
+        id: &str,
+        path: Option<&std::path::Path>,
+        limiter: Option<&vmplay_virtio::RateLimiterConfig>,
+    ) -> Result<(), String> {
+        let (_, drive) = self
+            .drives
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| format!("no drive {id}"))?;
+        let mut drive = lock(drive);
+        drive.counters.update_count += 1;
+        if let Some(path) = path
+            && let Err(e) = drive.replace_backing(path)
+        {
+            drive.counters.update_fails += 1;
+            return Err(e.to_string());
+        }
+        if let Some(l) = limiter {
+            drive
+                .limiter_mut()
+                .update(l.bandwidth.as_ref(), l.ops.as_ref());
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}` after boot: new rate-limiter buckets.
+    pub fn update_net(
+        &self,
+        id: &str,
+        rx: Option<&vmplay_virtio::RateLimiterConfig>,
+        tx: Option<&vmplay_virtio::RateLimiterConfig>,
+    ) -> Result<(), String> {
+        let (_, net) = self
+            .nets
+            .iter()
+            .find(|(n, _)| n == id)
+            .ok_or_else(|| format!("no network interface {id}"))?;
+        let mut net = lock(net);
+        let (rx_limiter, tx_limiter) = net.limiters_mut();
+        if let Some(l) = rx {
+            rx_limiter.update(l.bandwidth.as_ref(), l.ops.as_ref());
+        }
+        if let Some(l) = tx {
+            tx_limiter.update(l.bandwidth.as_ref(), l.ops.as_ref());
+        }
+        Ok(())
+    }
 }
 
 impl<'a> VirtioAttacher<'a> {
@@ -77,6 +174,7 @@ impl<'a> VirtioAttacher<'a> {
             event_loop,
             slots: Vec::new(),
             stdin_free: false,
+            handles: VirtioDevices::default(),
             next_gsi: layout::VIRTIO_GSI_START,
         }
     }
@@ -150,6 +248,16 @@ impl<'a> VirtioAttacher<'a> {
         Ok(())
     }
 
+    fn attach_kept(
+        &mut self,
+        what: &str,
+        device: Shared<dyn VirtioDevice>,
+    ) -> Result<(), MachineError> {
+        self.attach(what, device.clone())?;
+        self.handles.all.push(device);
+        Ok(())
+    }
+
     /// Every device of `config`, in the guest's enumeration order: drives
     /// first (so the root drive is `/dev/vda`), then network, vsock,
     /// entropy and the console.
@@ -178,7 +286,7 @@ impl<'a> VirtioAttacher<'a> {
             vmplay_virtio::device::BACKEND_TOKEN_BASE,
         )
         .map_err(|e| MachineError::Device(format!("entropy: rate limiter timer: {e}")))?;
-        self.attach(
+        self.attach_kept(
             "entropy",
             Arc::new(Mutex::new(vmplay_virtio::devices::rng::Rng::new(limiter))),
         )
@@ -187,22 +295,25 @@ impl<'a> VirtioAttacher<'a> {
     pub fn attach_block(&mut self, d: &vmplay_virtio::DriveConfig) -> Result<(), MachineError> {
         let block = vmplay_virtio::devices::block::Block::new(d)
             .map_err(|e| MachineError::Device(e.to_string()))?;
-        self.attach(&format!("drive {}", d.id), Arc::new(Mutex::new(block)))
+        let block = Arc::new(Mutex::new(block));
+        self.attach_kept(&format!("drive {}", d.id), block.clone())?;
+        self.handles.drives.push((d.id.clone(), block));
+        Ok(())
     }
 
     pub fn attach_net(&mut self, n: &vmplay_virtio::NetConfig) -> Result<(), MachineError> {
         let net = vmplay_virtio::devices::net::Net::new(n)
             .map_err(|e| MachineError::Device(e.to_string()))?;
-        self.attach(
-            &format!("network interface {}", n.id),
-            Arc::new(Mutex::new(net)),
-        )
+        let net = Arc::new(Mutex::new(net));
+        self.attach_kept(&format!("network interface {}", n.id), net.clone())?;
+        self.handles.nets.push((n.id.clone(), net));
+        Ok(())
     }
 
     pub fn attach_vsock(&mut self, v: &vmplay_virtio::VsockConfig) -> Result<(), MachineError> {
         let vsock = vmplay_virtio::devices::vsock::Vsock::new(v)
             .map_err(|e| MachineError::Device(e.to_string()))?;
-        self.attach("vsock", Arc::new(Mutex::new(vsock)))
+        self.attach_kept("vsock", Arc::new(Mutex::new(vsock)))
     }
 
     pub fn attach_console(&mut self, c: &vmplay_virtio::ConsoleConfig) -> Result<(), MachineError> {

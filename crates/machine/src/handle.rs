@@ -49,6 +49,7 @@ pub struct RunningMachine {
     vm: Arc<dyn vmplay_hypervisor::Vm>,
     paused: bool,
     counters: Arc<VcpuCounters>,
+    virtio_devices: Arc<crate::devices::VirtioDevices>,
     /// Stops and joins the device thread when dropped, after the vCPUs.
     _event_loop: vmplay_virtio::EventLoopHandle,
     // Keeps the guest RAM mapped while the vCPUs run.
@@ -113,6 +114,7 @@ impl Machine {
             vm,
             event_loop,
             _memory,
+            virtio_devices,
             ..
         } = self;
         // Device work runs on its own thread until the machine is dropped.
@@ -172,6 +174,7 @@ impl Machine {
             vm,
             paused: false,
             counters,
+            virtio_devices,
             _event_loop: event_loop,
             _memory,
         })
@@ -187,6 +190,11 @@ impl RunningMachine {
     /// Exit counts of all vCPUs since the start.
     pub fn vcpu_counters(&self) -> Arc<VcpuCounters> {
         self.counters.clone()
+    }
+
+    /// The virtio devices: their metrics, PATCH after boot.
+    pub fn virtio_devices(&self) -> Arc<crate::devices::VirtioDevices> {
+        self.virtio_devices.clone()
     }
 
     /// Whether the vCPUs are paused.

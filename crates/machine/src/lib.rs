@@ -8,6 +8,7 @@
 //! backend: it drives whatever `Hypervisor` it is handed.
 
 mod devices;
+pub use devices::VirtioDevices;
 mod handle;
 mod memory;
 mod vcpu_loop;
@@ -96,6 +97,7 @@ pub struct Machine {
     // Keeps the guest RAM mapped while the vCPUs run.
     _memory: vmplay_hypervisor::GuestMemory,
     vm: Arc<dyn vmplay_hypervisor::Vm>,
+    virtio_devices: Arc<devices::VirtioDevices>,
 }
 
 impl Machine {
@@ -168,6 +170,7 @@ impl Machine {
         attacher.stdin_free = config.serial != SerialMode::Stdio;
         attacher.attach_all(&config.virtio)?;
         let slots = std::mem::take(&mut attacher.slots);
+        let virtio_devices = Arc::new(std::mem::take(&mut attacher.handles));
 
         let boot = vmplay_boot::load(
             &memory,
@@ -210,6 +213,7 @@ impl Machine {
             protocol: boot.protocol,
             _memory: memory,
             vm,
+            virtio_devices,
         })
     }
 

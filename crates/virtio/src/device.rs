@@ -169,4 +169,25 @@ pub trait VirtioDevice: Send {
     fn queue_notified(&mut self, index: usize, ops: &mut EventOps);
     /// A backend fd the device registered is ready.
     fn backend_event(&mut self, _token: u32, _events: EventSet, _ops: &mut EventOps) {}
+    /// Its counters so far, by Firecracker metrics group (`"block"`,
+    /// `"net"`, `"mmds"`, ...), each field with its total.
+    fn metrics(&self) -> Vec<(&'static str, Vec<(String, u64)>)> {
+        Vec::new()
+    }
+    /// The id that names the device's own metrics group (`block_<id>`,
+    /// `net_<id>`), for devices a VM may have several of.
+    fn metrics_id(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// The fields of a counters struct (serde's names) and their values.
+pub fn counter_fields<T: serde::Serialize>(counters: &T) -> Vec<(String, u64)> {
+    match serde_json::to_value(counters) {
+        Ok(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_u64()?)))
+            .collect(),
+        _ => Vec::new(),
+    }
 }

@@ -24,6 +24,11 @@ sleep 600
 "#;
 
 fn call(sock: &std::path::Path, method: &str, path: &str, body: &str) -> u16 {
+    call_body(sock, method, path, body).0
+}
+
+/// The status and body of one API call.
+fn call_body(sock: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = UnixStream::connect(sock).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let req = format!(
@@ -33,15 +38,112 @@ fn call(sock: &std::path::Path, method: &str, path: &str, body: &str) -> u16 {
     s.write_all(req.as_bytes()).unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    out[9..12]
-        .parse()
-        .unwrap_or_else(|_| panic!("bad response {out:?}"))
+    let status = out
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response {out:?}"));
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
 }
 
 fn seconds_after(out: &str, tag: &str) -> Option<f64> {
     out.lines()
         .find_map(|l| l.trim().strip_prefix(tag))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// A `vmplay firecracker --api-sock` on emu, its stdout collected.
+struct Firecracker {
+    child: std::process::Child,
+    out: Arc<Mutex<String>>,
+    sock: std::path::PathBuf,
+}
+
+impl Firecracker {
+    fn start(dir: &TempDir, extra: &[&str]) -> Firecracker {
+        let sock = dir.path().join("fc.sock");
+        let mut child = Command::new(vmplay_exe())
+            .arg("firecracker")
+            .args(extra)
+            .arg("--api-sock")
+            .arg(&sock)
+            .env("VMPLAY_ACCEL", "emu")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(String::new()));
+        {
+            let out = out.clone();
+            let mut pipe = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let start = Instant::now();
+        while UnixStream::connect(&sock).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Firecracker { child, out, sock }
+    }
+
+    fn text(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, needle: &str) {
+        let start = Instant::now();
+        while !self.text().contains(needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(240),
+                "no {needle:?}:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: &str) -> u16 {
+        call(&self.sock, method, path, body)
+    }
+
+    /// Waits for the exit; its status.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no exit:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        status
+    }
+}
+
+impl Drop for Firecracker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
@@ -51,58 +153,15 @@ fn debian_boots_over_the_api_pauses_without_clock_jump_and_reboots_on_ctrl_alt_d
         return;
     };
     let disk = dir.file("disk.img", &vec![0u8; 1 << 20]);
-    let sock = dir.path().join("fc.sock");
-    let mut child = Command::new(vmplay_exe())
-        .args(["firecracker", "--boot-timer", "--api-sock"])
-        .arg(&sock)
-        .env("VMPLAY_ACCEL", "emu")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Arc::new(Mutex::new(String::new()));
-    {
-        let out = out.clone();
-        let mut pipe = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                out.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-    }
-    let text = || out.lock().unwrap().clone();
-    let wait_for = |needle: &str| {
-        let start = Instant::now();
-        while !text().contains(needle) {
-            assert!(
-                start.elapsed() < Duration::from_secs(240),
-                "no {needle:?}:\n{}",
-                text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    let start = Instant::now();
-    while UnixStream::connect(&sock).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut fc = Firecracker::start(&dir, &["--boot-timer"]);
     let boot = serde_json::json!({
         "kernel_image_path": kernel,
         "initrd_path": initrd,
         "boot_args": "console=ttyS0 reboot=k panic=-1 quiet",
     });
-    assert_eq!(call(&sock, "PUT", "/boot-source", &boot.to_string()), 204);
+    assert_eq!(fc.call("PUT", "/boot-source", &boot.to_string()), 204);
     assert_eq!(
-        call(
-            &sock,
+        fc.call(
             "PUT",
             "/machine-config",
             r#"{"vcpu_count":1,"mem_size_mib":256}"#
@@ -111,28 +170,23 @@ fn debian_boots_over_the_api_pauses_without_clock_jump_and_reboots_on_ctrl_alt_d
     );
     let drive =
         serde_json::json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false});
-    assert_eq!(call(&sock, "PUT", "/drives/data", &drive.to_string()), 204);
+    assert_eq!(fc.call("PUT", "/drives/data", &drive.to_string()), 204);
     assert_eq!(
-        call(
-            &sock,
-            "PUT",
-            "/actions",
-            r#"{"action_type":"InstanceStart"}"#
-        ),
+        fc.call("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#),
         204
     );
 
-    wait_for("uptime-a");
+    fc.wait_for("uptime-a");
     assert!(
-        text().contains("Guest-boot-time ="),
+        fc.text().contains("Guest-boot-time ="),
         "no boot-timer line:\n{}",
-        text()
+        fc.text()
     );
-    assert_eq!(call(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#), 204);
+    assert_eq!(fc.call("PATCH", "/vm", r#"{"state":"Paused"}"#), 204);
     std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(call(&sock, "PATCH", "/vm", r#"{"state":"Resumed"}"#), 204);
-    wait_for("waiting-for-ctrl-alt-del");
-    let out_now = text();
+    assert_eq!(fc.call("PATCH", "/vm", r#"{"state":"Resumed"}"#), 204);
+    fc.wait_for("waiting-for-ctrl-alt-del");
+    let out_now = fc.text();
     let a = seconds_after(&out_now, "uptime-a").unwrap();
     let b = seconds_after(&out_now, "uptime-b").unwrap();
     // 2 s of guest sleep plus slack for a loaded host; had the guest seen
@@ -140,36 +194,131 @@ fn debian_boots_over_the_api_pauses_without_clock_jump_and_reboots_on_ctrl_alt_d
     assert!(b - a < 4.5, "the guest saw the pause: uptime {a} -> {b}");
 
     assert_eq!(
-        call(
-            &sock,
-            "PUT",
-            "/actions",
-            r#"{"action_type":"SendCtrlAltDel"}"#
-        ),
+        fc.call("PUT", "/actions", r#"{"action_type":"SendCtrlAltDel"}"#),
         204
     );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no exit after Ctrl-Alt-Del:\n{}",
-            text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(status.code(), Some(0), "{}", text());
+    let status = fc.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", fc.text());
     assert!(
-        text().contains("Firecracker exiting successfully"),
+        fc.text().contains("Firecracker exiting successfully"),
         "{}",
-        text()
+        fc.text()
     );
     let written = std::fs::read(&disk).unwrap();
     assert!(
         written.starts_with(b"vmplay-drive-ok\n"),
         "the guest did not write its drive"
     );
+}
+
+/// The guest reads its drive, waits until the host swaps the backing file
+/// (the capacity changes), reads the new one and writes it, and draws
+/// entropy.
+const PATCH_HOOK: &str = r#"#!/bin/sh
+echo "first $(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 6)"
+dd if=/dev/hwrng of=/dev/null bs=4096 count=1 2>/dev/null
+echo ready-for-patch
+n=0
+while [ "$(cat /sys/block/vda/size)" = 2048 ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
+sync; echo 3 >/proc/sys/vm/drop_caches
+echo "size $(cat /sys/block/vda/size)"
+echo "second $(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 6)"
+echo vmplay-patched | dd of=/dev/vda bs=512 seek=1 conv=sync,fsync 2>/dev/null
+echo patch-done
+sleep 600
+"#;
+
+#[test]
+fn a_running_drive_gets_a_new_backing_file_by_patch_and_device_counters_reach_the_metrics() {
+    let dir = TempDir::new();
+    let Some((kernel, initrd)) = debian_guest(&dir, PATCH_HOOK, &[]) else {
+        return;
+    };
+    let mut a = b"disk-a".to_vec();
+    a.resize(1 << 20, 0);
+    let mut b = b"disk-b".to_vec();
+    b.resize(2 << 20, 0);
+    let (disk_a, disk_b) = (dir.file("a.img", &a), dir.file("b.img", &b));
+    let metrics = dir.path().join("metrics.ndjson");
+    let fc = Firecracker::start(&dir, &[]);
+    let boot = serde_json::json!({
+        "kernel_image_path": kernel,
+        "initrd_path": initrd,
+        "boot_args": "console=ttyS0 reboot=k panic=-1 quiet",
+    });
+    assert_eq!(fc.call("PUT", "/boot-source", &boot.to_string()), 204);
+    assert_eq!(
+        fc.call(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":256}"#
+        ),
+        204
+    );
+    let drive =
+        serde_json::json!({"drive_id": "data", "path_on_host": disk_a, "is_root_device": false});
+    assert_eq!(fc.call("PUT", "/drives/data", &drive.to_string()), 204);
+    assert_eq!(fc.call("PUT", "/entropy", "{}"), 204);
+    let m = serde_json::json!({ "metrics_path": metrics });
+    assert_eq!(fc.call("PUT", "/metrics", &m.to_string()), 204);
+    assert_eq!(
+        fc.call("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#),
+        204
+    );
+    fc.wait_for("ready-for-patch");
+    // A file that is not there: Firecracker's wording, and nothing changes.
+    let (status, body) = call_body(
+        &fc.sock,
+        "PATCH",
+        "/drives/data",
+        r#"{"drive_id":"data","path_on_host":"/nonexistent/b.img"}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("Error manipulating the backing file") && body.contains("/nonexistent/b.img"),
+        "{body}"
+    );
+    let patch = serde_json::json!({"drive_id": "data", "path_on_host": disk_b});
+    assert_eq!(fc.call("PATCH", "/drives/data", &patch.to_string()), 204);
+    fc.wait_for("patch-done");
+    let text = fc.text();
+    assert!(text.contains("first disk-a"), "{text}");
+    assert!(text.contains("size 4096"), "{text}");
+    assert!(text.contains("second disk-b"), "{text}");
+    let written = std::fs::read(&disk_b).unwrap();
+    assert!(written[512..].starts_with(b"vmplay-patched\n"), "{text}");
+    assert_eq!(
+        std::fs::read(&disk_a).unwrap(),
+        a,
+        "the old file was written"
+    );
+    let (_, config) = call_body(&fc.sock, "GET", "/vm/config", "");
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        config["drives"][0]["path_on_host"],
+        serde_json::json!(disk_b),
+        "{config}"
+    );
+
+    assert_eq!(
+        fc.call("PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#),
+        204
+    );
+    // Counters are deltas: sum every line written so far.
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    let sum = |group: &str, field: &str| -> u64 {
+        lines
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v[group][field].as_u64())
+            .sum()
+    };
+    assert!(sum("block", "read_bytes") >= 1024, "{lines}");
+    assert!(sum("block_data", "write_bytes") >= 512, "{lines}");
+    assert_eq!(sum("block", "update_count"), 1, "{lines}");
+    assert_eq!(
+        sum("block", "update_count"),
+        sum("block_data", "update_count")
+    );
+    assert!(sum("entropy", "entropy_bytes") >= 4096, "{lines}");
 }

@@ -132,17 +132,24 @@ struct Active {
     interrupt: Arc<Interrupt>,
 }
 
-/// Counters for metrics (Firecracker's `block` group).
-#[derive(Debug, Default, Clone, Copy)]
+/// Counters for metrics (Firecracker's `block` group, its names).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct BlockCounters {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub read_count: u64,
     pub write_count: u64,
     pub flush_count: u64,
+    /// Requests the host failed (`VIRTIO_BLK_S_IOERR`).
+    #[serde(rename = "execute_fails")]
     pub io_errors: u64,
+    #[serde(rename = "invalid_reqs_count")]
     pub invalid_requests: u64,
+    #[serde(rename = "rate_limiter_throttled_events")]
     pub rate_limiter_throttled: u64,
+    /// PATCHes after boot, and those that failed.
+    pub update_count: u64,
+    pub update_fails: u64,
 }
 
 pub struct Block {
@@ -496,6 +503,12 @@ impl Worker<'_> {
 }
 
 impl VirtioDevice for Block {
+    fn metrics(&self) -> Vec<(&'static str, Vec<(String, u64)>)> {
+        vec![("block", crate::device::counter_fields(&self.counters))]
+    }
+    fn metrics_id(&self) -> Option<&str> {
+        Some(&self.id)
+    }
     fn device_type(&self) -> u32 {
         device_type::BLOCK
     }

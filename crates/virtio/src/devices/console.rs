@@ -44,7 +44,7 @@ pub enum ConsoleError {
 }
 
 /// Counters for metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ConsoleCounters {
     /// Guest bytes written out.
     pub tx_bytes: u64,

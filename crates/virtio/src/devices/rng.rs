@@ -24,10 +24,20 @@ struct Active {
     interrupt: Arc<Interrupt>,
 }
 
+/// Counters for metrics (Firecracker's `entropy` group).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RngCounters {
+    pub entropy_event_count: u64,
+    pub entropy_bytes: u64,
+    pub host_rng_fails: u64,
+    pub entropy_rate_limiter_throttled: u64,
+}
+
 pub struct Rng {
     active: Option<Active>,
     limiter: RateLimiter,
     buf: Vec<u8>,
+    pub counters: RngCounters,
 }
 
 impl Rng {
@@ -36,6 +46,7 @@ impl Rng {
             active: None,
             limiter,
             buf: vec![0; MAX_REQUEST],
+            counters: RngCounters::default(),
         }
     }
 
@@ -45,6 +56,7 @@ impl Rng {
         };
         let buf = &mut self.buf;
         let limiter = &mut self.limiter;
+        let counters = &mut self.counters;
         queue::drain(&mut a.queue, &a.ram, &a.interrupt, |chain| {
             let mut writer = match chain.clone().writer(&a.ram.mem) {
                 Ok(w) => w,
@@ -58,14 +70,17 @@ impl Rng {
                 return Some(0);
             }
             if !limiter.consume(want as u64, 1) {
+                counters.entropy_rate_limiter_throttled += 1;
                 return None;
             }
             let out = &mut buf[..want];
             if let Err(e) = crate::sys::getrandom(out) {
                 tracing::warn!("virtio-rng: getrandom: {e}");
+                counters.host_rng_fails += 1;
                 return Some(0);
             }
             let n = writer.write(out).unwrap_or(0);
+            counters.entropy_bytes += n as u64;
             queue::note_writes(&a.ram, &chain);
             Some(n as u32)
         });
@@ -110,7 +125,11 @@ impl VirtioDevice for Rng {
         self.limiter.register(ops);
     }
     fn queue_notified(&mut self, _index: usize, _ops: &mut EventOps) {
+        self.counters.entropy_event_count += 1;
         self.process();
+    }
+    fn metrics(&self) -> Vec<(&'static str, Vec<(String, u64)>)> {
+        vec![("entropy", crate::device::counter_fields(&self.counters))]
     }
     fn backend_event(&mut self, token: u32, _events: event_manager::EventSet, _ops: &mut EventOps) {
         if self.limiter.is_timer(token) {

@@ -83,7 +83,7 @@ const TAP_OFFLOADS: u64 = features::CSUM
     | features::HOST_TSO6;
 
 /// Counters for metrics (Firecracker's `net` group names).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct NetCounters {
     pub activate_fails: u64,
     pub cfg_fails: u64,
@@ -659,6 +659,16 @@ fn tun_offloads(accepted: u64) -> libc::c_uint {
 }
 
 impl VirtioDevice for Net {
+    fn metrics(&self) -> Vec<(&'static str, Vec<(String, u64)>)> {
+        let mut groups = vec![("net", crate::device::counter_fields(&self.counters))];
+        if let Some(m) = &self.mmds {
+            groups.push(("mmds", crate::device::counter_fields(&m.counters)));
+        }
+        groups
+    }
+    fn metrics_id(&self) -> Option<&str> {
+        Some(&self.id)
+    }
     fn device_type(&self) -> u32 {
         device_type::NET
     }

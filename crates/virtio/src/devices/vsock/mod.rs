@@ -66,7 +66,7 @@ const STREAM_TOKEN_BASE: u32 = BACKEND_TOKEN_BASE + 16;
 
 /// Counters for metrics (Firecracker's `vsock` group, plus the reasons
 /// guest packets were refused). "rx" is towards the guest, "tx" from it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct VsockCounters {
     pub activate_fails: u64,
     pub rx_queue_event_count: u64,
@@ -348,6 +348,9 @@ impl Poller for OpsPoller<'_, '_> {
 }
 
 impl VirtioDevice for Vsock {
+    fn metrics(&self) -> Vec<(&'static str, Vec<(String, u64)>)> {
+        vec![("vsock", crate::device::counter_fields(self.counters()))]
+    }
     fn device_type(&self) -> u32 {
         device_type::VSOCK
     }

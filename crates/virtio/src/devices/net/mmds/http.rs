@@ -29,7 +29,7 @@ const TTL_HEADERS: [&str; 2] = [
 ];
 
 /// Counters in Firecracker's `mmds` metrics group.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct MmdsCounters {
     /// Frames the device took for MMDS.
     pub rx_accepted: u64,
