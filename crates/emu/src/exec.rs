@@ -5,6 +5,7 @@ use crate::cpu::fault::{DB, Fault, Stop};
 use crate::cpu::flags::TF;
 use crate::cpu::{Cpu, RIP, RunState};
 use crate::decode::cache::{Block, BlockCache};
+use crate::jit::helpers;
 use crate::mode::interrupt::Event as IntEvent;
 use crate::platform::signal;
 use crate::vm::VmShared;
@@ -91,8 +92,29 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         // nothing else references it while it runs; handlers never touch
         // the block cache.
         let block = unsafe { &mut *block };
-        block.prefetch_successors();
         let single = cpu.int_shadow || cpu.rflags & TF != 0;
+        if !single && !tracing && cpu.bits == 64 && block.cached() && cache.jit.is_some() {
+            match run_translated(cpu, cache, block) {
+                Some(helpers::GO_ON) => {
+                    prev = std::ptr::null_mut();
+                    continue;
+                }
+                Some(helpers::IO) => {
+                    cpu.jit_link = 0;
+                    return Event::Io;
+                }
+                Some(_) => {
+                    cpu.jit_link = 0;
+                    prev = std::ptr::null_mut();
+                    cpu.stop = false;
+                    cache.forget_page();
+                    continue;
+                }
+                None => {}
+            }
+        }
+        cpu.jit_link = 0;
+        block.prefetch_successors();
         let trap = cpu.rflags & TF != 0;
         cpu.int_shadow = false;
         cpu.stop = single;
@@ -139,6 +161,44 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
             crate::mode::interrupt::deliver(cpu, DB, IntEvent::Trap);
         }
     }
+}
+
+/// Runs `block` through the translation tier, translating it first if
+/// it is hot; `None` if it stays interpreted.
+fn run_translated(cpu: &mut Cpu, cache: &mut BlockCache, block: &mut Block) -> Option<u64> {
+    let jit = cache.jit.as_mut()?;
+    if block.jit_entry == 0 {
+        if block.jit_tried || block.runs < jit.config.threshold {
+            return None;
+        }
+        let mut reset = false;
+        if !jit.compile(cpu, block, || reset = true) {
+            if reset {
+                cache.clear_jit();
+                cpu.jit_link = 0;
+            }
+            return None;
+        }
+    }
+    let verify = jit.config.verify_runs;
+    if verify != 0 && block.jit_verified < verify {
+        block.jit_verified += 1;
+        cpu.jit_link = 0;
+        return Some(crate::jit::verify::run(cpu, block, jit));
+    }
+    if cpu.jit_link != 0 {
+        if verify == 0 {
+            jit.link(cpu.jit_link, block.jit_head);
+        }
+        cpu.jit_link = 0;
+    }
+    cpu.stop = false;
+    Some(jit.enter(block.jit_entry, cpu))
+}
+
+/// The interpreter's run of one block, for co-simulation.
+pub fn run_block_for_verify(cpu: &mut Cpu, block: &Block) -> (u64, bool) {
+    run_block::<false, true>(cpu, block)
 }
 
 /// Runs one block's instructions; returns (retired, exited for I/O).

@@ -17,6 +17,7 @@ pub mod cpuid;
 pub mod decode;
 pub mod exec;
 pub mod isa;
+pub mod jit;
 pub mod mem;
 pub mod mode;
 pub mod msr;
@@ -43,6 +44,9 @@ pub struct EmuOptions {
     pub trace: Option<PathBuf>,
     /// The CPU the guest is told it runs on (CPUID, the MSRs that go with it).
     pub cpu_model: cpuid::CpuModel,
+    /// The tiers (`--emu-tier`); `None`: from the environment
+    /// ([`jit::JitConfig::from_env`]).
+    pub jit: Option<jit::JitConfig>,
 }
 
 /// The `emu` backend.
@@ -82,11 +86,17 @@ impl Hypervisor for EmuHypervisor {
                 spec.vcpus
             )));
         }
-        Ok(Arc::new(EmuVm::new(
+        let jit = match self.opts.jit {
+            Some(c) => c,
+            None => jit::JitConfig::from_env(None).map_err(Error::Unsupported)?,
+        };
+        let vm = EmuVm::new(
             spec,
             memory,
             self.opts.trace.as_deref(),
             self.opts.cpu_model,
-        )?))
+        )?;
+        vm.shared().set_jit(jit);
+        Ok(Arc::new(vm))
     }
 }

@@ -26,9 +26,11 @@ impl EmuVcpu {
         if id != 0 {
             cpu.run_state = RunState::WaitForSipi;
         }
+        let mut cache = BlockCache::new();
+        cache.jit = crate::jit::Jit::new(cpu.vm.jit_config());
         EmuVcpu {
             cpu,
-            cache: BlockCache::new(),
+            cache,
             buf: [0; 8],
             answering: None,
         }
@@ -175,6 +177,28 @@ impl Drop for EmuVcpu {
             slow_lookups = self.cache.slow_lookups,
             "emu vCPU statistics"
         );
+        if let Some(jit) = &self.cache.jit {
+            let s = jit.stats;
+            tracing::debug!(
+                vcpu = self.cpu.id,
+                translated = s.compiled,
+                untranslatable = s.failed,
+                native_instructions = s.native,
+                fallback_instructions = s.fallback,
+                arena_resets = s.resets,
+                translate_ms = s.compile_ns / 1_000_000,
+                "emu translation tier statistics"
+            );
+            if jit.config.verify_runs != 0 {
+                // Tests and CI read this line: the co-simulation verdict.
+                tracing::warn!(
+                    "emu verify: vCPU {}: {} translated block runs checked against the interpreter, {} differed",
+                    self.cpu.id,
+                    s.verified,
+                    s.mismatches
+                );
+            }
+        }
     }
 }
 

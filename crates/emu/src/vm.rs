@@ -30,6 +30,27 @@ pub struct VmShared {
     pub ioevents: std::sync::RwLock<Vec<IoEvent>>,
     /// What CPUID and the model-specific MSRs describe.
     pub cpu_model: crate::cpuid::CpuModel,
+    /// The translation tier's settings (from the environment when unset).
+    pub jit: std::sync::OnceLock<crate::jit::JitConfig>,
+    /// The translation tier's counters over all vCPUs.
+    pub jit_totals: crate::jit::JitTotals,
+}
+
+impl VmShared {
+    /// Chooses the tiers; vCPUs created afterwards use them.
+    pub fn set_jit(&self, config: crate::jit::JitConfig) {
+        let _ = self.jit.set(config);
+    }
+
+    /// The tiers' settings.
+    pub fn jit_config(&self) -> crate::jit::JitConfig {
+        *self.jit.get_or_init(|| {
+            crate::jit::JitConfig::from_env(None).unwrap_or_else(|e| {
+                tracing::warn!("{e}; using the default emu tiers");
+                crate::jit::JitConfig::default()
+            })
+        })
+    }
 }
 
 /// One registered ioevent: a write of `len` bytes at `addr` (with
@@ -85,6 +106,8 @@ impl VmShared {
             trace,
             ioevents: std::sync::RwLock::new(Vec::new()),
             cpu_model,
+            jit: std::sync::OnceLock::new(),
+            jit_totals: Default::default(),
         }))
     }
 }

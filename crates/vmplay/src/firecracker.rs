@@ -376,7 +376,7 @@ pub fn main(argv: &[String]) -> ExitCode {
     let raw_for_launch = raw.clone();
     let mut hypervisors = Vec::new();
     let launcher: vmplay_api::vmm::Launcher = Box::new(move |config| {
-        let (hv, note) = crate::hypervisor_for(accel, None).map_err(|e| e.to_string())?;
+        let (hv, note) = crate::hypervisor_for(accel, None, None).map_err(|e| e.to_string())?;
         if let Some(note) = note {
             eprintln!("{note}");
         }

@@ -96,6 +96,10 @@ struct RunArgs {
     /// emu only: write an instruction trace to FILE.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// emu only: `interp` runs every instruction in the interpreter; `jit`
+    /// (the default, or VMPLAY_EMU_TIER) also translates hot blocks.
+    #[arg(long, value_name = "interp|jit")]
+    emu_tier: Option<vmplay_emu::jit::Tier>,
     /// A virtio-blk drive, repeatable; the first is /dev/vda. root=on boots from it.
     #[arg(
         long,
@@ -233,13 +237,14 @@ fn virtio_config(args: &RunArgs) -> Result<vmplay_machine::VirtioConfig> {
 /// The backend, and a line for stderr once the machine is built (why auto
 /// chose it, or a warning about the host's KVM).
 fn hypervisor(args: &RunArgs) -> Result<(Box<dyn Hypervisor>, Option<String>)> {
-    hypervisor_for(args.accel, args.trace.clone())
+    hypervisor_for(args.accel, args.trace.clone(), args.emu_tier)
 }
 
 /// The backend for `accel`, and the note for stderr.
 pub(crate) fn hypervisor_for(
     accel: Accel,
     trace: Option<PathBuf>,
+    tier: Option<vmplay_emu::jit::Tier>,
 ) -> Result<(Box<dyn Hypervisor>, Option<String>)> {
     // VMPLAY_EMU_CPU=qemu64 selects the older CPU model, for the bench.
     let cpu_model = match std::env::var("VMPLAY_EMU_CPU") {
@@ -248,10 +253,12 @@ pub(crate) fn hypervisor_for(
             .map_err(|e: String| anyhow::anyhow!("VMPLAY_EMU_CPU: {e}"))?,
         Err(_) => vmplay_emu::cpuid::CpuModel::default(),
     };
+    let jit = vmplay_emu::jit::JitConfig::from_env(tier).map_err(|e| anyhow::anyhow!(e))?;
     let emu = || -> Box<dyn Hypervisor> {
         Box::new(vmplay_emu::EmuHypervisor::new(vmplay_emu::EmuOptions {
             trace: trace.clone(),
             cpu_model,
+            jit: Some(jit),
         }))
     };
     match accel {
@@ -355,10 +362,10 @@ fn run_with_api(
     let listener = vmplay_api::server::bind(sock)?;
     let metrics = std::sync::Arc::new(vmplay_api::metrics::Metrics::default());
     let (events_tx, events_rx) = std::sync::mpsc::channel();
-    let (accel, trace) = (args.accel, args.trace.clone());
+    let (accel, trace, tier) = (args.accel, args.trace.clone(), args.emu_tier);
     let mut hypervisors = Vec::new();
     let launcher: vmplay_api::vmm::Launcher = Box::new(move |config| {
-        let (hv, note) = hypervisor_for(accel, trace.clone()).map_err(|e| error_line(&e))?;
+        let (hv, note) = hypervisor_for(accel, trace.clone(), tier).map_err(|e| error_line(&e))?;
         let machine = Machine::new(hv.as_ref(), config).map_err(|e| e.to_string())?;
         if let Some(note) = note {
             eprintln!("{note}");
@@ -420,6 +427,7 @@ impl RunArgs {
             serial: "stdio".into(),
             config: None,
             trace: None,
+            emu_tier: None,
             drive: vec![],
             net: vec![],
             vsock: None,

@@ -202,6 +202,18 @@ pub struct Cpu {
     pub id: u32,
     /// Instructions retired (approximate: counted per block).
     pub icount: u64,
+    /// Translation tier: guest flags parked by translated code around
+    /// its own flag-clobbering sequences.
+    pub jit_flags_spill: u64,
+    /// Translation tier: the chain slot of the exit just taken, for the
+    /// dispatcher to point at the next block's code (0: none).
+    pub jit_link: u64,
+    /// Co-simulation (`VMPLAY_EMU_VERIFY`): guest RAM writes of the
+    /// interpreter's run, (host address, old value, size), to undo.
+    pub undo: Option<Vec<(usize, u64, u8)>>,
+    /// Port and MMIO accesses so far (co-simulation skips blocks that
+    /// reach devices: their effects cannot be run twice).
+    pub device_accesses: u64,
 }
 
 impl Cpu {
@@ -239,6 +251,10 @@ impl Cpu {
             vm,
             id,
             icount: 0,
+            jit_flags_spill: 0,
+            jit_link: 0,
+            undo: None,
+            device_accesses: 0,
         };
         cpu.reset();
         cpu

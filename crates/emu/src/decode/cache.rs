@@ -52,6 +52,13 @@ pub struct Block {
     links: [Link; 2],
     /// The iced instructions beside `insns`, kept only for `--trace`.
     pub full: Box<[Instruction]>,
+    /// Translation tier: where the block's host code starts (0: none),
+    /// where chained jumps enter it, and whether translating failed.
+    pub jit_entry: u64,
+    pub jit_head: u64,
+    pub jit_tried: bool,
+    /// Co-simulated runs so far.
+    pub jit_verified: u64,
 }
 
 // SAFETY: the raw pointers in `links` point into the same vCPU's block
@@ -122,7 +129,30 @@ impl Block {
             links: [NO_LINK; 2],
             next_link: 0,
             cached,
+            jit_entry: 0,
+            jit_head: 0,
+            jit_tried: false,
+            jit_verified: 0,
         }
+    }
+
+    /// Records the block's translation.
+    pub fn set_jit(&mut self, entry: u64, head: u64) {
+        self.jit_entry = entry;
+        self.jit_head = head;
+        self.jit_tried = true;
+    }
+
+    /// The address of the block's page word in the code map and the
+    /// value it holds while the block is current (generation, code bit).
+    pub fn generation_word(&self, code: &crate::mem::CodeMap) -> (u64, u32) {
+        (code.word_addr(self.frame), (self.generation << 1) | 1)
+    }
+
+    /// Host address and length of the block's guest bytes.
+    pub fn code_bytes(&self) -> (*const u8, usize) {
+        let len = self.insns.iter().map(|i| usize::from(i.len)).sum();
+        ((self.key >> 2) as *const u8, len)
     }
 
     /// No write has hit the block's page since it was decoded.
@@ -201,6 +231,8 @@ pub struct BlockCache {
     /// always ends a block with `cpu.stop` (the loop then forgets it).
     page: Option<(u64, u64, usize)>,
     next_serial: u64,
+    /// The translation tier, when on.
+    pub jit: Option<crate::jit::Jit>,
 }
 
 impl Default for BlockCache {
@@ -232,6 +264,7 @@ impl BlockCache {
             blocks_decoded: 0,
             page: None,
             next_serial: 1,
+            jit: None,
         }
     }
 
@@ -438,6 +471,15 @@ impl BlockCache {
     #[inline(always)]
     pub fn forget_page(&mut self) {
         self.page = None;
+    }
+
+    /// Every block forgets its translation (the tier's arena was reset).
+    pub fn clear_jit(&mut self) {
+        for b in self.blocks.iter_mut() {
+            b.jit_entry = 0;
+            b.jit_head = 0;
+            b.jit_tried = false;
+        }
     }
 
     /// Forgets every block (tests, INIT).

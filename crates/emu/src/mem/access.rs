@@ -113,9 +113,13 @@ impl Cpu {
     pub fn write_lin<W: Width>(&mut self, lin: u64, v: u64) -> Res {
         let e: &TlbEntry = self.tlb.entry(lin);
         if e.tag_w == lin & PAGE_MASK && (lin & 0xfff) as usize <= 0x1000 - W::BYTES {
+            let p = e.addend.wrapping_add(lin) as *mut u8;
+            if self.undo.is_some() {
+                self.log_undo(p, W::BYTES);
+            }
             // SAFETY: a write tag is only installed for RAM pages without
             // cached code, and the access stays inside the page.
-            unsafe { host_store(e.addend.wrapping_add(lin) as *mut u8, W::BYTES, v) };
+            unsafe { host_store(p, W::BYTES, v) };
             return Ok(());
         }
         self.write_slow(lin, W::BYTES, v)
@@ -131,6 +135,9 @@ impl Cpu {
             // SAFETY: a write tag is only installed for RAM pages without
             // cached code, and the access stays inside the page.
             let old = unsafe { host_load(p, W::BYTES) };
+            if self.undo.is_some() {
+                self.log_undo(p, W::BYTES);
+            }
             // SAFETY: as above.
             unsafe { host_store(p, W::BYTES, f(old) & W::MASK) };
             return Ok(old);
@@ -355,11 +362,25 @@ impl Cpu {
                 if self.vm.code.is_code(loc.frame) {
                     self.code_written(loc.frame, lin);
                 }
+                if self.undo.is_some() {
+                    self.log_undo(loc.host, n);
+                }
                 // SAFETY: inside one RAM page (callers split crossings).
                 unsafe { host_store(loc.host, n, v) };
                 Ok(())
             }
             Target::Mmio(pa) => self.mmio_write(pa, n, v),
+        }
+    }
+
+    /// Co-simulation: remembers the bytes a store is about to replace.
+    #[cold]
+    fn log_undo(&mut self, p: *const u8, n: usize) {
+        // SAFETY: callers pass a RAM host pointer with `n` bytes inside
+        // one page, just checked for the store that follows.
+        let old = unsafe { host_load(p, n) };
+        if let Some(log) = self.undo.as_mut() {
+            log.push((p as usize, old, n as u8));
         }
     }
 
@@ -375,6 +396,7 @@ impl Cpu {
 
     /// A physical read outside RAM: platform devices, else the machine.
     pub fn mmio_read(&mut self, pa: u64, n: usize) -> Res<u64> {
+        self.device_accesses += 1;
         if let Some(v) = self.vm.platform.mmio_read(self.id, pa, n) {
             return Ok(v);
         }
@@ -386,6 +408,7 @@ impl Cpu {
 
     /// A physical write outside RAM.
     pub fn mmio_write(&mut self, pa: u64, n: usize, v: u64) -> Res {
+        self.device_accesses += 1;
         if self.vm.platform.mmio_write(self.id, pa, n, v) {
             return Ok(());
         }

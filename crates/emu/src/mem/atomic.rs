@@ -117,6 +117,9 @@ impl Cpu {
                 // SAFETY: as above.
                 let seen = unsafe { cas(p, W::BYTES, old, new) };
                 if seen == old {
+                    if let Some(log) = self.undo.as_mut() {
+                        log.push((p as usize, old, W::BYTES as u8));
+                    }
                     return Ok(old);
                 }
                 old = seen;

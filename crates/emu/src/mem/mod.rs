@@ -191,6 +191,12 @@ impl CodeMap {
         self.pages[frame].load(Ordering::Acquire) >> 1
     }
 
+    /// Where the frame's word (generation << 1 | code bit) lives, for
+    /// translated code that checks it.
+    pub fn word_addr(&self, frame: usize) -> u64 {
+        self.pages[frame].as_ptr() as u64
+    }
+
     #[inline(always)]
     pub fn is_code(&self, frame: usize) -> bool {
         self.pages[frame].load(Ordering::Relaxed) & 1 != 0

@@ -6,6 +6,7 @@ pub const TLB_SIZE: usize = 512;
 const INVALID: u64 = u64::MAX;
 
 #[derive(Debug, Clone, Copy)]
+#[repr(C)]
 pub struct TlbEntry {
     pub tag_r: u64,
     pub tag_w: u64,
@@ -31,6 +32,9 @@ const EMPTY: TlbEntry = TlbEntry {
 pub struct Tlb {
     sets: Box<[[TlbEntry; TLB_SIZE]; 2]>,
     pub cur: usize,
+    /// Address of the current set's first entry (`sets[cur]`), for the
+    /// translation tier's inline lookups.
+    pub cur_base: usize,
     /// Bumped by every flush: mappings may have changed since.
     epoch: u32,
     /// Code frames whose bytes were checked in this epoch (direct-mapped
@@ -48,8 +52,10 @@ impl Default for Tlb {
 
 impl Tlb {
     pub fn new() -> Self {
+        let sets = Box::new([[EMPTY; TLB_SIZE]; 2]);
         Tlb {
-            sets: Box::new([[EMPTY; TLB_SIZE]; 2]),
+            cur_base: sets[0].as_ptr() as usize,
+            sets,
             cur: 0,
             epoch: 1,
             verified: Box::new([(0, 0); VERIFIED]),
@@ -59,6 +65,7 @@ impl Tlb {
     #[inline(always)]
     pub fn select(&mut self, user: bool) {
         self.cur = usize::from(user);
+        self.cur_base = self.sets[self.cur].as_ptr() as usize;
     }
 
     #[inline(always)]

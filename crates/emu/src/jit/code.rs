@@ -1,0 +1,125 @@
+//! Executable memory for translated blocks, and the call into it: the
+//! translation tier's only unsafe boundary.
+//!
+//! One arena per vCPU (each vCPU thread owns its block cache), so no other
+//! thread ever runs or patches this code. Blocks are appended and never
+//! freed one by one: when the arena is full the tier forgets every block
+//! ([`CodeArena::reset`]) and starts over, which is safe because code only
+//! runs from `enter`, never while the arena is being reset.
+
+use std::ptr::NonNull;
+
+use crate::cpu::Cpu;
+
+/// The signature of a translated block: SysV ABI, the vCPU context in
+/// the first argument, an exit code back (see `jit::Exit`).
+type Entry = unsafe extern "C" fn(*mut Cpu) -> u64;
+
+pub struct CodeArena {
+    base: NonNull<u8>,
+    size: usize,
+    used: usize,
+}
+
+// SAFETY: the arena is a private anonymous mapping owned by one vCPU; it
+// moves between threads only with its vCPU (never shared).
+unsafe impl Send for CodeArena {}
+
+impl CodeArena {
+    /// Maps `size` bytes readable, writable and executable.
+    pub fn new(size: usize) -> std::io::Result<CodeArena> {
+        // SAFETY: an anonymous private mapping at an address the kernel
+        // picks; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = NonNull::new(p.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
+        Ok(CodeArena {
+            base,
+            size,
+            used: 0,
+        })
+    }
+
+    /// Where the next block will be placed (code is assembled for it).
+    pub fn next_addr(&self) -> u64 {
+        self.base.as_ptr() as u64 + self.used as u64
+    }
+
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Copies `bytes` (assembled for [`next_addr`](Self::next_addr)) in;
+    /// `None` when the arena is full.
+    pub fn push(&mut self, bytes: &[u8]) -> Option<u64> {
+        // 16-byte aligned starts keep block heads in few cache lines.
+        let len = bytes.len().next_multiple_of(16);
+        if self.used + len > self.size {
+            return None;
+        }
+        let at = self.next_addr();
+        // SAFETY: `used + len <= size`, so the destination is inside the
+        // mapping, which nothing else references (no code runs during a
+        // push: pushes happen on the vCPU thread between blocks).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.base.as_ptr().add(self.used),
+                bytes.len(),
+            )
+        };
+        self.used += len;
+        Some(at)
+    }
+
+    /// Writes `value` into the 8-byte chain slot at `addr` (data inside a
+    /// block's code, read by its `jmp [slot]`).
+    pub fn write_slot(&mut self, addr: u64, value: u64) {
+        let start = self.base.as_ptr() as u64;
+        if addr < start || addr + 8 > start + self.used as u64 {
+            return;
+        }
+        // SAFETY: checked inside the used part of the mapping; this vCPU
+        // is not executing arena code while it writes (it is in Rust).
+        unsafe { (addr as *mut u8).cast::<u64>().write_unaligned(value) };
+    }
+
+    /// Forgets every block: the caller drops all pointers into the arena.
+    pub fn reset(&mut self) {
+        self.used = 0;
+    }
+
+    /// Runs the block at `entry` until it leaves translated code.
+    ///
+    /// # Safety
+    /// `entry` must be the start of a block this arena holds, assembled by
+    /// `jit::emit` for this `cpu`'s layout, and every pointer embedded in
+    /// it (the block's instructions, the code map) must still be alive.
+    pub unsafe fn enter(&self, entry: u64, cpu: &mut Cpu) -> u64 {
+        // SAFETY: the caller guarantees `entry` is a translated block,
+        // which follows the SysV ABI of `Entry`.
+        let f: Entry = unsafe { std::mem::transmute::<u64, Entry>(entry) };
+        // SAFETY: as above; the block reads and writes only `cpu`, guest
+        // RAM through TLB host pointers, and calls `jit::helpers`.
+        unsafe { f(cpu) }
+    }
+}
+
+impl Drop for CodeArena {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no pointer
+        // into it survives the arena (blocks are dropped with the cache).
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.size) };
+    }
+}

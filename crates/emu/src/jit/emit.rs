@@ -1,0 +1,1053 @@
+//! The code generator: one guest block (64-bit code) → host x86-64.
+//!
+//! Guest registers live in `Cpu::gpr`; each translated instruction loads
+//! the ones it names into host scratch registers, runs **the guest's own
+//! instruction** re-encoded on them (same opcode, width and immediate, a
+//! memory operand rewritten to the host address), and stores the results
+//! back. So ALU results and flags come from the host CPU itself.
+//!
+//! Host registers: r15 = the `Cpu`; r10/r11 = address and TLB scratch;
+//! rax, rcx, rdx, rsi, rdi, r8, r9 = operands. Guest flags are either in
+//! the host RFLAGS (`Host`, after a translated flag writer) or in the
+//! interpreter's lazy `Cpu::flags` (`Lazy`); every exit and every call
+//! into the interpreter leaves them lazy.
+//!
+//! Memory operands: the effective address is built with `mov`/`lea` only,
+//! then QEMU's inline TLB check (index, compare the page of the access's
+//! last byte with the entry's read or write tag, add the host addend);
+//! a miss calls `helpers::fill` and retries, and anything the fast path
+//! cannot do (fault, MMIO, a code page, a page crossing) runs that one
+//! instruction through the interpreter (`helpers::interp`), which gives
+//! precise exceptions with no side table: nothing of an instruction is
+//! committed before its memory check passes.
+
+use std::mem::offset_of;
+
+use iced_x86::code_asm::*;
+use iced_x86::{
+    BlockEncoderOptions, Code, ConditionCode, FlowControl, Instruction, InstructionInfoFactory,
+    Mnemonic, OpAccess, OpKind, Register, RflagsBits,
+};
+
+use super::helpers;
+use crate::cpu::flags::Flags;
+use crate::cpu::{Cpu, RIP, RSP};
+use crate::decode::Insn;
+use crate::mem::tlb::{TLB_SIZE, TlbEntry};
+
+const OSZAPC: u32 = RflagsBits::OF
+    | RflagsBits::SF
+    | RflagsBits::ZF
+    | RflagsBits::AF
+    | RflagsBits::PF
+    | RflagsBits::CF;
+
+fn gpr(n: usize) -> i32 {
+    (offset_of!(Cpu, gpr) + 8 * n) as i32
+}
+const fn off(o: usize) -> i32 {
+    o as i32
+}
+const RES: i32 = off(offset_of!(Cpu, flags) + offset_of!(Flags, res));
+const AUX: i32 = off(offset_of!(Cpu, flags) + offset_of!(Flags, aux));
+const RFLAGS: i32 = off(offset_of!(Cpu, rflags));
+const ICOUNT: i32 = off(offset_of!(Cpu, icount));
+const SPILL: i32 = off(offset_of!(Cpu, jit_flags_spill));
+const LINK: i32 = off(offset_of!(Cpu, jit_link));
+const TLB_BASE: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb, cur_base));
+const TAG_R: i32 = off(offset_of!(TlbEntry, tag_r));
+const TAG_W: i32 = off(offset_of!(TlbEntry, tag_w));
+const ADDEND: i32 = off(offset_of!(TlbEntry, addend));
+const _: () = assert!(std::mem::size_of::<TlbEntry>() == 40);
+
+fn seg_base(seg: usize) -> i32 {
+    off(offset_of!(Cpu, seg)
+        + seg * std::mem::size_of::<crate::cpu::Seg>()
+        + offset_of!(crate::cpu::Seg, base))
+}
+
+/// Host registers that carry guest operands, in allocation order.
+const POOL: [Register; 7] = [
+    Register::RAX,
+    Register::RCX,
+    Register::RDX,
+    Register::RSI,
+    Register::RDI,
+    Register::R8,
+    Register::R9,
+];
+
+/// What `compile` produced: code assembled for `base`, the offsets of
+/// chain slots to fill with the unchained stubs' addresses, and the
+/// instructions the code points at (interpreter fallbacks).
+pub struct Emitted {
+    pub bytes: Vec<u8>,
+    /// Offset of the code a chained jump enters (after the prologue).
+    pub head: u64,
+    pub native: usize,
+    pub fallback: usize,
+}
+
+/// Where the guest's OSZAPC flags are at a point of the generated code.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fl {
+    Lazy,
+    Host,
+    /// Parked in `Cpu::jit_flags_spill` (host RFLAGS form); the host
+    /// flags are garbage.
+    Spill,
+}
+
+fn err(e: iced_x86::IcedError) -> String {
+    e.to_string()
+}
+
+/// Binds `l` here, on a zero-sized instruction of its own (several
+/// labels may mark the same place).
+fn bind(a: &mut CodeAssembler, l: &mut CodeLabel) -> Result<(), String> {
+    a.set_label(l).map_err(err)?;
+    a.zero_bytes().map_err(err)
+}
+
+/// The register of `size` bytes within host 64-bit register `r`.
+fn sized(r: Register, size: usize) -> Register {
+    let n = r.number();
+    let v = match size {
+        1 => {
+            if n < 4 {
+                Register::AL as usize + n
+            } else {
+                Register::SPL as usize + (n - 4)
+            }
+        }
+        2 => Register::AX as usize + n,
+        4 => Register::EAX as usize + n,
+        _ => Register::RAX as usize + n,
+    };
+    Register::try_from(v).unwrap_or(Register::None)
+}
+
+fn r64(r: Register) -> Result<AsmRegister64, String> {
+    get_gpr64(r).ok_or_else(|| format!("not a 64-bit register: {r:?}"))
+}
+
+fn is_high8(r: Register) -> bool {
+    matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+}
+
+/// How one guest instruction is translated.
+enum Plan {
+    /// Re-encode on host registers (and `[r11]` for memory).
+    Rewrite,
+    Lea,
+    Push,
+    Pop,
+    Nop,
+    /// The block's final branch.
+    Jmp,
+    Jcc,
+    Call,
+    Ret,
+    /// Through the interpreter handler.
+    Interp,
+}
+
+fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
+    use Mnemonic as M;
+    let m = ins.mnemonic();
+    match ins.flow_control() {
+        FlowControl::UnconditionalBranch if ins.op0_kind() == OpKind::NearBranch64 => {
+            return Plan::Jmp;
+        }
+        FlowControl::ConditionalBranch
+            if ins.op0_kind() == OpKind::NearBranch64
+                && m != M::Jrcxz
+                && m != M::Jecxz
+                && m != M::Loop
+                && m != M::Loope
+                && m != M::Loopne =>
+        {
+            return Plan::Jcc;
+        }
+        FlowControl::Call if ins.op0_kind() == OpKind::NearBranch64 => return Plan::Call,
+        FlowControl::Return if ins.code() == Code::Retnq => return Plan::Ret,
+        FlowControl::Next => {}
+        _ => return Plan::Interp,
+    }
+    match ins.code() {
+        Code::Push_r64 => return Plan::Push,
+        Code::Pushq_imm8 | Code::Pushq_imm32 => return Plan::Push,
+        Code::Pop_r64 => return Plan::Pop,
+        Code::Lea_r64_m | Code::Lea_r32_m => {
+            return if ins.memory_base() == Register::RIP && ins.code() == Code::Lea_r64_m {
+                Plan::Lea
+            } else if ins.memory_base() == Register::RIP || ins.memory_base() == Register::EIP {
+                Plan::Interp
+            } else {
+                Plan::Lea
+            };
+        }
+        Code::Nopw | Code::Nopd | Code::Nopq | Code::Nop_rm16 | Code::Nop_rm32 | Code::Nop_rm64 => {
+            return Plan::Nop;
+        }
+        _ => {}
+    }
+    let ok = matches!(
+        m,
+        M::Mov
+            | M::Movzx
+            | M::Movsx
+            | M::Movsxd
+            | M::Add
+            | M::Or
+            | M::Adc
+            | M::Sbb
+            | M::And
+            | M::Sub
+            | M::Xor
+            | M::Cmp
+            | M::Test
+            | M::Inc
+            | M::Dec
+            | M::Neg
+            | M::Not
+            | M::Shl
+            | M::Shr
+            | M::Sar
+            | M::Rol
+            | M::Ror
+            | M::Imul
+            | M::Cmovo
+            | M::Cmovno
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmove
+            | M::Cmovne
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+            | M::Seto
+            | M::Setno
+            | M::Setb
+            | M::Setae
+            | M::Sete
+            | M::Setne
+            | M::Setbe
+            | M::Seta
+            | M::Sets
+            | M::Setns
+            | M::Setp
+            | M::Setnp
+            | M::Setl
+            | M::Setge
+            | M::Setle
+            | M::Setg
+            | M::Bswap
+            | M::Xchg
+            | M::Xadd
+            | M::Bt
+            | M::Bts
+            | M::Btr
+            | M::Btc
+    );
+    if !ok {
+        return Plan::Interp;
+    }
+    // bt* with a register bit offset address memory outside the operand.
+    if matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
+        && ins.op0_kind() == OpKind::Memory
+        && ins.op1_kind() == OpKind::Register
+    {
+        return Plan::Interp;
+    }
+    // Only explicit GPR operands (no AH..BH), one plain memory operand.
+    let mut explicit: Vec<Register> = Vec::with_capacity(4);
+    for k in 0..ins.op_count() {
+        match ins.op_kind(k) {
+            OpKind::Register => {
+                let r = ins.op_register(k);
+                if !r.is_gpr() || is_high8(r) {
+                    return Plan::Interp;
+                }
+                explicit.push(r.full_register());
+            }
+            OpKind::Memory => {
+                if ins.memory_base() == Register::RIP || ins.memory_base() == Register::EIP {
+                    // Fine: folded to a constant.
+                } else {
+                    for r in [ins.memory_base(), ins.memory_index()] {
+                        if r != Register::None {
+                            if !r.is_gpr() {
+                                return Plan::Interp;
+                            }
+                            explicit.push(r.full_register());
+                        }
+                    }
+                }
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => {}
+            _ => return Plan::Interp,
+        }
+    }
+    for u in info.used_registers() {
+        let r = u.register();
+        if r.is_segment_register() {
+            continue;
+        }
+        if !r.is_gpr() || !explicit.contains(&r.full_register()) {
+            return Plan::Interp;
+        }
+    }
+    Plan::Rewrite
+}
+
+/// Flags an instruction reads and (unconditionally, fully) writes.
+fn flag_use(ins: &Instruction) -> (u32, u32) {
+    let read = ins.rflags_read() & OSZAPC;
+    let mut written = ins.rflags_modified() & OSZAPC;
+    // A shift or rotate by CL writes nothing when the count is zero.
+    if matches!(
+        ins.mnemonic(),
+        Mnemonic::Shl
+            | Mnemonic::Shr
+            | Mnemonic::Sar
+            | Mnemonic::Rol
+            | Mnemonic::Ror
+            | Mnemonic::Rcl
+            | Mnemonic::Rcr
+            | Mnemonic::Shld
+            | Mnemonic::Shrd
+    ) && (ins.op1_kind() == OpKind::Register || ins.op_count() == 3)
+    {
+        written = 0;
+    }
+    (read, written)
+}
+
+struct Ctx<'a> {
+    a: CodeAssembler,
+    epilogue: CodeLabel,
+    /// Chain slots: (slot label, unchained stub label).
+    slots: Vec<(CodeLabel, CodeLabel)>,
+    /// Out-of-line code emitted after the main path.
+    cold: Vec<Cold>,
+    insns: &'a [Insn],
+    total: usize,
+    page: u64,
+}
+
+enum Cold {
+    /// A TLB miss at instruction `k`: fill, retry or interpret.
+    Slow {
+        label: CodeLabel,
+        retry: CodeLabel,
+        /// Runs the instruction in the interpreter (after a failed fill).
+        to_interp: CodeLabel,
+        k: usize,
+        next: u64,
+        kind: u64,
+        /// Guest flags were parked in the spill slot before the check.
+        from_spill: bool,
+        /// Where the fast path has the flags after the instruction.
+        after_state: Fl,
+        after: CodeLabel,
+        /// The block's final branch: the interpreter sets RIP.
+        branch: bool,
+    },
+    /// Leave after `k` instructions (exit code already in eax).
+    Leave { label: CodeLabel, k: usize },
+}
+
+impl Ctx<'_> {
+    fn call(&mut self, f: u64) -> Result<(), String> {
+        self.a.mov(rax, f).map_err(err)?;
+        self.a.call(rax).map_err(err)
+    }
+
+    /// Host RFLAGS → lazy flags (from the live flags or the spill slot).
+    fn materialize(&mut self, from_spill: bool) -> Result<(), String> {
+        let a = &mut self.a;
+        if from_spill {
+            a.mov(rax, qword_ptr(r15 + SPILL)).map_err(err)?;
+        } else {
+            a.pushfq().map_err(err)?;
+            a.pop(rax).map_err(err)?;
+        }
+        a.mov(ecx, eax).map_err(err)?;
+        a.shr(ecx, 10).map_err(err)?;
+        a.and(ecx, 2).map_err(err)?;
+        a.and(eax, 0xd5).map_err(err)?;
+        a.or(eax, ecx).map_err(err)?;
+        a.shl(eax, 4).map_err(err)?;
+        let table = helpers::FLAGS_TABLE.as_ptr() as u64;
+        a.mov(rcx, table).map_err(err)?;
+        a.mov(rdx, qword_ptr(rcx + rax)).map_err(err)?;
+        a.mov(rax, qword_ptr(rcx + rax + 8)).map_err(err)?;
+        a.mov(qword_ptr(r15 + RES), rdx).map_err(err)?;
+        a.mov(qword_ptr(r15 + AUX), rax).map_err(err)
+    }
+
+    /// Lazy flags → host RFLAGS.
+    fn load_host_flags(&mut self) -> Result<(), String> {
+        self.a.mov(rdi, r15).map_err(err)?;
+        self.call(helpers::flags_bits as *const () as u64)?;
+        self.a.push(rax).map_err(err)?;
+        self.a.popfq().map_err(err)
+    }
+
+    /// Makes the flags lazy (before the interpreter or an exit).
+    fn ensure_lazy(&mut self, fl: &mut Fl) -> Result<(), String> {
+        match *fl {
+            Fl::Lazy => {}
+            Fl::Host => self.materialize(false)?,
+            Fl::Spill => self.materialize(true)?,
+        }
+        *fl = Fl::Lazy;
+        Ok(())
+    }
+
+    /// Puts the guest flags in the host RFLAGS.
+    fn ensure_host(&mut self, fl: &mut Fl) -> Result<(), String> {
+        match *fl {
+            Fl::Lazy => self.load_host_flags()?,
+            Fl::Host => {}
+            Fl::Spill => self.unspill()?,
+        }
+        *fl = Fl::Host;
+        Ok(())
+    }
+
+    fn spill(&mut self) -> Result<(), String> {
+        self.a.pushfq().map_err(err)?;
+        self.a.pop(qword_ptr(r15 + SPILL)).map_err(err)
+    }
+
+    fn unspill(&mut self) -> Result<(), String> {
+        self.a.push(qword_ptr(r15 + SPILL)).map_err(err)?;
+        self.a.popfq().map_err(err)
+    }
+
+    /// Calls the interpreter for instruction `k`; leaves on a non-zero
+    /// answer. Flags must be lazy.
+    fn interp(&mut self, k: usize, next: u64) -> Result<(), String> {
+        let insn: *const Insn = &self.insns[k];
+        self.a.mov(rdi, r15).map_err(err)?;
+        self.a.mov(rsi, insn as u64).map_err(err)?;
+        self.a.mov(rdx, next).map_err(err)?;
+        self.call(helpers::interp as *const () as u64)?;
+        self.a.test(eax, eax).map_err(err)?;
+        let leave = self.a.create_label();
+        self.a.jnz(leave).map_err(err)?;
+        self.cold.push(Cold::Leave { label: leave, k });
+        Ok(())
+    }
+
+    /// Ends the block at a constant guest RIP (flags must be lazy).
+    fn exit_to(&mut self, target: u64) -> Result<(), String> {
+        let a = &mut self.a;
+        a.mov(rax, target).map_err(err)?;
+        a.mov(qword_ptr(r15 + gpr(RIP)), rax).map_err(err)?;
+        a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
+            .map_err(err)?;
+        if target & !0xfff == self.page {
+            let slot = a.create_label();
+            let stub = a.create_label();
+            a.jmp(qword_ptr(slot)).map_err(err)?;
+            self.slots.push((slot, stub));
+        } else {
+            a.xor(eax, eax).map_err(err)?;
+            a.jmp(self.epilogue).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the block at the RIP already in `Cpu::gpr` (flags lazy).
+    fn exit_dynamic(&mut self) -> Result<(), String> {
+        let a = &mut self.a;
+        a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
+            .map_err(err)?;
+        a.xor(eax, eax).map_err(err)?;
+        a.jmp(self.epilogue).map_err(err)
+    }
+
+    /// r11 = the guest effective address of `ins`'s memory operand
+    /// (mov/lea only: host flags survive).
+    fn effective_address(&mut self, ins: &Instruction) -> Result<(), String> {
+        let a = &mut self.a;
+        let base = ins.memory_base();
+        if base == Register::RIP {
+            a.mov(r11, ins.memory_displacement64()).map_err(err)?;
+        } else {
+            let index = ins.memory_index();
+            let disp = ins.memory_displacement64() as i64;
+            let addr32 = base.is_gpr32() || index.is_gpr32();
+            if base == Register::None && index == Register::None {
+                if addr32 {
+                    a.mov(r11, disp as u64 & 0xffff_ffff).map_err(err)?;
+                } else {
+                    a.mov(r11, disp as u64).map_err(err)?;
+                }
+            } else {
+                let d = i32::try_from(disp).map_err(|_| "displacement".to_string())?;
+                if base != Register::None {
+                    a.mov(r10, qword_ptr(r15 + gpr(base.full_register().number())))
+                        .map_err(err)?;
+                }
+                if index != Register::None {
+                    a.mov(r11, qword_ptr(r15 + gpr(index.full_register().number())))
+                        .map_err(err)?;
+                }
+                let scale = ins.memory_index_scale();
+                let m = match (base != Register::None, index != Register::None) {
+                    (true, true) => r10 + r11 * scale + d,
+                    (true, false) => r10 + d,
+                    _ => r11 * scale + d,
+                };
+                if addr32 {
+                    a.lea(r11d, m).map_err(err)?;
+                } else {
+                    a.lea(r11, m).map_err(err)?;
+                }
+            }
+        }
+        match ins.memory_segment() {
+            Register::FS | Register::GS => {
+                let s = if ins.memory_segment() == Register::FS {
+                    4
+                } else {
+                    5
+                };
+                a.mov(r10, qword_ptr(r15 + seg_base(s))).map_err(err)?;
+                a.lea(r11, r11 + r10).map_err(err)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The inline TLB check for `n` bytes at r11; r11 becomes the host
+    /// address. Clobbers rax, r10 and the host flags.
+    fn tlb_check(&mut self, n: u64, write: bool, slow: CodeLabel) -> Result<(), String> {
+        let a = &mut self.a;
+        a.mov(r10, r11).map_err(err)?;
+        a.shr(r10, 12).map_err(err)?;
+        a.and(r10d, (TLB_SIZE - 1) as u32).map_err(err)?;
+        a.lea(r10, r10 + r10 * 4).map_err(err)?;
+        a.shl(r10, 3).map_err(err)?;
+        a.add(r10, qword_ptr(r15 + TLB_BASE)).map_err(err)?;
+        a.lea(rax, r11 + (n as i32 - 1)).map_err(err)?;
+        a.and(rax, -4096).map_err(err)?;
+        let tag = if write { TAG_W } else { TAG_R };
+        a.cmp(rax, qword_ptr(r10 + tag)).map_err(err)?;
+        a.jne(slow).map_err(err)?;
+        a.add(r11, qword_ptr(r10 + ADDEND)).map_err(err)
+    }
+}
+
+/// Translates the 64-bit block `ins` (guest instructions from `rip`, with
+/// `insns[k]` the interpreter's form of `ins[k]`) for address `base`.
+pub fn compile(
+    ins: &[Instruction],
+    insns: &[Insn],
+    gen_word: u64,
+    gen_expected: u32,
+    attention: u64,
+    base: u64,
+) -> Result<Emitted, String> {
+    let mut a = CodeAssembler::new(64).map_err(err)?;
+    let epilogue = a.create_label();
+    let stale = a.create_label();
+    let mut head = a.create_label();
+    let first = ins.first().ok_or("empty block")?;
+    let mut c = Ctx {
+        a,
+        epilogue,
+        slots: Vec::new(),
+        cold: Vec::new(),
+        insns,
+        total: ins.len(),
+        page: first.ip() & !0xfff,
+    };
+    // Prologue: three pushes keep the stack 16-byte aligned for calls.
+    c.a.push(r15).map_err(err)?;
+    c.a.push(r14).map_err(err)?;
+    c.a.push(r13).map_err(err)?;
+    c.a.mov(r15, rdi).map_err(err)?;
+    bind(&mut c.a, &mut head)?;
+    // Stale code (its page was written) or something for the dispatcher
+    // (a kick, an interrupt it can take): leave before the first
+    // instruction. A pending interrupt while IF=0 does not count.
+    c.a.mov(rax, gen_word).map_err(err)?;
+    c.a.cmp(dword_ptr(rax), gen_expected).map_err(err)?;
+    c.a.jne(stale).map_err(err)?;
+    c.a.mov(rax, attention).map_err(err)?;
+    c.a.mov(eax, dword_ptr(rax)).map_err(err)?;
+    c.a.test(eax, eax).map_err(err)?;
+    let mut ok = c.a.create_label();
+    c.a.jz(ok).map_err(err)?;
+    c.a.cmp(eax, crate::platform::signal::IRQ).map_err(err)?;
+    c.a.jne(stale).map_err(err)?;
+    c.a.test(dword_ptr(r15 + RFLAGS), crate::cpu::flags::IF as u32)
+        .map_err(err)?;
+    c.a.jnz(stale).map_err(err)?;
+    bind(&mut c.a, &mut ok)?;
+
+    // Flag liveness after each instruction (all live at the block end).
+    let mut live_after = vec![0u32; ins.len()];
+    let mut live = OSZAPC;
+    for (k, i) in ins.iter().enumerate().rev() {
+        live_after[k] = live;
+        let (r, w) = flag_use(i);
+        live = (live & !w) | r;
+    }
+
+    let mut factory = InstructionInfoFactory::new();
+    let mut fl = Fl::Lazy;
+    let (mut native, mut fallback) = (0, 0);
+    let mut ended = false;
+    for (k, i) in ins.iter().enumerate() {
+        let info = factory.info(i);
+        let p = plan(i, info);
+        let next = i.next_ip();
+        let (read, written) = flag_use(i);
+        let last = k + 1 == ins.len();
+        match p {
+            Plan::Interp => {
+                fallback += 1;
+                c.ensure_lazy(&mut fl)?;
+                c.interp(k, next)?;
+                if i.flow_control() != FlowControl::Next {
+                    c.exit_dynamic()?;
+                    ended = true;
+                }
+            }
+            Plan::Nop => native += 1,
+            Plan::Lea => {
+                native += 1;
+                emit_lea(&mut c, i)?;
+            }
+            Plan::Rewrite | Plan::Push | Plan::Pop | Plan::Call | Plan::Ret => {
+                native += 1;
+                // The instruction merges into or reads the guest flags:
+                // they must be in the host RFLAGS when it runs.
+                let needs_flags = read != 0 || (written != 0 && written != OSZAPC);
+                if needs_flags {
+                    c.ensure_host(&mut fl)?;
+                }
+                let has_mem = !matches!(p, Plan::Rewrite)
+                    || (0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory);
+                // The TLB check clobbers host flags: park them first.
+                if has_mem && fl == Fl::Host {
+                    c.spill()?;
+                    fl = Fl::Spill;
+                }
+                let before = fl;
+                let mut retry = c.a.create_label();
+                bind(&mut c.a, &mut retry)?;
+                let slow = c.a.create_label();
+                let to_interp = c.a.create_label();
+                let mut after = c.a.create_label();
+                let unspill = before == Fl::Spill && needs_flags;
+                match p {
+                    Plan::Rewrite => emit_rewrite(&mut c, i, info, slow, unspill)?,
+                    Plan::Push | Plan::Call => emit_push(&mut c, i, next, slow)?,
+                    Plan::Pop | Plan::Ret => {
+                        emit_pop(&mut c, i, slow, to_interp, matches!(p, Plan::Ret))?
+                    }
+                    _ => unreachable!(),
+                }
+                if unspill || written != 0 {
+                    fl = Fl::Host;
+                }
+                let kind = match p {
+                    Plan::Push | Plan::Call => 8 | 0x100,
+                    Plan::Pop | Plan::Ret => 8,
+                    _ => mem_kind(i, info),
+                };
+                let branch = matches!(p, Plan::Call | Plan::Ret);
+                if has_mem {
+                    c.cold.push(Cold::Slow {
+                        label: slow,
+                        retry,
+                        to_interp,
+                        k,
+                        next,
+                        kind,
+                        from_spill: before == Fl::Spill,
+                        after_state: fl,
+                        after,
+                        branch,
+                    });
+                }
+                bind(&mut c.a, &mut after)?;
+                match p {
+                    Plan::Call => {
+                        c.ensure_lazy(&mut fl)?;
+                        c.exit_to(i.near_branch_target())?;
+                        ended = true;
+                    }
+                    Plan::Ret => {
+                        c.ensure_lazy(&mut fl)?;
+                        c.exit_dynamic()?;
+                        ended = true;
+                    }
+                    _ => {}
+                }
+            }
+            Plan::Jmp => {
+                native += 1;
+                c.ensure_lazy(&mut fl)?;
+                c.exit_to(i.near_branch_target())?;
+                ended = true;
+            }
+            Plan::Jcc => {
+                native += 1;
+                c.ensure_host(&mut fl)?;
+                let taken = c.a.create_label();
+                emit_jcc(&mut c.a, i.condition_code(), taken)?;
+                c.materialize(false)?;
+                c.exit_to(next)?;
+                let mut t = taken;
+                bind(&mut c.a, &mut t)?;
+                c.materialize(false)?;
+                c.exit_to(i.near_branch_target())?;
+                fl = Fl::Lazy;
+                ended = true;
+            }
+        }
+        if last && !ended {
+            c.ensure_lazy(&mut fl)?;
+            c.exit_to(next)?;
+        }
+    }
+
+    // Out-of-line paths.
+    let cold = std::mem::take(&mut c.cold);
+    let mut leaves = Vec::new();
+    for item in cold {
+        match item {
+            Cold::Slow {
+                mut label,
+                retry,
+                mut to_interp,
+                k,
+                next,
+                kind,
+                from_spill,
+                after_state,
+                after,
+                branch,
+            } => {
+                bind(&mut c.a, &mut label)?;
+                // r11 is still the guest address: the check jumps here
+                // before adding the addend.
+                c.a.mov(rdi, r15).map_err(err)?;
+                c.a.mov(rsi, r11).map_err(err)?;
+                c.a.mov(edx, kind as u32).map_err(err)?;
+                c.call(helpers::fill as *const () as u64)?;
+                c.a.test(eax, eax).map_err(err)?;
+                c.a.jz(retry).map_err(err)?;
+                bind(&mut c.a, &mut to_interp)?;
+                if from_spill {
+                    c.materialize(true)?;
+                }
+                c.interp(k, next)?;
+                if branch {
+                    c.exit_dynamic()?;
+                } else {
+                    // Rejoin the fast path with the flags where it has them.
+                    match after_state {
+                        Fl::Lazy => {}
+                        Fl::Host => c.load_host_flags()?,
+                        Fl::Spill => {
+                            c.a.mov(rdi, r15).map_err(err)?;
+                            c.call(helpers::flags_bits as *const () as u64)?;
+                            c.a.mov(qword_ptr(r15 + SPILL), rax).map_err(err)?;
+                        }
+                    }
+                    c.a.jmp(after).map_err(err)?;
+                }
+            }
+            Cold::Leave { label, k } => leaves.push((label, k)),
+        }
+    }
+    // The interp() calls above may have added more leaves.
+    for item in std::mem::take(&mut c.cold) {
+        if let Cold::Leave { label, k } = item {
+            leaves.push((label, k));
+        }
+    }
+    for (mut label, k) in leaves {
+        bind(&mut c.a, &mut label)?;
+        if k > 0 {
+            c.a.add(qword_ptr(r15 + ICOUNT), k as i32).map_err(err)?;
+        }
+        c.a.jmp(epilogue).map_err(err)?;
+    }
+    let mut stale_l = stale;
+    bind(&mut c.a, &mut stale_l)?;
+    c.a.xor(eax, eax).map_err(err)?;
+    let mut ep = epilogue;
+    bind(&mut c.a, &mut ep)?;
+    c.a.pop(r13).map_err(err)?;
+    c.a.pop(r14).map_err(err)?;
+    c.a.pop(r15).map_err(err)?;
+    c.a.ret().map_err(err)?;
+    // Unchained stubs: record the slot for the dispatcher, leave.
+    let mut slots = std::mem::take(&mut c.slots);
+    for (slot, stub) in slots.iter_mut() {
+        bind(&mut c.a, stub)?;
+        c.a.lea(rax, qword_ptr(*slot)).map_err(err)?;
+        c.a.mov(qword_ptr(r15 + LINK), rax).map_err(err)?;
+        c.a.xor(eax, eax).map_err(err)?;
+        c.a.jmp(epilogue).map_err(err)?;
+    }
+    for (slot, _) in slots.iter_mut() {
+        bind(&mut c.a, slot)?;
+        c.a.dq(&[0]).map_err(err)?;
+    }
+    let r =
+        c.a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+            .map_err(err)?;
+    let mut bytes = r.inner.code_buffer.clone();
+    for (slot, stub) in &slots {
+        let s = r.label_ip(slot).map_err(err)? - base;
+        let t = r.label_ip(stub).map_err(err)?;
+        bytes[s as usize..s as usize + 8].copy_from_slice(&t.to_le_bytes());
+    }
+    let head = r.label_ip(&head).map_err(err)? - base;
+    Ok(Emitted {
+        bytes,
+        head,
+        native,
+        fallback,
+    })
+}
+
+/// `lea`: the address arithmetic on host registers (no flags).
+fn emit_lea(c: &mut Ctx, i: &Instruction) -> Result<(), String> {
+    let dst = i.op0_register().full_register();
+    let d32 = i.op0_register().is_gpr32();
+    if i.memory_base() == Register::RIP {
+        c.a.mov(rax, i.memory_displacement64()).map_err(err)?;
+    } else {
+        let base = i.memory_base();
+        let index = i.memory_index();
+        let disp = i32::try_from(i.memory_displacement64() as i64)
+            .map_err(|_| "lea displacement".to_string())?;
+        if base != Register::None {
+            c.a.mov(r10, qword_ptr(r15 + gpr(base.full_register().number())))
+                .map_err(err)?;
+        } else {
+            c.a.xor(r10d, r10d).map_err(err)?;
+        }
+        if index != Register::None {
+            c.a.mov(r11, qword_ptr(r15 + gpr(index.full_register().number())))
+                .map_err(err)?;
+        } else {
+            c.a.mov(r11d, 0u32).map_err(err)?;
+        }
+        let m = r10 + r11 * i.memory_index_scale() + disp;
+        let addr32 = base.is_gpr32() || index.is_gpr32();
+        if d32 || addr32 {
+            c.a.lea(eax, m).map_err(err)?;
+        } else {
+            c.a.lea(rax, m).map_err(err)?;
+        }
+    }
+    if d32 {
+        c.a.mov(eax, eax).map_err(err)?;
+    }
+    c.a.mov(qword_ptr(r15 + gpr(dst.number())), rax)
+        .map_err(err)
+}
+
+/// `push r64`, `push imm`, or the return address of `call rel32`.
+fn emit_push(c: &mut Ctx, i: &Instruction, next: u64, slow: CodeLabel) -> Result<(), String> {
+    c.a.mov(r11, qword_ptr(r15 + gpr(RSP))).map_err(err)?;
+    c.a.lea(r11, r11 - 8).map_err(err)?;
+    c.tlb_check(8, true, slow)?;
+    match i.code() {
+        Code::Push_r64 => {
+            let r = i.op0_register().number();
+            c.a.mov(rcx, qword_ptr(r15 + gpr(r))).map_err(err)?;
+        }
+        Code::Call_rel32_64 => c.a.mov(rcx, next).map_err(err)?,
+        _ => c.a.mov(rcx, i.immediate(0)).map_err(err)?,
+    }
+    c.a.mov(qword_ptr(r11), rcx).map_err(err)?;
+    c.a.mov(rax, qword_ptr(r15 + gpr(RSP))).map_err(err)?;
+    c.a.lea(rax, rax - 8).map_err(err)?;
+    c.a.mov(qword_ptr(r15 + gpr(RSP)), rax).map_err(err)
+}
+
+/// `pop r64`, or `ret` (RIP from the stack, non-canonical → interpreter).
+fn emit_pop(
+    c: &mut Ctx,
+    i: &Instruction,
+    slow: CodeLabel,
+    to_interp: CodeLabel,
+    ret: bool,
+) -> Result<(), String> {
+    c.a.mov(r11, qword_ptr(r15 + gpr(RSP))).map_err(err)?;
+    c.tlb_check(8, false, slow)?;
+    c.a.mov(rcx, qword_ptr(r11)).map_err(err)?;
+    if ret {
+        c.a.mov(rax, rcx).map_err(err)?;
+        c.a.shl(rax, 16).map_err(err)?;
+        c.a.sar(rax, 16).map_err(err)?;
+        c.a.cmp(rax, rcx).map_err(err)?;
+        c.a.jne(to_interp).map_err(err)?;
+    }
+    c.a.mov(rax, qword_ptr(r15 + gpr(RSP))).map_err(err)?;
+    c.a.lea(rax, rax + 8).map_err(err)?;
+    c.a.mov(qword_ptr(r15 + gpr(RSP)), rax).map_err(err)?;
+    let dst = if ret { RIP } else { i.op0_register().number() };
+    c.a.mov(qword_ptr(r15 + gpr(dst)), rcx).map_err(err)
+}
+
+fn mem_kind(ins: &Instruction, info: &iced_x86::InstructionInfo) -> u64 {
+    let n = ins.memory_size().size() as u64;
+    let write = info.used_memory().iter().any(|m| {
+        matches!(
+            m.access(),
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        )
+    });
+    n | if write { 0x100 } else { 0 }
+}
+
+fn emit_jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> Result<(), String> {
+    use ConditionCode as C;
+    match cc {
+        C::o => a.jo(l),
+        C::no => a.jno(l),
+        C::b => a.jb(l),
+        C::ae => a.jae(l),
+        C::e => a.je(l),
+        C::ne => a.jne(l),
+        C::be => a.jbe(l),
+        C::a => a.ja(l),
+        C::s => a.js(l),
+        C::ns => a.jns(l),
+        C::p => a.jp(l),
+        C::np => a.jnp(l),
+        C::l => a.jl(l),
+        C::ge => a.jge(l),
+        C::le => a.jle(l),
+        C::g => a.jg(l),
+        C::None => return Err("jcc without condition".into()),
+    }
+    .map_err(err)
+}
+
+/// The guest instruction itself on host registers.
+fn emit_rewrite(
+    c: &mut Ctx,
+    i: &Instruction,
+    info: &iced_x86::InstructionInfo,
+    slow: CodeLabel,
+    unspill: bool,
+) -> Result<(), String> {
+    let has_mem = (0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory);
+    if has_mem {
+        c.effective_address(i)?;
+        let kind = mem_kind(i, info);
+        c.tlb_check(kind & 0xff, kind & 0x100 != 0, slow)?;
+    }
+    // Assign host registers to the guest registers named as operands;
+    // a CL count stays in CL.
+    let mut map: Vec<(usize, Register)> = Vec::new();
+    let regs: Vec<Register> = (0..i.op_count())
+        .filter(|&o| i.op_kind(o) == OpKind::Register)
+        .map(|o| i.op_register(o))
+        .collect();
+    if regs.contains(&Register::CL)
+        && (0..i.op_count()).any(|o| o > 0 && i.op_register(o) == Register::CL)
+    {
+        map.push((Register::RCX.number(), Register::RCX));
+    }
+    let cl_fixed = !map.is_empty();
+    let mut pool = POOL.iter().filter(|r| **r != Register::RCX || !cl_fixed);
+    for r in &regs {
+        let g = r.full_register().number();
+        if !map.iter().any(|(x, _)| *x == g) {
+            let h = *pool.next().ok_or("out of host registers")?;
+            map.push((g, h));
+        }
+    }
+    let host_of = |g: usize| map.iter().find(|(x, _)| *x == g).map(|(_, h)| *h);
+    // Load every operand register whole: narrower writes then merge.
+    for (g, h) in &map {
+        c.a.mov(r64(*h)?, qword_ptr(r15 + gpr(*g))).map_err(err)?;
+    }
+    if unspill {
+        c.unspill()?;
+    }
+    let mut n = *i;
+    // moffs forms take only an absolute address: use the ModRM form.
+    let modrm = match i.code() {
+        Code::Mov_AL_moffs8 => Some(Code::Mov_r8_rm8),
+        Code::Mov_AX_moffs16 => Some(Code::Mov_r16_rm16),
+        Code::Mov_EAX_moffs32 => Some(Code::Mov_r32_rm32),
+        Code::Mov_RAX_moffs64 => Some(Code::Mov_r64_rm64),
+        Code::Mov_moffs8_AL => Some(Code::Mov_rm8_r8),
+        Code::Mov_moffs16_AX => Some(Code::Mov_rm16_r16),
+        Code::Mov_moffs32_EAX => Some(Code::Mov_rm32_r32),
+        Code::Mov_moffs64_RAX => Some(Code::Mov_rm64_r64),
+        _ => None,
+    };
+    if let Some(code) = modrm {
+        n.set_code(code);
+    }
+    for o in 0..i.op_count() {
+        match i.op_kind(o) {
+            OpKind::Register => {
+                let r = i.op_register(o);
+                let h = host_of(r.full_register().number()).ok_or("unmapped register")?;
+                n.set_op_register(o, sized(h, r.size()));
+            }
+            OpKind::Memory => {
+                n.set_memory_base(Register::R11);
+                n.set_memory_index(Register::None);
+                n.set_memory_index_scale(1);
+                n.set_memory_displacement64(0);
+                n.set_memory_displ_size(0);
+                n.set_segment_prefix(Register::None);
+            }
+            _ => {}
+        }
+    }
+    c.a.add_instruction(n).map_err(err)?;
+    // Store back what the instruction may write.
+    for u in info.used_registers() {
+        let r = u.register();
+        if !r.is_gpr() {
+            continue;
+        }
+        if matches!(
+            u.access(),
+            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+        ) {
+            let g = r.full_register().number();
+            if let Some(h) = host_of(g) {
+                c.a.mov(qword_ptr(r15 + gpr(g)), r64(h)?).map_err(err)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! The translation tier: hot 64-bit blocks of the block cache compiled
+//! to host x86-64 (same-ISA), run from a per-vCPU executable arena.
+//!
+//! * A block is translated once the interpreter has run it
+//!   [`JitConfig::threshold`] times; cold code stays interpreted, and any
+//!   instruction the code generator does not handle runs through its
+//!   interpreter handler from the translated code, so the tiers agree by
+//!   construction wherever the translation does not do the work itself.
+//! * Validity is the block cache's: a translation checks its page's code
+//!   generation at its head (a write to the page, by any vCPU or device,
+//!   makes it leave), and direct jumps within one guest page are chained
+//!   through a slot the dispatcher fills ([`Jit::link`]).
+//! * `emit.rs` generates code, `helpers.rs` is what that code calls,
+//!   `code.rs` owns executable memory (the only unsafe boundary),
+//!   `verify.rs` runs translated blocks against the interpreter.
+
+pub mod code;
+pub mod emit;
+pub mod helpers;
+pub mod verify;
+
+use iced_x86::{Decoder, DecoderOptions, Instruction};
+
+use crate::cpu::Cpu;
+use crate::decode::Insn;
+use crate::decode::cache::Block;
+
+/// Which tiers run guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tier {
+    /// Interpreter only.
+    Interp,
+    /// Interpreter for cold code, translation for hot 64-bit blocks.
+    #[default]
+    Jit,
+}
+
+impl std::str::FromStr for Tier {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "interp" => Ok(Tier::Interp),
+            "jit" => Ok(Tier::Jit),
+            _ => Err(format!("unknown emu tier {s:?} (expected interp or jit)")),
+        }
+    }
+}
+
+/// The translation tier's settings for one VM.
+#[derive(Debug, Clone, Copy)]
+pub struct JitConfig {
+    pub tier: Tier,
+    /// Interpreted runs before a block is translated.
+    pub threshold: u64,
+    /// Co-simulation: how many runs of each translated block are checked
+    /// against the interpreter (0: off; `u64::MAX`: every run).
+    pub verify_runs: u64,
+}
+
+impl Default for JitConfig {
+    fn default() -> Self {
+        JitConfig {
+            tier: Tier::Jit,
+            threshold: 64,
+            verify_runs: 0,
+        }
+    }
+}
+
+impl JitConfig {
+    /// The defaults, overridden by `VMPLAY_EMU_TIER` (`interp`/`jit`),
+    /// `VMPLAY_EMU_JIT_THRESHOLD` (runs) and `VMPLAY_EMU_VERIFY`
+    /// (`1`: check each block's first 32 runs, `all`, or a number).
+    pub fn from_env(tier: Option<Tier>) -> Result<JitConfig, String> {
+        let mut c = JitConfig::default();
+        if let Ok(v) = std::env::var("VMPLAY_EMU_TIER") {
+            c.tier = v.parse()?;
+        }
+        if let Some(t) = tier {
+            c.tier = t;
+        }
+        if let Ok(v) = std::env::var("VMPLAY_EMU_JIT_THRESHOLD") {
+            c.threshold = v
+                .parse()
+                .map_err(|_| format!("VMPLAY_EMU_JIT_THRESHOLD: not a number: {v:?}"))?;
+        }
+        if let Ok(v) = std::env::var("VMPLAY_EMU_VERIFY") {
+            c.verify_runs = match v.as_str() {
+                "" | "0" => 0,
+                "1" => 32,
+                "all" => u64::MAX,
+                n => n
+                    .parse()
+                    .map_err(|_| format!("VMPLAY_EMU_VERIFY: expected 1, all or a count: {v:?}"))?,
+            };
+        }
+        Ok(c)
+    }
+}
+
+/// Counters, printed at the end of a run with `RUST_LOG=debug` and read
+/// by tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JitStats {
+    pub compiled: u64,
+    pub failed: u64,
+    pub native: u64,
+    pub fallback: u64,
+    pub resets: u64,
+    pub compile_ns: u64,
+    pub verified: u64,
+    pub mismatches: u64,
+}
+
+/// Counters of all vCPUs of a VM (tests read them).
+#[derive(Debug, Default)]
+pub struct JitTotals {
+    pub translated: std::sync::atomic::AtomicU64,
+    pub verified: std::sync::atomic::AtomicU64,
+    pub mismatches: std::sync::atomic::AtomicU64,
+}
+
+/// Arena size per vCPU: at ~0.5-1 KiB per block, room for tens of
+/// thousands of hot blocks before a reset.
+const ARENA: usize = 64 << 20;
+
+pub struct Jit {
+    arena: code::CodeArena,
+    /// Interpreter forms of translated instructions, pointed at by the
+    /// code; freed with the arena.
+    insns: Vec<Box<[Insn]>>,
+    pub config: JitConfig,
+    pub stats: JitStats,
+}
+
+impl Jit {
+    pub fn new(config: JitConfig) -> Option<Jit> {
+        if config.tier != Tier::Jit {
+            return None;
+        }
+        match code::CodeArena::new(ARENA) {
+            Ok(arena) => Some(Jit {
+                arena,
+                insns: Vec::new(),
+                config,
+                stats: JitStats::default(),
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    "emu: no executable memory for the translation tier ({e}); interpreting only"
+                );
+                None
+            }
+        }
+    }
+
+    /// Translates `block`, which starts at the current RIP in 64-bit
+    /// code. `false` if it cannot be (the block stays interpreted).
+    /// `clear_all` is called when the arena had to be reset first: every
+    /// block must forget its translation.
+    pub fn compile(&mut self, cpu: &Cpu, block: &mut Block, clear_all: impl FnOnce()) -> bool {
+        let t0 = std::time::Instant::now();
+        let Some((ins, insns)) = decode_again(cpu, block) else {
+            self.stats.failed += 1;
+            block.jit_tried = true;
+            return false;
+        };
+        let (gen_word, gen_expected) = block.generation_word(&cpu.vm.code);
+        let attention = &cpu.vm.platform.signals[cpu.id as usize].attention as *const _ as u64;
+        let base = self.arena.next_addr();
+        let e = match emit::compile(&ins, &insns, gen_word, gen_expected, attention, base) {
+            Ok(e) => e,
+            Err(err) => {
+                tracing::debug!("emu jit: block at {:#x} not translated: {err}", cpu.rip());
+                #[cfg(test)]
+                eprintln!("emu jit: block at {:#x} not translated: {err}", cpu.rip());
+                self.stats.failed += 1;
+                block.jit_tried = true;
+                return false;
+            }
+        };
+        match self.arena.push(&e.bytes) {
+            Some(at) => {
+                block.set_jit(at, at + e.head);
+                self.insns.push(insns);
+                self.stats.compiled += 1;
+                cpu.vm
+                    .jit_totals
+                    .translated
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats.native += e.native as u64;
+                self.stats.fallback += e.fallback as u64;
+                self.stats.compile_ns += t0.elapsed().as_nanos() as u64;
+                true
+            }
+            None => {
+                // Full: every block forgets its translation, then the
+                // arena starts over (hot blocks are translated again).
+                clear_all();
+                self.stats.resets += 1;
+                self.arena.reset();
+                self.insns.clear();
+                false
+            }
+        }
+    }
+
+    /// Points the chain slot an exit just left through at `head`.
+    pub fn link(&mut self, slot: u64, head: u64) {
+        self.arena.write_slot(slot, head);
+    }
+
+    /// Runs translated code from `entry`; returns a `helpers` exit code.
+    pub fn enter(&self, entry: u64, cpu: &mut Cpu) -> u64 {
+        // SAFETY: `entry` was produced by `compile` into this arena and
+        // the arena has not been reset since (a reset clears every
+        // block's entry first); the `Insn`s it points at live in
+        // `self.insns`, the code map and signals in `cpu.vm`.
+        unsafe { self.arena.enter(entry, cpu) }
+    }
+}
+
+/// Decodes `block`'s guest instructions again (the block cache keeps only
+/// the interpreter's forms), with their interpreter forms unfused.
+fn decode_again(cpu: &Cpu, block: &Block) -> Option<(Vec<Instruction>, Box<[Insn]>)> {
+    let (host, len) = block.code_bytes();
+    if len == 0 || len > crate::decode::cache::MAX_BLOCK * 15 {
+        return None;
+    }
+    let mut buf = vec![0u8; len];
+    // SAFETY: the block's bytes are inside one RAM page (the cache
+    // decoded them there); other vCPUs may write them concurrently, which
+    // the generation check at the translation's head catches.
+    unsafe { std::ptr::copy_nonoverlapping(host, buf.as_mut_ptr(), len) };
+    let mut d = Decoder::with_ip(64, &buf, cpu.rip(), DecoderOptions::NONE);
+    let t = crate::decode::table::table();
+    let mut ins = Vec::with_capacity(16);
+    let mut insns = Vec::with_capacity(16);
+    while d.can_decode() {
+        let i = d.decode();
+        if i.is_invalid() {
+            return None;
+        }
+        let (h, _) = t.resolve(&i);
+        insns.push(Insn::build(&i, h));
+        ins.push(i);
+    }
+    Some((ins, insns.into_boxed_slice()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,260 @@
+//! The translation tier against the interpreter on real guest code: the
+//! same program under each tier must end in the same registers and
+//! memory, with co-simulation reporting no difference.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use iced_x86::code_asm::*;
+use vmplay_hypervisor::{Hypervisor, Vm, VmSpec};
+
+use super::{JitConfig, Tier};
+use crate::tests::guest::*;
+use crate::vm::VmShared;
+use crate::{EmuHypervisor, EmuOptions};
+
+const DATA: u64 = 0x20_0000;
+
+fn guest(jit: JitConfig) -> (Guest, Arc<VmShared>) {
+    let mem = memory();
+    let vm =
+        crate::vm::EmuVm::new(&VmSpec { vcpus: 1 }, &mem, None, Default::default()).expect("vm");
+    vm.shared().set_jit(jit);
+    let shared = vm.shared().clone();
+    let vm: Arc<dyn Vm> = Arc::new(vm);
+    let vcpu = vm.create_vcpu(0).expect("vcpu");
+    (Guest { vm, mem, vcpu }, shared)
+}
+
+fn interp() -> JitConfig {
+    JitConfig {
+        tier: Tier::Interp,
+        ..JitConfig::default()
+    }
+}
+
+/// Translate on first sight and check every translated run.
+fn jit_verified() -> JitConfig {
+    JitConfig {
+        tier: Tier::Jit,
+        threshold: 0,
+        verify_runs: u64::MAX,
+    }
+}
+
+/// Translate after a few runs, chain, no checking (the fast path).
+fn jit_chained() -> JitConfig {
+    JitConfig {
+        tier: Tier::Jit,
+        threshold: 2,
+        verify_runs: 0,
+    }
+}
+
+/// A loop mixing what compilers emit: calls and returns, flags carried
+/// from add to adc and across memory accesses, every addressing form
+/// (base+index*scale+disp, RIP-relative, 32-bit), 8/16/32/64-bit
+/// operands, push/pop, cmov/setcc, shifts, xchg and a locked add.
+fn mixed_program(a: &mut CodeAssembler) {
+    let mut top = a.create_label();
+    let mut func = a.create_label();
+    let mut skip = a.create_label();
+    let mut table = a.create_label();
+    a.mov(rsi, DATA).unwrap();
+    a.mov(ecx, 3000u32).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.xor(ebx, ebx).unwrap();
+    a.mov(r8, 0x1234_5678_9u64).unwrap();
+    a.xor(r9d, r9d).unwrap();
+    a.xor(r14d, r14d).unwrap();
+    a.xor(r15d, r15d).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.call(func).unwrap();
+    a.add(rax, qword_ptr(rsi + rcx * 8 - 8)).unwrap();
+    a.adc(rbx, rax).unwrap();
+    a.mov(qword_ptr(rsi + rcx * 8 + 0x8000), rbx).unwrap();
+    a.movzx(edx, byte_ptr(rsi + rcx)).unwrap();
+    a.imul_3(r8, r8, 33).unwrap();
+    a.xor(r8, rdx).unwrap();
+    a.rol(r8, 5).unwrap();
+    a.shr(r9, 1).unwrap();
+    a.lea(r9, r9 + r8 * 2 + 7).unwrap();
+    a.cmp(r8, rbx).unwrap();
+    a.cmovb(r10, r8).unwrap();
+    a.setc(r11b).unwrap();
+    a.push(r8).unwrap();
+    a.push(rbx).unwrap();
+    a.pop(r12).unwrap();
+    a.pop(r13).unwrap();
+    a.mov(word_ptr(rsi + rcx * 2 + 0x10000), r12w).unwrap();
+    a.mov(edi, ecx).unwrap();
+    a.add(dil, 3).unwrap();
+    a.mov(byte_ptr(rsi + rcx + 0x18000), dil).unwrap();
+    a.xchg(qword_ptr(rsi + 0x20000), r13).unwrap();
+    a.lock().add(qword_ptr(rsi + 0x20008), 1).unwrap();
+    a.add(r14d, dword_ptr(esi + ecx * 4 + 0x100)).unwrap();
+    a.test(ecx, 1).unwrap();
+    a.jz(skip).unwrap();
+    a.inc(r14).unwrap();
+    a.sub(r15, qword_ptr(table)).unwrap();
+    a.set_label(&mut skip).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut func).unwrap();
+    a.add(r15, rcx).unwrap();
+    a.sbb(eax, 7).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut table).unwrap();
+    a.dq(&[0x0101_0101_0101_0101]).unwrap();
+}
+
+fn run_mixed(jit: JitConfig) -> (Vec<u64>, u64, Arc<VmShared>) {
+    let (mut g, shared) = guest(jit);
+    g.code(64, CODE, mixed_program);
+    for k in 0..0x1000u64 {
+        g.write_u64(DATA + 8 * k, k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    }
+    let s = g.long_mode(CODE);
+    g.vcpu.set_state(&s).unwrap();
+    let o = g.run_with(100_000, |_| 0, |_| 0);
+    assert_eq!(o.end, End::Halt, "{:?}", jit.tier);
+    let st = g.state();
+    let mut regs = st.gpr.to_vec();
+    regs.push(st.rflags);
+    let mut sum = 0u64;
+    for k in 0..(0x2_1000 / 8) {
+        sum = sum.rotate_left(7) ^ g.read_u64(DATA + 8 * k);
+    }
+    (regs, sum, shared)
+}
+
+#[test]
+fn translated_code_ends_where_the_interpreter_does() {
+    let (want, want_sum, _) = run_mixed(interp());
+    let (got, got_sum, shared) = run_mixed(jit_verified());
+    assert_eq!(shared.jit_totals.mismatches.load(Ordering::Relaxed), 0);
+    assert!(shared.jit_totals.translated.load(Ordering::Relaxed) > 3);
+    assert!(shared.jit_totals.verified.load(Ordering::Relaxed) > 1000);
+    assert_eq!(got, want, "registers after the verified jit run");
+    assert_eq!(got_sum, want_sum, "memory after the verified jit run");
+    let (got, got_sum, shared) = run_mixed(jit_chained());
+    assert!(shared.jit_totals.translated.load(Ordering::Relaxed) > 3);
+    assert_eq!(got, want, "registers after the chained jit run");
+    assert_eq!(got_sum, want_sum, "memory after the chained jit run");
+}
+
+#[test]
+fn page_fault_in_translated_code_is_precise() {
+    for jit in [interp(), jit_verified(), jit_chained()] {
+        let (mut g, _) = guest(jit);
+        const HANDLER: u64 = CODE + 0x800;
+        // The handler saves the pushed RIP, CR2 and two registers.
+        g.code(64, HANDLER, |a| {
+            a.mov(rax, qword_ptr(rsp + 8)).unwrap();
+            a.mov(qword_ptr(0x3000u64), rax).unwrap();
+            a.mov(rax, cr2).unwrap();
+            a.mov(qword_ptr(0x3008u64), rax).unwrap();
+            a.mov(qword_ptr(0x3010u64), rbx).unwrap();
+            a.mov(qword_ptr(0x3018u64), rdx).unwrap();
+            a.hlt().unwrap();
+        });
+        g.idt64(14, HANDLER, 0);
+        let mut fault_at = 0;
+        g.code(64, CODE, |a| {
+            let mut top = a.create_label();
+            let mut fault = a.create_label();
+            a.mov(ecx, 10u32).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.add(rbx, 1).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(top).unwrap();
+            a.add(rbx, 100).unwrap();
+            a.set_label(&mut fault).unwrap();
+            a.mov(rax, qword_ptr(0x8000_0010u64)).unwrap();
+            a.mov(edx, 5u32).unwrap();
+            a.hlt().unwrap();
+            fault_at = 0; // set below from the assembled layout
+        });
+        // Find the faulting instruction's address by decoding.
+        let mut bytes = vec![0u8; 64];
+        for (k, b) in bytes.iter_mut().enumerate() {
+            *b = (g.read_u64(CODE + k as u64) & 0xff) as u8;
+        }
+        let mut d = iced_x86::Decoder::with_ip(64, &bytes, CODE, iced_x86::DecoderOptions::NONE);
+        for i in &mut d {
+            if i.mnemonic() == iced_x86::Mnemonic::Mov && i.op1_kind() == iced_x86::OpKind::Memory {
+                fault_at = i.ip();
+                break;
+            }
+        }
+        assert_ne!(fault_at, 0);
+        let s = g.long_mode(CODE);
+        g.vcpu.set_state(&s).unwrap();
+        let o = g.run();
+        assert_eq!(o.end, End::Halt);
+        assert_eq!(g.read_u64(0x3000), fault_at, "pushed RIP ({:?})", jit.tier);
+        assert_eq!(g.read_u64(0x3008), 0x8000_0010, "CR2");
+        assert_eq!(
+            g.read_u64(0x3010),
+            110,
+            "rbx: everything before the fault done"
+        );
+        assert_eq!(g.read_u64(0x3018), 0, "rdx: nothing after the fault done");
+    }
+}
+
+#[test]
+fn code_rewritten_after_translation_runs_its_new_bytes() {
+    for jit in [interp(), jit_verified(), jit_chained()] {
+        let (mut g, _) = guest(jit);
+        const PATCHED: u64 = CODE + 0x400;
+        // PATCHED: add rbx, imm32 ; ret — called 50 times, then its
+        // immediate is rewritten and it is called 50 times more.
+        g.code(64, PATCHED, |a| {
+            a.add(rbx, 0x1000_0000).unwrap();
+            a.ret().unwrap();
+        });
+        g.code(64, CODE, |a| {
+            let mut l1 = a.create_label();
+            let mut l2 = a.create_label();
+            a.mov(ecx, 50u32).unwrap();
+            a.set_label(&mut l1).unwrap();
+            a.mov(rax, PATCHED).unwrap();
+            a.call(rax).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(l1).unwrap();
+            // The immediate starts 3 bytes in (REX.W 81 /0 id).
+            a.mov(dword_ptr(PATCHED + 3), 1u32).unwrap();
+            a.mov(ecx, 50u32).unwrap();
+            a.set_label(&mut l2).unwrap();
+            a.mov(rax, PATCHED).unwrap();
+            a.call(rax).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(l2).unwrap();
+            a.hlt().unwrap();
+        });
+        let s = g.long_mode(CODE);
+        g.vcpu.set_state(&s).unwrap();
+        let o = g.run_with(100_000, |_| 0, |_| 0);
+        assert_eq!(o.end, End::Halt);
+        assert_eq!(g.state().gpr[3], 50 * 0x1000_0000 + 50, "{:?}", jit.tier);
+    }
+}
+
+#[test]
+fn emu_options_choose_the_tier() {
+    let mem = memory();
+    let hv = EmuHypervisor::new(EmuOptions {
+        jit: Some(interp()),
+        ..Default::default()
+    });
+    let _vm = hv.create_vm(&VmSpec { vcpus: 1 }, &mem).unwrap();
+    assert!("jit".parse::<Tier>().is_ok());
+    assert!(
+        "fast"
+            .parse::<Tier>()
+            .unwrap_err()
+            .contains("interp or jit")
+    );
+}
