@@ -57,8 +57,10 @@ pub struct Block {
     pub jit_entry: u64,
     pub jit_head: u64,
     pub jit_tried: bool,
-    /// Co-simulated runs so far.
+    /// Co-simulated runs so far, and whether the block may be (no
+    /// instruction whose result differs between two runs, as `rdtsc`).
     pub jit_verified: u64,
+    pub jit_verifiable: bool,
 }
 
 // SAFETY: the raw pointers in `links` point into the same vCPU's block
@@ -133,6 +135,7 @@ impl Block {
             jit_head: 0,
             jit_tried: false,
             jit_verified: 0,
+            jit_verifiable: false,
         }
     }
 

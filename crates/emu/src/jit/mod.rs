@@ -182,6 +182,16 @@ impl Jit {
         match self.arena.push(&e.bytes) {
             Some(at) => {
                 block.set_jit(at, at + e.head);
+                block.jit_verifiable = ins.iter().all(|i| {
+                    !matches!(
+                        i.mnemonic(),
+                        iced_x86::Mnemonic::Rdtsc
+                            | iced_x86::Mnemonic::Rdtscp
+                            | iced_x86::Mnemonic::Rdrand
+                            | iced_x86::Mnemonic::Rdseed
+                            | iced_x86::Mnemonic::Rdpid
+                    )
+                });
                 self.insns.push(insns);
                 self.stats.compiled += 1;
                 cpu.vm

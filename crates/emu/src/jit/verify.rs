@@ -27,12 +27,19 @@ pub fn run(cpu: &mut Cpu, block: &mut Block, jit: &mut Jit) -> u64 {
     if exit {
         return IO;
     }
-    if cpu.device_accesses != devices0 || !block.is_current(&cpu.vm.code) || cpu.shutdown {
+    // Effects that cannot be run twice, or a block the interpreter cut
+    // short (a store to a code page, a mode change): keep the
+    // interpreter's run, unchecked.
+    if cpu.device_accesses != devices0
+        || !block.is_current(&cpu.vm.code)
+        || cpu.shutdown
+        || cpu.stop
+        || !block.jit_verifiable
+    {
         return LEAVE;
     }
     let interp_state = cpu.save_state();
     let interp_flags = cpu.flags.bits();
-    let interp_stop = cpu.stop;
     let stored: Vec<u64> = log
         .iter()
         // SAFETY: logged addresses are RAM host pointers the interpreter
@@ -49,6 +56,11 @@ pub fn run(cpu: &mut Cpu, block: &mut Block, jit: &mut Jit) -> u64 {
     cpu.int_shadow = shadow0;
     cpu.stop = false;
     let code = jit.enter(block.jit_entry, cpu);
+    if code == GO_ON && cpu.icount == icount0 && cpu.rip() == s0.rip {
+        // The translation left at its head (an interrupt became pending
+        // meanwhile): nothing ran; the dispatcher takes it from here.
+        return GO_ON;
+    }
     jit.stats.verified += 1;
     cpu.vm
         .jit_totals
@@ -86,16 +98,30 @@ pub fn run(cpu: &mut Cpu, block: &mut Block, jit: &mut Jit) -> u64 {
             .mismatches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::error!(
-            "emu verify: block at {:#x} differs: {}",
+            "emu verify: block at {:#x} differs: {} [block: {}]",
             s0.rip,
-            diffs.join("; ")
+            diffs.join("; "),
+            disassemble(block, s0.rip)
         );
     }
-    if interp_stop || code == LEAVE {
-        LEAVE
-    } else {
-        GO_ON
+    if code == LEAVE { LEAVE } else { GO_ON }
+}
+
+/// The block's guest instructions, for the report.
+fn disassemble(block: &Block, rip: u64) -> String {
+    use iced_x86::Formatter;
+    let (host, len) = block.code_bytes();
+    let mut buf = vec![0u8; len];
+    // SAFETY: the block's bytes are in one RAM page (see `Block`).
+    unsafe { std::ptr::copy_nonoverlapping(host, buf.as_mut_ptr(), len) };
+    let mut f = iced_x86::IntelFormatter::new();
+    let mut out = Vec::new();
+    for i in iced_x86::Decoder::with_ip(64, &buf, rip, iced_x86::DecoderOptions::NONE) {
+        let mut s = String::new();
+        f.format(&i, &mut s);
+        out.push(s);
     }
+    out.join("; ")
 }
 
 fn compare(a: &CpuState, b: &CpuState, diffs: &mut Vec<String>) {

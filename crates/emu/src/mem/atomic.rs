@@ -139,7 +139,14 @@ impl Cpu {
         {
             // SAFETY: aligned, one page of guest RAM; cmpxchg16b is part of
             // the host baseline we require.
-            return Ok(unsafe { cas128(p.cast(), expected, new) });
+            let old = unsafe { cas128(p.cast(), expected, new) };
+            if old == expected
+                && let Some(log) = self.undo.as_mut()
+            {
+                log.push((p as usize, old as u64, 8));
+                log.push((p as usize + 8, (old >> 64) as u64, 8));
+            }
+            return Ok(old);
         }
         let vm = self.vm.clone();
         let _guard = vm.split_lock.lock().unwrap_or_else(|e| e.into_inner());
