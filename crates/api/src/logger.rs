@@ -7,6 +7,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 struct State {
     id: String,
@@ -25,6 +26,14 @@ static STATE: Mutex<State> = Mutex::new(State {
     module: None,
     target: None,
 });
+
+/// The level, readable without the lock (every `tracing` event asks).
+static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+
+/// Whether a line at `level` would be written now.
+pub fn enabled(level: Level) -> bool {
+    level != Level::Off && level as u8 <= LEVEL.load(Ordering::Relaxed)
+}
 
 fn state() -> std::sync::MutexGuard<'static, State> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
@@ -55,6 +64,7 @@ pub fn configure(l: &Logger) -> Result<(), String> {
         s.target = target;
     }
     s.level = l.level.unwrap_or(Level::Info);
+    LEVEL.store(s.level as u8, Ordering::Relaxed);
     if let Some(v) = l.show_level {
         s.show_level = v;
     }

@@ -13,12 +13,13 @@ mod handle;
 mod memory;
 mod vcpu_loop;
 
-pub use handle::{ControlError, RunningMachine, VcpuThreadHook};
+pub use handle::{ControlError, RunningMachine, ThreadHooks, VcpuThreadHook};
 pub use memory::{host_memory_bytes, parse_size};
 pub use vcpu_loop::VcpuCounters;
 pub use vmplay_boot::{KernelEntry, Protocol};
 pub use vmplay_devices::control::{StopReason, VmControl};
 pub use vmplay_devices::{RawTerminal, mmds};
+pub use vmplay_virtio::LoopThreadHook;
 pub use vmplay_virtio::config::*;
 
 use std::path::PathBuf;

@@ -336,21 +336,21 @@ pub fn main(argv: &[String]) -> ExitCode {
     let start_cpu_us = number(&args, "start-time-cpu-us");
     let parent_cpu_us = number(&args, "parent-cpu-time-us").unwrap_or(0);
 
-    if let Some(path) = args.get("seccomp-filter")
-        && let Err(e) = std::fs::File::open(path)
-    {
-        return error_exit(
-            EXIT_GENERIC,
-            &format!("Seccomp error: Filter file open error: {e}"),
-        );
-    }
+    // Filters are loaded and checked now, installed by each thread later.
+    let filters = if args.has("no-seccomp") {
+        vmplay_api::seccomp::Filters::none()
+    } else {
+        let loaded = match args.get("seccomp-filter") {
+            Some(path) => vmplay_api::seccomp::Filters::from_file(std::path::Path::new(path)),
+            None => vmplay_api::seccomp::Filters::builtin(),
+        };
+        match loaded {
+            Ok(f) => f,
+            Err(e) => return error_exit(EXIT_GENERIC, &format!("Seccomp error: {e}")),
+        }
+    };
     if !args.has("no-seccomp") {
         catch_sigsys();
-        if args.has("seccomp-filter") {
-            logger::warn(
-                "vmplay cannot load Firecracker's compiled filter files yet; it installs its own API filter.",
-            );
-        }
     }
     if args.has("enable-pci") {
         eprintln!("vmplay: --enable-pci accepted; vmplay's devices use virtio-mmio");
@@ -399,7 +399,7 @@ pub fn main(argv: &[String]) -> ExitCode {
             serial: SerialMode::Stdio,
             mmds_size_limit: mmds_limit,
             boot_timer: args.has("boot-timer"),
-            seccomp: !args.has("no-seccomp"),
+            seccomp: filters.clone(),
         },
         launcher,
         events_tx.clone(),
@@ -443,7 +443,7 @@ pub fn main(argv: &[String]) -> ExitCode {
             vmplay_api::server::ServerConfig {
                 max_payload,
                 metrics: metrics.clone(),
-                seccomp: !args.has("no-seccomp"),
+                seccomp: filters.api.clone(),
             },
         );
         match server {
@@ -573,7 +573,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     }
 }
 
-fn catch_sigsys() {
+pub(crate) fn catch_sigsys() {
     // SAFETY: a zeroed sigaction with a valid handler and SA_SIGINFO.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{TempDir, backends, vmplay_exe};
+use vmplay_api::seccomp::BpfProgram;
 use vmplay_guests::MultibootImage;
 use vmplay_guests::runtime::Runtime32;
 
@@ -920,5 +921,176 @@ fn each_vcpu_threads_seccomp_filter_kills_a_forbidden_syscall() {
         let r = run(&["--no-seccomp"]);
         assert_eq!(r.code(), 0, "{accel}: {r}");
         assert!(r.stdout.contains("resetting"), "{r}");
+    }
+}
+
+/// Runs the i8042-reset guest from a config file with `--no-api` on
+/// `accel`, with `extra` flags and `VMPLAY_SECCOMP_SELFTEST=selftest`.
+fn reset_guest_run(dir: &TempDir, accel: &str, extra: &[&str], selftest: &str) -> support::Run {
+    let kernel = dir.file("reset.elf", &vmplay_guests::i8042_reset());
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+        "drives": [],
+        "entropy": {},
+    });
+    let path = dir.file("vm.json", config.to_string().as_bytes());
+    let mut cmd = Command::new(vmplay_exe());
+    cmd.args(["firecracker", "--no-api", "--config-file"])
+        .arg(&path)
+        .args(extra)
+        .env("VMPLAY_ACCEL", accel)
+        .env("VMPLAY_SECCOMP_SELFTEST", selftest);
+    support::run(cmd)
+}
+
+fn killed_by_seccomp(r: &support::Run, nr: i64) -> bool {
+    r.code() == 148
+        && r.stdout.contains(&format!(
+            "Shutting down VM after intercepting a bad syscall ({nr})."
+        ))
+}
+
+#[test]
+fn the_event_loop_and_main_threads_seccomp_filters_kill_a_forbidden_syscall() {
+    for accel in backends() {
+        let dir = TempDir::new();
+        // getppid is outside both filters: SIGSYS before any guest code
+        // (the vCPUs wait for the main thread's filter).
+        for thread in ["vmm", "main"] {
+            let r = reset_guest_run(&dir, accel, &[], thread);
+            assert!(
+                killed_by_seccomp(&r, libc::SYS_getppid),
+                "{accel} {thread}: {r}"
+            );
+            assert!(!r.stdout.contains("resetting"), "{accel} {thread}: {r}");
+            // --no-seccomp: the guest runs and resets, exit 0.
+            let r = reset_guest_run(&dir, accel, &["--no-seccomp"], thread);
+            assert_eq!(r.code(), 0, "{accel} {thread}: {r}");
+            assert!(r.stdout.contains("resetting"), "{accel} {thread}: {r}");
+        }
+        // With every filter on, the guest runs to its reset.
+        let r = reset_guest_run(&dir, accel, &[], "");
+        assert_eq!(r.code(), 0, "{accel}: {r}");
+        assert!(r.stdout.contains("resetting"), "{accel}: {r}");
+
+        // `vmplay run` puts the same event-loop filter on (so every device
+        // test runs under it); --no-seccomp takes it off.
+        let kernel = dir.path().join("reset.elf");
+        let run = |extra: &[&str]| {
+            let mut cmd = Command::new(vmplay_exe());
+            cmd.args(["run", "--accel", accel, "--serial", "stdio", "--kernel"])
+                .arg(&kernel)
+                .args(extra)
+                .env("VMPLAY_SECCOMP_SELFTEST", "vmm")
+                .stdin(Stdio::null());
+            support::run(cmd)
+        };
+        let r = run(&[]);
+        assert!(killed_by_seccomp(&r, libc::SYS_getppid), "{accel}: {r}");
+        assert!(!r.stdout.contains("resetting"), "{accel}: {r}");
+        let r = run(&["--no-seccomp"]);
+        assert_eq!(r.code(), 0, "{accel}: {r}");
+        assert!(r.stdout.contains("resetting"), "{accel}: {r}");
+    }
+}
+
+/// A filter file as seccompiler-bin writes it (bitcode of category →
+/// instructions).
+fn filter_file(dir: &TempDir, name: &str, programs: &[(&str, BpfProgram)]) -> PathBuf {
+    let map = programs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    dir.file(name, &vmplay_api::seccomp::serialize(&map).unwrap())
+}
+
+#[test]
+fn seccomp_filter_loads_a_compiled_filter_file_and_refuses_bad_ones() {
+    use vmplay_api::seccomp::{allow_all_but, api_filter, vcpu_filter, vmm_filter};
+    let none = BpfProgram::new;
+    let dir = TempDir::new();
+    let accel = "emu";
+    // vmplay's own filters, from a file: the guest runs to its reset.
+    let own = filter_file(
+        &dir,
+        "own.bpf",
+        &[
+            ("vmm", vmm_filter().unwrap()),
+            ("api", api_filter().unwrap()),
+            ("vcpu", vcpu_filter().unwrap()),
+        ],
+    );
+    let own = own.to_str().unwrap();
+    let r = reset_guest_run(&dir, accel, &["--seccomp-filter", own], "");
+    assert_eq!(r.code(), 0, "{r}");
+    assert!(r.stdout.contains("resetting"), "{r}");
+
+    // The file's programs are the ones installed: empty ones install
+    // nothing, so the vCPU self-test's getppid is harmless...
+    let empty = filter_file(
+        &dir,
+        "empty.bpf",
+        &[("vmm", none()), ("api", none()), ("vcpu", none())],
+    );
+    let empty = empty.to_str().unwrap();
+    let r = reset_guest_run(&dir, accel, &["--seccomp-filter", empty], "vcpu");
+    assert_eq!(r.code(), 0, "{r}");
+    // ...and a vCPU program that traps getppid alone kills it.
+    let trap = allow_all_but(&[libc::SYS_getppid]).unwrap();
+    let only = filter_file(
+        &dir,
+        "vcpu-getppid.bpf",
+        &[("vmm", none()), ("api", none()), ("vcpu", trap.clone())],
+    );
+    let only = only.to_str().unwrap();
+    let r = reset_guest_run(&dir, accel, &["--seccomp-filter", only], "vcpu");
+    assert!(killed_by_seccomp(&r, libc::SYS_getppid), "{r}");
+    // The `vmm` program goes on both the event-loop and the main thread.
+    let vmm = filter_file(
+        &dir,
+        "vmm-getppid.bpf",
+        &[("vmm", trap), ("api", none()), ("vcpu", none())],
+    );
+    let vmm = vmm.to_str().unwrap();
+    for thread in ["vmm", "main"] {
+        let r = reset_guest_run(&dir, accel, &["--seccomp-filter", vmm], thread);
+        assert!(killed_by_seccomp(&r, libc::SYS_getppid), "{thread}: {r}");
+    }
+
+    // Bad files: Firecracker's messages, exit 1, no guest.
+    let garbage = dir.file("garbage.bpf", b"adassafvc");
+    let missing = filter_file(&dir, "missing.bpf", &[("vmm", none()), ("api", none())]);
+    let extra = filter_file(
+        &dir,
+        "extra.bpf",
+        &[
+            ("vmm", none()),
+            ("api", none()),
+            ("vcpu", none()),
+            ("thread1", none()),
+        ],
+    );
+    let nowhere = dir.path().join("nowhere.bpf");
+    for (file, message) in [
+        (
+            &garbage,
+            "Seccomp error: Filter deserialization failed: Bitcode deserialization failed: ",
+        ),
+        (&missing, "Seccomp error: Missing thread category: vcpu"),
+        (&extra, "Seccomp error: Invalid thread categories: thread1"),
+        (
+            &nowhere,
+            "Seccomp error: Filter file open error: No such file or directory",
+        ),
+    ] {
+        let r = reset_guest_run(
+            &dir,
+            accel,
+            &["--seccomp-filter", file.to_str().unwrap()],
+            "",
+        );
+        assert_eq!(r.code(), 1, "{file:?}: {r}");
+        assert!(r.stderr.contains(message), "{file:?}: {r}");
+        assert!(!r.stdout.contains("resetting"), "{file:?}: {r}");
     }
 }
