@@ -47,6 +47,10 @@ pub fn set_instance_id(id: &str) {
 /// Applies a `Logger` body (or the equivalent flags). An omitted level
 /// resets to Info; other omitted fields keep their value.
 pub fn configure(l: &Logger) -> Result<(), String> {
+    // The C library reads the time zone (opens /etc/localtime) on its
+    // first local-time conversion: do it now, on a thread without a
+    // seccomp filter, not on whichever filtered thread logs first.
+    let _ = local_time();
     let target = match &l.log_path {
         Some(path) => Some(
             OpenOptions::new()

@@ -458,6 +458,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(unsafe_code)]
     fn an_empty_program_installs_nothing() {
         std::thread::spawn(|| {
             install(&vec![]).unwrap();

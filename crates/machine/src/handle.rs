@@ -69,9 +69,10 @@ pub struct RunningMachine {
     _memory: vmplay_hypervisor::GuestMemory,
 }
 
-/// Firecracker's boot-timer device on x86: one page at 3 GiB. The guest
-/// writes the byte 123 at offset 0 when its init starts.
-pub const BOOT_TIMER_ADDR: u64 = 0xc000_0000;
+/// Firecracker's boot-timer device on x86: one page at 3 GiB, the start of
+/// the MMIO hole (never RAM, whatever the RAM size). The guest writes the
+/// byte 123 at offset 0 when its init starts.
+pub const BOOT_TIMER_ADDR: u64 = vmplay_boot::layout::BOOT_TIMER_START;
 const BOOT_TIMER_MAGIC: u8 = 123;
 
 struct BootTimer(Box<dyn Fn() + Send>);
@@ -89,8 +90,7 @@ impl vmplay_devices::BusDevice for BootTimer {
 
 impl Machine {
     /// Attaches Firecracker's boot timer (`--boot-timer`): `on_boot` runs
-    /// on each write of 123 to [`BOOT_TIMER_ADDR`]. Only below 3 GiB of
-    /// RAM is that address MMIO.
+    /// on each write of 123 to [`BOOT_TIMER_ADDR`].
     pub fn add_boot_timer(&mut self, on_boot: Box<dyn Fn() + Send>) -> Result<(), MachineError> {
         let bus = Arc::get_mut(&mut self.mmio).ok_or_else(|| {
             MachineError::Memory("boot timer".into(), "the MMIO bus is already shared".into())

@@ -340,3 +340,87 @@ impl AsRawFd for EventLoopHandle {
         self.stop_fd.as_raw_fd()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts the writes to its eventfd.
+    struct Counter {
+        fd: EventFd,
+        seen: Arc<AtomicUsize>,
+    }
+
+    impl MutEventSubscriber for Counter {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.fd, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.fd.read();
+            self.seen.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn wait_for(what: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+
+    #[test]
+    fn a_paused_loop_handles_nothing_until_resumed() {
+        let mut el = EventLoop::new().unwrap();
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        el.add_subscriber(Arc::new(Mutex::new(Counter {
+            fd: fd.try_clone().unwrap(),
+            seen: seen.clone(),
+        })));
+        let handle = el.start().unwrap();
+        fd.write(1).unwrap();
+        assert!(wait_for(|| seen.load(Ordering::SeqCst) == 1));
+
+        handle.pause().unwrap();
+        assert!(handle.is_paused());
+        fd.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "handled while paused");
+        // Pausing again is harmless.
+        handle.pause().unwrap();
+
+        handle.resume();
+        assert!(wait_for(|| seen.load(Ordering::SeqCst) == 2));
+        assert!(!handle.is_paused());
+        // Dropping a paused loop stops it too.
+        handle.pause().unwrap();
+        drop(handle);
+    }
+
+    #[test]
+    fn the_thread_hook_runs_first_and_its_error_is_returned() {
+        let el = EventLoop::new().unwrap();
+        let e = el
+            .start_with(Some(Box::new(|| Err("no filter".into()))))
+            .err()
+            .unwrap();
+        assert_eq!(e.to_string(), "event loop thread: no filter");
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        let el = EventLoop::new().unwrap();
+        let handle = el
+            .start_with(Some(Box::new(move || {
+                assert_eq!(std::thread::current().name(), Some("vmm"));
+                r.store(true, Ordering::SeqCst);
+                Ok(())
+            })))
+            .unwrap();
+        assert!(ran.load(Ordering::SeqCst));
+        drop(handle);
+    }
+}

@@ -850,13 +850,15 @@ fn boot_timer_writer() -> Vec<u8> {
 
 #[test]
 fn boot_timer_logs_the_time_since_instance_start() {
-    for accel in backends() {
+    // 3 GiB and up is the MMIO hole whatever the RAM size, so the timer
+    // works with 4 GiB of RAM too (RAM above 3 GiB moves past 4 GiB).
+    for (accel, mib) in backends().into_iter().flat_map(|a| [(a, 64), (a, 4096)]) {
         let dir = TempDir::new();
         let kernel = dir.file("timer.elf", &boot_timer_writer());
         let config = serde_json::json!({
             "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
             "drives": [],
-            "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": mib},
         });
         let path = dir.file("vm.json", config.to_string().as_bytes());
         // With the API on, the config file boots at once and the API serves it.
@@ -865,12 +867,12 @@ fn boot_timer_logs_the_time_since_instance_start() {
             accel,
             &["--boot-timer", "--config-file", path.to_str().unwrap()],
         );
-        assert_eq!(fc.wait_exit(), 0, "{accel}");
+        assert_eq!(fc.wait_exit(), 0, "{accel} {mib} MiB");
         let out = fc.stdout();
         let line = out
             .lines()
             .find(|l| l.contains("Guest-boot-time ="))
-            .unwrap_or_else(|| panic!("{accel}: no boot-timer line:\n{out}"));
+            .unwrap_or_else(|| panic!("{accel} {mib} MiB: no boot-timer line:\n{out}"));
         // Firecracker's test parses exactly this shape.
         let tail = line.split("Guest-boot-time =").nth(1).unwrap();
         let words: Vec<&str> = tail.split_whitespace().collect();
@@ -1093,4 +1095,80 @@ fn seccomp_filter_loads_a_compiled_filter_file_and_refuses_bad_ones() {
         assert!(r.stderr.contains(message), "{file:?}: {r}");
         assert!(!r.stdout.contains("resetting"), "{file:?}: {r}");
     }
+}
+
+/// A guest that sets DRIVER_OK on the first virtio device without
+/// negotiating (vmplay warns), then resets through the i8042.
+fn bad_virtio_driver() -> Vec<u8> {
+    let mut img = MultibootImage::new();
+    let scratch = img.zeroed(vmplay_guests::runtime::RUNTIME32_SCRATCH, 16);
+    let entry = img
+        .code32(|a| {
+            let mut rt = Runtime32::new(a, scratch);
+            use iced_x86::code_asm::*;
+            a.cli()?;
+            a.mov(eax, 0xd000_0070u32)?;
+            a.mov(dword_ptr(eax), 4u32)?;
+            rt.print(a, "poked\n")?;
+            a.mov(al, 0xfeu32)?;
+            a.out(0x64, al)?;
+            let mut spin = a.create_label();
+            a.set_label(&mut spin)?;
+            a.jmp(spin)?;
+            rt.finish(a)
+        })
+        .expect("assemble the guest");
+    img.set_entry32(entry);
+    img.build().expect("build the guest")
+}
+
+#[test]
+fn vmplays_own_warnings_go_to_the_log_path_at_the_loggers_level() {
+    let dir = TempDir::new();
+    let kernel = dir.file("poke.elf", &bad_virtio_driver());
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+        "drives": [],
+        "entropy": {},
+    });
+    let path = dir.file("vm.json", config.to_string().as_bytes());
+    let run = |log: &Path, extra: &[&str]| {
+        std::fs::write(log, b"").unwrap();
+        let mut cmd = Command::new(vmplay_exe());
+        cmd.args(["firecracker", "--no-api", "--config-file"])
+            .arg(&path)
+            .arg("--log-path")
+            .arg(log)
+            .args(extra)
+            .env("VMPLAY_ACCEL", "emu");
+        let r = support::run(cmd);
+        assert_eq!(r.code(), 0, "{r}");
+        assert!(r.stdout.contains("poked"), "{r}");
+        // The log went to the file, not to stdout.
+        assert!(!r.stdout.contains("DRIVER_OK"), "{r}");
+        std::fs::read_to_string(log).unwrap()
+    };
+    let warn = dir.path().join("warn.log");
+    let text = run(&warn, &["--level", "Warning", "--show-level"]);
+    let line = text
+        .lines()
+        .find(|l| l.contains("virtio DRIVER_OK without FEATURES_OK"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    assert!(line.contains("[anonymous-instance:vcpu0:WARN]"), "{line}");
+    assert!(
+        !text.contains("machine built"),
+        "info at Warning level:\n{text}"
+    );
+
+    let info = dir.path().join("info.log");
+    let text = run(&info, &["--show-log-origin"]);
+    let line = text
+        .lines()
+        .find(|l| l.contains("virtio DRIVER_OK without FEATURES_OK"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    assert!(
+        line.contains("[anonymous-instance:vcpu0:crates/virtio/src/mmio.rs:"),
+        "{line}"
+    );
+    assert!(text.contains("machine built"), "{text}");
 }
