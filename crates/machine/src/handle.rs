@@ -103,8 +103,7 @@ impl Machine {
         Ok(())
     }
 
-    /// Starts one thread per vCPU (and the stdin forwarder for a stdio
-    /// serial) and returns at once.
+    /// Starts the event loop and one thread per vCPU and returns at once.
     pub fn start(self) -> Result<RunningMachine, MachineError> {
         self.start_with(ThreadHooks::default())
     }
@@ -121,7 +120,6 @@ impl Machine {
             pio,
             mmio,
             serial,
-            stdio,
             i8042,
             vm,
             event_loop,
@@ -131,10 +129,6 @@ impl Machine {
         } = self;
         // Device work runs on its own thread until the machine is dropped.
         let event_loop = event_loop.start_with(hooks.vmm)?;
-        if stdio {
-            vmplay_devices::spawn_stdin_forwarder(serial.clone(), control.clone())
-                .map_err(MachineError::Console)?;
-        }
         let ctx = Arc::new(VcpuContext {
             pio,
             mmio,

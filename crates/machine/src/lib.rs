@@ -92,7 +92,6 @@ pub struct Machine {
     mmio: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
-    stdio: bool,
     event_loop: vmplay_virtio::EventLoop,
     protocol: Protocol,
     // Keeps the guest RAM mapped while the vCPUs run.
@@ -172,6 +171,13 @@ impl Machine {
         attacher.attach_all(&config.virtio)?;
         let slots = std::mem::take(&mut attacher.slots);
         let virtio_devices = Arc::new(std::mem::take(&mut attacher.handles));
+        if config.serial == SerialMode::Stdio {
+            // COM1's input is one more fd on the event loop.
+            let input =
+                vmplay_virtio::serial_input::SerialInput::stdin(serial.clone(), control.clone())
+                    .map_err(|e| MachineError::Console(vmplay_devices::ConsoleError::Stdin(e)))?;
+            event_loop.add_subscriber(Arc::new(Mutex::new(input)));
+        }
 
         let boot = vmplay_boot::load(
             &memory,
@@ -209,7 +215,6 @@ impl Machine {
             mmio: Arc::new(mmio),
             serial,
             i8042,
-            stdio: config.serial == SerialMode::Stdio,
             event_loop,
             protocol: boot.protocol,
             _memory: memory,

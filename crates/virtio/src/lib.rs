@@ -21,6 +21,7 @@ pub use mmio::MmioTransport;
 pub mod devices;
 pub mod queue;
 pub mod rate_limiter;
+pub mod serial_input;
 mod sys;
 #[cfg(test)]
 pub(crate) mod testing;
