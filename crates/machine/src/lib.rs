@@ -21,6 +21,8 @@ pub use vmplay_devices::control::{StopReason, VmControl};
 pub use vmplay_devices::{RawTerminal, mmds};
 pub use vmplay_virtio::LoopThreadHook;
 pub use vmplay_virtio::config::*;
+/// An I/O error in Firecracker's (musl's) words, for vsock bind errors.
+pub use vmplay_virtio::devices::vsock::musl_text as vsock_error_text;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

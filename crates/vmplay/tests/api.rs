@@ -420,6 +420,20 @@ fn every_endpoint_answers_with_firecrackers_codes_before_boot() {
     assert_eq!(config["mmds-config"]["version"], "V2");
     assert_eq!(config["vsock"]["guest_cid"], 3);
     assert_eq!(config["logger"], serde_json::Value::Null);
+
+    // PUT /vsock bound and listens on uds_path already, as Firecracker: a
+    // host connects before the VM starts (it waits in the backlog).
+    let first = dir.path().join("v.sock");
+    UnixStream::connect(&first).expect("uds_path listens after PUT /vsock");
+    // A second PUT deletes the old socket file, then binds the new path.
+    let second = dir.path().join("v2.sock");
+    let body = serde_json::json!({"guest_cid": 3, "uds_path": second});
+    assert_eq!(c.put("/vsock", &body.to_string()).status, 204);
+    assert!(!first.exists(), "the first socket file stays");
+    UnixStream::connect(&second).expect("the new uds_path listens");
+    // PUT the same path again: re-bound in place.
+    assert_eq!(c.put("/vsock", &body.to_string()).status, 204);
+    UnixStream::connect(&second).expect("re-bound");
     assert_eq!(
         c.get("/mmds").json(),
         serde_json::json!({"latest":{"meta-data":{"ami-id":"ami-1","x":"y"}}})
