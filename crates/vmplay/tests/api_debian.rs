@@ -413,3 +413,38 @@ fn pausing_the_vm_holds_device_work_until_resume_and_vmplays_own_events_reach_th
     assert_eq!(text.matches("vsock: bad CONNECT line").count(), 2, "{text}");
     assert!(text.contains("Running Firecracker v"), "{text}");
 }
+
+#[test]
+fn the_boot_timer_fires_for_debian_with_4_gib_of_ram() {
+    let dir = TempDir::new();
+    let hook = "#!/bin/sh\ndevmem 0xc0000000 8 123\necho \"mem $(grep MemTotal /proc/meminfo)\"\n";
+    let Some((kernel, initrd)) = debian_guest(&dir, hook, &[]) else {
+        return;
+    };
+    // RAM past 3 GiB moves above 4 GiB; 0xc0000000 stays the timer's.
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": kernel,
+            "initrd_path": initrd,
+            "boot_args": "console=ttyS0 reboot=k panic=-1 quiet",
+        },
+        "drives": [],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 4096},
+    });
+    let path = dir.file("vm.json", config.to_string().as_bytes());
+    let mut cmd = Command::new(vmplay_exe());
+    cmd.args(["firecracker", "--no-api", "--boot-timer", "--config-file"])
+        .arg(&path)
+        .env("VMPLAY_ACCEL", "emu")
+        .stdin(Stdio::null());
+    let r = support::run_with_deadline(cmd, Duration::from_secs(240));
+    assert_eq!(r.code(), 0, "{r}");
+    assert!(r.stdout.contains("Guest-boot-time ="), "{r}");
+    let kib: u64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("mem MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal line:\n{r}"));
+    assert!(kib > 3 << 20, "the guest has {kib} KiB");
+}
