@@ -1185,4 +1185,41 @@ fn vmplays_own_warnings_go_to_the_log_path_at_the_loggers_level() {
         "{line}"
     );
     assert!(text.contains("machine built"), "{text}");
+
+    // PUT /logger configures the same logger over the API.
+    let dir2 = TempDir::new();
+    let fc = Fc::start(&dir2, "emu", &[]);
+    let mut c = fc.client();
+    let api_log = dir2.path().join("api.log");
+    let logger = serde_json::json!({
+        "log_path": api_log, "level": "Warning", "show_level": true, "show_log_origin": true,
+    });
+    assert_eq!(c.put("/logger", &logger.to_string()).status, 204);
+    assert_eq!(c.put("/boot-source", &boot_source(&kernel)).status, 204);
+    assert_eq!(c.put("/entropy", "{}").status, 204);
+    assert_eq!(
+        c.put("/actions", r#"{"action_type":"InstanceStart"}"#)
+            .status,
+        204
+    );
+    let start = Instant::now();
+    let line = loop {
+        let text = std::fs::read_to_string(&api_log).unwrap_or_default();
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.contains("virtio DRIVER_OK without FEATURES_OK"))
+        {
+            assert!(!text.contains("machine built"), "{text}");
+            break l.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no warning in the log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        line.contains("[anonymous-instance:vcpu0:WARN:crates/virtio/src/mmio.rs:"),
+        "{line}"
+    );
 }
