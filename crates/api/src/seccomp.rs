@@ -113,7 +113,6 @@ const VMM_SYSCALLS: &[i64] = &[
     libc::SYS_getrandom,
     libc::SYS_getsockopt,
     libc::SYS_gettid,
-    libc::SYS_ioctl,
     libc::SYS_lseek,
     libc::SYS_madvise,
     libc::SYS_mmap,
@@ -198,9 +197,36 @@ const MAIN_SYSCALLS: &[i64] = &[
     libc::SYS_writev,
 ];
 
+/// The only ioctls the event loop makes: `FIONBIO` (sockets set
+/// non-blocking: vsock connections, passt) and `TUNSETOFFLOAD` (a TAP's
+/// offloads follow the driver's features).
+const VMM_IOCTLS: &[u64] = &[libc::FIONBIO, libc::TUNSETOFFLOAD];
+
 fn filter(list: &[i64]) -> Result<BpfProgram, String> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    filter_with(list, &[])
+}
+
+/// `list` allowed outright, plus `ioctl` with one of `ioctls` as its
+/// request (the second argument); anything else traps.
+fn filter_with(list: &[i64], ioctls: &[u64]) -> Result<BpfProgram, String> {
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
         list.iter().map(|nr| (*nr, vec![])).collect();
+    if !ioctls.is_empty() {
+        let conditions = ioctls
+            .iter()
+            .map(|&request| {
+                let c = seccompiler::SeccompCondition::new(
+                    1,
+                    seccompiler::SeccompCmpArgLen::Dword,
+                    seccompiler::SeccompCmpOp::Eq,
+                    request,
+                )
+                .map_err(|e| e.to_string())?;
+                seccompiler::SeccompRule::new(vec![c]).map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        rules.insert(libc::SYS_ioctl, conditions);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -223,9 +249,10 @@ pub fn vcpu_filter() -> Result<BpfProgram, String> {
     filter(VCPU_SYSCALLS)
 }
 
-/// The event-loop thread's filter: [`VMM_SYSCALLS`] allowed.
+/// The event-loop thread's filter: [`VMM_SYSCALLS`] allowed, and `ioctl`
+/// for [`VMM_IOCTLS`] only.
 pub fn vmm_filter() -> Result<BpfProgram, String> {
-    filter(VMM_SYSCALLS)
+    filter_with(VMM_SYSCALLS, VMM_IOCTLS)
 }
 
 /// The main thread's filter after `InstanceStart`: [`MAIN_SYSCALLS`] allowed.
@@ -455,6 +482,64 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.to_string(), "Invalid thread categories: t1,t2");
+    }
+
+    /// Runs `body` in a forked child under `filter`; how the child ended
+    /// (`Ok(exit code)` or `Err(signal)`).
+    #[allow(unsafe_code)]
+    fn in_child(filter: &BpfProgram, body: fn()) -> Result<i32, i32> {
+        // SAFETY: the child only installs the filter (no allocation), makes
+        // raw syscalls and leaves with _exit.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                if seccompiler::apply_filter(filter).is_err() {
+                    libc::_exit(99);
+                }
+                body();
+                libc::_exit(0);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            if libc::WIFEXITED(status) {
+                Ok(libc::WEXITSTATUS(status))
+            } else {
+                Err(libc::WTERMSIG(status))
+            }
+        }
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_event_loops_filter_allows_only_its_ioctls() {
+        let f = vmm_filter().unwrap();
+        // FIONBIO passes (on a bad fd it fails with EBADF, but is allowed).
+        assert_eq!(
+            in_child(&f, || {
+                let mut on = 1i32;
+                // SAFETY: FIONBIO reads one int.
+                unsafe { libc::ioctl(-1, libc::FIONBIO, &mut on) };
+            }),
+            Ok(0)
+        );
+        // Any other request traps.
+        assert_eq!(
+            in_child(&f, || {
+                let mut ws = [0u16; 4];
+                // SAFETY: TIOCGWINSZ writes one winsize.
+                unsafe { libc::ioctl(-1, libc::TIOCGWINSZ, ws.as_mut_ptr()) };
+            }),
+            Err(libc::SIGSYS)
+        );
+        // So does a syscall outside the list.
+        assert_eq!(
+            in_child(&f, || {
+                // SAFETY: getppid takes nothing.
+                unsafe { libc::getppid() };
+            }),
+            Err(libc::SIGSYS)
+        );
     }
 
     #[test]
