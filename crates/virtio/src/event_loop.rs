@@ -363,7 +363,7 @@ mod tests {
     }
 
     fn wait_for(what: impl Fn() -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if what() {
                 return true;

@@ -237,7 +237,7 @@ mod tests {
     }
 
     fn until(mut what: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if what() {
                 return true;
