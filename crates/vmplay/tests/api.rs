@@ -984,6 +984,28 @@ fn the_event_loop_and_main_threads_seccomp_filters_kill_a_forbidden_syscall() {
             assert_eq!(r.code(), 0, "{accel} {thread}: {r}");
             assert!(r.stdout.contains("resetting"), "{accel} {thread}: {r}");
         }
+        // As Firecracker: with a log path the message goes there, and a
+        // last metrics line says `seccomp.num_faults` = 1.
+        let log = dir.path().join("fc.log");
+        let metrics = dir.path().join("metrics.ndjson");
+        let (l, m) = (log.to_str().unwrap(), metrics.to_str().unwrap());
+        let r = reset_guest_run(&dir, accel, &["--log-path", l, "--metrics-path", m], "main");
+        assert_eq!(r.code(), 148, "{accel}: {r}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains(&format!(
+                "Shutting down VM after intercepting a bad syscall ({}).",
+                libc::SYS_getppid
+            )),
+            "{accel}: {text}"
+        );
+        let lines = std::fs::read_to_string(&metrics).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(lines.lines().last().unwrap_or("{}")).unwrap();
+        assert_eq!(last["seccomp"]["num_faults"], 1, "{accel}: {lines}");
+        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(&metrics);
+
         // With every filter on, the guest runs to its reset.
         let r = reset_guest_run(&dir, accel, &[], "");
         assert_eq!(r.code(), 0, "{accel}: {r}");
