@@ -7,6 +7,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 struct State {
     id: String,
@@ -26,8 +27,23 @@ static STATE: Mutex<State> = Mutex::new(State {
     target: None,
 });
 
+/// The level, readable without the lock (every `tracing` event asks).
+static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+
+/// Whether a line at `level` would be written now.
+pub fn enabled(level: Level) -> bool {
+    level != Level::Off && level as u8 <= LEVEL.load(Ordering::Relaxed)
+}
+
 fn state() -> std::sync::MutexGuard<'static, State> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The C library reads the time zone (opens /etc/localtime) on its first
+/// local-time conversion: this does it now, before any thread has a
+/// seccomp filter, not on whichever filtered thread logs first.
+pub fn prepare() {
+    let _ = local_time();
 }
 
 /// Sets the instance id shown in every line.
@@ -38,6 +54,7 @@ pub fn set_instance_id(id: &str) {
 /// Applies a `Logger` body (or the equivalent flags). An omitted level
 /// resets to Info; other omitted fields keep their value.
 pub fn configure(l: &Logger) -> Result<(), String> {
+    prepare();
     let target = match &l.log_path {
         Some(path) => Some(
             OpenOptions::new()
@@ -55,6 +72,7 @@ pub fn configure(l: &Logger) -> Result<(), String> {
         s.target = target;
     }
     s.level = l.level.unwrap_or(Level::Info);
+    LEVEL.store(s.level as u8, Ordering::Relaxed);
     if let Some(v) = l.show_level {
         s.show_level = v;
     }
@@ -93,7 +111,22 @@ fn local_time() -> String {
 
 /// Writes one line at `level` from `file:line` of `module`.
 pub fn log(level: Level, module: &str, file: &str, line: u32, msg: &str) {
-    let mut s = state();
+    write_line(&mut state(), level, module, file, line, msg);
+}
+
+/// [`log`] at Error from a signal handler: gives up (returns false)
+/// rather than wait for a thread that holds the logger.
+pub fn try_error(msg: &str) -> bool {
+    let mut s = match STATE.try_lock() {
+        Ok(s) => s,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return false,
+    };
+    write_line(&mut s, Level::Error, "vmm", file!(), line!(), msg);
+    true
+}
+
+fn write_line(s: &mut State, level: Level, module: &str, file: &str, line: u32, msg: &str) {
     if level > s.level || level == Level::Off {
         return;
     }

@@ -102,6 +102,12 @@ impl Metrics {
 
     /// The next line, as JSON; counters restart from zero.
     fn line(s: &mut State) -> String {
+        Self::line_from(s, true)
+    }
+
+    /// [`Metrics::line`]; without `sources` the counters kept elsewhere
+    /// are left out (they take the devices' locks).
+    fn line_from(s: &mut State, sources: bool) -> String {
         let mut top = serde_json::Map::new();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -117,7 +123,7 @@ impl Metrics {
             }
         }
         let mut from_sources = Vec::new();
-        for source in &s.sources {
+        for source in s.sources.iter().filter(|_| sources) {
             from_sources.extend(source());
         }
         for (g, f, total) in from_sources {
@@ -138,6 +144,32 @@ impl Metrics {
             top.insert(g, m.into());
         }
         serde_json::Value::Object(top).to_string()
+    }
+
+    /// Sets a store metric and writes a line, from a signal handler: gives
+    /// up (returns false) rather than wait for a thread that holds the
+    /// metrics.
+    pub fn try_store_and_flush(
+        &self,
+        group: &'static str,
+        field: &'static str,
+        value: u64,
+    ) -> bool {
+        let mut s = match self.state.try_lock() {
+            Ok(s) => s,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        s.stores.entry(group).or_default().insert(field, value);
+        if s.target.is_some() {
+            // The faulting thread may hold a device's lock: no sources.
+            let mut line = Self::line_from(&mut s, false);
+            line.push('\n');
+            if let Some(f) = s.target.as_mut() {
+                let _ = f.write_all(line.as_bytes());
+            }
+        }
+        true
     }
 
     /// Writes one line now. Without a metrics path it does nothing.

@@ -58,6 +58,8 @@ pub struct VmResources {
     pub drives: Vec<Drive>,
     pub network_interfaces: Vec<NetworkInterface>,
     pub vsock: Option<Vsock>,
+    /// The listener `PUT /vsock` bound at its `uds_path`.
+    pub vsock_listener: Option<std::sync::Arc<std::os::unix::net::UnixListener>>,
     pub entropy: Option<Entropy>,
     pub mmds_config: Option<MmdsConfigInfo>,
     pub serial: Option<Serial>,
@@ -292,13 +294,31 @@ impl VmResources {
     }
 
     /// `PUT /vsock`.
+    ///
+    /// Binds and listens on `uds_path` now, as Firecracker does: host
+    /// connections wait in the backlog until the VM runs. A second PUT
+    /// first deletes the previous socket file, then binds the new one; an
+    /// existing file at the path (even a stale socket) is a bind error.
     pub fn set_vsock(&mut self, v: Vsock) -> Result<(), ConfigError> {
-        let replacing = self.vsock.as_ref().map(|o| o.uds_path.as_str()) == Some(&v.uds_path);
-        if !replacing && std::path::Path::new(&v.uds_path).exists() {
-            return Err(ConfigError::Vsock(
-                "Cannot create backend for vsock device: Error binding to the host-side Unix socket: Address in use (os error 98)".into(),
-            ));
+        if let Some(old) = self.vsock.take() {
+            self.vsock_listener = None;
+            if let Err(e) = std::fs::remove_file(&old.uds_path) {
+                return Err(ConfigError::Vsock(format!(
+                    "Cannot remove the previous vsock socket {}: {e}",
+                    old.uds_path
+                )));
+            }
         }
+        let listener = std::os::unix::net::UnixListener::bind(&v.uds_path).map_err(|e| {
+            ConfigError::Vsock(format!(
+                "Cannot create backend for vsock device: Error binding to the host-side Unix socket: {}",
+                machine::vsock_error_text(&e)
+            ))
+        })?;
+        listener.set_nonblocking(true).map_err(|e| {
+            ConfigError::Vsock(format!("Cannot create backend for vsock device: {e}"))
+        })?;
+        self.vsock_listener = Some(std::sync::Arc::new(listener));
         self.vsock = Some(v);
         Ok(())
     }
@@ -499,6 +519,7 @@ impl VmResources {
             vsock: self.vsock.as_ref().map(|v| machine::VsockConfig {
                 guest_cid: v.guest_cid,
                 uds_path: PathBuf::from(&v.uds_path),
+                listener: self.vsock_listener.clone().map(machine::BoundListener),
             }),
             entropy: self.entropy.map(|e| machine::EntropyConfig {
                 rate_limiter: e.rate_limiter.map(limiter),

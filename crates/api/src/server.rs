@@ -50,8 +50,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
 pub struct ServerConfig {
     pub max_payload: usize,
     pub metrics: Arc<Metrics>,
-    /// Install the API thread's seccomp filter before serving.
-    pub seccomp: bool,
+    /// The API thread's seccomp filter, installed before serving (empty:
+    /// none).
+    pub seccomp: seccompiler::BpfProgram,
 }
 
 /// Starts the `fc_api` thread serving `listener`; requests go to `vmm`.
@@ -74,11 +75,11 @@ pub fn spawn(
                     return;
                 }
             };
-            if config.seccomp {
+            if !config.seccomp.is_empty() {
                 // A test hook: make a forbidden call once the filter is on.
                 let selftest =
                     std::env::var_os("VMPLAY_SECCOMP_SELFTEST").is_some_and(|v| v == "api");
-                match crate::seccomp::api_filter().and_then(|f| crate::seccomp::install(&f)) {
+                match crate::seccomp::install(&config.seccomp) {
                     Ok(()) => {}
                     Err(e) => {
                         logger::error(&format!("Seccomp error: {e}"));

@@ -91,8 +91,9 @@ pub struct VmmOptions {
     pub serial: SerialMode,
     pub mmds_size_limit: usize,
     pub boot_timer: bool,
-    /// Install the vCPU threads' seccomp filter.
-    pub seccomp: bool,
+    /// The seccomp filters for the vCPU, event-loop and main threads,
+    /// installed at `InstanceStart` (empty programs: none).
+    pub seccomp: crate::seccomp::Filters,
 }
 
 /// The VMM: resources before boot, the machine after.
@@ -100,7 +101,7 @@ pub struct Vmm {
     id: String,
     serial: SerialMode,
     boot_timer: bool,
-    seccomp: bool,
+    seccomp: crate::seccomp::Filters,
     pub resources: VmResources,
     running: Option<RunningMachine>,
     launcher: Launcher,
@@ -185,23 +186,55 @@ impl Vmm {
                 }))
                 .map_err(|e| format!("Start microvm error: {e}"))?;
         }
-        let hook: Option<vmplay_machine::VcpuThreadHook> = if self.seccomp {
-            let filter =
-                crate::seccomp::vcpu_filter().map_err(|e| format!("Seccomp error: {e}"))?;
-            let selftest = std::env::var_os("VMPLAY_SECCOMP_SELFTEST").is_some_and(|v| v == "vcpu");
-            Some(std::sync::Arc::new(move || {
+        // Each thread installs its own filter before guest code or device
+        // work; the vCPUs wait until the main thread has its filter too
+        // (Firecracker installs the `vmm` filter last, then resumes them).
+        let selftest = std::env::var("VMPLAY_SECCOMP_SELFTEST").unwrap_or_default();
+        let gate = Arc::new((Mutex::new(None::<bool>), std::sync::Condvar::new()));
+        let mut hooks = vmplay_machine::ThreadHooks::default();
+        {
+            let filter = self.seccomp.vcpu.clone();
+            let gate = gate.clone();
+            let selftest = selftest == "vcpu" && !filter.is_empty();
+            hooks.vcpu = Some(Arc::new(move || {
+                crate::seccomp::install(&filter)?;
+                if selftest {
+                    let _ = std::os::unix::process::parent_id();
+                }
+                let (lock, cv) = &*gate;
+                let mut go = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while go.is_none() {
+                    go = cv.wait(go).unwrap_or_else(|e| e.into_inner());
+                }
+                match *go {
+                    Some(true) => Ok(()),
+                    _ => Err("the VMM did not start".into()),
+                }
+            }));
+        }
+        {
+            let filter = self.seccomp.vmm.clone();
+            let selftest = selftest == "vmm" && !filter.is_empty();
+            hooks.vmm = Some(Box::new(move || {
                 crate::seccomp::install(&filter)?;
                 if selftest {
                     let _ = std::os::unix::process::parent_id();
                 }
                 Ok(())
-            }))
-        } else {
-            None
+            }));
+        }
+        let open_gate = |go: bool| {
+            let (lock, cv) = &*gate;
+            *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(go);
+            cv.notify_all();
         };
-        let running = machine
-            .start_with(hook)
-            .map_err(|e| format!("Start microvm error: {e}"))?;
+        let running = match machine.start_with(hooks) {
+            Ok(r) => r,
+            Err(e) => {
+                open_gate(false);
+                return Err(format!("Start microvm error: {e}"));
+            }
+        };
         let counters = running.vcpu_counters();
         self.metrics.add_source(Box::new(move || {
             counters
@@ -214,14 +247,38 @@ impl Vmm {
         self.metrics.add_source(Box::new(move || devices.metrics()));
         let control = running.control();
         let events = self.events.clone();
-        std::thread::Builder::new()
+        self.running = Some(running);
+        // The watcher installs the main thread's filter on itself first; the
+        // main thread's goes on last, before the vCPUs go (Firecracker
+        // installs its `vmm` filter last, then resumes them).
+        let (filtered_tx, filtered_rx) = std::sync::mpsc::sync_channel(1);
+        let watch_filter = self.seccomp.main.clone();
+        let watcher = std::thread::Builder::new()
             .name("vm-watch".into())
             .spawn(move || {
-                control.wait();
+                let installed = crate::seccomp::install(&watch_filter);
+                let failed = installed.is_err();
+                let _ = filtered_tx.send(installed);
+                if !failed {
+                    control.wait();
+                }
                 let _ = events.send(VmmEvent::Stopped);
-            })
-            .map_err(|e| format!("Start microvm error: {e}"))?;
-        self.running = Some(running);
+            });
+        let installed = match watcher {
+            Ok(_) => filtered_rx
+                .recv()
+                .unwrap_or_else(|_| Err("the watcher thread ended early".into()))
+                .and_then(|()| crate::seccomp::install(&self.seccomp.main)),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = installed {
+            open_gate(false);
+            return Err(format!("Start microvm error: Seccomp error: {e}"));
+        }
+        if selftest == "main" && !self.seccomp.main.is_empty() {
+            let _ = std::os::unix::process::parent_id();
+        }
+        open_gate(true);
         // Firecracker writes a first metrics line when the VM starts.
         let _ = self.metrics.flush();
         Ok(())

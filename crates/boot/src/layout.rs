@@ -41,11 +41,16 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// The default load address of a bzImage's protected-mode kernel.
 pub const KERNEL_START: u64 = 0x100_0000;
 
-/// The 32-bit MMIO hole: [MMIO_HOLE_START, 4 GiB) is never RAM.
-pub const MMIO_HOLE_START: u64 = 0xd000_0000;
+/// The 32-bit MMIO hole: [MMIO_HOLE_START, 4 GiB) is never RAM. It starts
+/// at 3 GiB, as Firecracker's (1 GiB below 4 GiB), so its boot-timer page
+/// at [`BOOT_TIMER_START`] is MMIO whatever the RAM size.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Firecracker's boot-timer device (`--boot-timer`): one page at the start
+/// of the hole.
+pub const BOOT_TIMER_START: u64 = MMIO_HOLE_START;
 /// virtio-mmio transports, one 4 KiB window each, from here up.
-pub const VIRTIO_MMIO_START: u64 = MMIO_HOLE_START;
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// First GSI handed to virtio-mmio devices (ISA IRQs stay below).
 pub const VIRTIO_GSI_START: u32 = 5;

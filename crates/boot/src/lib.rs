@@ -751,7 +751,7 @@ mod tests {
         let err = load(&mem, &config(&k, None)).unwrap_err();
         assert!(
             err.to_string()
-                .ends_with("loads at [0xcff00000, 0xd0100000), which overlaps the MMIO hole [0xd0000000, 0x100000000)"),
+                .ends_with("loads at [0xbff00000, 0xc0100000), which overlaps the MMIO hole [0xc0000000, 0x100000000)"),
             "{err}"
         );
     }

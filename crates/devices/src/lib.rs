@@ -26,7 +26,7 @@ pub mod serial;
 
 pub use acpi_pm::AcpiPm;
 pub use bus::{Bus, BusDevice, BusDeviceSync, BusError, SharedDevice};
-pub use console::{ConsoleError, RawTerminal, spawn_stdin_forwarder};
+pub use console::{ConsoleError, RawTerminal};
 pub use control::{StopReason, VmControl};
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;

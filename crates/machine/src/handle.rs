@@ -19,6 +19,17 @@ const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Run on each vCPU thread before guest code.
 pub type VcpuThreadHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// What runs first on the machine's threads, before guest code or device
+/// work (where the VMM installs each thread's seccomp filter).
+#[derive(Default)]
+pub struct ThreadHooks {
+    /// On each vCPU thread.
+    pub vcpu: Option<VcpuThreadHook>,
+    /// On the `vmm` event-loop thread; [`Machine::start_with`] returns its
+    /// error.
+    pub vmm: Option<vmplay_virtio::LoopThreadHook>,
+}
+
 /// Why a command to the running machine failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -30,6 +41,8 @@ pub enum ControlError {
     Clock(vmplay_hypervisor::Error),
     #[error("I8042 error: {0}")]
     I8042(#[from] vmplay_devices::i8042::I8042Error),
+    #[error("{0}")]
+    EventLoop(#[from] vmplay_virtio::EventLoopError),
 }
 
 struct VcpuHandle {
@@ -51,14 +64,15 @@ pub struct RunningMachine {
     counters: Arc<VcpuCounters>,
     virtio_devices: Arc<crate::devices::VirtioDevices>,
     /// Stops and joins the device thread when dropped, after the vCPUs.
-    _event_loop: vmplay_virtio::EventLoopHandle,
+    event_loop: vmplay_virtio::EventLoopHandle,
     // Keeps the guest RAM mapped while the vCPUs run.
     _memory: vmplay_hypervisor::GuestMemory,
 }
 
-/// Firecracker's boot-timer device on x86: one page at 3 GiB. The guest
-/// writes the byte 123 at offset 0 when its init starts.
-pub const BOOT_TIMER_ADDR: u64 = 0xc000_0000;
+/// Firecracker's boot-timer device on x86: one page at 3 GiB, the start of
+/// the MMIO hole (never RAM, whatever the RAM size). The guest writes the
+/// byte 123 at offset 0 when its init starts.
+pub const BOOT_TIMER_ADDR: u64 = vmplay_boot::layout::BOOT_TIMER_START;
 const BOOT_TIMER_MAGIC: u8 = 123;
 
 struct BootTimer(Box<dyn Fn() + Send>);
@@ -76,8 +90,7 @@ impl vmplay_devices::BusDevice for BootTimer {
 
 impl Machine {
     /// Attaches Firecracker's boot timer (`--boot-timer`): `on_boot` runs
-    /// on each write of 123 to [`BOOT_TIMER_ADDR`]. Only below 3 GiB of
-    /// RAM is that address MMIO.
+    /// on each write of 123 to [`BOOT_TIMER_ADDR`].
     pub fn add_boot_timer(&mut self, on_boot: Box<dyn Fn() + Send>) -> Result<(), MachineError> {
         let bus = Arc::get_mut(&mut self.mmio).ok_or_else(|| {
             MachineError::Memory("boot timer".into(), "the MMIO bus is already shared".into())
@@ -90,26 +103,23 @@ impl Machine {
         Ok(())
     }
 
-    /// Starts one thread per vCPU (and the stdin forwarder for a stdio
-    /// serial) and returns at once.
+    /// Starts the event loop and one thread per vCPU and returns at once.
     pub fn start(self) -> Result<RunningMachine, MachineError> {
-        self.start_with(None)
+        self.start_with(ThreadHooks::default())
     }
 
-    /// [`Machine::start`], with `on_vcpu_thread` run first on each vCPU
-    /// thread, before any guest code (where the VMM installs that
-    /// thread's seccomp filter). If it fails the VM stops with its error.
-    pub fn start_with(
-        self,
-        on_vcpu_thread: Option<VcpuThreadHook>,
-    ) -> Result<RunningMachine, MachineError> {
+    /// [`Machine::start`], with `hooks` run first on the event-loop thread
+    /// (before any device work; its error is returned) and on each vCPU
+    /// thread (before any guest code; if it fails the VM stops with its
+    /// error).
+    pub fn start_with(self, hooks: ThreadHooks) -> Result<RunningMachine, MachineError> {
+        let on_vcpu_thread = hooks.vcpu;
         let Machine {
             control,
             vcpus,
             pio,
             mmio,
             serial,
-            stdio,
             i8042,
             vm,
             event_loop,
@@ -118,11 +128,7 @@ impl Machine {
             ..
         } = self;
         // Device work runs on its own thread until the machine is dropped.
-        let event_loop = event_loop.start()?;
-        if stdio {
-            vmplay_devices::spawn_stdin_forwarder(serial.clone(), control.clone())
-                .map_err(MachineError::Console)?;
-        }
+        let event_loop = event_loop.start_with(hooks.vmm)?;
         let ctx = Arc::new(VcpuContext {
             pio,
             mmio,
@@ -175,7 +181,7 @@ impl Machine {
             paused: false,
             counters,
             virtio_devices,
-            _event_loop: event_loop,
+            event_loop,
             _memory,
         })
     }
@@ -237,8 +243,10 @@ impl RunningMachine {
         Ok(())
     }
 
-    /// Stops every vCPU at an instruction boundary and the guest's clock
-    /// with them. Pausing a paused machine does nothing.
+    /// Stops every vCPU at an instruction boundary, then the device work
+    /// on the event loop (no queue is processed, no host input reaches
+    /// guest memory), then the guest's clock. Pausing a paused machine
+    /// does nothing.
     pub fn pause(&mut self) -> Result<(), ControlError> {
         if self.paused {
             return Ok(());
@@ -247,20 +255,32 @@ impl RunningMachine {
             return Err(ControlError::Stopped);
         }
         self.command_all(VcpuCommand::Pause, VcpuResponse::Paused)?;
+        if let Err(e) = self.event_loop.pause() {
+            self.event_loop.resume();
+            let _ = self.command_all(VcpuCommand::Resume, VcpuResponse::Resumed);
+            return Err(e.into());
+        }
         self.vm.pause_clock().map_err(ControlError::Clock)?;
         self.paused = true;
         Ok(())
     }
 
-    /// Lets the guest run on; its clock continues from where it paused.
+    /// Lets the guest and its devices run on; its clock continues from
+    /// where it paused.
     pub fn resume(&mut self) -> Result<(), ControlError> {
         if !self.paused {
             return Ok(());
         }
         self.vm.resume_clock().map_err(ControlError::Clock)?;
+        self.event_loop.resume();
         self.command_all(VcpuCommand::Resume, VcpuResponse::Resumed)?;
         self.paused = false;
         Ok(())
+    }
+
+    /// Whether the event loop is parked (device work held).
+    pub fn devices_paused(&self) -> bool {
+        self.event_loop.is_paused()
     }
 
     /// Presses Ctrl-Alt-Del on the i8042 keyboard.

@@ -13,13 +13,16 @@ mod handle;
 mod memory;
 mod vcpu_loop;
 
-pub use handle::{ControlError, RunningMachine, VcpuThreadHook};
+pub use handle::{ControlError, RunningMachine, ThreadHooks, VcpuThreadHook};
 pub use memory::{host_memory_bytes, parse_size};
 pub use vcpu_loop::VcpuCounters;
 pub use vmplay_boot::{KernelEntry, Protocol};
 pub use vmplay_devices::control::{StopReason, VmControl};
 pub use vmplay_devices::{RawTerminal, mmds};
+pub use vmplay_virtio::LoopThreadHook;
 pub use vmplay_virtio::config::*;
+/// An I/O error in Firecracker's (musl's) words, for vsock bind errors.
+pub use vmplay_virtio::devices::vsock::musl_text as vsock_error_text;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -91,7 +94,6 @@ pub struct Machine {
     mmio: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
-    stdio: bool,
     event_loop: vmplay_virtio::EventLoop,
     protocol: Protocol,
     // Keeps the guest RAM mapped while the vCPUs run.
@@ -171,6 +173,13 @@ impl Machine {
         attacher.attach_all(&config.virtio)?;
         let slots = std::mem::take(&mut attacher.slots);
         let virtio_devices = Arc::new(std::mem::take(&mut attacher.handles));
+        if config.serial == SerialMode::Stdio {
+            // COM1's input is one more fd on the event loop.
+            let input =
+                vmplay_virtio::serial_input::SerialInput::stdin(serial.clone(), control.clone())
+                    .map_err(|e| MachineError::Console(vmplay_devices::ConsoleError::Stdin(e)))?;
+            event_loop.add_subscriber(Arc::new(Mutex::new(input)));
+        }
 
         let boot = vmplay_boot::load(
             &memory,
@@ -208,7 +217,6 @@ impl Machine {
             mmio: Arc::new(mmio),
             serial,
             i8042,
-            stdio: config.serial == SerialMode::Stdio,
             event_loop,
             protocol: boot.protocol,
             _memory: memory,

@@ -125,7 +125,23 @@ pub struct VsockConfig {
     /// Host-initiated connections come in here; guest connections to host
     /// port P go out to `<uds_path>_P`.
     pub uds_path: PathBuf,
+    /// The listener already bound at `uds_path` (the API binds it at
+    /// `PUT /vsock`, as Firecracker); `None`: the device binds it.
+    pub listener: Option<BoundListener>,
 }
+
+/// A Unix listener bound ahead of the device; host connections wait in
+/// its backlog until the event loop serves them.
+#[derive(Debug, Clone)]
+pub struct BoundListener(pub std::sync::Arc<std::os::unix::net::UnixListener>);
+
+impl PartialEq for BoundListener {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for BoundListener {}
 
 /// The virtio-rng device (host `getrandom`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -6,8 +6,9 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
@@ -70,12 +71,76 @@ impl MutEventSubscriber for StopSubscriber {
     }
 }
 
+/// Wakes the loop out of `epoll_wait` so it sees a pause request.
+struct WakeSubscriber(EventFd);
+
+impl MutEventSubscriber for WakeSubscriber {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            tracing::error!("event loop: cannot watch its wake eventfd: {e:?}");
+        }
+    }
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.read();
+    }
+}
+
+/// Pause requests between the VMM and the loop thread.
+#[derive(Default)]
+struct PauseState {
+    /// The VMM wants the loop held.
+    requested: bool,
+    /// The loop thread is parked: no device work until `requested` clears.
+    parked: bool,
+    /// The thread has ended.
+    finished: bool,
+}
+
+#[derive(Default)]
+struct Pause {
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+impl Pause {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// On the loop thread between two rounds: parks while a pause is
+    /// requested (or until `stop`).
+    fn park_if_requested(&self, stop: &AtomicBool) {
+        let mut s = self.lock();
+        if !s.requested {
+            return;
+        }
+        s.parked = true;
+        self.changed.notify_all();
+        while s.requested && !stop.load(Ordering::Acquire) {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.parked = false;
+        self.changed.notify_all();
+    }
+}
+
+/// Run first on the loop thread, before any device work (where the VMM
+/// installs the thread's seccomp filter). If it fails the loop never runs.
+pub type LoopThreadHook = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// How long [`EventLoopHandle::pause`] waits for the loop to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum EventLoopError {
     #[error("event loop: {0}")]
     Setup(String),
     #[error("event loop thread: {0}")]
     Thread(std::io::Error),
+    #[error("event loop thread: {0}")]
+    Hook(String),
+    #[error("the event loop did not pause within {PAUSE_TIMEOUT:?}")]
+    PauseTimeout,
 }
 
 /// Collects devices, then runs them on their own thread.
@@ -83,6 +148,7 @@ pub struct EventLoop {
     manager: EventManager<Subscriber>,
     stop_fd: EventFd,
     stop: Arc<AtomicBool>,
+    wake_fd: EventFd,
 }
 
 impl EventLoop {
@@ -100,10 +166,19 @@ impl EventLoop {
         };
         let sub: Subscriber = Arc::new(Mutex::new(sub));
         manager.add_subscriber(sub);
+        let wake_fd = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| EventLoopError::Setup(format!("eventfd: {e}")))?;
+        let wake = WakeSubscriber(
+            wake_fd
+                .try_clone()
+                .map_err(|e| EventLoopError::Setup(format!("eventfd: {e}")))?,
+        );
+        manager.add_subscriber(Arc::new(Mutex::new(wake)) as Subscriber);
         Ok(EventLoop {
             manager,
             stop_fd,
             stop,
+            wake_fd,
         })
     }
 
@@ -141,34 +216,67 @@ impl EventLoop {
 
     /// Starts the thread. Dropping the handle stops and joins it.
     pub fn start(self) -> Result<EventLoopHandle, EventLoopError> {
+        self.start_with(None)
+    }
+
+    /// [`EventLoop::start`], with `on_thread` run first on the loop thread;
+    /// returns once it has run, with its error if it failed.
+    pub fn start_with(
+        self,
+        on_thread: Option<LoopThreadHook>,
+    ) -> Result<EventLoopHandle, EventLoopError> {
         let EventLoop {
             mut manager,
             stop_fd,
             stop,
+            wake_fd,
         } = self;
+        let pause = Arc::new(Pause::default());
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let (thread_pause, thread_stop) = (pause.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
-                while !stop.load(Ordering::Acquire) {
-                    if let Err(e) = manager.run() {
-                        // EINTR and friends: the loop goes on; anything
-                        // persistent would spin, so slow down and say so.
-                        tracing::warn!("event loop: {e:?}");
-                        std::thread::sleep(std::time::Duration::from_millis(10));
+                let hooked = on_thread.map_or(Ok(()), |hook| hook());
+                let failed = hooked.is_err();
+                let _ = ready_tx.send(hooked);
+                if !failed {
+                    while !thread_stop.load(Ordering::Acquire) {
+                        if let Err(e) = manager.run() {
+                            // EINTR and friends: the loop goes on; anything
+                            // persistent would spin, so slow down and say so.
+                            tracing::warn!("event loop: {e:?}");
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        thread_pause.park_if_requested(&thread_stop);
                     }
                 }
+                let mut s = thread_pause.lock();
+                s.finished = true;
+                thread_pause.changed.notify_all();
             })
             .map_err(EventLoopError::Thread)?;
-        Ok(EventLoopHandle {
+        let handle = EventLoopHandle {
             stop_fd,
+            wake_fd,
+            stop,
+            pause,
             thread: Some(thread),
-        })
+        };
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(e)) => Err(EventLoopError::Hook(e)),
+            Err(_) => Err(EventLoopError::Hook("the thread ended early".into())),
+        }
     }
 }
 
 /// The running loop.
 pub struct EventLoopHandle {
     stop_fd: EventFd,
+    wake_fd: EventFd,
+    stop: Arc<AtomicBool>,
+    pause: Arc<Pause>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -177,11 +285,50 @@ impl EventLoopHandle {
     pub fn thread(&self) -> Option<&std::thread::Thread> {
         self.thread.as_ref().map(|t| t.thread())
     }
+
+    /// Holds all device work: returns once the loop thread has finished
+    /// its current round and parked. Until [`EventLoopHandle::resume`] no
+    /// queue is processed and no host input (TAP, sockets, timers, stdin)
+    /// reaches the guest; events that arrive meanwhile wait in epoll.
+    pub fn pause(&self) -> Result<(), EventLoopError> {
+        let mut s = self.pause.lock();
+        s.requested = true;
+        let _ = self.wake_fd.write(1);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while !s.parked && !s.finished {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(EventLoopError::PauseTimeout);
+            }
+            s = self
+                .pause
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Lets the loop run again; pending events are handled at once.
+    pub fn resume(&self) {
+        let mut s = self.pause.lock();
+        s.requested = false;
+        self.pause.changed.notify_all();
+    }
+
+    /// Whether the loop thread is parked by [`EventLoopHandle::pause`].
+    pub fn is_paused(&self) -> bool {
+        self.pause.lock().parked
+    }
 }
 
 impl Drop for EventLoopHandle {
     fn drop(&mut self) {
         let _ = self.stop_fd.write(1);
+        // A parked loop wakes to see the stop.
+        self.stop.store(true, Ordering::Release);
+        self.resume();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -191,5 +338,89 @@ impl Drop for EventLoopHandle {
 impl AsRawFd for EventLoopHandle {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.stop_fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts the writes to its eventfd.
+    struct Counter {
+        fd: EventFd,
+        seen: Arc<AtomicUsize>,
+    }
+
+    impl MutEventSubscriber for Counter {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.fd, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.fd.read();
+            self.seen.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn wait_for(what: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+
+    #[test]
+    fn a_paused_loop_handles_nothing_until_resumed() {
+        let mut el = EventLoop::new().unwrap();
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        el.add_subscriber(Arc::new(Mutex::new(Counter {
+            fd: fd.try_clone().unwrap(),
+            seen: seen.clone(),
+        })));
+        let handle = el.start().unwrap();
+        fd.write(1).unwrap();
+        assert!(wait_for(|| seen.load(Ordering::SeqCst) == 1));
+
+        handle.pause().unwrap();
+        assert!(handle.is_paused());
+        fd.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "handled while paused");
+        // Pausing again is harmless.
+        handle.pause().unwrap();
+
+        handle.resume();
+        assert!(wait_for(|| seen.load(Ordering::SeqCst) == 2));
+        assert!(!handle.is_paused());
+        // Dropping a paused loop stops it too.
+        handle.pause().unwrap();
+        drop(handle);
+    }
+
+    #[test]
+    fn the_thread_hook_runs_first_and_its_error_is_returned() {
+        let el = EventLoop::new().unwrap();
+        let e = el
+            .start_with(Some(Box::new(|| Err("no filter".into()))))
+            .err()
+            .unwrap();
+        assert_eq!(e.to_string(), "event loop thread: no filter");
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        let el = EventLoop::new().unwrap();
+        let handle = el
+            .start_with(Some(Box::new(move || {
+                assert_eq!(std::thread::current().name(), Some("vmm"));
+                r.store(true, Ordering::SeqCst);
+                Ok(())
+            })))
+            .unwrap();
+        assert!(ran.load(Ordering::SeqCst));
+        drop(handle);
     }
 }

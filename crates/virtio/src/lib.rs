@@ -16,11 +16,12 @@ pub mod event_loop;
 pub mod mmio;
 
 pub use device::{ActivateError, Activation, GuestRam, Interrupt, VirtioDevice};
-pub use event_loop::{EventLoop, EventLoopError, EventLoopHandle};
+pub use event_loop::{EventLoop, EventLoopError, EventLoopHandle, LoopThreadHook};
 pub use mmio::MmioTransport;
 pub mod devices;
 pub mod queue;
 pub mod rate_limiter;
+pub mod serial_input;
 mod sys;
 #[cfg(test)]
 pub(crate) mod testing;

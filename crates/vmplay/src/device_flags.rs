@@ -156,6 +156,7 @@ pub fn vsock(text: &str) -> Result<VsockConfig> {
     Ok(VsockConfig {
         guest_cid: cid,
         uds_path: uds.into(),
+        listener: None,
     })
 }
 

@@ -327,6 +327,9 @@ pub fn main(argv: &[String]) -> ExitCode {
     logger::info(&format!("Running Firecracker v{FIRECRACKER_VERSION}"));
 
     let metrics = Arc::new(Metrics::default());
+    // Firecracker's every line has the group; SIGSYS sets it to 1.
+    metrics.store("seccomp", "num_faults", 0);
+    let _ = SIGSYS_METRICS.set(metrics.clone());
     if let Some(path) = args.get("metrics-path")
         && let Err(e) = metrics.init(path)
     {
@@ -336,21 +339,21 @@ pub fn main(argv: &[String]) -> ExitCode {
     let start_cpu_us = number(&args, "start-time-cpu-us");
     let parent_cpu_us = number(&args, "parent-cpu-time-us").unwrap_or(0);
 
-    if let Some(path) = args.get("seccomp-filter")
-        && let Err(e) = std::fs::File::open(path)
-    {
-        return error_exit(
-            EXIT_GENERIC,
-            &format!("Seccomp error: Filter file open error: {e}"),
-        );
-    }
+    // Filters are loaded and checked now, installed by each thread later.
+    let filters = if args.has("no-seccomp") {
+        vmplay_api::seccomp::Filters::none()
+    } else {
+        let loaded = match args.get("seccomp-filter") {
+            Some(path) => vmplay_api::seccomp::Filters::from_file(std::path::Path::new(path)),
+            None => vmplay_api::seccomp::Filters::builtin(),
+        };
+        match loaded {
+            Ok(f) => f,
+            Err(e) => return error_exit(EXIT_GENERIC, &format!("Seccomp error: {e}")),
+        }
+    };
     if !args.has("no-seccomp") {
         catch_sigsys();
-        if args.has("seccomp-filter") {
-            logger::warn(
-                "vmplay cannot load Firecracker's compiled filter files yet; it installs its own API filter.",
-            );
-        }
     }
     if args.has("enable-pci") {
         eprintln!("vmplay: --enable-pci accepted; vmplay's devices use virtio-mmio");
@@ -399,7 +402,7 @@ pub fn main(argv: &[String]) -> ExitCode {
             serial: SerialMode::Stdio,
             mmds_size_limit: mmds_limit,
             boot_timer: args.has("boot-timer"),
-            seccomp: !args.has("no-seccomp"),
+            seccomp: filters.clone(),
         },
         launcher,
         events_tx.clone(),
@@ -443,7 +446,7 @@ pub fn main(argv: &[String]) -> ExitCode {
             vmplay_api::server::ServerConfig {
                 max_payload,
                 metrics: metrics.clone(),
-                seccomp: !args.has("no-seccomp"),
+                seccomp: filters.api.clone(),
             },
         );
         match server {
@@ -538,11 +541,27 @@ pub fn main(argv: &[String]) -> ExitCode {
     exit_for(&reason)
 }
 
-/// SIGSYS from a seccomp filter: Firecracker's message and exit 148.
+/// The metrics SIGSYS writes its last line to (`seccomp.num_faults`).
+static SIGSYS_METRICS: std::sync::OnceLock<Arc<Metrics>> = std::sync::OnceLock::new();
+
+/// SIGSYS from a seccomp filter, as Firecracker: its message through the
+/// logger, a last metrics line with `seccomp.num_faults` = 1, exit 148.
+/// Whatever another thread holds (the logger, the metrics) is not waited
+/// for: the message then goes straight to stdout.
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: for SIGSYS the kernel fills `_sigsys` (call address, then
     // the syscall number as an int) after the 16-byte siginfo header.
     let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
+    let logged = logger::try_error(&format!(
+        "Shutting down VM after intercepting a bad syscall ({nr})."
+    ));
+    if let Some(m) = SIGSYS_METRICS.get() {
+        m.try_store_and_flush("seccomp", "num_faults", 1);
+    }
+    if logged {
+        // SAFETY: _exit(2) is async-signal-safe.
+        unsafe { libc::_exit(148) };
+    }
     let mut buf = *b"Shutting down VM after intercepting a bad syscall (0000000000).\n\0\0\0";
     let mut len = buf.len() - 16;
     let mut digits = [0u8; 10];
@@ -573,7 +592,9 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     }
 }
 
-fn catch_sigsys() {
+pub(crate) fn catch_sigsys() {
+    // The handler logs: the time zone is read now, while no filter forbids it.
+    logger::prepare();
     // SAFETY: a zeroed sigaction with a valid handler and SA_SIGINFO.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();

@@ -5,6 +5,7 @@
 
 mod accel;
 mod device_flags;
+mod fc_log;
 mod firecracker;
 mod image_cmd;
 
@@ -126,6 +127,11 @@ struct RunArgs {
     /// VM boots at once; without one it waits for the API's InstanceStart.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Run without the event-loop thread's seccomp filter (on by default:
+    /// device work may make only the syscalls it needs; another one
+    /// ends vmplay with status 148).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
@@ -344,7 +350,38 @@ fn run(args: &RunArgs) -> Result<StopReason> {
         SerialMode::Stdio => Some(vmplay_machine::RawTerminal::enter()?),
         _ => None,
     };
-    Ok(machine.run()?)
+    let hooks = vmplay_machine::ThreadHooks {
+        vcpu: None,
+        vmm: Some(event_loop_seccomp(run_filters(args)?.vmm)),
+    };
+    Ok(machine.start_with(hooks)?.wait())
+}
+
+/// The filters `vmplay run` installs: the event loop's, unless
+/// `--no-seccomp`.
+fn run_filters(args: &RunArgs) -> Result<vmplay_api::seccomp::Filters> {
+    if args.no_seccomp {
+        return Ok(vmplay_api::seccomp::Filters::none());
+    }
+    firecracker::catch_sigsys();
+    Ok(vmplay_api::seccomp::Filters {
+        vmm: vmplay_api::seccomp::vmm_filter().map_err(anyhow::Error::msg)?,
+        ..Default::default()
+    })
+}
+
+/// Installs `filter` on the event-loop thread (the self-test hook makes a
+/// forbidden call after it, as under `firecracker`).
+fn event_loop_seccomp(filter: vmplay_api::seccomp::BpfProgram) -> vmplay_machine::LoopThreadHook {
+    Box::new(move || {
+        vmplay_api::seccomp::install(&filter)?;
+        if !filter.is_empty()
+            && std::env::var_os("VMPLAY_SECCOMP_SELFTEST").is_some_and(|v| v == "vmm")
+        {
+            let _ = std::os::unix::process::parent_id();
+        }
+        Ok(())
+    })
 }
 
 /// `vmplay run --api-sock PATH`: Firecracker's API beside vmplay's flags.
@@ -380,7 +417,7 @@ fn run_with_api(
             serial,
             mmds_size_limit: vmplay_api::server::DEFAULT_MAX_PAYLOAD,
             boot_timer: false,
-            seccomp: false,
+            seccomp: run_filters(args)?,
         },
         launcher,
         events_tx.clone(),
@@ -392,7 +429,7 @@ fn run_with_api(
         vmplay_api::server::ServerConfig {
             max_payload: vmplay_api::server::DEFAULT_MAX_PAYLOAD,
             metrics,
-            seccomp: false,
+            seccomp: Vec::new(),
         },
     )
     .context("cannot start the API server thread")?;
@@ -434,6 +471,7 @@ impl RunArgs {
             rng: false,
             console: "serial".into(),
             api_sock: None,
+            no_seccomp: false,
         }
     }
 }
@@ -474,13 +512,6 @@ fn report(reason: &StopReason) {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMPLAY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let argv: Vec<String> = std::env::args().collect();
     let called = argv
         .first()
@@ -488,11 +519,20 @@ fn main() -> ExitCode {
         .and_then(|n| n.to_str())
         .unwrap_or("");
     if called == "firecracker" {
+        fc_log::init();
         return firecracker::main(&argv[1..]);
     }
     if argv.get(1).map(String::as_str) == Some("firecracker") {
+        fc_log::init();
         return firecracker::main(&argv[2..]);
     }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMPLAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(&args),

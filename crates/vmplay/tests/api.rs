@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{TempDir, backends, vmplay_exe};
+use vmplay_api::seccomp::BpfProgram;
 use vmplay_guests::MultibootImage;
 use vmplay_guests::runtime::Runtime32;
 
@@ -419,6 +420,20 @@ fn every_endpoint_answers_with_firecrackers_codes_before_boot() {
     assert_eq!(config["mmds-config"]["version"], "V2");
     assert_eq!(config["vsock"]["guest_cid"], 3);
     assert_eq!(config["logger"], serde_json::Value::Null);
+
+    // PUT /vsock bound and listens on uds_path already, as Firecracker: a
+    // host connects before the VM starts (it waits in the backlog).
+    let first = dir.path().join("v.sock");
+    UnixStream::connect(&first).expect("uds_path listens after PUT /vsock");
+    // A second PUT deletes the old socket file, then binds the new path.
+    let second = dir.path().join("v2.sock");
+    let body = serde_json::json!({"guest_cid": 3, "uds_path": second});
+    assert_eq!(c.put("/vsock", &body.to_string()).status, 204);
+    assert!(!first.exists(), "the first socket file stays");
+    UnixStream::connect(&second).expect("the new uds_path listens");
+    // PUT the same path again: re-bound in place.
+    assert_eq!(c.put("/vsock", &body.to_string()).status, 204);
+    UnixStream::connect(&second).expect("re-bound");
     assert_eq!(
         c.get("/mmds").json(),
         serde_json::json!({"latest":{"meta-data":{"ami-id":"ami-1","x":"y"}}})
@@ -849,13 +864,15 @@ fn boot_timer_writer() -> Vec<u8> {
 
 #[test]
 fn boot_timer_logs_the_time_since_instance_start() {
-    for accel in backends() {
+    // 3 GiB and up is the MMIO hole whatever the RAM size, so the timer
+    // works with 4 GiB of RAM too (RAM above 3 GiB moves past 4 GiB).
+    for (accel, mib) in backends().into_iter().flat_map(|a| [(a, 64), (a, 4096)]) {
         let dir = TempDir::new();
         let kernel = dir.file("timer.elf", &boot_timer_writer());
         let config = serde_json::json!({
             "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
             "drives": [],
-            "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": mib},
         });
         let path = dir.file("vm.json", config.to_string().as_bytes());
         // With the API on, the config file boots at once and the API serves it.
@@ -864,12 +881,12 @@ fn boot_timer_logs_the_time_since_instance_start() {
             accel,
             &["--boot-timer", "--config-file", path.to_str().unwrap()],
         );
-        assert_eq!(fc.wait_exit(), 0, "{accel}");
+        assert_eq!(fc.wait_exit(), 0, "{accel} {mib} MiB");
         let out = fc.stdout();
         let line = out
             .lines()
             .find(|l| l.contains("Guest-boot-time ="))
-            .unwrap_or_else(|| panic!("{accel}: no boot-timer line:\n{out}"));
+            .unwrap_or_else(|| panic!("{accel} {mib} MiB: no boot-timer line:\n{out}"));
         // Firecracker's test parses exactly this shape.
         let tail = line.split("Guest-boot-time =").nth(1).unwrap();
         let words: Vec<&str> = tail.split_whitespace().collect();
@@ -921,4 +938,310 @@ fn each_vcpu_threads_seccomp_filter_kills_a_forbidden_syscall() {
         assert_eq!(r.code(), 0, "{accel}: {r}");
         assert!(r.stdout.contains("resetting"), "{r}");
     }
+}
+
+/// Runs the i8042-reset guest from a config file with `--no-api` on
+/// `accel`, with `extra` flags and `VMPLAY_SECCOMP_SELFTEST=selftest`.
+fn reset_guest_run(dir: &TempDir, accel: &str, extra: &[&str], selftest: &str) -> support::Run {
+    let kernel = dir.file("reset.elf", &vmplay_guests::i8042_reset());
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+        "drives": [],
+        "entropy": {},
+    });
+    let path = dir.file("vm.json", config.to_string().as_bytes());
+    let mut cmd = Command::new(vmplay_exe());
+    cmd.args(["firecracker", "--no-api", "--config-file"])
+        .arg(&path)
+        .args(extra)
+        .env("VMPLAY_ACCEL", accel)
+        .env("VMPLAY_SECCOMP_SELFTEST", selftest);
+    support::run(cmd)
+}
+
+fn killed_by_seccomp(r: &support::Run, nr: i64) -> bool {
+    r.code() == 148
+        && r.stdout.contains(&format!(
+            "Shutting down VM after intercepting a bad syscall ({nr})."
+        ))
+}
+
+#[test]
+fn the_event_loop_and_main_threads_seccomp_filters_kill_a_forbidden_syscall() {
+    for accel in backends() {
+        let dir = TempDir::new();
+        // getppid is outside both filters: SIGSYS before any guest code
+        // (the vCPUs wait for the main thread's filter).
+        for thread in ["vmm", "main"] {
+            let r = reset_guest_run(&dir, accel, &[], thread);
+            assert!(
+                killed_by_seccomp(&r, libc::SYS_getppid),
+                "{accel} {thread}: {r}"
+            );
+            assert!(!r.stdout.contains("resetting"), "{accel} {thread}: {r}");
+            // --no-seccomp: the guest runs and resets, exit 0.
+            let r = reset_guest_run(&dir, accel, &["--no-seccomp"], thread);
+            assert_eq!(r.code(), 0, "{accel} {thread}: {r}");
+            assert!(r.stdout.contains("resetting"), "{accel} {thread}: {r}");
+        }
+        // As Firecracker: with a log path the message goes there, and a
+        // last metrics line says `seccomp.num_faults` = 1.
+        let log = dir.path().join("fc.log");
+        let metrics = dir.path().join("metrics.ndjson");
+        let (l, m) = (log.to_str().unwrap(), metrics.to_str().unwrap());
+        let r = reset_guest_run(&dir, accel, &["--log-path", l, "--metrics-path", m], "main");
+        assert_eq!(r.code(), 148, "{accel}: {r}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains(&format!(
+                "Shutting down VM after intercepting a bad syscall ({}).",
+                libc::SYS_getppid
+            )),
+            "{accel}: {text}"
+        );
+        let lines = std::fs::read_to_string(&metrics).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(lines.lines().last().unwrap_or("{}")).unwrap();
+        assert_eq!(last["seccomp"]["num_faults"], 1, "{accel}: {lines}");
+        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(&metrics);
+
+        // With every filter on, the guest runs to its reset.
+        let r = reset_guest_run(&dir, accel, &[], "");
+        assert_eq!(r.code(), 0, "{accel}: {r}");
+        assert!(r.stdout.contains("resetting"), "{accel}: {r}");
+
+        // `vmplay run` puts the same event-loop filter on (so every device
+        // test runs under it); --no-seccomp takes it off.
+        let kernel = dir.path().join("reset.elf");
+        let run = |extra: &[&str]| {
+            let mut cmd = Command::new(vmplay_exe());
+            cmd.args(["run", "--accel", accel, "--serial", "stdio", "--kernel"])
+                .arg(&kernel)
+                .args(extra)
+                .env("VMPLAY_SECCOMP_SELFTEST", "vmm")
+                .stdin(Stdio::null());
+            support::run(cmd)
+        };
+        let r = run(&[]);
+        assert!(killed_by_seccomp(&r, libc::SYS_getppid), "{accel}: {r}");
+        assert!(!r.stdout.contains("resetting"), "{accel}: {r}");
+        let r = run(&["--no-seccomp"]);
+        assert_eq!(r.code(), 0, "{accel}: {r}");
+        assert!(r.stdout.contains("resetting"), "{accel}: {r}");
+    }
+}
+
+/// A filter file as seccompiler-bin writes it (bitcode of category →
+/// instructions).
+fn filter_file(dir: &TempDir, name: &str, programs: &[(&str, BpfProgram)]) -> PathBuf {
+    let map = programs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    dir.file(name, &vmplay_api::seccomp::serialize(&map).unwrap())
+}
+
+#[test]
+fn seccomp_filter_loads_a_compiled_filter_file_and_refuses_bad_ones() {
+    use vmplay_api::seccomp::{allow_all_but, api_filter, vcpu_filter, vmm_filter};
+    let none = BpfProgram::new;
+    let dir = TempDir::new();
+    let accel = "emu";
+    // vmplay's own filters, from a file: the guest runs to its reset.
+    let own = filter_file(
+        &dir,
+        "own.bpf",
+        &[
+            ("vmm", vmm_filter().unwrap()),
+            ("api", api_filter().unwrap()),
+            ("vcpu", vcpu_filter().unwrap()),
+        ],
+    );
+    let own = own.to_str().unwrap();
+    let r = reset_guest_run(&dir, accel, &["--seccomp-filter", own], "");
+    assert_eq!(r.code(), 0, "{r}");
+    assert!(r.stdout.contains("resetting"), "{r}");
+
+    // The file's programs are the ones installed: empty ones install
+    // nothing, so the vCPU self-test's getppid is harmless...
+    let empty = filter_file(
+        &dir,
+        "empty.bpf",
+        &[("vmm", none()), ("api", none()), ("vcpu", none())],
+    );
+    let empty = empty.to_str().unwrap();
+    let r = reset_guest_run(&dir, accel, &["--seccomp-filter", empty], "vcpu");
+    assert_eq!(r.code(), 0, "{r}");
+    // ...and a vCPU program that traps getppid alone kills it.
+    let trap = allow_all_but(&[libc::SYS_getppid]).unwrap();
+    let only = filter_file(
+        &dir,
+        "vcpu-getppid.bpf",
+        &[("vmm", none()), ("api", none()), ("vcpu", trap.clone())],
+    );
+    let only = only.to_str().unwrap();
+    let r = reset_guest_run(&dir, accel, &["--seccomp-filter", only], "vcpu");
+    assert!(killed_by_seccomp(&r, libc::SYS_getppid), "{r}");
+    // The `vmm` program goes on both the event-loop and the main thread.
+    let vmm = filter_file(
+        &dir,
+        "vmm-getppid.bpf",
+        &[("vmm", trap), ("api", none()), ("vcpu", none())],
+    );
+    let vmm = vmm.to_str().unwrap();
+    for thread in ["vmm", "main"] {
+        let r = reset_guest_run(&dir, accel, &["--seccomp-filter", vmm], thread);
+        assert!(killed_by_seccomp(&r, libc::SYS_getppid), "{thread}: {r}");
+    }
+
+    // Bad files: Firecracker's messages, exit 1, no guest.
+    let garbage = dir.file("garbage.bpf", b"adassafvc");
+    let missing = filter_file(&dir, "missing.bpf", &[("vmm", none()), ("api", none())]);
+    let extra = filter_file(
+        &dir,
+        "extra.bpf",
+        &[
+            ("vmm", none()),
+            ("api", none()),
+            ("vcpu", none()),
+            ("thread1", none()),
+        ],
+    );
+    let nowhere = dir.path().join("nowhere.bpf");
+    for (file, message) in [
+        (
+            &garbage,
+            "Seccomp error: Filter deserialization failed: Bitcode deserialization failed: ",
+        ),
+        (&missing, "Seccomp error: Missing thread category: vcpu"),
+        (&extra, "Seccomp error: Invalid thread categories: thread1"),
+        (
+            &nowhere,
+            "Seccomp error: Filter file open error: No such file or directory",
+        ),
+    ] {
+        let r = reset_guest_run(
+            &dir,
+            accel,
+            &["--seccomp-filter", file.to_str().unwrap()],
+            "",
+        );
+        assert_eq!(r.code(), 1, "{file:?}: {r}");
+        assert!(r.stderr.contains(message), "{file:?}: {r}");
+        assert!(!r.stdout.contains("resetting"), "{file:?}: {r}");
+    }
+}
+
+/// A guest that sets DRIVER_OK on the first virtio device without
+/// negotiating (vmplay warns), then resets through the i8042.
+fn bad_virtio_driver() -> Vec<u8> {
+    let mut img = MultibootImage::new();
+    let scratch = img.zeroed(vmplay_guests::runtime::RUNTIME32_SCRATCH, 16);
+    let entry = img
+        .code32(|a| {
+            let mut rt = Runtime32::new(a, scratch);
+            use iced_x86::code_asm::*;
+            a.cli()?;
+            a.mov(eax, 0xd000_0070u32)?;
+            a.mov(dword_ptr(eax), 4u32)?;
+            rt.print(a, "poked\n")?;
+            a.mov(al, 0xfeu32)?;
+            a.out(0x64, al)?;
+            let mut spin = a.create_label();
+            a.set_label(&mut spin)?;
+            a.jmp(spin)?;
+            rt.finish(a)
+        })
+        .expect("assemble the guest");
+    img.set_entry32(entry);
+    img.build().expect("build the guest")
+}
+
+#[test]
+fn vmplays_own_warnings_go_to_the_log_path_at_the_loggers_level() {
+    let dir = TempDir::new();
+    let kernel = dir.file("poke.elf", &bad_virtio_driver());
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+        "drives": [],
+        "entropy": {},
+    });
+    let path = dir.file("vm.json", config.to_string().as_bytes());
+    let run = |log: &Path, extra: &[&str]| {
+        std::fs::write(log, b"").unwrap();
+        let mut cmd = Command::new(vmplay_exe());
+        cmd.args(["firecracker", "--no-api", "--config-file"])
+            .arg(&path)
+            .arg("--log-path")
+            .arg(log)
+            .args(extra)
+            .env("VMPLAY_ACCEL", "emu");
+        let r = support::run(cmd);
+        assert_eq!(r.code(), 0, "{r}");
+        assert!(r.stdout.contains("poked"), "{r}");
+        // The log went to the file, not to stdout.
+        assert!(!r.stdout.contains("DRIVER_OK"), "{r}");
+        std::fs::read_to_string(log).unwrap()
+    };
+    let warn = dir.path().join("warn.log");
+    let text = run(&warn, &["--level", "Warning", "--show-level"]);
+    let line = text
+        .lines()
+        .find(|l| l.contains("virtio DRIVER_OK without FEATURES_OK"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    assert!(line.contains("[anonymous-instance:vcpu0:WARN]"), "{line}");
+    assert!(
+        !text.contains("machine built"),
+        "info at Warning level:\n{text}"
+    );
+
+    let info = dir.path().join("info.log");
+    let text = run(&info, &["--show-log-origin"]);
+    let line = text
+        .lines()
+        .find(|l| l.contains("virtio DRIVER_OK without FEATURES_OK"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    assert!(
+        line.contains("[anonymous-instance:vcpu0:crates/virtio/src/mmio.rs:"),
+        "{line}"
+    );
+    assert!(text.contains("machine built"), "{text}");
+
+    // PUT /logger configures the same logger over the API.
+    let dir2 = TempDir::new();
+    let fc = Fc::start(&dir2, "emu", &[]);
+    let mut c = fc.client();
+    let api_log = dir2.path().join("api.log");
+    let logger = serde_json::json!({
+        "log_path": api_log, "level": "Warning", "show_level": true, "show_log_origin": true,
+    });
+    assert_eq!(c.put("/logger", &logger.to_string()).status, 204);
+    assert_eq!(c.put("/boot-source", &boot_source(&kernel)).status, 204);
+    assert_eq!(c.put("/entropy", "{}").status, 204);
+    assert_eq!(
+        c.put("/actions", r#"{"action_type":"InstanceStart"}"#)
+            .status,
+        204
+    );
+    let start = Instant::now();
+    let line = loop {
+        let text = std::fs::read_to_string(&api_log).unwrap_or_default();
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.contains("virtio DRIVER_OK without FEATURES_OK"))
+        {
+            assert!(!text.contains("machine built"), "{text}");
+            break l.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no warning in the log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        line.contains("[anonymous-instance:vcpu0:WARN:crates/virtio/src/mmio.rs:"),
+        "{line}"
+    );
 }

@@ -322,3 +322,129 @@ fn a_running_drive_gets_a_new_backing_file_by_patch_and_device_counters_reach_th
     );
     assert!(sum("entropy", "entropy_bytes") >= 4096, "{lines}");
 }
+
+const VSOCK_HOOK: &str = r#"#!/bin/sh
+echo vsock-ready
+sleep 600
+"#;
+
+/// Sends a CONNECT line the muxer refuses: it closes the stream, so the
+/// host reads EOF, but only once the event loop runs.
+fn bad_handshake(uds: &std::path::Path) -> UnixStream {
+    let mut s = UnixStream::connect(uds).expect("connect to uds_path");
+    s.write_all(b"HELLO 52\n").unwrap();
+    s
+}
+
+/// Whether the stream reaches EOF within `within`.
+fn closed_within(s: &mut UnixStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 16];
+    matches!(s.read(&mut b), Ok(0))
+}
+
+#[test]
+fn pausing_the_vm_holds_device_work_until_resume_and_vmplays_own_events_reach_the_log() {
+    let dir = TempDir::new();
+    let Some((kernel, initrd)) = debian_guest(&dir, VSOCK_HOOK, &[]) else {
+        return;
+    };
+    let uds = dir.path().join("v.sock");
+    let log = dir.path().join("fc.log");
+    std::fs::write(&log, b"").unwrap();
+    let fc = Firecracker::start(
+        &dir,
+        &[
+            "--log-path",
+            log.to_str().unwrap(),
+            "--level",
+            "Info",
+            "--show-level",
+            "--show-log-origin",
+        ],
+    );
+    let boot = serde_json::json!({
+        "kernel_image_path": kernel,
+        "initrd_path": initrd,
+        "boot_args": "console=ttyS0 reboot=k panic=-1 quiet",
+    });
+    assert_eq!(fc.call("PUT", "/boot-source", &boot.to_string()), 204);
+    let vsock = serde_json::json!({"guest_cid": 3, "uds_path": uds});
+    assert_eq!(fc.call("PUT", "/vsock", &vsock.to_string()), 204);
+    assert_eq!(
+        fc.call("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#),
+        204
+    );
+    fc.wait_for("vsock-ready");
+
+    // Running: the muxer reads the line and closes the stream at once.
+    let mut s = bad_handshake(&uds);
+    assert!(
+        closed_within(&mut s, Duration::from_secs(20)),
+        "not closed while running"
+    );
+
+    // Paused: the connection waits in the listener's backlog and nothing
+    // reads it (no device work, nothing into guest memory) ...
+    assert_eq!(fc.call("PATCH", "/vm", r#"{"state":"Paused"}"#), 204);
+    let mut s = bad_handshake(&uds);
+    assert!(
+        !closed_within(&mut s, Duration::from_secs(3)),
+        "the event loop served the socket while paused"
+    );
+    // ... until resume.
+    assert_eq!(fc.call("PATCH", "/vm", r#"{"state":"Resumed"}"#), 204);
+    assert!(
+        closed_within(&mut s, Duration::from_secs(20)),
+        "not closed after resume"
+    );
+
+    // vmplay's own tracing events went through Firecracker's logger to
+    // the log file, in its format with level and origin.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("vsock: bad CONNECT line from the host"))
+        .unwrap_or_else(|| panic!("no vsock line in the log:\n{text}"));
+    assert!(
+        line.contains(":vmm:INFO:crates/virtio/src/devices/vsock/muxer.rs:"),
+        "{line}"
+    );
+    assert_eq!(text.matches("vsock: bad CONNECT line").count(), 2, "{text}");
+    assert!(text.contains("Running Firecracker v"), "{text}");
+}
+
+#[test]
+fn the_boot_timer_fires_for_debian_with_4_gib_of_ram() {
+    let dir = TempDir::new();
+    let hook = "#!/bin/sh\ndevmem 0xc0000000 8 123\necho \"mem $(grep MemTotal /proc/meminfo)\"\n";
+    let Some((kernel, initrd)) = debian_guest(&dir, hook, &[]) else {
+        return;
+    };
+    // RAM past 3 GiB moves above 4 GiB; 0xc0000000 stays the timer's.
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": kernel,
+            "initrd_path": initrd,
+            "boot_args": "console=ttyS0 reboot=k panic=-1 quiet",
+        },
+        "drives": [],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 4096},
+    });
+    let path = dir.file("vm.json", config.to_string().as_bytes());
+    let mut cmd = Command::new(vmplay_exe());
+    cmd.args(["firecracker", "--no-api", "--boot-timer", "--config-file"])
+        .arg(&path)
+        .env("VMPLAY_ACCEL", "emu")
+        .stdin(Stdio::null());
+    let r = support::run_with_deadline(cmd, Duration::from_secs(240));
+    assert_eq!(r.code(), 0, "{r}");
+    assert!(r.stdout.contains("Guest-boot-time ="), "{r}");
+    let kib: u64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("mem MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal line:\n{r}"));
+    assert!(kib > 3 << 20, "the guest has {kib} KiB");
+}

@@ -731,6 +731,37 @@ mod tests {
     }
 
     #[test]
+    fn a_host_enospc_fails_that_request_with_ioerr_and_the_device_goes_on() {
+        let disk = Disk::new("enospc", &[3u8; 8192]);
+        let block = Arc::new(Mutex::new(Block::new(&disk.config(false)).unwrap()));
+        let mut rig = Rig::new(block.clone());
+        rig.handshake(feature::RING_EVENT_IDX, &[256]);
+        // The host's disk fills up: every write now fails with ENOSPC
+        // (/dev/full is the kernel's always-full device).
+        let full = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let e = full.write_all_at(&[0u8; 512], 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        let image = std::mem::replace(&mut block.lock().unwrap().backing.file, full);
+        rig.mem
+            .write_slice(&[b'w'; 512], GuestAddress(BUF))
+            .unwrap();
+        assert_eq!(request(&mut rig, request::OUT, 2, 512, false), (S_IOERR, 1));
+        // Only that request failed: the next one is served.
+        block.lock().unwrap().backing.file = image;
+        assert_eq!(request(&mut rig, request::OUT, 2, 512, false), (S_OK, 1));
+        assert_eq!(request(&mut rig, request::IN, 2, 512, true).0, S_OK);
+        assert!(
+            std::fs::read(&disk.path).unwrap()[1024..1536]
+                .iter()
+                .all(|&b| b == b'w')
+        );
+    }
+
+    #[test]
     fn discard_and_write_zeroes_clear_the_range() {
         let disk = Disk::new("zero", &[9u8; 8192]);
         let mut rig = rig(&disk, false);

@@ -119,7 +119,7 @@ pub enum VsockError {
 
 /// An I/O error as Firecracker (built with musl) prints it, where glibc's
 /// words differ: `Address in use (os error 98)` for a stale socket file.
-fn musl_text(e: &std::io::Error) -> String {
+pub fn musl_text(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::EADDRINUSE) => format!("Address in use (os error {})", libc::EADDRINUSE),
         _ => e.to_string(),
@@ -147,14 +147,17 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    /// Binds the listener at `uds_path` now, as Firecracker does when the
-    /// device is configured: an existing file there (even a stale socket)
-    /// is an error, not something to delete.
+    /// Takes the listener the configuration bound, or binds one at
+    /// `uds_path` now: an existing file there (even a stale socket) is an
+    /// error, not something to delete.
     pub fn new(config: &VsockConfig) -> Result<Self, VsockError> {
-        let listener = UnixListener::bind(&config.uds_path).map_err(|source| VsockError::Bind {
-            path: config.uds_path.clone(),
-            source,
-        })?;
+        let listener = match &config.listener {
+            Some(bound) => bound.0.try_clone().map_err(VsockError::Setup)?,
+            None => UnixListener::bind(&config.uds_path).map_err(|source| VsockError::Bind {
+                path: config.uds_path.clone(),
+                source,
+            })?,
+        };
         listener.set_nonblocking(true).map_err(VsockError::Setup)?;
         let guest_cid = u64::from(config.guest_cid);
         Ok(Vsock {

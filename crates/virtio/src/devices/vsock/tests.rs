@@ -116,6 +116,7 @@ impl Guest {
         let mut dev = Vsock::new(&VsockConfig {
             guest_cid: GUEST_CID as u32,
             uds_path: uds.into(),
+            listener: None,
         })
         .unwrap();
         let mut rings = [Ring::default(); 3];
@@ -344,6 +345,7 @@ fn config_space_is_the_guest_cid_in_le64() {
     let dev = Vsock::new(&VsockConfig {
         guest_cid: 0x0102_0304,
         uds_path: dir.uds(),
+        listener: None,
     })
     .unwrap();
     let mut c = [0xaau8; 12];
@@ -364,6 +366,7 @@ fn an_existing_file_at_uds_path_is_firecrackers_bind_error() {
     let err = Vsock::new(&VsockConfig {
         guest_cid: 3,
         uds_path: dir.uds(),
+        listener: None,
     })
     .err()
     .expect("bind must fail");
