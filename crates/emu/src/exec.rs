@@ -46,6 +46,8 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
             // INIT/SIPI reset paging: the cached code page may be stale.
             cache.forget_page();
             prev = std::ptr::null_mut();
+            // An event may move RIP: the exit just taken leads elsewhere.
+            cpu.jit_link = 0;
             if let Some(ev) = service(cpu, &vm, att) {
                 return ev;
             }
@@ -187,13 +189,19 @@ fn run_translated(cpu: &mut Cpu, cache: &mut BlockCache, block: &mut Block) -> O
         return Some(crate::jit::verify::run(cpu, block, jit));
     }
     if cpu.jit_link != 0 {
-        if verify == 0 {
+        // The exit's target is this block's start (the exit set RIP and
+        // nothing ran since): chain it.
+        if verify == 0 && cpu.jit_link_rip == cpu.gpr[crate::cpu::RIP] {
             jit.link(cpu.jit_link, block.jit_head);
         }
         cpu.jit_link = 0;
     }
     cpu.stop = false;
-    Some(jit.enter(block.jit_entry, cpu))
+    let code = jit.enter(block.jit_entry, cpu);
+    if cpu.jit_link != 0 {
+        cpu.jit_link_rip = cpu.gpr[crate::cpu::RIP];
+    }
+    Some(code)
 }
 
 /// The interpreter's run of one block, for co-simulation.

@@ -208,6 +208,8 @@ pub struct Cpu {
     /// Translation tier: the chain slot of the exit just taken, for the
     /// dispatcher to point at the next block's code (0: none).
     pub jit_link: u64,
+    /// The guest RIP that exit leads to.
+    pub jit_link_rip: u64,
     /// Co-simulation (`VMPLAY_EMU_VERIFY`): guest RAM writes of the
     /// interpreter's run, (host address, old value, size), to undo.
     pub undo: Option<Vec<(usize, u64, u8)>>,
@@ -253,6 +255,7 @@ impl Cpu {
             icount: 0,
             jit_flags_spill: 0,
             jit_link: 0,
+            jit_link_rip: 0,
             undo: None,
             device_accesses: 0,
         };

@@ -61,6 +61,8 @@ pub struct Block {
     /// instruction whose result differs between two runs, as `rdtsc`).
     pub jit_verified: u64,
     pub jit_verifiable: bool,
+    /// Flags the block leaves undefined (not compared).
+    pub jit_undefined_flags: u64,
 }
 
 // SAFETY: the raw pointers in `links` point into the same vCPU's block
@@ -136,6 +138,7 @@ impl Block {
             jit_tried: false,
             jit_verified: 0,
             jit_verifiable: false,
+            jit_undefined_flags: 0,
         }
     }
 

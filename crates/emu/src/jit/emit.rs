@@ -82,6 +82,9 @@ const POOL: [Register; 7] = [
 /// instructions the code points at (interpreter fallbacks).
 pub struct Emitted {
     pub bytes: Vec<u8>,
+    /// RFLAGS bits left undefined by the block's last writers (the
+    /// co-simulation does not compare them).
+    pub undefined: u64,
     /// Offset of the code a chained jump enters (after the prologue).
     pub head: u64,
     pub native: usize,
@@ -318,7 +321,7 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
 /// Flags an instruction reads and (unconditionally, fully) writes.
 fn flag_use(ins: &Instruction) -> (u32, u32) {
     let read = ins.rflags_read() & OSZAPC;
-    let mut written = ins.rflags_modified() & OSZAPC;
+    let written = ins.rflags_modified() & OSZAPC;
     // A shift or rotate by CL writes nothing when the count is zero.
     if matches!(
         ins.mnemonic(),
@@ -333,7 +336,9 @@ fn flag_use(ins: &Instruction) -> (u32, u32) {
             | Mnemonic::Shrd
     ) && (ins.op1_kind() == OpKind::Register || ins.op_count() == 3)
     {
-        written = 0;
+        // A zero count keeps the old flags: treat them as read, so they
+        // are in the host RFLAGS when it runs.
+        return (OSZAPC, written);
     }
     (read, written)
 }
@@ -830,8 +835,13 @@ pub fn compile(
         bytes[s as usize..s as usize + 8].copy_from_slice(&t.to_le_bytes());
     }
     let head = r.label_ip(&head).map_err(err)? - base;
+    let mut undefined = 0u32;
+    for i in ins {
+        undefined = (undefined & !(i.rflags_modified() & OSZAPC)) | (i.rflags_undefined() & OSZAPC);
+    }
     Ok(Emitted {
         bytes,
+        undefined: rflags_bits(undefined),
         head,
         native,
         fallback,
@@ -853,7 +863,8 @@ fn emit_lea(c: &mut Ctx, i: &Instruction) -> Result<(), String> {
             c.a.mov(r10, qword_ptr(r15 + gpr(base.full_register().number())))
                 .map_err(err)?;
         } else {
-            c.a.xor(r10d, r10d).map_err(err)?;
+            // mov, not xor: the guest flags may be live in the host's.
+            c.a.mov(r10d, 0u32).map_err(err)?;
         }
         if index != Register::None {
             c.a.mov(r11, qword_ptr(r15 + gpr(index.full_register().number())))
@@ -918,6 +929,22 @@ fn emit_pop(
     c.a.mov(qword_ptr(r15 + gpr(RSP)), rax).map_err(err)?;
     let dst = if ret { RIP } else { i.op0_register().number() };
     c.a.mov(qword_ptr(r15 + gpr(dst)), rcx).map_err(err)
+}
+
+/// iced's `RflagsBits` as RFLAGS bit positions.
+fn rflags_bits(f: u32) -> u64 {
+    use crate::cpu::flags as x;
+    [
+        (RflagsBits::CF, x::CF),
+        (RflagsBits::PF, x::PF),
+        (RflagsBits::AF, x::AF),
+        (RflagsBits::ZF, x::ZF),
+        (RflagsBits::SF, x::SF),
+        (RflagsBits::OF, x::OF),
+    ]
+    .iter()
+    .filter(|(i, _)| f & i != 0)
+    .fold(0, |acc, (_, b)| acc | b)
 }
 
 fn mem_kind(ins: &Instruction, info: &iced_x86::InstructionInfo) -> u64 {

@@ -182,6 +182,9 @@ impl Jit {
         match self.arena.push(&e.bytes) {
             Some(at) => {
                 block.set_jit(at, at + e.head);
+                // Results that differ between two runs (the clock, random
+                // numbers) or stores the undo log does not see (the
+                // string instructions' page-sized fast paths).
                 block.jit_verifiable = ins.iter().all(|i| {
                     !matches!(
                         i.mnemonic(),
@@ -190,8 +193,9 @@ impl Jit {
                             | iced_x86::Mnemonic::Rdrand
                             | iced_x86::Mnemonic::Rdseed
                             | iced_x86::Mnemonic::Rdpid
-                    )
+                    ) && !i.is_string_instruction()
                 });
+                block.jit_undefined_flags = e.undefined;
                 self.insns.push(insns);
                 self.stats.compiled += 1;
                 cpu.vm

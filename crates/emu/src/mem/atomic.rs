@@ -63,14 +63,16 @@ unsafe fn cas128(p: *mut u128, old: u128, new: u128) -> u128 {
     let (mut lo, mut hi) = (old as u64, (old >> 64) as u64);
     // SAFETY: the caller guarantees alignment and validity; every x86-64
     // host this runs on has cmpxchg16b (checked at VM creation). RBX is
-    // reserved by LLVM, so the new low half goes through a scratch register.
+    // reserved by LLVM, so the new low half goes through a scratch register;
+    // both operands get fixed registers, or the allocator may pick RBX for
+    // one of them (it did, for `p`, which the xchg then overwrote).
     unsafe {
         std::arch::asm!(
-            "xchg {nlo}, rbx",
-            "lock cmpxchg16b xmmword ptr [{p}]",
-            "mov rbx, {nlo}",
-            p = in(reg) p,
-            nlo = inout(reg) new as u64 => _,
+            "xchg rsi, rbx",
+            "lock cmpxchg16b xmmword ptr [rdi]",
+            "mov rbx, rsi",
+            in("rdi") p,
+            inout("rsi") new as u64 => _,
             in("rcx") (new >> 64) as u64,
             inout("rax") lo,
             inout("rdx") hi,
