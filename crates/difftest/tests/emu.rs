@@ -4,39 +4,65 @@
 //! or gets wrong anywhere, fails here.
 
 use vmplay_difftest::{Class, Config, assert_matches_host, run_random_bytes};
+use vmplay_emu::jit::{JitConfig, Tier};
 use vmplay_emu::{EmuHypervisor, EmuOptions};
 
 const CASES: u64 = 3000;
 
 fn emu() -> EmuHypervisor {
-    EmuHypervisor::new(EmuOptions::default())
+    EmuHypervisor::new(EmuOptions {
+        jit: Some(JitConfig {
+            tier: Tier::Interp,
+            ..JitConfig::default()
+        }),
+        ..EmuOptions::default()
+    })
+}
+
+/// The translation tier on every block from its first run (each case's
+/// sequence is one or a few blocks that run once).
+fn emu_translated() -> EmuHypervisor {
+    EmuHypervisor::new(EmuOptions {
+        jit: Some(JitConfig {
+            tier: Tier::Jit,
+            threshold: 0,
+            verify_runs: 0,
+        }),
+        ..EmuOptions::default()
+    })
 }
 
 macro_rules! emu_tests {
-    ($($(#[$attr:meta])* $name:ident => $class:expr,)*) => {$(
+    ($($(#[$attr:meta])* $name:ident, $jit_name:ident => $class:expr,)*) => {$(
         #[test]
         $(#[$attr])*
         fn $name() {
             assert_matches_host(&emu(), $class, CASES);
         }
+
+        #[test]
+        $(#[$attr])*
+        fn $jit_name() {
+            assert_matches_host(&emu_translated(), $class, CASES);
+        }
     )*};
 }
 
 emu_tests! {
-    emu_matches_host_on_integer_alu => Class::IntegerAlu,
-    emu_matches_host_on_shifts => Class::Shifts,
-    emu_matches_host_on_mul_div => Class::MulDiv,
-    emu_matches_host_on_conditional => Class::Conditional,
-    emu_matches_host_on_exchange => Class::Exchange,
-    emu_matches_host_on_moves => Class::Moves,
-    emu_matches_host_on_strings => Class::Strings,
-    emu_matches_host_on_stack => Class::Stack,
-    emu_matches_host_on_bit_ops => Class::BitOps,
-    emu_matches_host_on_x87 => Class::X87,
-    emu_matches_host_on_sse_moves => Class::SseMoves,
-    emu_matches_host_on_sse_int => Class::SseInt,
-    emu_matches_host_on_sse_float => Class::SseFloat,
-    emu_matches_host_on_mmx => Class::Mmx,
+    emu_matches_host_on_integer_alu, translated_emu_matches_host_on_integer_alu => Class::IntegerAlu,
+    emu_matches_host_on_shifts, translated_emu_matches_host_on_shifts => Class::Shifts,
+    emu_matches_host_on_mul_div, translated_emu_matches_host_on_mul_div => Class::MulDiv,
+    emu_matches_host_on_conditional, translated_emu_matches_host_on_conditional => Class::Conditional,
+    emu_matches_host_on_exchange, translated_emu_matches_host_on_exchange => Class::Exchange,
+    emu_matches_host_on_moves, translated_emu_matches_host_on_moves => Class::Moves,
+    emu_matches_host_on_strings, translated_emu_matches_host_on_strings => Class::Strings,
+    emu_matches_host_on_stack, translated_emu_matches_host_on_stack => Class::Stack,
+    emu_matches_host_on_bit_ops, translated_emu_matches_host_on_bit_ops => Class::BitOps,
+    emu_matches_host_on_x87, translated_emu_matches_host_on_x87 => Class::X87,
+    emu_matches_host_on_sse_moves, translated_emu_matches_host_on_sse_moves => Class::SseMoves,
+    emu_matches_host_on_sse_int, translated_emu_matches_host_on_sse_int => Class::SseInt,
+    emu_matches_host_on_sse_float, translated_emu_matches_host_on_sse_float => Class::SseFloat,
+    emu_matches_host_on_mmx, translated_emu_matches_host_on_mmx => Class::Mmx,
 }
 
 /// Random bytes as ring-0 code: the emu must always come back (an exit,

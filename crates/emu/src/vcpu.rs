@@ -189,7 +189,12 @@ impl Drop for EmuVcpu {
                 translate_ms = s.compile_ns / 1_000_000,
                 "emu translation tier statistics"
             );
-            if jit.config.verify_runs != 0 {
+            if jit.config.verify_runs != 0 && self.cpu.vm.platform.signals.len() > 1 {
+                tracing::warn!(
+                    "emu verify: off: co-simulation needs a single vCPU, this VM has {}",
+                    self.cpu.vm.platform.signals.len()
+                );
+            } else if jit.config.verify_runs != 0 {
                 // Tests and CI read this line: the co-simulation verdict.
                 tracing::warn!(
                     "emu verify: vCPU {}: {} translated block runs checked against the interpreter, {} differed",

@@ -101,6 +101,10 @@ pub fn run(cpu: &mut Cpu, block: &mut Block, jit: &mut Jit) -> u64 {
     if exit {
         return IO;
     }
+    // As after any interpreted block: the answered reads are used up.
+    if !cpu.io.log.is_empty() {
+        cpu.io.retire();
+    }
     // Effects that cannot be run twice, or a block the interpreter cut
     // short (a store to a code page, a mode change): keep the
     // interpreter's run, unchecked.
