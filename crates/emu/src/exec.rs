@@ -20,6 +20,8 @@ pub enum Event {
     Shutdown,
     /// A kick.
     Interrupted,
+    /// A stop for the debugger (`crate::debug`).
+    Debug(vmplay_hypervisor::DebugEvent),
 }
 
 /// Runs until something needs the caller.
@@ -40,7 +42,7 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         let att = sig.attention.load(std::sync::atomic::Ordering::Acquire);
         // An interrupt pending while IF=0 needs nothing until IF changes
         // (sti/popf/iret end the block, so this is re-checked then).
-        let idle_irq = att == signal::IRQ && !cpu.iff();
+        let idle_irq = att == signal::IRQ && (!cpu.iff() || cpu.debug.step);
         if (att != 0 && !idle_irq) || cpu.run_state != RunState::Running {
             // INIT/SIPI reset paging: the cached code page may be stale.
             cache.forget_page();
@@ -51,6 +53,11 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         }
         if cpu.run_state != RunState::Running || cpu.shutdown {
             continue;
+        }
+        if cpu.debug.active
+            && let Some(ev) = crate::debug::boundary(cpu)
+        {
+            return Event::Debug(ev);
         }
         let rip = cpu.gpr[RIP];
         let epoch = cpu.tlb.epoch();
@@ -95,7 +102,7 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         let single = cpu.int_shadow || cpu.rflags & TF != 0;
         let trap = cpu.rflags & TF != 0;
         cpu.int_shadow = false;
-        cpu.stop = single;
+        cpu.stop = single || cpu.debug.active;
         let start = cpu.gpr[RIP];
         let (mut done, mut exit);
         loop {
@@ -129,6 +136,9 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         }
         if exit {
             return Event::Io;
+        }
+        if cpu.debug.active {
+            crate::debug::retired(cpu);
         }
         if !cpu.io.log.is_empty() {
             cpu.io.retire();

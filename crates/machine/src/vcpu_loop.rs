@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use vmplay_devices::bus::Bus;
 use vmplay_devices::control::{StopReason, VmControl};
-use vmplay_hypervisor::{Vcpu, VcpuExit};
+use vmplay_hypervisor::{CpuState, DebugEvent, GuestDebug, Vcpu, VcpuExit};
 
 /// What every vCPU thread of one VM shares.
 pub(crate) struct VcpuContext {
@@ -32,6 +32,9 @@ pub(crate) struct VcpuContext {
     pub halted: AtomicUsize,
     pub vcpu_count: usize,
     pub counters: Arc<VcpuCounters>,
+    /// Where a vCPU that stopped for the debugger says so (it then waits,
+    /// paused, for the debugger's commands).
+    pub debug_events: Sender<(u32, DebugEvent)>,
 }
 
 /// Exits served by every vCPU of the VM, since it started (Firecracker's
@@ -61,11 +64,44 @@ impl VcpuCounters {
 }
 
 /// What the machine tells a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuCommand {
     Pause,
     Resume,
     Exit,
+    /// A debugger's request, served on the vCPU's own thread in any state
+    /// and answered on the request's own channel.
+    Debug(DebugRequest),
+}
+
+/// Register and translation access for the debugger: only the thread that
+/// owns a vCPU may touch it.
+#[derive(Debug)]
+pub enum DebugRequest {
+    State(Sender<Result<CpuState, String>>),
+    SetState(Box<CpuState>, Sender<Result<(), String>>),
+    Translate(u64, Sender<Result<Option<u64>, String>>),
+    SetGuestDebug(GuestDebug, Sender<Result<(), String>>),
+}
+
+/// Serves one debugger request.
+fn serve_debug(vcpu: &mut dyn Vcpu, request: DebugRequest) {
+    let text = |e: vmplay_hypervisor::Error| e.to_string();
+    // A requester that gave up waiting is no error.
+    match request {
+        DebugRequest::State(tx) => {
+            let _ = tx.send(vcpu.state().map_err(text));
+        }
+        DebugRequest::SetState(state, tx) => {
+            let _ = tx.send(vcpu.set_state(&state).map_err(text));
+        }
+        DebugRequest::Translate(gva, tx) => {
+            let _ = tx.send(vcpu.translate_gva(gva).map_err(text));
+        }
+        DebugRequest::SetGuestDebug(debug, tx) => {
+            let _ = tx.send(vcpu.set_guest_debug(&debug).map_err(text));
+        }
+    }
 }
 
 /// What a vCPU thread answers.
@@ -78,7 +114,7 @@ pub enum VcpuResponse {
 
 /// The states of a vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+pub(crate) enum State {
     Running,
     /// Paused; `halted` says which state `Resume` returns to.
     Paused {
@@ -97,7 +133,7 @@ pub(crate) struct VcpuChannels {
 
 /// The state a command moves `state` to, and the answer it gets (an
 /// `Exit` is answered once the thread leaves, whatever made it leave).
-fn transition(state: State, command: VcpuCommand) -> (State, VcpuResponse) {
+fn transition(state: State, command: &VcpuCommand) -> (State, VcpuResponse) {
     match (state, command) {
         (_, VcpuCommand::Exit) => (State::Exiting, VcpuResponse::Exited),
         (State::Running, VcpuCommand::Pause) => {
@@ -116,14 +152,21 @@ fn transition(state: State, command: VcpuCommand) -> (State, VcpuResponse) {
         ),
         (s, VcpuCommand::Pause) => (s, VcpuResponse::Paused),
         (s, VcpuCommand::Resume) => (s, VcpuResponse::Resumed),
+        // Served apart (`serve_debug`): never a state change.
+        (s, VcpuCommand::Debug(_)) => (s, VcpuResponse::Resumed),
     }
 }
 
+/// The paused state a machine started with `--gdb-wait` begins in.
+pub(crate) const START_PAUSED: State = State::Paused { halted: false };
+/// The usual first state.
+pub(crate) const START_RUNNING: State = State::Running;
+
 /// Runs `vcpu` until it is told to exit or the VM stops. Every way out of
 /// the guest that the machine cannot serve becomes a [`StopReason`].
-pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext, chan: VcpuChannels) {
+pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext, chan: VcpuChannels, first: State) {
     let id = vcpu.id();
-    let mut state = State::Running;
+    let mut state = first;
     let answer = |r: VcpuResponse| {
         let _ = chan.responses.send((id, r));
     };
@@ -137,8 +180,9 @@ pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext, chan: VcpuChannels
                     let mut s = State::Running;
                     loop {
                         match chan.commands.try_recv() {
+                            Ok(VcpuCommand::Debug(req)) => serve_debug(vcpu.as_mut(), req),
                             Ok(cmd) => {
-                                let (next, r) = transition(s, cmd);
+                                let (next, r) = transition(s, &cmd);
                                 s = next;
                                 if s == State::Exiting {
                                     break;
@@ -162,10 +206,21 @@ pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext, chan: VcpuChannels
                     State::Halted
                 }
                 Step::Stop => State::Exiting,
+                Step::Debug(event) => {
+                    // Held for the debugger, which is told (and stops the
+                    // other vCPUs); it sends Resume when gdb continues.
+                    tracing::debug!(vcpu = id, ?event, "debug stop");
+                    let _ = ctx.debug_events.send((id, event));
+                    State::Paused { halted: false }
+                }
             },
             State::Paused { .. } | State::Halted => match chan.commands.recv() {
+                Ok(VcpuCommand::Debug(req)) => {
+                    serve_debug(vcpu.as_mut(), req);
+                    state
+                }
                 Ok(cmd) => {
-                    let (next, r) = transition(state, cmd);
+                    let (next, r) = transition(state, &cmd);
                     if next != State::Exiting {
                         answer(r);
                     }
@@ -191,6 +246,8 @@ enum Step {
     Halted,
     /// The vCPU asked the VM to stop (crash, host error).
     Stop,
+    /// Stopped for the debugger.
+    Debug(DebugEvent),
 }
 
 fn step(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Step {
@@ -228,6 +285,7 @@ fn step(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Step {
             return Step::Continue;
         }
         Ok(VcpuExit::Interrupted) => return Step::Kicked,
+        Ok(VcpuExit::Debug(event)) => return Step::Debug(event),
         // Nothing but NMI/INIT wakes this vCPU, and vmplay sends neither.
         Ok(VcpuExit::Halt) => return Step::Halted,
         Ok(VcpuExit::Shutdown) => "triple fault (CPU shutdown)".to_string(),
@@ -260,32 +318,32 @@ mod tests {
     fn commands_move_the_state_machine() {
         use VcpuCommand::*;
         assert_eq!(
-            transition(State::Running, Pause),
+            transition(State::Running, &Pause),
             (State::Paused { halted: false }, VcpuResponse::Paused)
         );
         assert_eq!(
-            transition(State::Paused { halted: false }, Resume),
+            transition(State::Paused { halted: false }, &Resume),
             (State::Running, VcpuResponse::Resumed)
         );
         assert_eq!(
-            transition(State::Halted, Pause),
+            transition(State::Halted, &Pause),
             (State::Paused { halted: true }, VcpuResponse::Paused)
         );
         assert_eq!(
-            transition(State::Paused { halted: true }, Resume),
+            transition(State::Paused { halted: true }, &Resume),
             (State::Halted, VcpuResponse::Resumed)
         );
         // Idempotent, as Firecracker's PATCH /vm.
         assert_eq!(
-            transition(State::Paused { halted: false }, Pause).0,
+            transition(State::Paused { halted: false }, &Pause).0,
             State::Paused { halted: false }
         );
         assert_eq!(
-            transition(State::Running, Resume),
+            transition(State::Running, &Resume),
             (State::Running, VcpuResponse::Resumed)
         );
         assert_eq!(
-            transition(State::Halted, Exit),
+            transition(State::Halted, &Exit),
             (State::Exiting, VcpuResponse::Exited)
         );
     }

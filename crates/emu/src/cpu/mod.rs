@@ -202,6 +202,8 @@ pub struct Cpu {
     pub id: u32,
     /// Instructions retired (approximate: counted per block).
     pub icount: u64,
+    /// Breakpoints, single step, watchpoints (`crate::debug`).
+    pub debug: crate::debug::Debug,
 }
 
 impl Cpu {
@@ -239,6 +241,7 @@ impl Cpu {
             vm,
             id,
             icount: 0,
+            debug: Default::default(),
         };
         cpu.reset();
         cpu

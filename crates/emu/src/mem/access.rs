@@ -258,6 +258,9 @@ impl Cpu {
         }
         let user = self.tlb.cur == 1;
         let w = self.walk(lin, acc, user)?;
+        if self.debug.watching && acc == Access::Write {
+            crate::debug::wrote(self, lin, 1);
+        }
         let Some(loc) = self.vm.phys.ram(w.pa) else {
             return Ok(Target::Mmio(w.pa | (lin & 0xfff)));
         };
@@ -280,7 +283,8 @@ impl Cpu {
             } else {
                 w.write || !wp
             }
-            && !self.vm.code.is_code(loc.frame);
+            && !self.vm.code.is_code(loc.frame)
+            && !(self.debug.watching && crate::debug::watched_page(self, lin));
         let exec_ok = !w.nx && (!user || w.user);
         let tag = |ok: bool| if ok { page } else { u64::MAX };
         *self.tlb.entry_mut(lin) = TlbEntry {
@@ -350,6 +354,9 @@ impl Cpu {
     }
 
     fn write_one(&mut self, lin: u64, n: usize, v: u64) -> Res {
+        if self.debug.watching {
+            crate::debug::wrote(self, lin, n);
+        }
         match self.translate(lin, Access::Write)? {
             Target::Ram(loc) => {
                 if self.vm.code.is_code(loc.frame) {

@@ -1,0 +1,203 @@
+//! The gdb stub end to end: `vmplay run --gdb tcp:127.0.0.1:0 --gdb-wait`
+//! with a test guest, and Debian's gdb in batch mode against it: break,
+//! continue, registers and memory, single step, a write watchpoint, a
+//! memory write, detach; then the guest must finish with exactly the
+//! output the debugger's changes imply.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use support::{TempDir, host_tool, vmplay_exe};
+
+/// A vmplay run with a gdb stub, its address read from stderr.
+struct Stubbed {
+    child: Child,
+    addr: String,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+fn start(kernel: &std::path::Path, accel: &str, extra: &[&str]) -> Stubbed {
+    let mut child = Command::new(vmplay_exe())
+        .args(["run", "--kernel"])
+        .arg(kernel)
+        .args(["--accel", accel, "--serial", "stdio", "--memory", "64M"])
+        .args(["--gdb", "tcp:127.0.0.1:0", "--gdb-wait"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("VMPLAY_LOG")
+        .spawn()
+        .expect("start vmplay");
+    let mut out = child.stdout.take().expect("stdout");
+    let stdout = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err = child.stderr.take().expect("stderr");
+    let (tx, stderr) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let addr = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match stderr.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(rest) = line.strip_prefix("vmplay: gdb stub on tcp:") {
+                    break rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                }
+                seen.push(line);
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no gdb stub address on stderr; it said:\n{}",
+                    seen.join("\n")
+                );
+            }
+        }
+    };
+    Stubbed {
+        child,
+        addr,
+        stdout,
+        stderr,
+    }
+}
+
+impl Stubbed {
+    /// Waits for vmplay to exit: (status code, stdout, stderr).
+    fn finish(mut self) -> (i32, String, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("vmplay did not exit after gdb detached");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = self.stdout.join().unwrap_or_default();
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        (status.code().unwrap_or(-1), stdout, stderr.join("\n"))
+    }
+}
+
+/// gdb -batch with `commands` against `addr`; its stdout+stderr.
+fn gdb_batch(gdb: &std::path::Path, addr: &str, commands: &[String]) -> String {
+    let mut cmd = Command::new(gdb);
+    cmd.args(["-batch", "-nx", "-ex", "set architecture i386:x86-64"])
+        .args(["-ex", "set pagination off", "-ex", "set confirm off"])
+        .args(["-ex", &format!("target remote {addr}")]);
+    for c in commands {
+        cmd.args(["-ex", c]);
+    }
+    let out = support::run_with_deadline(cmd, Duration::from_secs(120));
+    format!("{}{}", out.stdout, out.stderr)
+}
+
+/// The value gdb printed for `p/x EXPR` as `$N = 0x...`, in order.
+fn printed_values(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix('$'))
+        .filter_map(|l| l.split_once(" = 0x"))
+        .filter_map(|(_, v)| u64::from_str_radix(v.trim(), 16).ok())
+        .collect()
+}
+
+fn break_step_watch_detach(accel: &str) {
+    let Some(gdb) = host_tool("gdb") else {
+        return;
+    };
+    let t = vmplay_guests::gdb_target();
+    let dir = TempDir::new();
+    let kernel = dir.file("gdb-target.elf", &t.image);
+    let vm = start(&kernel, accel, &[]);
+    let commands: Vec<String> = [
+        format!("break *{:#x}", t.bump),
+        "continue".into(),
+        "p/x $pc".into(),
+        format!("p/x *(long *){:#x}", t.counter),
+        "info registers rip".into(),
+        "stepi".into(),
+        "p/x $pc".into(),
+        "delete".into(),
+        format!("watch *(long *){:#x}", t.counter),
+        "continue".into(),
+        "p/x $pc".into(),
+        format!("p/x *(long *){:#x}", t.counter),
+        "delete".into(),
+        format!("set var *(long *){:#x} = 0x100", t.counter),
+        "detach".into(),
+    ]
+    .into();
+    let out = gdb_batch(&gdb, &vm.addr, &commands);
+    let (code, stdout, stderr) = vm.finish();
+    let context =
+        format!("--- gdb ---\n{out}\n--- vmplay stderr ---\n{stderr}\n--- guest ---\n{stdout}");
+    assert_eq!(
+        printed_values(&out),
+        vec![t.bump, 0, t.bump_step, t.bump_after_store, 1],
+        "gdb's values: pc at the breakpoint, counter 0, pc after stepi, \
+         pc after the watched store, counter 1\n{context}"
+    );
+    assert!(out.contains("Breakpoint 1, "), "{context}");
+    assert!(out.contains("atchpoint 2: *(long *)"), "{context}");
+    assert!(
+        out.contains("Old value = 0") && out.contains("New value = 1"),
+        "{context}"
+    );
+    assert!(
+        out.contains(&format!("rip            {:#x}", t.bump)),
+        "{context}"
+    );
+    // 0x100 written at round 1, then two more rounds.
+    assert_eq!(
+        stdout, "gdb target\ncounter = 0x0000000000000102\n",
+        "{context}"
+    );
+    assert_eq!(code, 1, "debug-exit 0\n{context}");
+}
+
+#[test]
+fn gdb_breaks_steps_watches_and_detaches_on_emu() {
+    break_step_watch_detach("emu");
+}
+
+#[test]
+fn bad_gdb_address_is_a_clear_error() {
+    let t = vmplay_guests::gdb_target();
+    let dir = TempDir::new();
+    let kernel = dir.file("gdb-target.elf", &t.image);
+    let kernel = kernel.to_str().expect("utf-8");
+    for (bad, culprit) in [
+        ("tcp:127.0.0.1:notaport", "--gdb"),
+        ("tcp:no.such.host.invalid:1234", "cannot listen"),
+        ("", "--gdb"),
+    ] {
+        let run = support::vmplay_run(&["--kernel", kernel, "--accel", "emu", "--gdb", bad]);
+        run.assert_code(1).assert_stderr_contains(culprit);
+        assert!(run.stdout.is_empty(), "the guest must not run\n{run}");
+    }
+    support::vmplay_run(&["--kernel", kernel, "--accel", "emu", "--gdb-wait"])
+        .assert_code(1)
+        .assert_stderr_contains("--gdb-wait needs --gdb");
+}
