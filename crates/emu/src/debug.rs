@@ -90,8 +90,13 @@ pub fn boundary(cpu: &mut Cpu) -> Option<DebugEvent> {
 /// or watchpoint stop, reported at the next boundary (after any posted
 /// I/O of the instruction reached the machine).
 pub fn retired(cpu: &mut Cpu) {
+    let pc = linear_pc(cpu);
     let dbg = &mut cpu.debug;
-    dbg.skip = None;
+    // Still at the breakpoint (a `rep` string between two elements): it
+    // does not fire again, as RF keeps an instruction breakpoint quiet.
+    if dbg.skip != Some(pc) {
+        dbg.skip = None;
+    }
     if let Some(w) = dbg.hit.take() {
         dbg.pending = Some(DebugEvent::Watchpoint {
             addr: w.addr,
@@ -126,7 +131,152 @@ pub fn wrote(cpu: &mut Cpu, lin: u64, n: usize) {
     }
 }
 
-/// The current program counter as a linear address (tests, messages).
-pub fn pc(cpu: &Cpu) -> u64 {
-    linear_pc(cpu)
+#[cfg(test)]
+mod tests {
+    use iced_x86::code_asm::*;
+
+    use crate::tests::guest::{CODE, End, Guest, PML4};
+
+    use super::*;
+
+    const VAR: u64 = 0x20_0000;
+
+    /// `mov eax,1 ; mov ebx,2 ; add eax,ebx ; mov [VAR+0x100],rax ;
+    /// mov [VAR],rax ; hlt`, and the address of each instruction.
+    fn program(g: &mut Guest) -> Vec<u64> {
+        let mut at = vec![CODE];
+        let mut ip = CODE;
+        let steps: [&dyn Fn(&mut CodeAssembler); 6] = [
+            &|a| a.mov(eax, 1).unwrap(),
+            &|a| a.mov(ebx, 2).unwrap(),
+            &|a| a.add(eax, ebx).unwrap(),
+            &|a| a.mov(qword_ptr(VAR + 0x100), rax).unwrap(),
+            &|a| a.mov(qword_ptr(VAR), rax).unwrap(),
+            &|a| a.hlt().unwrap(),
+        ];
+        for f in steps {
+            ip += g.code(64, ip, f) as u64;
+            at.push(ip);
+        }
+        let s = g.long_mode(CODE);
+        g.vcpu.set_state(&s).unwrap();
+        at
+    }
+
+    fn debug(f: impl FnOnce(&mut GuestDebug)) -> GuestDebug {
+        let mut d = GuestDebug::default();
+        f(&mut d);
+        d
+    }
+
+    #[test]
+    fn breakpoint_stops_before_the_instruction_without_int3() {
+        let mut g = Guest::new(1);
+        let at = program(&mut g);
+        let original = g.read_u64(at[2]);
+        g.vcpu
+            .set_guest_debug(&debug(|d| d.sw_breakpoints = vec![at[2]]))
+            .unwrap();
+        assert_eq!(g.run().end, End::Debug(DebugEvent::SwBreakpoint));
+        let s = g.state();
+        assert_eq!((s.rip, s.gpr[0], s.gpr[3]), (at[2], 1, 2));
+        assert_eq!(g.read_u64(at[2]), original, "guest memory is untouched");
+        // Resuming runs the instruction under the breakpoint.
+        assert_eq!(g.run().end, End::Halt);
+        assert_eq!(g.state().gpr[0], 3);
+    }
+
+    #[test]
+    fn single_step_retires_one_instruction_per_run() {
+        let mut g = Guest::new(1);
+        let at = program(&mut g);
+        g.vcpu
+            .set_guest_debug(&debug(|d| d.single_step = true))
+            .unwrap();
+        for &next in &at[1..5] {
+            assert_eq!(g.run().end, End::Debug(DebugEvent::Step));
+            assert_eq!(g.state().rip, next);
+        }
+        g.vcpu.set_guest_debug(&GuestDebug::default()).unwrap();
+        assert_eq!(g.run().end, End::Halt);
+    }
+
+    #[test]
+    fn write_watchpoint_stops_after_the_writing_instruction() {
+        let mut g = Guest::new(1);
+        let at = program(&mut g);
+        let w = Watchpoint {
+            addr: VAR,
+            len: 8,
+            kind: WatchKind::Write,
+        };
+        g.vcpu
+            .set_guest_debug(&debug(|d| d.watchpoints = vec![w]))
+            .unwrap();
+        // The store to VAR+0x100 (same page) does not stop.
+        assert_eq!(
+            g.run().end,
+            End::Debug(DebugEvent::Watchpoint {
+                addr: VAR,
+                kind: WatchKind::Write
+            })
+        );
+        assert_eq!(g.state().rip, at[5]);
+        assert_eq!(g.read_u64(VAR), 3);
+        assert_eq!(g.run().end, End::Halt);
+        let read = Watchpoint {
+            kind: WatchKind::Read,
+            ..w
+        };
+        assert!(
+            g.vcpu
+                .set_guest_debug(&debug(|d| d.watchpoints = vec![read]))
+                .is_err(),
+            "emu cannot watch reads and says so"
+        );
+    }
+
+    #[test]
+    fn single_step_splits_a_fused_compare_and_branch() {
+        let mut g = Guest::new(1);
+        // cmp rdx,7 (4 bytes) + ja (2 bytes): fused at decode.
+        let cmp = CODE;
+        let ja = cmp + g.code(64, cmp, |a| a.cmp(rdx, 7).unwrap()) as u64;
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut l = a.create_label();
+        a.ja(l).unwrap();
+        a.nop().unwrap();
+        a.set_label(&mut l).unwrap();
+        a.hlt().unwrap();
+        let bytes = a.assemble(ja).unwrap();
+        g.write(ja, &bytes);
+        let mut s = g.long_mode(CODE);
+        s.gpr[2] = 9;
+        g.vcpu.set_state(&s).unwrap();
+        g.vcpu
+            .set_guest_debug(&debug(|d| d.single_step = true))
+            .unwrap();
+        assert_eq!(g.run().end, End::Debug(DebugEvent::Step));
+        assert_eq!(g.state().rip, ja, "stopped between compare and branch");
+        assert_eq!(g.run().end, End::Debug(DebugEvent::Step));
+        assert_eq!(g.state().rip, ja + 3, "the branch was taken over the nop");
+    }
+
+    #[test]
+    fn debugger_translation_has_no_side_effects() {
+        let mut g = Guest::new(1);
+        let at = program(&mut g);
+        let pd = PML4 + 0x2000;
+        let entry = g.read_u64(pd);
+        assert_eq!(entry & 0x60, 0, "the test's tables start without A/D");
+        assert_eq!(g.vcpu.translate_gva(at[1]).unwrap(), Some(at[1]));
+        assert_eq!(g.vcpu.translate_gva(VAR + 5).unwrap(), Some(VAR + 5));
+        assert_eq!(
+            g.vcpu.translate_gva(0x4000_0000).unwrap(),
+            None,
+            "past 1 GiB"
+        );
+        assert_eq!(g.read_u64(pd), entry, "no accessed bit");
+        assert_eq!(g.state().cr2, 0, "no CR2");
+    }
 }

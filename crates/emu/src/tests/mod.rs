@@ -2,7 +2,7 @@
 //! (the same path the machine and the differential harness use).
 
 mod bench;
-mod guest;
+pub(crate) mod guest;
 mod modes;
 mod platform;
 mod robustness;
