@@ -17,16 +17,32 @@ use support::{TempDir, host_tool, skip_without_kvm, vmplay_exe};
 struct Stubbed {
     child: Child,
     addr: String,
-    stdout: std::thread::JoinHandle<String>,
+    /// The guest's console, line by line as it comes.
+    stdout: mpsc::Receiver<String>,
+    stdout_seen: Vec<String>,
     stderr: mpsc::Receiver<String>,
 }
 
-fn start(kernel: &std::path::Path, accel: &str, extra: &[&str]) -> Stubbed {
+fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// `vmplay run` with `--gdb` on a free port (`--gdb-wait` if `wait`).
+fn start(kernel: &std::path::Path, accel: &str, wait: bool, extra: &[&str]) -> Stubbed {
     let mut child = Command::new(vmplay_exe())
         .args(["run", "--kernel"])
         .arg(kernel)
-        .args(["--accel", accel, "--serial", "stdio", "--memory", "64M"])
-        .args(["--gdb", "tcp:127.0.0.1:0", "--gdb-wait"])
+        .args(["--accel", accel, "--serial", "stdio"])
+        .args(["--gdb", "tcp:127.0.0.1:0"])
+        .args(if wait { &["--gdb-wait"][..] } else { &[] })
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -34,21 +50,8 @@ fn start(kernel: &std::path::Path, accel: &str, extra: &[&str]) -> Stubbed {
         .env_remove("VMPLAY_LOG")
         .spawn()
         .expect("start vmplay");
-    let mut out = child.stdout.take().expect("stdout");
-    let stdout = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err = child.stderr.take().expect("stderr");
-    let (tx, stderr) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let stdout = lines(child.stdout.take().expect("stdout"));
+    let stderr = lines(child.stderr.take().expect("stderr"));
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();
     let addr = loop {
@@ -77,14 +80,44 @@ fn start(kernel: &std::path::Path, accel: &str, extra: &[&str]) -> Stubbed {
         child,
         addr,
         stdout,
+        stdout_seen: Vec::new(),
         stderr,
     }
 }
 
 impl Stubbed {
+    /// Waits for a console line starting with `prefix`; returns the rest.
+    fn console_line(&mut self, prefix: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    self.stdout_seen.push(line.clone());
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.to_string();
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let err: Vec<String> = self.stderr.try_iter().collect();
+                    panic!(
+                        "no console line {prefix:?} within {within:?}:\n{}\n--- stderr ---\n{}",
+                        self.stdout_seen.join("\n"),
+                        err.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
     /// Waits for vmplay to exit: (status code, stdout, stderr).
-    fn finish(mut self) -> (i32, String, String) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+    fn finish(self) -> (i32, String, String) {
+        self.finish_within(Duration::from_secs(60))
+    }
+
+    fn finish_within(mut self, within: Duration) -> (i32, String, String) {
+        let deadline = Instant::now() + within;
         let status = loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
                 break s;
@@ -95,9 +128,15 @@ impl Stubbed {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stdout = self.stdout.join().unwrap_or_default();
-        let stderr: Vec<String> = self.stderr.try_iter().collect();
-        (status.code().unwrap_or(-1), stdout, stderr.join("\n"))
+        // The pipes close with the process: take every line left.
+        let mut stdout = self.stdout_seen;
+        stdout.extend(self.stdout.iter());
+        let stderr: Vec<String> = self.stderr.iter().collect();
+        let mut out = stdout.join("\n");
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        (status.code().unwrap_or(-1), out, stderr.join("\n"))
     }
 }
 
@@ -141,7 +180,7 @@ fn break_step_watch_detach(accel: &str) {
     let t = vmplay_guests::gdb_target();
     let dir = TempDir::new();
     let kernel = dir.file("gdb-target.elf", &t.image);
-    let vm = start(&kernel, accel, &[]);
+    let vm = start(&kernel, accel, true, &["--memory", "64M"]);
     let counter = format!("*(long *){:#x}", t.counter);
     let mut commands: Vec<String> = vec![
         format!("break *{:#x}", t.bump),
@@ -235,4 +274,92 @@ fn gdb_breaks_steps_watches_and_detaches_on_kvm() {
     if !skip_without_kvm() {
         break_step_watch_detach("kvm");
     }
+}
+
+/// Debian's init: print where `sync(2)` and the UTS namespace live (the
+/// image's init runs as root, so kallsyms shows real addresses), then call
+/// `sync` until the hostname is `gdb`, which only the debugger sets.
+const ATTACH_HOOK: &str = r#"#!/bin/sh
+sym() { grep " $1\$" /proc/kallsyms | cut -d' ' -f1; }
+echo "vmplay-gdb: sync=$(sym __x64_sys_sync) uts=$(sym init_uts_ns)"
+i=0
+while [ "$(hostname)" != gdb ] && [ $i -lt 1200 ]; do sync; sleep 0.1; i=$((i+1)); done
+echo "vmplay-gdb: hostname $(hostname)"
+"#;
+
+/// A kernel developer's session on a running Debian kernel on emu: attach
+/// (the VM stops), break on a syscall, read registers and kernel memory,
+/// step, write kernel memory (the hostname), detach; the guest sees the
+/// write and powers off.
+#[test]
+fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
+    let Some(gdb) = host_tool("gdb") else {
+        return;
+    };
+    let dir = TempDir::new();
+    let Some((kernel, initrd)) = support::debian_guest(&dir, ATTACH_HOOK, &[]) else {
+        return;
+    };
+    let initrd = initrd.to_str().expect("utf-8 path").to_string();
+    let mut vm = start(
+        &kernel,
+        "emu",
+        false,
+        &[
+            "--initrd",
+            &initrd,
+            "--memory",
+            "512M",
+            "--cmdline",
+            "console=ttyS0 panic=-1",
+        ],
+    );
+    let line = vm.console_line("vmplay-gdb: ", Duration::from_secs(240));
+    let addr = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .filter(|&v| v != 0)
+            .unwrap_or_else(|| panic!("no {key} address in {line:?}"))
+    };
+    let (sync, uts) = (addr("sync="), addr("uts="));
+    // struct new_utsname: sysname[65], then nodename.
+    let nodename = uts + 65;
+    let out = gdb_batch(
+        &gdb,
+        &vm.addr,
+        &[
+            format!("break *{sync:#x}"),
+            "continue".into(),
+            "p/x $pc".into(),
+            "p/x $cs".into(),
+            format!("x/s {:#x}", uts),
+            "stepi".into(),
+            "p/x $pc".into(),
+            "delete".into(),
+            format!("set {{char[4]}} {nodename:#x} = \"gdb\""),
+            format!("x/s {nodename:#x}"),
+            "detach".into(),
+        ],
+    );
+    let (code, stdout, stderr) = vm.finish_within(Duration::from_secs(240));
+    let context =
+        format!("--- gdb ---\n{out}\n--- vmplay stderr ---\n{stderr}\n--- guest ---\n{stdout}");
+    let values = printed_values(&out);
+    assert_eq!(values.len(), 3, "{context}");
+    assert_eq!(values[0], sync, "stopped at the breakpoint\n{context}");
+    assert_eq!(values[1], 0x10, "kernel code segment\n{context}");
+    assert!(
+        values[2] > sync && values[2] < sync + 16,
+        "one instruction further\n{context}"
+    );
+    assert!(out.contains("Breakpoint 1, "), "{context}");
+    assert!(
+        out.contains("\"Linux\""),
+        "init_uts_ns starts with sysname\n{context}"
+    );
+    assert!(out.contains(":\t\"gdb\""), "{context}");
+    assert!(stdout.contains("vmplay-gdb: hostname gdb"), "{context}");
+    assert!(stdout.contains("reboot: Power down"), "{context}");
+    assert_eq!(code, 0, "{context}");
 }
