@@ -363,3 +363,110 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
     assert!(stdout.contains("reboot: Power down"), "{context}");
     assert_eq!(code, 0, "{context}");
 }
+
+/// A guest that prints `ready\n` and spins forever with interrupts off.
+fn ready_then_spin() -> Vec<u8> {
+    let mut img = vmplay_guests::MultibootImage::new();
+    let scratch = img.zeroed(vmplay_guests::runtime::RUNTIME32_SCRATCH, 16);
+    let entry = img
+        .code32(|a| {
+            let mut rt = vmplay_guests::runtime::Runtime32::new(a, scratch);
+            a.cli()?;
+            rt.print(a, "ready\n")?;
+            let mut spin = a.create_label();
+            a.set_label(&mut spin)?;
+            a.pause()?;
+            a.jmp(spin)?;
+            rt.finish(a)
+        })
+        .expect("assemble the spinning guest");
+    img.set_entry32(entry);
+    img.build().expect("build the spinning guest")
+}
+
+/// Over a Unix socket, attached to a running 2-vCPU VM: both vCPUs are
+/// gdb threads, Ctrl-C (SIGINT to gdb) stops a spinning guest, and `kill`
+/// stops the VM (status 1, a message on stderr).
+#[test]
+fn gdb_interrupts_and_kills_over_a_unix_socket_on_emu() {
+    let Some(gdb) = host_tool("gdb") else {
+        return;
+    };
+    let dir = TempDir::new();
+    let kernel = dir.file("spin.elf", &ready_then_spin());
+    let sock = dir.path().join("gdb.sock");
+    let mut vm = Command::new(vmplay_exe())
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .args([
+            "--accel", "emu", "--cpus", "2", "--serial", "stdio", "--gdb",
+        ])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("VMPLAY_LOG")
+        .spawn()
+        .expect("start vmplay");
+    let stdout = lines(vm.stdout.take().expect("stdout"));
+    let stderr = lines(vm.stderr.take().expect("stderr"));
+    assert_eq!(
+        stdout.recv_timeout(Duration::from_secs(30)).as_deref(),
+        Ok("ready"),
+        "the guest runs before gdb attaches"
+    );
+    let mut session = Command::new(&gdb)
+        .args(["-batch", "-nx", "-ex", "set architecture i386:x86-64"])
+        .arg("-ex")
+        .arg(format!("target remote {}", sock.display()))
+        .args(["-ex", "continue", "-ex", "info threads", "-ex", "kill"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gdb");
+    let gdb_out = lines(session.stdout.take().expect("gdb stdout"));
+    let gdb_err = lines(session.stderr.take().expect("gdb stderr"));
+    // gdb attached (the VM stopped) and continued: now interrupt it.
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = Command::new("kill")
+        .args(["-INT", &session.id().to_string()])
+        .status()
+        .expect("kill -INT gdb");
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (gdb_status, vm_status) = loop {
+        if let (Some(g), Some(v)) = (
+            session.try_wait().expect("wait gdb"),
+            vm.try_wait().expect("wait vmplay"),
+        ) {
+            break (g, v);
+        }
+        if Instant::now() > deadline {
+            let _ = session.kill();
+            let _ = vm.kill();
+            panic!("gdb or vmplay did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out: Vec<String> = gdb_out.iter().chain(gdb_err.iter()).collect();
+    let out = out.join("\n");
+    let err: Vec<String> = stderr.iter().collect();
+    let context = format!(
+        "--- gdb ---\n{out}\n--- vmplay stderr ---\n{}",
+        err.join("\n")
+    );
+    // gdb reports the closed connection after `kill` as an error: any status will do.
+    let _ = gdb_status;
+    assert!(out.contains("received signal SIGINT"), "{context}");
+    assert!(
+        out.contains("Thread 1.1") && out.contains("Thread 1.2"),
+        "{context}"
+    );
+    assert_eq!(vm_status.code(), Some(1), "{context}");
+    assert!(
+        err.iter().any(|l| l.contains("killed from gdb")),
+        "{context}"
+    );
+    assert!(!sock.exists(), "the socket is removed at exit\n{context}");
+}
