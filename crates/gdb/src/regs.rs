@@ -1,5 +1,6 @@
 //! `CpuState` ⇄ gdb's x86-64 register block (core + SSE).
 
+use crate::arch::Regs;
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use vmplay_hypervisor::CpuState;
 
@@ -7,7 +8,19 @@ use vmplay_hypervisor::CpuState;
 /// indices into `CpuState::gpr` (encoding order).
 const GDB_TO_GPR: [usize; 16] = [0, 3, 1, 2, 6, 7, 5, 4, 8, 9, 10, 11, 12, 13, 14, 15];
 
-pub(crate) fn to_gdb(s: &CpuState, r: &mut X86_64CoreRegs) {
+pub(crate) fn to_gdb(s: &CpuState, all: &mut Regs) {
+    all.fs_base = s.fs.base;
+    all.gs_base = s.gs.base;
+    all.cr0 = s.cr0;
+    all.cr2 = s.cr2;
+    all.cr3 = s.cr3;
+    all.cr4 = s.cr4;
+    all.cr8 = s.cr8;
+    all.efer = s.efer;
+    core_to_gdb(s, &mut all.core);
+}
+
+fn core_to_gdb(s: &CpuState, r: &mut X86_64CoreRegs) {
     for (g, &i) in r.regs.iter_mut().zip(&GDB_TO_GPR) {
         *g = s.gpr[i];
     }
@@ -46,7 +59,21 @@ pub(crate) fn to_gdb(s: &CpuState, r: &mut X86_64CoreRegs) {
 
 /// Applies gdb's registers over `s`. Segment selectors are not written:
 /// a selector without its descriptor would desynchronise the hidden part.
-pub(crate) fn from_gdb(r: &X86_64CoreRegs, s: &mut CpuState) {
+/// The segment bases and system registers are written as given (a kernel
+/// developer's business, as on QEMU).
+pub(crate) fn from_gdb(all: &Regs, s: &mut CpuState) {
+    s.fs.base = all.fs_base;
+    s.gs.base = all.gs_base;
+    s.cr0 = all.cr0;
+    s.cr2 = all.cr2;
+    s.cr3 = all.cr3;
+    s.cr4 = all.cr4;
+    s.cr8 = all.cr8;
+    s.efer = all.efer;
+    core_from_gdb(&all.core, s);
+}
+
+fn core_from_gdb(r: &X86_64CoreRegs, s: &mut CpuState) {
     for (g, &i) in r.regs.iter().zip(&GDB_TO_GPR) {
         s.gpr[i] = *g;
     }
@@ -80,13 +107,18 @@ mod tests {
         s.rip = 0xffff_ffff_8100_0000;
         s.fpu.xmm[3] = 0x1234;
         s.fpu.ftw = 0b101;
-        let mut r = X86_64CoreRegs::default();
-        to_gdb(&s, &mut r);
+        s.cr3 = 0x1000;
+        s.gs.base = 0xffff_8880_0000_0000;
+        let mut all = Regs::default();
+        to_gdb(&s, &mut all);
+        assert_eq!((all.cr3, all.gs_base), (0x1000, s.gs.base));
+        let r = &all.core;
         assert_eq!(r.regs[1], 0x1003, "gdb's second register is rbx");
         assert_eq!(r.regs[7], 0x1004, "gdb's eighth register is rsp");
         assert_eq!(r.fpu.ftag, 0b1111_1111_1100_1100);
         let mut back = CpuState::reset();
-        from_gdb(&r, &mut back);
+        from_gdb(&all, &mut back);
+        assert_eq!((back.cr3, back.gs.base), (0x1000, s.gs.base));
         assert_eq!(back.gpr, s.gpr);
         assert_eq!(
             (back.rip, back.fpu.xmm[3], back.fpu.ftw),

@@ -19,10 +19,9 @@ use gdbstub::target::ext::breakpoints::{
 };
 use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
-use gdbstub_arch::x86::X86_64_SSE;
-use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use vmplay_hypervisor::{DebugEvent, GuestDebug, WatchKind, Watchpoint};
 
+use crate::arch::{Regs, VmplayX86_64};
 use crate::{Debuggable, VmEvent, regs};
 
 /// How often a running VM's stub looks at the connection (Ctrl-C).
@@ -182,7 +181,7 @@ impl GdbTarget {
 }
 
 impl Target for GdbTarget {
-    type Arch = X86_64_SSE;
+    type Arch = VmplayX86_64;
     type Error = String;
 
     fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
@@ -205,13 +204,13 @@ impl Target for GdbTarget {
 }
 
 impl MultiThreadBase for GdbTarget {
-    fn read_registers(&mut self, regs: &mut X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+    fn read_registers(&mut self, regs: &mut Regs, tid: Tid) -> TargetResult<(), Self> {
         let s = self.vm.state(vcpu_of(tid)).map_err(non_fatal)?;
         regs::to_gdb(&s, regs);
         Ok(())
     }
 
-    fn write_registers(&mut self, regs: &X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+    fn write_registers(&mut self, regs: &Regs, tid: Tid) -> TargetResult<(), Self> {
         let v = vcpu_of(tid);
         let mut s = self.vm.state(v).map_err(non_fatal)?;
         regs::from_gdb(regs, &mut s);

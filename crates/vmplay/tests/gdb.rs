@@ -188,6 +188,7 @@ fn break_step_watch_detach(accel: &str) {
         "p/x $pc".into(),
         format!("p/x {counter}"),
         "info registers rip".into(),
+        "info registers efer".into(),
         // The load of the counter (0) into rax.
         "stepi".into(),
         "p/x $pc".into(),
@@ -223,6 +224,10 @@ fn break_step_watch_detach(accel: &str) {
          with a watchpoint: pc after the watched store, the counter stored\n{context}"
     );
     assert!(out.contains("Breakpoint 1, "), "{context}");
+    assert!(
+        out.contains("efer           0x500 "),
+        "system registers are in the description (EFER.LME|LMA)\n{context}"
+    );
     assert!(
         out.contains(&format!("rip            {:#x}", t.bump)),
         "{context}"
