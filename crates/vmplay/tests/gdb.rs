@@ -212,6 +212,8 @@ fn break_step_watch_detach(accel: &str) {
     } else {
         0x103
     };
+    // QEMU's xp: the counter's bytes at its physical address.
+    commands.push(format!("monitor xp {:#x} 8", t.counter));
     commands.push("detach".into());
     let out = gdb_batch(&gdb, &vm.addr, &commands);
     let (code, stdout, stderr) = vm.finish();
@@ -224,6 +226,11 @@ fn break_step_watch_detach(accel: &str) {
          with a watchpoint: pc after the watched store, the counter stored\n{context}"
     );
     assert!(out.contains("Breakpoint 1, "), "{context}");
+    let xp = if watch { "00 02 00" } else { "00 00 00" };
+    assert!(
+        out.contains(&format!("{:016x}: {xp} 00 00 00 00 00", t.counter)),
+        "monitor xp shows the counter\n{context}"
+    );
     assert!(
         out.contains("efer           0x500 "),
         "system registers are in the description (EFER.LME|LMA)\n{context}"
@@ -474,4 +481,51 @@ fn gdb_interrupts_and_kills_over_a_unix_socket_on_emu() {
         "{context}"
     );
     assert!(!sock.exists(), "the socket is removed at exit\n{context}");
+}
+
+/// `hbreak` (a hardware breakpoint on either backend) stops like `break`.
+fn hardware_breakpoint(accel: &str) {
+    let Some(gdb) = host_tool("gdb") else {
+        return;
+    };
+    let t = vmplay_guests::gdb_target();
+    let dir = TempDir::new();
+    let kernel = dir.file("gdb-target.elf", &t.image);
+    let vm = start(&kernel, accel, true, &["--memory", "64M"]);
+    let out = gdb_batch(
+        &gdb,
+        &vm.addr,
+        &[
+            format!("hbreak *{:#x}", t.bump),
+            "continue".into(),
+            "p/x $pc".into(),
+            // The second round stops again: resuming does not re-fire at once.
+            "continue".into(),
+            "p/x $pc".into(),
+            format!("p/x *(long *){:#x}", t.counter),
+            "detach".into(),
+        ],
+    );
+    let (code, stdout, stderr) = vm.finish();
+    let context =
+        format!("--- gdb ---\n{out}\n--- vmplay stderr ---\n{stderr}\n--- guest ---\n{stdout}");
+    assert!(out.contains("Hardware assisted breakpoint 1"), "{context}");
+    assert_eq!(printed_values(&out), vec![t.bump, t.bump, 1], "{context}");
+    assert_eq!(
+        stdout, "gdb target\ncounter = 0x0000000000000003\n",
+        "{context}"
+    );
+    assert_eq!(code, 1, "{context}");
+}
+
+#[test]
+fn gdb_hardware_breakpoint_on_emu() {
+    hardware_breakpoint("emu");
+}
+
+#[test]
+fn gdb_hardware_breakpoint_on_kvm() {
+    if !skip_without_kvm() {
+        hardware_breakpoint("kvm");
+    }
 }
