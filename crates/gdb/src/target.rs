@@ -333,9 +333,28 @@ fn remove<T: PartialEq>(list: &mut Vec<T>, x: &T) -> bool {
     list.len() != before
 }
 
+impl GdbTarget {
+    /// Adds with `change` and gives every vCPU the result at once: a
+    /// backend that cannot do it says so now, and gdb hears "cannot
+    /// insert" (not a broken session at the next continue).
+    fn try_add(&mut self, change: impl FnOnce(&mut GuestDebug) -> bool) -> bool {
+        let before = self.debug.clone();
+        if !change(&mut self.debug) {
+            return false;
+        }
+        if let Err(e) = self.apply() {
+            tracing::info!("gdb: the backend refused: {e}");
+            self.debug = before;
+            let _ = self.apply();
+            return false;
+        }
+        true
+    }
+}
+
 impl SwBreakpoint for GdbTarget {
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        Ok(add(&mut self.debug.sw_breakpoints, addr))
+        Ok(self.try_add(|d| add(&mut d.sw_breakpoints, addr)))
     }
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         Ok(remove(&mut self.debug.sw_breakpoints, &addr))
@@ -356,7 +375,7 @@ impl HwBreakpoint for GdbTarget {
         if self.hw_used() >= HW_SLOTS {
             return Ok(false);
         }
-        Ok(add(&mut self.debug.hw_breakpoints, addr))
+        Ok(self.try_add(|d| add(&mut d.hw_breakpoints, addr)))
     }
     fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         Ok(remove(&mut self.debug.hw_breakpoints, &addr))
@@ -386,16 +405,7 @@ impl HwWatchpoint for GdbTarget {
             return Ok(false);
         }
         let w = watchpoint(addr, len, kind);
-        // Try it on every vCPU now: a backend that cannot watch this kind
-        // says so here, and gdb hears "cannot set" instead of a silent miss.
-        self.debug.watchpoints.push(w);
-        if let Err(e) = self.apply() {
-            tracing::debug!("gdb: watchpoint refused: {e}");
-            self.debug.watchpoints.pop();
-            let _ = self.apply();
-            return Ok(false);
-        }
-        Ok(true)
+        Ok(self.try_add(|d| add(&mut d.watchpoints, w)))
     }
     fn remove_hw_watchpoint(
         &mut self,

@@ -114,6 +114,12 @@ impl VcpuDebug {
         let free = 4 - self.slots.len();
         let (soft, int3) = d.sw_breakpoints.split_at(d.sw_breakpoints.len().min(free));
         self.slots.extend(soft.iter().map(|&a| Slot::Soft(a)));
+        if !int3.is_empty() && host_is_pvm() {
+            return Err(Error::Unsupported(format!(
+                "kvm_pvm cannot run a planted int3: {} breakpoints, 4 debug registers",
+                d.sw_breakpoints.len() + d.hw_breakpoints.len() + d.watchpoints.len()
+            )));
+        }
         self.debug.sw_breakpoints = int3.to_vec();
         sync_planted(fd, memory, planted, int3)?;
         if self.at_breakpoint.is_some_and(|a| !int3.contains(&a)) {
@@ -280,6 +286,12 @@ impl VcpuDebug {
             ))),
         }
     }
+}
+
+/// kvm_pvm emulates the guest's ring 0 and fails on a planted `int3`
+/// (KVM internal error, emulation failed).
+fn host_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
 fn write_byte(memory: &GuestMemory, gpa: u64, b: u8) -> Result<()> {
