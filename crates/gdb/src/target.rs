@@ -250,6 +250,7 @@ impl MultiThreadResume for GdbTarget {
             return Ok(());
         }
         self.apply()?;
+        tracing::debug!(step = ?self.step, locked = self.locked, "gdb: resuming the VM");
         // A step runs its vCPU alone (as QEMU does): the others stay put.
         if let Some(v) = self.step {
             return self.vm.resume_one(v);

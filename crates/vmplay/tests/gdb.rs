@@ -417,7 +417,8 @@ fn gdb_interrupts_and_kills_over_a_unix_socket_on_emu() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env_remove("VMPLAY_LOG")
+        // The stub says when gdb's continue reached it.
+        .env("VMPLAY_LOG", "warn,vmplay_gdb=debug")
         .spawn()
         .expect("start vmplay");
     let stdout = lines(vm.stdout.take().expect("stdout"));
@@ -440,7 +441,21 @@ fn gdb_interrupts_and_kills_over_a_unix_socket_on_emu() {
     let gdb_out = lines(session.stdout.take().expect("gdb stdout"));
     let gdb_err = lines(session.stderr.take().expect("gdb stderr"));
     // gdb attached (the VM stopped) and continued: now interrupt it.
-    std::thread::sleep(Duration::from_secs(2));
+    let mut seen = Vec::new();
+    while !seen
+        .last()
+        .is_some_and(|l: &String| l.contains("gdb: resuming the VM"))
+    {
+        match stderr.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = (session.kill(), vm.kill());
+                panic!("gdb never continued:\n{}", seen.join("\n"));
+            }
+        }
+    }
+    // Let the guest spin a little under gdb's continue.
+    std::thread::sleep(Duration::from_millis(300));
     let sent = Command::new("kill")
         .args(["-INT", &session.id().to_string()])
         .status()
@@ -463,7 +478,7 @@ fn gdb_interrupts_and_kills_over_a_unix_socket_on_emu() {
     };
     let out: Vec<String> = gdb_out.iter().chain(gdb_err.iter()).collect();
     let out = out.join("\n");
-    let err: Vec<String> = stderr.iter().collect();
+    let err: Vec<String> = seen.into_iter().chain(stderr.iter()).collect();
     let context = format!(
         "--- gdb ---\n{out}\n--- vmplay stderr ---\n{}",
         err.join("\n")
