@@ -263,6 +263,44 @@ mod tests {
     }
 
     #[test]
+    fn watchpoint_sees_a_rep_string_store_that_starts_before_it() {
+        let mut g = Guest::new(1);
+        let stos = CODE;
+        let next = stos + g.code(64, stos, |a| a.rep().stosq().unwrap()) as u64;
+        g.code(64, next, |a| a.hlt().unwrap());
+        let mut s = g.long_mode(CODE);
+        // 64 qwords from VAR - 0x100: the watched one (VAR + 0x80) is in
+        // the middle of the second page's chunk.
+        (s.gpr[0], s.gpr[1], s.gpr[7]) = (7, 64, VAR - 0x100);
+        g.vcpu.set_state(&s).unwrap();
+        let w = Watchpoint {
+            addr: VAR + 0x80,
+            len: 8,
+            kind: WatchKind::Write,
+        };
+        g.vcpu
+            .set_guest_debug(&debug(|d| d.watchpoints = vec![w]))
+            .unwrap();
+        assert_eq!(
+            g.run().end,
+            End::Debug(DebugEvent::Watchpoint {
+                addr: VAR + 0x80,
+                kind: WatchKind::Write
+            })
+        );
+        assert_eq!(g.read_u64(VAR + 0x80), 7);
+        assert_eq!(
+            g.read_u64(VAR + 0x88),
+            0,
+            "stopped right after the watched element"
+        );
+        g.vcpu.set_guest_debug(&GuestDebug::default()).unwrap();
+        assert_eq!(g.run().end, End::Halt);
+        assert_eq!(g.state().gpr[1], 0, "the string finished");
+        assert_eq!(g.read_u64(VAR + 0xf8), 7);
+    }
+
+    #[test]
     fn debugger_translation_has_no_side_effects() {
         let mut g = Guest::new(1);
         let at = program(&mut g);

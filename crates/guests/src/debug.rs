@@ -20,6 +20,8 @@ pub struct GdbTarget {
     pub bump_step: u64,
     /// The address after `bump`'s store (where a write watchpoint stops).
     pub bump_after_store: u64,
+    /// The immediate byte of `bump`'s `add rax, 1` (a debugger patches it).
+    pub bump_add_imm: u64,
     /// The 8-byte counter `bump` increments.
     pub counter: u64,
 }
@@ -29,7 +31,7 @@ pub struct GdbTarget {
 /// [`GDB_TARGET_ROUNDS`] times, prints `counter = 0x<16 hex digits>\n`
 /// and debug-exits 0 (status 1). Undisturbed, the counter ends at 3.
 pub fn gdb_target() -> GdbTarget {
-    let mut addrs = (0, 0, 0, 0);
+    let mut addrs = (0, 0, 0, 0, 0);
     let image = build_image(|img| {
         let counter = img.zeroed(8, 8);
         let pml4 = img.zeroed(3 * 0x1000, 0x1000);
@@ -44,7 +46,14 @@ pub fn gdb_target() -> GdbTarget {
             a.mov(rax, qword_ptr(counter64))?;
             a.add(rax, 1)?;
             a.mov(qword_ptr(counter64), rax)?;
-            (first, a.assemble(0)?.len() as u64)
+            let all = a.assemble(0)?.len() as u64;
+            let mut a = CodeAssembler::new(64)?;
+            a.add(rax, 1)?;
+            let add = a.assemble(0)?;
+            let mut decoder = iced_x86::Decoder::new(64, &add, iced_x86::DecoderOptions::NONE);
+            let insn = decoder.decode();
+            let imm = decoder.get_constant_offsets(&insn).immediate_offset() as u64;
+            (first, all, imm)
         };
         let bump = img.code64(|a| {
             a.mov(rax, qword_ptr(counter64))?;
@@ -58,6 +67,8 @@ pub fn gdb_target() -> GdbTarget {
             u64::from(bump) + sizes.0,
             u64::from(bump) + sizes.1,
             counter64,
+            // The low byte of the add's immediate.
+            u64::from(bump) + sizes.0 + sizes.2,
         );
         let code64 = img.code64(|a| {
             let mut rt = Runtime64::new(a);
@@ -90,6 +101,7 @@ pub fn gdb_target() -> GdbTarget {
         bump_step: addrs.1,
         bump_after_store: addrs.2,
         counter: addrs.3,
+        bump_add_imm: addrs.4,
     }
 }
 
@@ -140,6 +152,7 @@ mod tests {
     fn gdb_target_addresses_are_inside_the_image() {
         let t = gdb_target();
         assert!(t.bump < t.bump_step && t.bump_step < t.bump_after_store);
+        assert!(t.bump_step < t.bump_add_imm && t.bump_add_imm < t.bump_after_store);
         assert_eq!(t.counter % 8, 0);
         assert!(!t.image.is_empty());
     }

@@ -194,8 +194,11 @@ fn break_step_watch_detach(accel: &str) {
         "p/x $pc".into(),
         "p/x $rax".into(),
         "delete".into(),
-        // bump stores rax + 1.
+        // bump stores rax + 1 ...
         "set var $rax = 0x100".into(),
+        // ... no, rax + 2 from now on: a patch of decoded code (emu must
+        // drop what it decoded from the page).
+        format!("set {{char}} {:#x} = 2", t.bump_add_imm),
     ];
     let mut expected = vec![t.bump, 0, t.bump_step, 0];
     let final_counter = if watch {
@@ -207,10 +210,10 @@ fn break_step_watch_detach(accel: &str) {
             "delete".into(),
             format!("set var {counter} = 0x200"),
         ]);
-        expected.extend([t.bump_after_store, 0x101]);
-        0x202 // two more rounds
+        expected.extend([t.bump_after_store, 0x102]);
+        0x204 // two more rounds of + 2
     } else {
-        0x103
+        0x106
     };
     // QEMU's xp: the counter's bytes at its physical address.
     commands.push(format!("monitor xp {:#x} 8", t.counter));
@@ -245,7 +248,7 @@ fn break_step_watch_detach(accel: &str) {
             "{context}"
         );
         assert!(
-            out.contains("Old value = 0") && out.contains("New value = 257"),
+            out.contains("Old value = 0") && out.contains("New value = 258"),
             "{context}"
         );
     }
