@@ -251,11 +251,13 @@ impl RunningMachine {
     }
 
     /// Lets the guest run on; its clock continues from where it paused.
+    /// Resuming a running machine does nothing.
     pub fn resume(&mut self) -> Result<(), ControlError> {
-        self.set
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .resume_all(self.vm.as_ref())
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.paused {
+            return Ok(());
+        }
+        set.resume_all(self.vm.as_ref())
     }
 
     /// The machine's debugger interface (for `vmplay-gdb`): once per

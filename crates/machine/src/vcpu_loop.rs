@@ -15,6 +15,12 @@
 //! at an instruction boundary. Each command is acknowledged on a shared
 //! response channel. While `Running`, every exit goes to a bus and from
 //! there to a device.
+//!
+//! For a debugger: a `Debug` exit (breakpoint, step, watchpoint) moves
+//! `Running` to `Paused` on the vCPU's own and is announced on the debug
+//! event channel; `VcpuCommand::Debug` requests (registers, address
+//! translation, debug controls) are served in any state without changing
+//! it, answered on their own channel. `--gdb-wait` starts in `Paused`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -346,5 +352,108 @@ mod tests {
             transition(State::Halted, &Exit),
             (State::Exiting, VcpuResponse::Exited)
         );
+    }
+
+    /// A vCPU that stops for the debugger at once, then would run on.
+    struct StopsForDebugger {
+        runs: Arc<AtomicUsize>,
+        debug: Arc<std::sync::Mutex<Option<GuestDebug>>>,
+    }
+
+    impl Vcpu for StopsForDebugger {
+        fn id(&self) -> u32 {
+            0
+        }
+        fn run(&mut self) -> vmplay_hypervisor::Result<VcpuExit<'_>> {
+            if self.runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Ok(VcpuExit::Debug(DebugEvent::SwBreakpoint));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            Ok(VcpuExit::Interrupted)
+        }
+        fn state(&self) -> vmplay_hypervisor::Result<CpuState> {
+            Ok(CpuState {
+                rip: 0x1234,
+                ..CpuState::default()
+            })
+        }
+        fn set_state(&mut self, _: &CpuState) -> vmplay_hypervisor::Result<()> {
+            Ok(())
+        }
+        fn set_guest_debug(&mut self, d: &GuestDebug) -> vmplay_hypervisor::Result<()> {
+            *self.debug.lock().unwrap() = Some(d.clone());
+            Ok(())
+        }
+        fn kicker(&self) -> Arc<dyn vmplay_hypervisor::VcpuKicker> {
+            struct Nobody;
+            impl vmplay_hypervisor::VcpuKicker for Nobody {
+                fn kick(&self) {}
+            }
+            Arc::new(Nobody)
+        }
+    }
+
+    #[test]
+    fn a_debug_exit_pauses_the_vcpu_and_tells_the_debugger() {
+        let (events_tx, events) = std::sync::mpsc::channel();
+        let ctx = Arc::new(VcpuContext {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            control: VmControl::new(),
+            halted: AtomicUsize::new(0),
+            vcpu_count: 1,
+            counters: Arc::default(),
+            debug_events: events_tx,
+        });
+        let (commands_tx, commands) = std::sync::mpsc::channel();
+        let (responses_tx, responses) = std::sync::mpsc::channel();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let debug = Arc::new(std::sync::Mutex::new(None));
+        let vcpu = Box::new(StopsForDebugger {
+            runs: runs.clone(),
+            debug: debug.clone(),
+        });
+        let thread = {
+            let ctx = ctx.clone();
+            std::thread::spawn(move || {
+                run(
+                    vcpu,
+                    &ctx,
+                    VcpuChannels {
+                        commands,
+                        responses: responses_tx,
+                    },
+                    START_RUNNING,
+                )
+            })
+        };
+        let wait = std::time::Duration::from_secs(5);
+        assert_eq!(events.recv_timeout(wait), Ok((0, DebugEvent::SwBreakpoint)));
+        // Paused: served in place, and no further run meanwhile.
+        let (tx, rx) = std::sync::mpsc::channel();
+        commands_tx
+            .send(VcpuCommand::Debug(DebugRequest::State(tx)))
+            .unwrap();
+        assert_eq!(rx.recv_timeout(wait).unwrap().unwrap().rip, 0x1234);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let step = GuestDebug {
+            single_step: true,
+            ..GuestDebug::default()
+        };
+        commands_tx
+            .send(VcpuCommand::Debug(DebugRequest::SetGuestDebug(
+                step.clone(),
+                tx,
+            )))
+            .unwrap();
+        rx.recv_timeout(wait).unwrap().unwrap();
+        assert_eq!(debug.lock().unwrap().as_ref(), Some(&step));
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "held while paused");
+        commands_tx.send(VcpuCommand::Resume).unwrap();
+        assert_eq!(responses.recv_timeout(wait), Ok((0, VcpuResponse::Resumed)));
+        commands_tx.send(VcpuCommand::Exit).unwrap();
+        assert_eq!(responses.recv_timeout(wait), Ok((0, VcpuResponse::Exited)));
+        thread.join().unwrap();
+        assert!(runs.load(Ordering::SeqCst) > 1, "ran again after Resume");
     }
 }
