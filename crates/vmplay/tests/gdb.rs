@@ -296,7 +296,7 @@ fn gdb_breaks_steps_watches_and_detaches_on_kvm() {
 /// `sync` until the hostname is `gdb`, which only the debugger sets.
 const ATTACH_HOOK: &str = r#"#!/bin/sh
 sym() { grep " $1\$" /proc/kallsyms | cut -d' ' -f1; }
-echo "vmplay-gdb: sync=$(sym __x64_sys_sync) uts=$(sym init_uts_ns)"
+echo "vmplay-gdb: sync=$(sym __x64_sys_sync) uts=$(sym init_uts_ns) jiffies=$(sym jiffies_64)"
 i=0
 while [ "$(hostname)" != gdb ] && [ $i -lt 1200 ]; do sync; sleep 0.1; i=$((i+1)); done
 echo "vmplay-gdb: hostname $(hostname)"
@@ -304,8 +304,8 @@ echo "vmplay-gdb: hostname $(hostname)"
 
 /// A kernel developer's session on a running Debian kernel on emu: attach
 /// (the VM stops), break on a syscall, read registers and kernel memory,
-/// step, write kernel memory (the hostname), detach; the guest sees the
-/// write and powers off.
+/// step, watch `jiffies_64` until the timer tick writes it, write kernel
+/// memory (the hostname), detach; the guest sees the write and powers off.
 #[test]
 fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
     let Some(gdb) = host_tool("gdb") else {
@@ -337,7 +337,7 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
             .filter(|&v| v != 0)
             .unwrap_or_else(|| panic!("no {key} address in {line:?}"))
     };
-    let (sync, uts) = (addr("sync="), addr("uts="));
+    let (sync, uts, jiffies) = (addr("sync="), addr("uts="), addr("jiffies="));
     // struct new_utsname: sysname[65], then nodename.
     let nodename = uts + 65;
     let out = gdb_batch(
@@ -352,6 +352,10 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
             "stepi".into(),
             "p/x $pc".into(),
             "delete".into(),
+            format!("watch *(long *){jiffies:#x}"),
+            "continue".into(),
+            "p/x $pc".into(),
+            "delete".into(),
             format!("set {{char[4]}} {nodename:#x} = \"gdb\""),
             format!("x/s {nodename:#x}"),
             "detach".into(),
@@ -361,7 +365,7 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
     let context =
         format!("--- gdb ---\n{out}\n--- vmplay stderr ---\n{stderr}\n--- guest ---\n{stdout}");
     let values = printed_values(&out);
-    assert_eq!(values.len(), 3, "{context}");
+    assert_eq!(values.len(), 4, "{context}");
     assert_eq!(values[0], sync, "stopped at the breakpoint\n{context}");
     assert_eq!(values[1], 0x10, "kernel code segment\n{context}");
     assert!(
@@ -369,6 +373,16 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
         "one instruction further\n{context}"
     );
     assert!(out.contains("Breakpoint 1, "), "{context}");
+    assert!(
+        out.contains("atchpoint 2: *(long *)")
+            && out.contains("Old value = ")
+            && out.contains("New value = "),
+        "the tick's write to jiffies_64 stops\n{context}"
+    );
+    assert!(
+        values[3] >= 0xffff_ffff_8000_0000,
+        "in kernel text\n{context}"
+    );
     assert!(
         out.contains("\"Linux\""),
         "init_uts_ns starts with sysname\n{context}"
