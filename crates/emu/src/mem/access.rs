@@ -354,10 +354,11 @@ impl Cpu {
     }
 
     fn write_one(&mut self, lin: u64, n: usize, v: u64) -> Res {
+        let target = self.translate(lin, Access::Write)?;
         if self.debug.watching {
             crate::debug::wrote(self, lin, n);
         }
-        match self.translate(lin, Access::Write)? {
+        match target {
             Target::Ram(loc) => {
                 if self.vm.code.is_code(loc.frame) {
                     self.code_written(loc.frame, lin);
