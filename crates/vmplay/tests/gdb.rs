@@ -302,7 +302,7 @@ while [ "$(hostname)" != gdb ] && [ $i -lt 1200 ]; do sync; sleep 0.1; i=$((i+1)
 echo "vmplay-gdb: hostname $(hostname)"
 "#;
 
-/// A kernel developer's session on a running Debian kernel on emu: attach
+/// A kernel developer's session on a running 2-vCPU Debian kernel on emu: attach
 /// (the VM stops), break on a syscall, read registers and kernel memory,
 /// step, watch `jiffies_64` until the timer tick writes it, write kernel
 /// memory (the hostname), detach; the guest sees the write and powers off.
@@ -325,6 +325,8 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
             &initrd,
             "--memory",
             "512M",
+            "--cpus",
+            "2",
             "--cmdline",
             "console=ttyS0 panic=-1",
         ],
@@ -348,6 +350,8 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
             "continue".into(),
             "p/x $pc".into(),
             "p/x $cs".into(),
+            // Both vCPUs are threads, both stopped in the kernel.
+            "info threads".into(),
             format!("x/s {:#x}", uts),
             "stepi".into(),
             "p/x $pc".into(),
@@ -373,6 +377,11 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
         "one instruction further\n{context}"
     );
     assert!(out.contains("Breakpoint 1, "), "{context}");
+    let threads: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("Thread 1.") && l.contains(" 0xffffffff8"))
+        .collect();
+    assert_eq!(threads.len(), 2, "two vCPUs in kernel code\n{context}");
     assert!(
         out.contains("atchpoint 2: *(long *)")
             && out.contains("Old value = ")
