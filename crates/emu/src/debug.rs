@@ -1,13 +1,14 @@
 //! Debugger support: breakpoints, single step and write watchpoints,
-//! without ever writing `int3` into guest memory.
+//! and read watchpoints, without ever writing `int3` into guest memory.
 //!
 //! While anything is set ([`Debug::active`]), the interpreter runs one
 //! instruction per block and calls [`boundary`] before each instruction
 //! and [`retired`] after it (the only hooks in `exec.rs`). Breakpoints
 //! compare the linear address of CS:RIP; a stop at a breakpoint is not
-//! taken again when the vCPU resumes from it. Write watchpoints take
-//! pages they touch out of the TLB's fast write path, so every write to
-//! them reaches [`wrote`] (the check behind one bool in `mem/access.rs`).
+//! taken again when the vCPU resumes from it. Watchpoints take the pages
+//! they touch out of the TLB's fast paths, so every data access to them
+//! reaches [`wrote`] or [`read`] (checks behind one bool in
+//! `mem/access.rs`); instruction fetches are not data accesses.
 
 use vmplay_hypervisor::{DebugEvent, Error, GuestDebug, Result, WatchKind, Watchpoint};
 
@@ -22,7 +23,7 @@ pub struct Debug {
     /// Stop after each instruction (external interrupts wait meanwhile,
     /// as QEMU's gdbstub masks them while stepping).
     pub step: bool,
-    /// Write watchpoints are set: writes to their pages are checked.
+    /// Watchpoints are set: accesses to their pages are checked.
     pub watching: bool,
     sw: Vec<u64>,
     hw: Vec<u64>,
@@ -37,10 +38,10 @@ pub struct Debug {
 
 /// Installs `d` (from `Vcpu::set_guest_debug`).
 pub fn set(cpu: &mut Cpu, d: &GuestDebug) -> Result<()> {
-    if let Some(w) = d.watchpoints.iter().find(|w| w.kind != WatchKind::Write) {
+    if let Some(w) = d.watchpoints.iter().find(|w| w.len == 0) {
         return Err(Error::Unsupported(format!(
-            "emu watches writes only, not {:?} at {:#x}",
-            w.kind, w.addr
+            "an empty watchpoint at {:#x}",
+            w.addr
         )));
     }
     let dbg = &mut cpu.debug;
@@ -55,7 +56,7 @@ pub fn set(cpu: &mut Cpu, d: &GuestDebug) -> Result<()> {
         dbg.hit = None;
         dbg.pending = None;
     }
-    // Write tags installed before may cover watched pages.
+    // Tags installed before may cover watched pages.
     cpu.tlb.flush_all();
     cpu.stop = true;
     Ok(())
@@ -108,7 +109,7 @@ pub fn retired(cpu: &mut Cpu) {
 }
 
 /// Whether a watchpoint lies on the 4 KiB page of `lin` (such pages get
-/// no fast write tag).
+/// no fast read or write tag).
 pub fn watched_page(cpu: &Cpu, lin: u64) -> bool {
     let page = lin & PAGE_MASK;
     cpu.debug.watch.iter().any(|w| {
@@ -119,12 +120,21 @@ pub fn watched_page(cpu: &Cpu, lin: u64) -> bool {
 
 /// A write of `n` bytes at linear `lin` is about to happen.
 pub fn wrote(cpu: &mut Cpu, lin: u64, n: usize) {
+    hit(cpu, lin, n, |k| k != WatchKind::Read);
+}
+
+/// `n` bytes at linear `lin` were read.
+pub fn read(cpu: &mut Cpu, lin: u64, n: usize) {
+    hit(cpu, lin, n, |k| k != WatchKind::Write);
+}
+
+fn hit(cpu: &mut Cpu, lin: u64, n: usize, kind: impl Fn(WatchKind) -> bool) {
     let end = lin.wrapping_add(n as u64);
     if let Some(w) = cpu
         .debug
         .watch
         .iter()
-        .find(|w| lin < w.addr.wrapping_add(w.len) && w.addr < end)
+        .find(|w| kind(w.kind) && lin < w.addr.wrapping_add(w.len) && w.addr < end)
     {
         cpu.debug.hit.get_or_insert(*w);
         cpu.stop = true;
@@ -224,16 +234,53 @@ mod tests {
         assert_eq!(g.state().rip, at[5]);
         assert_eq!(g.read_u64(VAR), 3);
         assert_eq!(g.run().end, End::Halt);
-        let read = Watchpoint {
-            kind: WatchKind::Read,
-            ..w
+    }
+
+    #[test]
+    fn read_and_access_watchpoints_stop_after_the_reading_instruction() {
+        let mut g = Guest::new(1);
+        let load = CODE;
+        let store = load + g.code(64, load, |a| a.mov(rax, qword_ptr(VAR + 4)).unwrap()) as u64;
+        let end = store + g.code(64, store, |a| a.mov(qword_ptr(VAR), rbx).unwrap()) as u64;
+        g.code(64, end, |a| a.hlt().unwrap());
+        g.write_u64(VAR, 0x1111_2222_3333_4444);
+        let s = g.long_mode(CODE);
+        g.vcpu.set_state(&s).unwrap();
+        let watch = |kind| Watchpoint {
+            addr: VAR,
+            len: 8,
+            kind,
         };
-        assert!(
-            g.vcpu
-                .set_guest_debug(&debug(|d| d.watchpoints = vec![read]))
-                .is_err(),
-            "emu cannot watch reads and says so"
+        // A read of VAR+4..VAR+12 overlaps the watched VAR..VAR+8.
+        g.vcpu
+            .set_guest_debug(&debug(|d| d.watchpoints = vec![watch(WatchKind::Read)]))
+            .unwrap();
+        assert_eq!(
+            g.run().end,
+            End::Debug(DebugEvent::Watchpoint {
+                addr: VAR,
+                kind: WatchKind::Read
+            })
         );
+        assert_eq!((g.state().rip, g.state().gpr[0]), (store, 0x1111_2222));
+        // A read watchpoint ignores the store; an access one sees it.
+        g.vcpu
+            .set_guest_debug(&debug(|d| {
+                d.watchpoints = vec![watch(WatchKind::ReadWrite)]
+            }))
+            .unwrap();
+        assert_eq!(
+            g.run().end,
+            End::Debug(DebugEvent::Watchpoint {
+                addr: VAR,
+                kind: WatchKind::ReadWrite
+            })
+        );
+        assert_eq!(g.state().rip, end);
+        g.vcpu
+            .set_guest_debug(&debug(|d| d.watchpoints = vec![watch(WatchKind::Read)]))
+            .unwrap();
+        assert_eq!(g.run().end, End::Halt);
     }
 
     #[test]

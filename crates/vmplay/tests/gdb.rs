@@ -570,3 +570,51 @@ fn gdb_hardware_breakpoint_on_kvm() {
         hardware_breakpoint("kvm");
     }
 }
+
+/// `rwatch` stops after the instruction that reads the counter.
+fn read_watchpoint(accel: &str) {
+    let Some(gdb) = host_tool("gdb") else {
+        return;
+    };
+    if !data_breakpoints_work(accel) {
+        return;
+    }
+    let t = vmplay_guests::gdb_target();
+    let dir = TempDir::new();
+    let kernel = dir.file("gdb-target.elf", &t.image);
+    let vm = start(&kernel, accel, true, &["--memory", "64M"]);
+    let out = gdb_batch(
+        &gdb,
+        &vm.addr,
+        &[
+            format!("rwatch *(long *){:#x}", t.counter),
+            "continue".into(),
+            "p/x $pc".into(),
+            "delete".into(),
+            "detach".into(),
+        ],
+    );
+    let (code, stdout, stderr) = vm.finish();
+    let context =
+        format!("--- gdb ---\n{out}\n--- vmplay stderr ---\n{stderr}\n--- guest ---\n{stdout}");
+    assert!(out.contains("Hardware read watchpoint 1"), "{context}");
+    assert!(out.contains("Value = 0"), "{context}");
+    assert_eq!(printed_values(&out), vec![t.bump_step], "{context}");
+    assert_eq!(
+        stdout, "gdb target\ncounter = 0x0000000000000003\n",
+        "{context}"
+    );
+    assert_eq!(code, 1, "{context}");
+}
+
+#[test]
+fn gdb_read_watchpoint_on_emu() {
+    read_watchpoint("emu");
+}
+
+#[test]
+fn gdb_read_watchpoint_on_kvm() {
+    if !skip_without_kvm() {
+        read_watchpoint("kvm");
+    }
+}

@@ -276,7 +276,9 @@ impl Cpu {
             }
         }
         let wp = self.cr0 & CR0_WP != 0;
-        let read_ok = !user || w.user;
+        // Watched pages keep every data access on the slow path.
+        let watched = self.debug.watching && crate::debug::watched_page(self, lin);
+        let read_ok = (!user || w.user) && !watched;
         let write_ok = w.dirty
             && if user {
                 w.user && w.write
@@ -284,7 +286,7 @@ impl Cpu {
                 w.write || !wp
             }
             && !self.vm.code.is_code(loc.frame)
-            && !(self.debug.watching && crate::debug::watched_page(self, lin));
+            && !watched;
         let exec_ok = !w.nx && (!user || w.user);
         let tag = |ok: bool| if ok { page } else { u64::MAX };
         *self.tlb.entry_mut(lin) = TlbEntry {
@@ -318,6 +320,15 @@ impl Cpu {
     #[cold]
     #[inline(never)]
     pub fn read_slow(&mut self, lin: u64, n: usize, acc: Access) -> Res<u64> {
+        let v = self.read_slow_inner(lin, n, acc)?;
+        if self.debug.watching {
+            crate::debug::read(self, lin, n);
+        }
+        Ok(v)
+    }
+
+    #[inline(always)]
+    fn read_slow_inner(&mut self, lin: u64, n: usize, acc: Access) -> Res<u64> {
         if (lin & 0xfff) as usize + n > 0x1000 {
             let mut v = 0u64;
             for k in 0..n {
