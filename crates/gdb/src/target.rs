@@ -170,13 +170,22 @@ impl GdbTarget {
         vcpu: u32,
         event: DebugEvent,
     ) -> Result<MultiThreadStopReason<u64>, String> {
+        self.stop_all()?;
+        self.last = vcpu;
+        Ok(self.stop_reason(vcpu, event))
+    }
+}
+
+impl GdbTarget {
+    /// Stops every vCPU; stops that raced with this one are kept for the
+    /// next resume, which reports them instead of running.
+    fn stop_all(&mut self) -> Result<(), String> {
         self.vm.pause_all()?;
         while let Some(VmEvent::Debug { vcpu, event }) = self.vm.wait_event(Duration::ZERO) {
             self.pending.push_back((vcpu, event));
         }
         self.step = None;
-        self.last = vcpu;
-        Ok(self.stop_reason(vcpu, event))
+        Ok(())
     }
 }
 
@@ -515,11 +524,184 @@ impl run_blocking::BlockingEventLoop for EventLoop {
     }
 
     fn on_interrupt(target: &mut GdbTarget) -> Result<Option<Self::StopReason>, String> {
-        target.vm.pause_all()?;
-        target.step = None;
+        target.stop_all()?;
         Ok(Some(MultiThreadStopReason::SignalWithThread {
             tid: tid(target.last),
             signal: Signal::SIGINT,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use gdbstub::stub::run_blocking::{BlockingEventLoop, Event};
+    use vmplay_hypervisor::CpuState;
+
+    use super::*;
+
+    /// A VM that records what the stub asks and replays scripted events.
+    struct Mock {
+        log: Arc<Mutex<Vec<String>>>,
+        events: VecDeque<VmEvent>,
+        refuse_watchpoints: bool,
+    }
+
+    impl Debuggable for Mock {
+        fn vcpu_count(&self) -> u32 {
+            2
+        }
+        fn pause_all(&mut self) -> Result<(), String> {
+            self.log.lock().unwrap().push("pause_all".into());
+            Ok(())
+        }
+        fn resume_all(&mut self) -> Result<(), String> {
+            self.log.lock().unwrap().push("resume_all".into());
+            Ok(())
+        }
+        fn resume_one(&mut self, vcpu: u32) -> Result<(), String> {
+            self.log.lock().unwrap().push(format!("resume_one {vcpu}"));
+            Ok(())
+        }
+        fn state(&mut self, _: u32) -> Result<CpuState, String> {
+            Ok(CpuState::default())
+        }
+        fn set_state(&mut self, _: u32, _: &CpuState) -> Result<(), String> {
+            Ok(())
+        }
+        fn read_virt(&mut self, _: u32, _: u64, _: &mut [u8]) -> Result<usize, String> {
+            Ok(0)
+        }
+        fn write_virt(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), String> {
+            Ok(())
+        }
+        fn read_phys(&mut self, _: u64, _: &mut [u8]) -> Result<usize, String> {
+            Ok(0)
+        }
+        fn set_guest_debug(&mut self, vcpu: u32, d: &GuestDebug) -> Result<(), String> {
+            if self.refuse_watchpoints && !d.watchpoints.is_empty() {
+                return Err("no watchpoints here".into());
+            }
+            self.log.lock().unwrap().push(format!(
+                "debug {vcpu} step={} sw={:x?}",
+                d.single_step, d.sw_breakpoints
+            ));
+            Ok(())
+        }
+        fn wait_event(&mut self, _: Duration) -> Option<VmEvent> {
+            self.events.pop_front()
+        }
+        fn kill(&mut self) {}
+    }
+
+    /// A gdb that sends nothing while the VM runs.
+    struct Quiet;
+
+    impl Connection for Quiet {
+        type Error = std::io::Error;
+        fn write(&mut self, _: u8) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl ConnectionExt for Quiet {
+        fn read(&mut self) -> std::io::Result<u8> {
+            Err(std::io::ErrorKind::UnexpectedEof.into())
+        }
+        fn peek(&mut self) -> std::io::Result<Option<u8>> {
+            Ok(None)
+        }
+    }
+
+    fn target(events: Vec<VmEvent>) -> (GdbTarget, Arc<Mutex<Vec<String>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mock = Mock {
+            log: log.clone(),
+            events: events.into(),
+            refuse_watchpoints: true,
+        };
+        (GdbTarget::new(Box::new(mock)), log)
+    }
+
+    fn wait(t: &mut GdbTarget) -> MultiThreadStopReason<u64> {
+        let mut conn: Box<dyn ConnectionExt<Error = std::io::Error>> = Box::new(Quiet);
+        match EventLoop::wait_for_stop_reason(t, &mut conn) {
+            Ok(Event::TargetStopped(r)) => r,
+            _ => panic!("expected a stop"),
+        }
+    }
+
+    fn tid_of(v: u32) -> Tid {
+        tid(v)
+    }
+
+    #[test]
+    fn a_stop_that_raced_is_reported_before_running_again() {
+        let bp = DebugEvent::SwBreakpoint;
+        let (mut t, log) = target(vec![
+            VmEvent::Debug { vcpu: 0, event: bp },
+            VmEvent::Debug { vcpu: 1, event: bp },
+        ]);
+        assert_eq!(wait(&mut t), MultiThreadStopReason::SwBreak(tid_of(0)));
+        assert_eq!(log.lock().unwrap().as_slice(), ["pause_all"]);
+        log.lock().unwrap().clear();
+        t.resume().unwrap();
+        assert!(
+            log.lock().unwrap().is_empty(),
+            "vCPU 1's stop is still unreported"
+        );
+        assert_eq!(wait(&mut t), MultiThreadStopReason::SwBreak(tid_of(1)));
+        t.resume().unwrap();
+        assert_eq!(log.lock().unwrap().as_slice(), ["resume_all"]);
+    }
+
+    #[test]
+    fn a_step_runs_its_vcpu_alone_with_the_breakpoints() {
+        let (mut t, log) = target(vec![VmEvent::Debug {
+            vcpu: 1,
+            event: DebugEvent::Step,
+        }]);
+        assert!(matches!(t.add_sw_breakpoint(0x1000, 1), Ok(true)));
+        t.clear_resume_actions().unwrap();
+        t.set_resume_action_step(tid_of(1), None).unwrap();
+        t.resume().unwrap();
+        assert_eq!(
+            log.lock().unwrap().as_slice(),
+            [
+                "debug 0 step=false sw=[1000]",
+                "debug 1 step=false sw=[1000]",
+                "debug 1 step=true sw=[1000]",
+                "resume_one 1",
+            ]
+        );
+        assert_eq!(
+            wait(&mut t),
+            MultiThreadStopReason::SignalWithThread {
+                tid: tid_of(1),
+                signal: Signal::SIGTRAP
+            }
+        );
+    }
+
+    #[test]
+    fn a_refused_watchpoint_is_cannot_insert_not_a_broken_session() {
+        let (mut t, _) = target(vec![]);
+        assert!(matches!(
+            t.add_hw_watchpoint(0x2000, 8, GdbWatchKind::Write),
+            Ok(false)
+        ));
+        assert!(t.debug.watchpoints.is_empty());
+        assert!(
+            matches!(
+                t.add_hw_watchpoint(0x2000, 3, GdbWatchKind::Write),
+                Ok(false)
+            ),
+            "odd lengths are refused"
+        );
+        t.resume().unwrap();
     }
 }
