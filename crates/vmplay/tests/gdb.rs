@@ -229,6 +229,13 @@ fn break_step_watch_detach(accel: &str) {
          with a watchpoint: pc after the watched store, the counter stored\n{context}"
     );
     assert!(out.contains("Breakpoint 1, "), "{context}");
+    // --gdb-wait: gdb found the vCPU before the guest's first instruction.
+    let entry = u32::from_le_bytes(t.image[24..28].try_into().expect("ELF32 e_entry"));
+    assert_eq!(
+        out.lines().find(|l| l.ends_with(" in ?? ()")),
+        Some(format!("{entry:#018x} in ?? ()").as_str()),
+        "{context}"
+    );
     let xp = if watch { "00 02 00" } else { "00 00 00" };
     assert!(
         out.contains(&format!("{:016x}: {xp} 00 00 00 00 00", t.counter)),
