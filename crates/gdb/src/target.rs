@@ -457,10 +457,15 @@ impl MonitorCmd for GdbTarget {
                         for (i, line) in buf[..n].chunks(16).enumerate() {
                             let hex: Vec<String> =
                                 line.iter().map(|b| format!("{b:02x}")).collect();
-                            outputln!(out, "{:016x}: {}", addr + 16 * i as u64, hex.join(" "));
+                            outputln!(
+                                out,
+                                "{:016x}: {}",
+                                addr.wrapping_add(16 * i as u64),
+                                hex.join(" ")
+                            );
                         }
                         if n < buf.len() {
-                            outputln!(out, "(not RAM from {:#x})", addr + n as u64);
+                            outputln!(out, "(not RAM from {:#x})", addr.wrapping_add(n as u64));
                         }
                     }
                     Err(e) => outputln!(out, "error: {e}"),
