@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use kvm_bindings::{
-    KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
-    KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch, kvm_guest_debug,
+    KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch, kvm_guest_debug,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
@@ -130,6 +130,12 @@ impl VcpuDebug {
 
     /// `KVM_SET_GUEST_DEBUG` for the current lists, stepping if `step`.
     fn load(&mut self, fd: &VcpuFd, step: bool) -> Result<()> {
+        self.load_with(fd, step, 0)
+    }
+
+    /// [`VcpuDebug::load`] with one-shot `extra` control bits (an
+    /// injected exception).
+    fn load_with(&mut self, fd: &VcpuFd, step: bool, extra: u32) -> Result<()> {
         let mut g = kvm_guest_debug::default();
         let d = &self.debug;
         if !d.is_empty() || !self.slots.is_empty() || step {
@@ -169,6 +175,7 @@ impl VcpuDebug {
                 // GE and LE (exact data breakpoints), bit 10 always 1.
                 g.arch.debugreg[7] = dr7 | 0x700;
             }
+            g.control |= extra;
         }
         match fd.set_guest_debug(&g) {
             Ok(()) => Ok(()),
@@ -242,19 +249,22 @@ impl VcpuDebug {
         }
         match arch.exception {
             BP_VECTOR => {
+                // Ours whether or not this KVM left RIP after the int3.
+                let ours = [arch.pc, arch.pc.wrapping_sub(1)]
+                    .into_iter()
+                    .find(|&a| planted.original(a).is_some());
+                let Some(pc) = ours else {
+                    // The guest's own int3: it gets its #BP, the debugger
+                    // hears nothing.
+                    self.load_with(fd, self.debug.single_step, KVM_GUESTDBG_INJECT_BP)?;
+                    return Ok(VcpuExit::Interrupted);
+                };
                 let mut regs = fd.get_regs().map_err(|e| fail("KVM_GET_REGS", e))?;
                 let cs = fd
                     .get_sregs()
                     .map_err(|e| fail("KVM_GET_SREGS", e))?
                     .cs
                     .base;
-                // Report the breakpoint's address whether or not this KVM
-                // left RIP after the int3.
-                let pc = if planted.original(arch.pc).is_some() {
-                    arch.pc
-                } else {
-                    arch.pc.wrapping_sub(1)
-                };
                 if cs.wrapping_add(regs.rip) != pc {
                     regs.rip = pc.wrapping_sub(cs);
                     fd.set_regs(&regs).map_err(|e| fail("KVM_SET_REGS", e))?;
