@@ -13,8 +13,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use kvm_bindings::{
-    KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch, kvm_guest_debug,
+    KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_INJECT_DB,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch,
+    kvm_guest_debug,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
@@ -272,7 +273,9 @@ impl VcpuDebug {
                 self.at_breakpoint = Some(pc);
                 Ok(VcpuExit::Debug(DebugEvent::SwBreakpoint))
             }
-            DB_VECTOR if arch.dr6 & DR6_BS != 0 => Ok(VcpuExit::Debug(DebugEvent::Step)),
+            DB_VECTOR if arch.dr6 & DR6_BS != 0 && self.debug.single_step => {
+                Ok(VcpuExit::Debug(DebugEvent::Step))
+            }
             DB_VECTOR => {
                 let hit = (0..4).find(|i| arch.dr6 & (1 << i) != 0);
                 match hit.and_then(|i| self.slots.get(i)) {
@@ -287,7 +290,12 @@ impl VcpuDebug {
                     Some(&Slot::Watch { addr, kind }) => {
                         Ok(VcpuExit::Debug(DebugEvent::Watchpoint { addr, kind }))
                     }
-                    None => Ok(VcpuExit::Debug(DebugEvent::Step)),
+                    // The guest's own single step or debug registers:
+                    // its #DB, not the debugger's.
+                    None => {
+                        self.load_with(fd, self.debug.single_step, KVM_GUESTDBG_INJECT_DB)?;
+                        Ok(VcpuExit::Interrupted)
+                    }
                 }
             }
             other => Ok(VcpuExit::InternalError(format!(
