@@ -363,6 +363,9 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
             "stepi".into(),
             "p/x $pc".into(),
             "delete".into(),
+            // Two seconds stopped: the guest's clock stops with it, so the
+            // next tick adds one jiffy, not a burst for the time away.
+            "shell sleep 2".into(),
             format!("watch *(long *){jiffies:#x}"),
             "continue".into(),
             "p/x $pc".into(),
@@ -398,6 +401,17 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
     assert!(
         values[3] >= 0xffff_ffff_8000_0000,
         "in kernel text\n{context}"
+    );
+    let jiffy = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {key:?}\n{context}"))
+    };
+    let ticks = jiffy("New value = ").wrapping_sub(jiffy("Old value = "));
+    assert!(
+        (1..=2).contains(&ticks),
+        "one tick after a 2 s stop, not {ticks}\n{context}"
     );
     assert!(
         out.contains("\"Linux\""),
