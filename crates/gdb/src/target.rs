@@ -111,6 +111,8 @@ impl GdbTarget {
             tracing::warn!("gdb: cannot stop the VM: {e}");
             return SessionEnd::Over;
         }
+        // A stop that raced with the last detach is nobody's any more.
+        while let Some(VmEvent::Debug { .. }) = self.vm.wait_event(Duration::ZERO) {}
         self.step = None;
         let stub = GdbStub::new(conn);
         let end = match stub.run_blocking::<EventLoop>(self) {
