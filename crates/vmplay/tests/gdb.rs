@@ -639,3 +639,28 @@ fn gdb_read_watchpoint_on_kvm() {
         read_watchpoint("kvm");
     }
 }
+
+/// gdb detaches and the guest runs on; a second gdb attaches to the same
+/// stub later and kills the VM.
+#[test]
+fn a_second_gdb_attaches_after_the_first_detached_on_emu() {
+    let Some(gdb) = host_tool("gdb") else {
+        return;
+    };
+    let dir = TempDir::new();
+    let kernel = dir.file("spin.elf", &ready_then_spin());
+    let mut vm = start(&kernel, "emu", false, &["--memory", "64M"]);
+    vm.console_line("ready", Duration::from_secs(30));
+    let first = gdb_batch(&gdb, &vm.addr, &["p/x $pc".into(), "detach".into()]);
+    assert!(first.contains("detached"), "{first}");
+    let second = gdb_batch(&gdb, &vm.addr, &["p/x $pc".into(), "kill".into()]);
+    let (code, stdout, stderr) = vm.finish();
+    let context = format!(
+        "--- first gdb ---\n{first}\n--- second gdb ---\n{second}\n--- vmplay stderr ---\n\
+         {stderr}\n--- guest ---\n{stdout}"
+    );
+    assert_eq!(printed_values(&first).len(), 1, "{context}");
+    assert_eq!(printed_values(&second).len(), 1, "{context}");
+    assert_eq!(code, 1, "{context}");
+    assert!(stderr.contains("killed from gdb"), "{context}");
+}
