@@ -409,9 +409,11 @@ fn gdb_attaches_to_a_running_debian_kernel_on_emu() {
             .unwrap_or_else(|| panic!("no {key:?}\n{context}"))
     };
     let ticks = jiffy("New value = ").wrapping_sub(jiffy("Old value = "));
+    // Debian's HZ is 250: a burst for the 2 s away would be ~500 jiffies.
+    // A loaded host may delay one tick by a few; never by 200 ms.
     assert!(
-        (1..=2).contains(&ticks),
-        "one tick after a 2 s stop, not {ticks}\n{context}"
+        (1..50).contains(&ticks),
+        "about one tick after a 2 s stop, not {ticks}\n{context}"
     );
     assert!(
         out.contains("\"Linux\""),
