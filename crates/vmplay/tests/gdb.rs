@@ -217,6 +217,8 @@ fn break_step_watch_detach(accel: &str) {
     };
     // QEMU's xp: the counter's bytes at its physical address.
     commands.push(format!("monitor xp {:#x} 8", t.counter));
+    // The full dump, with what gdb's registers leave out.
+    commands.push("monitor regs".into());
     commands.push("detach".into());
     let out = gdb_batch(&gdb, &vm.addr, &commands);
     let (code, stdout, stderr) = vm.finish();
@@ -235,6 +237,10 @@ fn break_step_watch_detach(accel: &str) {
         out.lines().find(|l| l.ends_with(" in ?? ()")),
         Some(format!("{entry:#018x} in ?? ()").as_str()),
         "{context}"
+    );
+    assert!(
+        out.contains("efer=500") && out.contains("gdt=") && out.contains("tr  ="),
+        "monitor regs\n{context}"
     );
     let xp = if watch { "00 02 00" } else { "00 00 00" };
     assert!(
