@@ -1,5 +1,5 @@
-//! Debugger support: breakpoints, single step and write watchpoints,
-//! and read watchpoints, without ever writing `int3` into guest memory.
+//! Debugger support: breakpoints, single step and watchpoints (write,
+//! read, access), without ever writing `int3` into guest memory.
 //!
 //! While anything is set ([`Debug::active`]), the interpreter runs one
 //! instruction per block and calls [`boundary`] before each instruction
@@ -30,7 +30,7 @@ pub struct Debug {
     watch: Vec<Watchpoint>,
     /// The breakpoint the vCPU last stopped at: resuming runs it.
     skip: Option<u64>,
-    /// A watched write by the instruction now running.
+    /// A watched access by the instruction now running.
     hit: Option<Watchpoint>,
     /// A stop to report at the next boundary.
     pending: Option<DebugEvent>,
@@ -68,11 +68,11 @@ fn linear_pc(cpu: &Cpu) -> u64 {
 
 /// Before an instruction: a stop to report, if any.
 pub fn boundary(cpu: &mut Cpu) -> Option<DebugEvent> {
+    let pc = linear_pc(cpu);
     let dbg = &mut cpu.debug;
     if let Some(ev) = dbg.pending.take() {
         return Some(ev);
     }
-    let pc = cpu.seg[CS].base.wrapping_add(cpu.gpr[crate::cpu::RIP]) & cpu.lin_mask;
     if dbg.skip == Some(pc) {
         return None;
     }
@@ -95,6 +95,7 @@ pub fn retired(cpu: &mut Cpu) {
     let dbg = &mut cpu.debug;
     // Still at the breakpoint (a `rep` string between two elements): it
     // does not fire again, as RF keeps an instruction breakpoint quiet.
+    // (A one-instruction loop onto itself therefore stops only once.)
     if dbg.skip != Some(pc) {
         dbg.skip = None;
     }
