@@ -419,6 +419,8 @@ impl BackendRunner {
                 },
                 VcpuExit::InternalError(s) => RunEnd::InternalError(s),
                 VcpuExit::Interrupted => RunEnd::Interrupted,
+                // difftest never sets guest debugging.
+                VcpuExit::Debug(ev) => RunEnd::InternalError(format!("debug exit {ev:?}")),
             })
         }));
         let kicked = self.watchdog.disarm();

@@ -21,6 +21,8 @@ pub enum Event {
     Shutdown,
     /// A kick.
     Interrupted,
+    /// A stop for the debugger (`crate::debug`).
+    Debug(vmplay_hypervisor::DebugEvent),
 }
 
 /// Runs until something needs the caller.
@@ -41,7 +43,7 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         let att = sig.attention.load(std::sync::atomic::Ordering::Acquire);
         // An interrupt pending while IF=0 needs nothing until IF changes
         // (sti/popf/iret end the block, so this is re-checked then).
-        let idle_irq = att == signal::IRQ && !cpu.iff();
+        let idle_irq = att == signal::IRQ && (!cpu.iff() || cpu.debug.step);
         if (att != 0 && !idle_irq) || cpu.run_state != RunState::Running {
             // INIT/SIPI reset paging: the cached code page may be stale.
             cache.forget_page();
@@ -54,6 +56,11 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         }
         if cpu.run_state != RunState::Running || cpu.shutdown {
             continue;
+        }
+        if cpu.debug.active
+            && let Some(ev) = crate::debug::boundary(cpu)
+        {
+            return Event::Debug(ev);
         }
         let rip = cpu.gpr[RIP];
         let epoch = cpu.tlb.epoch();
@@ -95,7 +102,15 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         // the block cache.
         let block = unsafe { &mut *block };
         let single = cpu.int_shadow || cpu.rflags & TF != 0;
-        if !single && !tracing && cpu.bits == 64 && block.cached() && cache.jit.is_some() {
+        // Single steps, breakpoints and watchpoints go instruction by
+        // instruction in the interpreter.
+        if !single
+            && !tracing
+            && !cpu.debug.active
+            && cpu.bits == 64
+            && block.cached()
+            && cache.jit.is_some()
+        {
             match run_translated(cpu, cache, block) {
                 Some(helpers::GO_ON) => {
                     prev = std::ptr::null_mut();
@@ -119,7 +134,7 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         block.prefetch_successors();
         let trap = cpu.rflags & TF != 0;
         cpu.int_shadow = false;
-        cpu.stop = single;
+        cpu.stop = single || cpu.debug.active;
         let start = cpu.gpr[RIP];
         let (mut done, mut exit);
         loop {
@@ -153,6 +168,9 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         }
         if exit {
             return Event::Io;
+        }
+        if cpu.debug.active {
+            crate::debug::retired(cpu);
         }
         if !cpu.io.log.is_empty() {
             cpu.io.retire();

@@ -14,6 +14,7 @@
 
 pub mod cpu;
 pub mod cpuid;
+pub mod debug;
 pub mod decode;
 pub mod exec;
 pub mod isa;

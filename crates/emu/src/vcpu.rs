@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use vmplay_hypervisor::{CpuState, IoEventAddress, Result, Vcpu, VcpuExit, VcpuKicker};
+use vmplay_hypervisor::{CpuState, GuestDebug, IoEventAddress, Result, Vcpu, VcpuExit, VcpuKicker};
 
 use crate::cpu::{Cpu, RunState};
 use crate::decode::cache::BlockCache;
@@ -137,6 +137,7 @@ impl Vcpu for EmuVcpu {
                 Ok(VcpuExit::Shutdown)
             }
             Event::Interrupted => Ok(VcpuExit::Interrupted),
+            Event::Debug(ev) => Ok(VcpuExit::Debug(ev)),
         }
     }
 
@@ -157,6 +158,17 @@ impl Vcpu for EmuVcpu {
         self.cpu.io = Default::default();
         self.answering = None;
         Ok(())
+    }
+
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<()> {
+        crate::debug::set(&mut self.cpu, debug)?;
+        // Blocks may link past a breakpoint: start afresh from lookups.
+        self.cache.forget_page();
+        Ok(())
+    }
+
+    fn translate_gva(&self, gva: u64) -> Result<Option<u64>> {
+        Ok(self.cpu.peek_translate(gva))
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {

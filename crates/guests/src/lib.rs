@@ -11,12 +11,14 @@
 //! This crate is not a guest OS: no interrupts, no drivers beyond polled port
 //! I/O, nothing a test does not need. It is only for tests and the demo.
 
+pub mod debug;
 pub mod fixtures;
 pub mod image;
 pub mod programs;
 pub mod runtime;
 pub mod virtio;
 
+pub use debug::{GDB_TARGET_ROUNDS, GdbTarget, gdb_target};
 pub use image::MultibootImage;
 pub use programs::*;
 pub use virtio::virtio_blk;

@@ -161,6 +161,62 @@ pub enum VcpuExit<'a> {
     InternalError(String),
     /// [`VcpuKicker::kick`] interrupted the run; the machine looks at why.
     Interrupted,
+    /// A debug event asked for with [`Vcpu::set_guest_debug`]: the vCPU
+    /// stopped at an instruction boundary and the machine holds it for the
+    /// debugger. Only a backend given a [`GuestDebug`] reports this.
+    Debug(DebugEvent),
+}
+
+/// Why a vCPU stopped for the debugger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugEvent {
+    /// One instruction ran ([`GuestDebug::single_step`]).
+    Step,
+    /// The next instruction is at a software breakpoint (not yet run).
+    SwBreakpoint,
+    /// The next instruction is at a hardware breakpoint (not yet run).
+    HwBreakpoint,
+    /// The instruction just run accessed a watched range: `addr` is the
+    /// watchpoint's address.
+    Watchpoint { addr: u64, kind: WatchKind },
+}
+
+/// What a watchpoint watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchKind {
+    Write,
+    Read,
+    ReadWrite,
+}
+
+/// A watched range of guest-virtual addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watchpoint {
+    pub addr: u64,
+    pub len: u64,
+    pub kind: WatchKind,
+}
+
+/// The debug controls a debugger puts on a vCPU. Addresses are guest
+/// virtual (linear) addresses; every vCPU of a VM gets the same lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestDebug {
+    /// Stop after each instruction.
+    pub single_step: bool,
+    /// Stop before executing these addresses. How is the backend's
+    /// business (emu checks at instruction boundaries, kvm plants `int3`);
+    /// the guest never reads a changed byte through the debugger.
+    pub sw_breakpoints: Vec<u64>,
+    /// Stop before executing these addresses, with the CPU's own means.
+    pub hw_breakpoints: Vec<u64>,
+    pub watchpoints: Vec<Watchpoint>,
+}
+
+impl GuestDebug {
+    /// Nothing to watch: the vCPU runs at full speed.
+    pub fn is_empty(&self) -> bool {
+        self == &GuestDebug::default()
+    }
 }
 
 /// A virtual CPU. Each runs on its own thread.
@@ -176,6 +232,26 @@ pub trait Vcpu: Send {
     /// A handle other threads use to make [`Vcpu::run`] return
     /// [`VcpuExit::Interrupted`] soon.
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
+
+    /// Sets what makes [`Vcpu::run`] return [`VcpuExit::Debug`] (an empty
+    /// [`GuestDebug`] turns debugging off). Default: a backend without
+    /// debug support says so.
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<()> {
+        let _ = debug;
+        Err(Error::Unsupported(
+            "this backend cannot debug guests".into(),
+        ))
+    }
+
+    /// The guest-physical address that guest-virtual `gva` maps to through
+    /// the vCPU's current page tables, without side effects (no accessed
+    /// or dirty bits, no CR2): `None` when it is not mapped.
+    fn translate_gva(&self, gva: u64) -> Result<Option<u64>> {
+        let _ = gva;
+        Err(Error::Unsupported(
+            "this backend cannot translate guest addresses".into(),
+        ))
+    }
 }
 
 /// Interrupts a running vCPU from another thread.

@@ -25,6 +25,7 @@
 //! [`VcpuExit::Shutdown`]: vmplay_hypervisor::VcpuExit::Shutdown
 
 mod cpuid;
+mod debug;
 mod hypervisor;
 mod kick;
 pub mod raw_loop;

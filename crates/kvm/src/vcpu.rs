@@ -10,7 +10,9 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_lapic_state, kvm_msr_entry,
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
-use vmplay_hypervisor::{CpuState, Error, FpuState, Result, Vcpu, VcpuExit, VcpuKicker};
+use vmplay_hypervisor::{
+    CpuState, Error, FpuState, GuestDebug, Result, Vcpu, VcpuExit, VcpuKicker,
+};
 
 use crate::kick::{self, KickShared, KvmKicker};
 use crate::vm::VmShared;
@@ -72,6 +74,8 @@ pub(crate) struct KvmVcpu {
     pending: Option<PendingIo>,
     /// Keeps the VM, hence guest RAM, alive while this vCPU can run.
     vm: Arc<VmShared>,
+    /// Breakpoints, steps, watchpoints (`debug.rs`).
+    debug: crate::debug::VcpuDebug,
 }
 
 // SAFETY: the raw pointers point into the kvm_run mapping owned by `fd`,
@@ -105,6 +109,7 @@ impl KvmVcpu {
             thread: None,
             pending: None,
             vm,
+            debug: Default::default(),
         })
     }
 
@@ -284,6 +289,7 @@ enum Raw {
     },
     InternalError,
     Interrupted,
+    Debug(kvm_bindings::kvm_debug_exit_arch),
     Done(VcpuExit<'static>),
 }
 
@@ -325,6 +331,8 @@ impl Vcpu for KvmVcpu {
             self.pending = None;
         }
 
+        self.debug
+            .before_run(&self.fd, &self.vm.memory, &self.vm.breakpoints)?;
         let raw = loop {
             break match self.fd.run() {
                 Ok(KvmExit::IoOut(port, data)) => Raw::Io {
@@ -360,6 +368,7 @@ impl Vcpu for KvmVcpu {
                  on host CPU {cpu}"
                 ))),
                 Ok(KvmExit::SystemEvent(kind, data)) => Raw::Done(system_event(kind, data)),
+                Ok(KvmExit::Debug(arch)) => Raw::Debug(arch),
                 Ok(other) => Raw::Done(VcpuExit::InternalError(format!(
                     "unexpected KVM exit {other:?}"
                 ))),
@@ -419,6 +428,10 @@ impl Vcpu for KvmVcpu {
             }),
             Raw::InternalError => Ok(VcpuExit::InternalError(self.internal_error())),
             Raw::Interrupted => Ok(self.interrupted()),
+            Raw::Debug(arch) => {
+                self.debug
+                    .exit(&self.fd, &self.vm.memory, &self.vm.breakpoints, arch)
+            }
             Raw::Done(exit) => Ok(exit),
         }
     }
@@ -463,6 +476,15 @@ impl Vcpu for KvmVcpu {
             .set_regs(&regs::to_kvm_regs(state))
             .map_err(|e| host_error("KVM_SET_REGS", format_args!("vCPU {id}"), e))?;
         set_fpu(&self.fd, &self.vm, id, &state.fpu)
+    }
+
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<()> {
+        self.debug
+            .set(&self.fd, &self.vm.memory, &self.vm.breakpoints, debug)
+    }
+
+    fn translate_gva(&self, gva: u64) -> Result<Option<u64>> {
+        crate::debug::translate(&self.fd, gva)
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {

@@ -41,7 +41,9 @@ pub(crate) struct VmShared {
     pub xsave: bool,
     /// KVM maps guest RAM by host address: the mappings must outlive the
     /// VM, so it holds its own reference to them.
-    _memory: GuestMemory,
+    pub memory: GuestMemory,
+    /// Software breakpoints planted in guest memory (`debug.rs`).
+    pub breakpoints: crate::debug::Planted,
     created: Mutex<Vec<bool>>,
 }
 
@@ -133,7 +135,8 @@ impl KvmVm {
                 cpuid: config.cpuid,
                 tsc_deadline: config.tsc_deadline,
                 xsave: config.xsave,
-                _memory: memory.clone(),
+                memory: memory.clone(),
+                breakpoints: Default::default(),
                 created: Mutex::new(vec![false; config.vcpus as usize]),
             }),
             paused_clock: Mutex::new(None),

@@ -115,6 +115,7 @@ fn step(vcpu: &mut dyn Vcpu, answer: &[u8]) -> Exit {
         VcpuExit::Shutdown => Exit::Shutdown,
         VcpuExit::InternalError(text) => Exit::Internal(text),
         VcpuExit::Interrupted => Exit::Interrupted,
+        VcpuExit::Debug(ev) => Exit::Internal(format!("unexpected debug exit {ev:?}")),
     }
 }
 

@@ -6,15 +6,16 @@ use crate::vcpu_loop::{self, VcpuChannels, VcpuCommand, VcpuContext, VcpuCounter
 use crate::{Machine, MachineError};
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vmplay_devices::control::{StopReason, VmControl};
 use vmplay_devices::{I8042, Serial};
+use vmplay_hypervisor::DebugEvent;
 use vmplay_hypervisor::VcpuKicker;
 
 /// How long the vCPUs get to answer a command before vmplay gives up on
 /// them: a wedged backend must not wedge the VMM.
-const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Run on each vCPU thread before guest code.
 pub type VcpuThreadHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -45,22 +46,33 @@ pub enum ControlError {
     EventLoop(#[from] vmplay_virtio::EventLoopError),
 }
 
-struct VcpuHandle {
-    id: u32,
-    commands: Sender<VcpuCommand>,
-    kicker: Arc<dyn VcpuKicker>,
-    exited: bool,
+pub(crate) struct VcpuHandle {
+    pub id: u32,
+    pub commands: Sender<VcpuCommand>,
+    pub kicker: Arc<dyn VcpuKicker>,
+    pub exited: bool,
+}
+
+/// The vCPU threads' command ends, shared by the VMM and the debugger.
+pub(crate) struct VcpuSet {
+    pub vcpus: Vec<VcpuHandle>,
+    responses: Receiver<(u32, VcpuResponse)>,
+    /// Every vCPU is paused (and the clock with them).
+    pub paused: bool,
+    /// The guest's clock is stopped.
+    pub clock_paused: bool,
 }
 
 /// A machine whose vCPUs are running (or paused).
 pub struct RunningMachine {
     control: Arc<VmControl>,
-    vcpus: Vec<VcpuHandle>,
-    responses: Receiver<(u32, VcpuResponse)>,
+    set: Arc<Mutex<VcpuSet>>,
     serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
     vm: Arc<dyn vmplay_hypervisor::Vm>,
-    paused: bool,
+    /// Debug stops from the vCPUs, until a debugger takes them.
+    debug_events: Option<Receiver<(u32, DebugEvent)>>,
+    memory_for_debug: vmplay_hypervisor::GuestMemory,
     counters: Arc<VcpuCounters>,
     virtio_devices: Arc<crate::devices::VirtioDevices>,
     /// Stops and joins the device thread when dropped, after the vCPUs.
@@ -125,8 +137,22 @@ impl Machine {
             event_loop,
             _memory,
             virtio_devices,
+            start_paused,
             ..
         } = self;
+        if start_paused {
+            // --gdb-wait: not one instruction, not one tick before gdb says so.
+            vm.pause_clock().map_err(|source| MachineError::Backend {
+                backend: "clock",
+                source,
+            })?;
+        }
+        let first = if start_paused {
+            vcpu_loop::START_PAUSED
+        } else {
+            vcpu_loop::START_RUNNING
+        };
+        let (debug_tx, debug_events) = mpsc::channel();
         // Device work runs on its own thread until the machine is dropped.
         let event_loop = event_loop.start_with(hooks.vmm)?;
         let ctx = Arc::new(VcpuContext {
@@ -136,6 +162,7 @@ impl Machine {
             halted: AtomicUsize::new(0),
             vcpu_count: vcpus.len(),
             counters: Arc::default(),
+            debug_events: debug_tx,
         });
         let counters = ctx.counters.clone();
         let (responses_tx, responses) = mpsc::channel();
@@ -161,7 +188,7 @@ impl Machine {
                         let _ = chan.responses.send((id, VcpuResponse::Exited));
                         return;
                     }
-                    vcpu_loop::run(vcpu, &ctx, chan)
+                    vcpu_loop::run(vcpu, &ctx, chan, first)
                 })
                 .map_err(MachineError::Thread)?;
             handles.push(VcpuHandle {
@@ -173,12 +200,17 @@ impl Machine {
         }
         Ok(RunningMachine {
             control,
-            vcpus: handles,
-            responses,
+            set: Arc::new(Mutex::new(VcpuSet {
+                vcpus: handles,
+                responses,
+                paused: start_paused,
+                clock_paused: start_paused,
+            })),
             serial,
             i8042,
             vm,
-            paused: false,
+            debug_events: Some(debug_events),
+            memory_for_debug: _memory.clone(),
             counters,
             virtio_devices,
             event_loop,
@@ -205,19 +237,115 @@ impl RunningMachine {
 
     /// Whether the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
-        self.paused
+        self.set().paused
     }
 
-    /// Sends `command` to every live vCPU, kicks it and waits for `expect`
-    /// from each (a vCPU that exits meanwhile counts as done).
-    fn command_all(
+    fn set(&self) -> MutexGuard<'_, VcpuSet> {
+        self.set.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops every vCPU at an instruction boundary and the guest's clock
+    /// with them, then the device work on the event loop (no queue is
+    /// processed, no host input reaches guest memory). Pausing a paused
+    /// machine does nothing.
+    pub fn pause(&mut self) -> Result<(), ControlError> {
+        if self.control.is_stopping() {
+            return Err(ControlError::Stopped);
+        }
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        if set.paused {
+            return Ok(());
+        }
+        set.pause_all(self.vm.as_ref())?;
+        if let Err(e) = self.event_loop.pause() {
+            self.event_loop.resume();
+            let _ = set.resume_all(self.vm.as_ref());
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Lets the guest and its devices run on; its clock continues from
+    /// where it paused. Resuming a running machine does nothing.
+    pub fn resume(&mut self) -> Result<(), ControlError> {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.paused {
+            return Ok(());
+        }
+        self.event_loop.resume();
+        set.resume_all(self.vm.as_ref())
+    }
+
+    /// Whether the event loop is parked (device work held).
+    pub fn devices_paused(&self) -> bool {
+        self.event_loop.is_paused()
+    }
+
+    /// The machine's debugger interface (for `vmplay-gdb`): once per
+    /// machine, `None` after the first call.
+    pub fn debugger(&mut self) -> Option<crate::debug::MachineDebugger> {
+        Some(crate::debug::MachineDebugger {
+            set: self.set.clone(),
+            vm: self.vm.clone(),
+            control: self.control.clone(),
+            memory: self.memory_for_debug.clone(),
+            events: self.debug_events.take()?,
+        })
+    }
+
+    /// Presses Ctrl-Alt-Del on the i8042 keyboard.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), ControlError> {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_ctrl_alt_del()?;
+        Ok(())
+    }
+
+    /// Blocks until something stops the VM, then collects it.
+    pub fn wait(self) -> StopReason {
+        self.control.wait();
+        self.finish()
+    }
+
+    /// Tells every vCPU thread to exit, waits for them (a bounded time)
+    /// and flushes the serial output. Returns why the VM stopped; a VM
+    /// nothing stopped yet is stopped as a host request.
+    pub fn finish(self) -> StopReason {
+        self.control
+            .request_stop(StopReason::HostError("the VMM stopped the VM".into()));
+        let exited = self
+            .set()
+            .command(None, || VcpuCommand::Exit, VcpuResponse::Exited);
+        if exited.is_err() {
+            tracing::warn!("a vCPU thread did not stop within {VCPU_ANSWER_TIMEOUT:?}");
+        }
+        // A last line without a newline must still reach the user.
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush_output();
+        self.control.wait()
+    }
+}
+
+impl VcpuSet {
+    /// Sends a command to one live vCPU (`only`) or all, kicks each and
+    /// waits for `expect` from each (a vCPU that exits meanwhile counts as
+    /// done).
+    pub(crate) fn command(
         &mut self,
-        command: VcpuCommand,
+        only: Option<u32>,
+        command: impl Fn() -> VcpuCommand,
         expect: VcpuResponse,
     ) -> Result<(), ControlError> {
         let mut waiting = Vec::new();
-        for v in self.vcpus.iter().filter(|v| !v.exited) {
-            if v.commands.send(command).is_ok() {
+        for v in self
+            .vcpus
+            .iter()
+            .filter(|v| !v.exited && only.is_none_or(|id| id == v.id))
+        {
+            if v.commands.send(command()).is_ok() {
                 v.kicker.kick();
                 waiting.push(v.id);
             }
@@ -243,78 +371,40 @@ impl RunningMachine {
         Ok(())
     }
 
-    /// Stops every vCPU at an instruction boundary, then the device work
-    /// on the event loop (no queue is processed, no host input reaches
-    /// guest memory), then the guest's clock. Pausing a paused machine
-    /// does nothing.
-    pub fn pause(&mut self) -> Result<(), ControlError> {
+    /// Every vCPU paused, then the clock.
+    pub(crate) fn pause_all(&mut self, vm: &dyn vmplay_hypervisor::Vm) -> Result<(), ControlError> {
         if self.paused {
             return Ok(());
         }
-        if self.control.is_stopping() {
-            return Err(ControlError::Stopped);
+        self.command(None, || VcpuCommand::Pause, VcpuResponse::Paused)?;
+        if !self.clock_paused {
+            vm.pause_clock().map_err(ControlError::Clock)?;
+            self.clock_paused = true;
         }
-        self.command_all(VcpuCommand::Pause, VcpuResponse::Paused)?;
-        if let Err(e) = self.event_loop.pause() {
-            self.event_loop.resume();
-            let _ = self.command_all(VcpuCommand::Resume, VcpuResponse::Resumed);
-            return Err(e.into());
-        }
-        self.vm.pause_clock().map_err(ControlError::Clock)?;
         self.paused = true;
         Ok(())
     }
 
-    /// Lets the guest and its devices run on; its clock continues from
-    /// where it paused.
-    pub fn resume(&mut self) -> Result<(), ControlError> {
-        if !self.paused {
-            return Ok(());
+    /// The clock runs, then every vCPU (a vCPU the debugger stopped on its
+    /// own counts as paused, so this resumes it too).
+    pub(crate) fn resume_all(
+        &mut self,
+        vm: &dyn vmplay_hypervisor::Vm,
+    ) -> Result<(), ControlError> {
+        self.resume(None, vm)
+    }
+
+    /// The clock runs, then `only` (or every vCPU).
+    pub(crate) fn resume(
+        &mut self,
+        only: Option<u32>,
+        vm: &dyn vmplay_hypervisor::Vm,
+    ) -> Result<(), ControlError> {
+        if self.clock_paused {
+            vm.resume_clock().map_err(ControlError::Clock)?;
+            self.clock_paused = false;
         }
-        self.vm.resume_clock().map_err(ControlError::Clock)?;
-        self.event_loop.resume();
-        self.command_all(VcpuCommand::Resume, VcpuResponse::Resumed)?;
         self.paused = false;
-        Ok(())
-    }
-
-    /// Whether the event loop is parked (device work held).
-    pub fn devices_paused(&self) -> bool {
-        self.event_loop.is_paused()
-    }
-
-    /// Presses Ctrl-Alt-Del on the i8042 keyboard.
-    pub fn send_ctrl_alt_del(&self) -> Result<(), ControlError> {
-        self.i8042
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send_ctrl_alt_del()?;
-        Ok(())
-    }
-
-    /// Blocks until something stops the VM, then collects it.
-    pub fn wait(self) -> StopReason {
-        self.control.wait();
-        self.finish()
-    }
-
-    /// Tells every vCPU thread to exit, waits for them (a bounded time)
-    /// and flushes the serial output. Returns why the VM stopped; a VM
-    /// nothing stopped yet is stopped as a host request.
-    pub fn finish(mut self) -> StopReason {
-        self.control
-            .request_stop(StopReason::HostError("the VMM stopped the VM".into()));
-        if self
-            .command_all(VcpuCommand::Exit, VcpuResponse::Exited)
-            .is_err()
-        {
-            tracing::warn!("a vCPU thread did not stop within {VCPU_ANSWER_TIMEOUT:?}");
-        }
-        // A last line without a newline must still reach the user.
-        self.serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .flush_output();
-        self.control.wait()
+        self.command(only, || VcpuCommand::Resume, VcpuResponse::Resumed)
     }
 }

@@ -7,7 +7,9 @@
 //! devices ask [`VmControl`] to stop the VM. This crate never names a
 //! backend: it drives whatever `Hypervisor` it is handed.
 
+mod debug;
 mod devices;
+pub use debug::MachineDebugger;
 pub use devices::VirtioDevices;
 mod handle;
 mod memory;
@@ -100,6 +102,8 @@ pub struct Machine {
     _memory: vmplay_hypervisor::GuestMemory,
     vm: Arc<dyn vmplay_hypervisor::Vm>,
     virtio_devices: Arc<devices::VirtioDevices>,
+    /// Start with every vCPU paused (`--gdb-wait`).
+    start_paused: bool,
 }
 
 impl Machine {
@@ -222,7 +226,15 @@ impl Machine {
             _memory: memory,
             vm,
             virtio_devices,
+            start_paused: false,
         })
+    }
+
+    /// Starts the vCPU threads paused, before their first instruction and
+    /// with the guest's clock stopped, until something resumes them (a
+    /// debugger's continue: `--gdb-wait`).
+    pub fn start_paused(&mut self) {
+        self.start_paused = true;
     }
 
     /// The handle to stop this VM from elsewhere (signal threads, tests).

@@ -132,6 +132,12 @@ struct RunArgs {
     /// ends vmplay with status 148).
     #[arg(long)]
     no_seccomp: bool,
+    /// Serve gdb's remote protocol here (as QEMU's -gdb): tcp:HOST:PORT or a Unix socket path.
+    #[arg(long, value_name = "tcp:HOST:PORT|PATH")]
+    gdb: Option<String>,
+    /// With --gdb: hold the vCPUs before their first instruction until gdb continues (QEMU's -S).
+    #[arg(long)]
+    gdb_wait: bool,
 }
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
@@ -335,16 +341,30 @@ pub(crate) fn monotonic_us() -> u64 {
 
 fn run(args: &RunArgs) -> Result<StopReason> {
     let signals = block_stop_signals();
+    if args.gdb_wait && args.gdb.is_none() {
+        bail!("--gdb-wait needs --gdb tcp:HOST:PORT (or a socket path)");
+    }
     if let Some(sock) = &args.api_sock {
+        if args.gdb.is_some() {
+            bail!("--gdb is not available with --api-sock");
+        }
         return run_with_api(args, sock, signals);
     }
+    // Listen first: a bad address fails before the guest runs.
+    let gdb = match &args.gdb {
+        Some(text) => Some(vmplay_gdb::GdbListener::bind(&text.parse()?)?),
+        None => None,
+    };
     let config = machine_config(args)?;
     let (hv, note) = hypervisor(args)?;
-    let machine = Machine::new(hv.as_ref(), &config)?;
+    let mut machine = Machine::new(hv.as_ref(), &config)?;
     if let Some(note) = note {
         eprintln!("{note}");
     }
     handle_signals(signals, machine.control());
+    if args.gdb_wait {
+        machine.start_paused();
+    }
     // The guest's console takes the terminal: raw mode until the VM stops.
     let _raw = match config.serial {
         SerialMode::Stdio => Some(vmplay_machine::RawTerminal::enter()?),
@@ -354,7 +374,23 @@ fn run(args: &RunArgs) -> Result<StopReason> {
         vcpu: None,
         vmm: Some(event_loop_seccomp(run_filters(args)?.vmm)),
     };
-    Ok(machine.start_with(hooks)?.wait())
+    let mut running = machine.start_with(hooks)?;
+    if let Some(listener) = gdb {
+        let debugger = running
+            .debugger()
+            .context("the machine's debugger is already taken")?;
+        eprintln!(
+            "vmplay: gdb stub on {}{}",
+            listener.local_addr(),
+            if args.gdb_wait {
+                " (vCPUs held until gdb continues)"
+            } else {
+                ""
+            }
+        );
+        vmplay_gdb::spawn(listener, Box::new(debugger))?;
+    }
+    Ok(running.wait())
 }
 
 /// The filters `vmplay run` installs: the event loop's, unless
@@ -472,6 +508,8 @@ impl RunArgs {
             console: "serial".into(),
             api_sock: None,
             no_seccomp: false,
+            gdb: None,
+            gdb_wait: false,
         }
     }
 }

@@ -216,6 +216,8 @@ pub struct Cpu {
     /// Port and MMIO accesses so far (co-simulation skips blocks that
     /// reach devices: their effects cannot be run twice).
     pub device_accesses: u64,
+    /// Breakpoints, single step, watchpoints (`crate::debug`).
+    pub debug: crate::debug::Debug,
 }
 
 impl Cpu {
@@ -258,6 +260,7 @@ impl Cpu {
             jit_link_rip: 0,
             undo: None,
             device_accesses: 0,
+            debug: Default::default(),
         };
         cpu.reset();
         cpu

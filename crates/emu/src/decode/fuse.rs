@@ -30,9 +30,11 @@ fn cmp_jcc<W: Width, const TEST: bool, const IMM: bool, const CC: u8>(
         cpu.flags.sub::<W>(a, b, a.wrapping_sub(b) & W::MASK);
     }
     let end = cpu.rip();
-    if cpu.rflags & TF != 0 {
-        // Single-step: stop after the compare; the branch runs alone.
-        let first = end.wrapping_sub(u64::from(i.r2)) & cpu.ip_mask;
+    if cpu.rflags & TF != 0 || cpu.debug.active {
+        // Single-step (or a debugger's precise mode): stop after the
+        // compare; the branch runs alone.
+        // `r2` is the compare's length: the branch starts r2 bytes in.
+        let first = end.wrapping_sub(u64::from(i.len - i.r2)) & cpu.ip_mask;
         cpu.set_rip(first);
         return Ok(());
     }

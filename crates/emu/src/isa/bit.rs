@@ -429,7 +429,12 @@ pub(crate) mod harness {
                     break;
                 }
                 // A kick is a test's watchdog.
-                Ok(VcpuExit::Shutdown | VcpuExit::InternalError(_) | VcpuExit::Interrupted)
+                Ok(
+                    VcpuExit::Shutdown
+                    | VcpuExit::InternalError(_)
+                    | VcpuExit::Interrupted
+                    | VcpuExit::Debug(_),
+                )
                 | Err(_) => break,
             }
         }

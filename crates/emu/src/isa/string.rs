@@ -48,7 +48,8 @@ fn host_range(cpu: &mut Cpu, seg: usize, off: u64, n: u64, write: bool) -> Res<O
     } else {
         cpu.lin_r(seg, off, n as usize)?
     };
-    if (lin & 0xfff) + n > 0x1000 {
+    // Watched accesses go element by element, each checked (crate::debug).
+    if (lin & 0xfff) + n > 0x1000 || cpu.debug.watching {
         return Ok(None);
     }
     let e = cpu.tlb.entry(lin);

@@ -54,6 +54,7 @@ const RFLAGS: i32 = off(offset_of!(Cpu, rflags));
 const ICOUNT: i32 = off(offset_of!(Cpu, icount));
 const SPILL: i32 = off(offset_of!(Cpu, jit_flags_spill));
 const LINK: i32 = off(offset_of!(Cpu, jit_link));
+const NMI_BLOCKED: i32 = off(offset_of!(Cpu, nmi_blocked));
 const TLB_BASE: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb, cur_base));
 const TAG_R: i32 = off(offset_of!(TlbEntry, tag_r));
 const TAG_W: i32 = off(offset_of!(TlbEntry, tag_w));
@@ -599,16 +600,28 @@ pub fn compile(
     c.a.mov(rax, gen_word).map_err(err)?;
     c.a.cmp(dword_ptr(rax), gen_expected).map_err(err)?;
     c.a.jne(stale).map_err(err)?;
+    // Only what the dispatcher can act on now counts, or it would come
+    // straight back here: an interrupt while IF=0, an NMI while NMIs are
+    // blocked wait.
+    use crate::platform::signal::{IRQ, NMI};
     c.a.mov(rax, attention).map_err(err)?;
     c.a.mov(eax, dword_ptr(rax)).map_err(err)?;
     c.a.test(eax, eax).map_err(err)?;
     let mut ok = c.a.create_label();
     c.a.jz(ok).map_err(err)?;
-    c.a.cmp(eax, crate::platform::signal::IRQ).map_err(err)?;
-    c.a.jne(stale).map_err(err)?;
+    c.a.test(eax, !(IRQ | NMI)).map_err(err)?;
+    c.a.jnz(stale).map_err(err)?;
+    let mut no_irq = c.a.create_label();
+    c.a.test(eax, IRQ).map_err(err)?;
+    c.a.jz(no_irq).map_err(err)?;
     c.a.test(dword_ptr(r15 + RFLAGS), crate::cpu::flags::IF as u32)
         .map_err(err)?;
     c.a.jnz(stale).map_err(err)?;
+    bind(&mut c.a, &mut no_irq)?;
+    c.a.test(eax, NMI).map_err(err)?;
+    c.a.jz(ok).map_err(err)?;
+    c.a.cmp(byte_ptr(r15 + NMI_BLOCKED), 0).map_err(err)?;
+    c.a.je(stale).map_err(err)?;
     bind(&mut c.a, &mut ok)?;
 
     // Flag liveness after each instruction (all live at the block end).

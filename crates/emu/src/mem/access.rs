@@ -265,6 +265,9 @@ impl Cpu {
         }
         let user = self.tlb.cur == 1;
         let w = self.walk(lin, acc, user)?;
+        if self.debug.watching && acc == Access::Write {
+            crate::debug::wrote(self, lin, 1);
+        }
         let Some(loc) = self.vm.phys.ram(w.pa) else {
             return Ok(Target::Mmio(w.pa | (lin & 0xfff)));
         };
@@ -280,14 +283,17 @@ impl Cpu {
             }
         }
         let wp = self.cr0 & CR0_WP != 0;
-        let read_ok = !user || w.user;
+        // Watched pages keep every data access on the slow path.
+        let watched = self.debug.watching && crate::debug::watched_page(self, lin);
+        let read_ok = (!user || w.user) && !watched;
         let write_ok = w.dirty
             && if user {
                 w.user && w.write
             } else {
                 w.write || !wp
             }
-            && !self.vm.code.is_code(loc.frame);
+            && !self.vm.code.is_code(loc.frame)
+            && !watched;
         let exec_ok = !w.nx && (!user || w.user);
         let tag = |ok: bool| if ok { page } else { u64::MAX };
         *self.tlb.entry_mut(lin) = TlbEntry {
@@ -321,6 +327,15 @@ impl Cpu {
     #[cold]
     #[inline(never)]
     pub fn read_slow(&mut self, lin: u64, n: usize, acc: Access) -> Res<u64> {
+        let v = self.read_slow_inner(lin, n, acc)?;
+        if self.debug.watching {
+            crate::debug::read(self, lin, n);
+        }
+        Ok(v)
+    }
+
+    #[inline(always)]
+    fn read_slow_inner(&mut self, lin: u64, n: usize, acc: Access) -> Res<u64> {
         if (lin & 0xfff) as usize + n > 0x1000 {
             let mut v = 0u64;
             for k in 0..n {
@@ -357,7 +372,11 @@ impl Cpu {
     }
 
     fn write_one(&mut self, lin: u64, n: usize, v: u64) -> Res {
-        match self.translate(lin, Access::Write)? {
+        let target = self.translate(lin, Access::Write)?;
+        if self.debug.watching {
+            crate::debug::wrote(self, lin, n);
+        }
+        match target {
             Target::Ram(loc) => {
                 if self.vm.code.is_code(loc.frame) {
                     self.code_written(loc.frame, lin);

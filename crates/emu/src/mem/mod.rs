@@ -6,6 +6,7 @@ pub mod access;
 pub mod atomic;
 pub mod io;
 pub mod paging;
+pub mod peek;
 pub mod tlb;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -48,6 +48,8 @@ pub enum End {
     Shutdown,
     Interrupted,
     Error,
+    /// Stopped for the debugger.
+    Debug(vmplay_hypervisor::DebugEvent),
 }
 
 pub fn memory() -> GuestMemory {
@@ -216,6 +218,10 @@ impl Guest {
                 }
                 Ok(VcpuExit::Interrupted) => {
                     o.end = End::Interrupted;
+                    return o;
+                }
+                Ok(VcpuExit::Debug(ev)) => {
+                    o.end = End::Debug(ev);
                     return o;
                 }
                 Ok(VcpuExit::InternalError(_)) | Err(_) => {

@@ -182,7 +182,8 @@ pub(crate) mod harness {
                         halted = true;
                         break;
                     }
-                    Ok(VcpuExit::Shutdown | VcpuExit::InternalError(_)) | Err(_) => break,
+                    Ok(VcpuExit::Shutdown | VcpuExit::InternalError(_) | VcpuExit::Debug(_))
+                    | Err(_) => break,
                 }
             }
             Outcome {
