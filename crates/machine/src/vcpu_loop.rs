@@ -235,8 +235,11 @@ pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext, chan: VcpuChannels
                 Err(_) => State::Exiting,
             },
             State::Exiting => {
-                // Whatever made it leave (a command, the VM stopping, a
-                // crash), the machine's join hears it once.
+                // The backend's vCPU goes first (its last words, as emu's
+                // statistics, come before the VMM may exit); then, whatever
+                // made it leave (a command, the VM stopping, a crash), the
+                // machine's join hears it once.
+                drop(vcpu);
                 answer(VcpuResponse::Exited);
                 return;
             }
