@@ -220,6 +220,11 @@ fn run_translated(cpu: &mut Cpu, cache: &mut BlockCache, block: &mut Block) -> O
         }
         cpu.jit_link = 0;
     }
+    if verify == 0 {
+        // Entered from the dispatcher: returns and indirect jumps to this
+        // RIP may come straight here next time.
+        jit.note_target(cpu.gpr[crate::cpu::RIP], cpu.tlb.epoch(), block.jit_head);
+    }
     cpu.stop = false;
     let code = jit.enter(block.jit_entry, cpu);
     if cpu.jit_link != 0 {

@@ -28,6 +28,7 @@ impl EmuVcpu {
         }
         let mut cache = BlockCache::new();
         cache.jit = crate::jit::Jit::new(cpu.vm.jit_config());
+        cpu.jit_targets = cache.jit.as_ref().map_or(0, |j| j.targets_addr());
         EmuVcpu {
             cpu,
             cache,

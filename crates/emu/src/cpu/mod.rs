@@ -210,6 +210,9 @@ pub struct Cpu {
     pub jit_link: u64,
     /// The guest RIP that exit leads to.
     pub jit_link_rip: u64,
+    /// Address of the translation tier's indirect-branch target cache
+    /// (`jit::Targets`), 0 without the tier.
+    pub jit_targets: usize,
     /// Co-simulation (`VMPLAY_EMU_VERIFY`): guest RAM writes of the
     /// interpreter's run, (host address, old value, size), to undo.
     pub undo: Option<Vec<(usize, u64, u8)>>,
@@ -258,6 +261,7 @@ impl Cpu {
             jit_flags_spill: 0,
             jit_link: 0,
             jit_link_rip: 0,
+            jit_targets: 0,
             undo: None,
             device_accesses: 0,
             debug: Default::default(),

@@ -55,6 +55,9 @@ const ICOUNT: i32 = off(offset_of!(Cpu, icount));
 const SPILL: i32 = off(offset_of!(Cpu, jit_flags_spill));
 const LINK: i32 = off(offset_of!(Cpu, jit_link));
 const NMI_BLOCKED: i32 = off(offset_of!(Cpu, nmi_blocked));
+const TARGETS_ADDR: i32 = off(offset_of!(Cpu, jit_targets));
+const TLB_EPOCH: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb, epoch));
+const _: () = assert!(std::mem::size_of::<super::Target>() == 32);
 const TLB_BASE: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb, cur_base));
 const TAG_R: i32 = off(offset_of!(TlbEntry, tag_r));
 const TAG_W: i32 = off(offset_of!(TlbEntry, tag_w));
@@ -354,6 +357,11 @@ struct Ctx<'a> {
     insns: &'a [Insn],
     total: usize,
     page: u64,
+    /// Chaining and target-cache jumps on (off under co-simulation, so a
+    /// checked block runs alone).
+    chain: bool,
+    /// Target-cache misses: leave to the dispatcher.
+    misses: Vec<CodeLabel>,
 }
 
 enum Cold {
@@ -469,7 +477,7 @@ impl Ctx<'_> {
         a.mov(qword_ptr(r15 + gpr(RIP)), rax).map_err(err)?;
         a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
             .map_err(err)?;
-        if target & !0xfff == self.page {
+        if self.chain && target & !0xfff == self.page {
             let slot = a.create_label();
             let stub = a.create_label();
             a.jmp(qword_ptr(slot)).map_err(err)?;
@@ -481,11 +489,30 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Ends the block at the RIP already in `Cpu::gpr` (flags lazy).
+    /// Ends the block at the RIP already in `Cpu::gpr` (flags lazy): a
+    /// hit in the target cache (same RIP, same TLB epoch) jumps straight
+    /// to that translation's head, which checks its page and attention.
     fn exit_dynamic(&mut self) -> Result<(), String> {
         let a = &mut self.a;
-        a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
-            .map_err(err)?;
+        a.add(qword_ptr(r15 + ICOUNT), self.total as i32).map_err(err)?;
+        if self.chain {
+            let miss = a.create_label();
+            a.mov(rcx, qword_ptr(r15 + gpr(RIP))).map_err(err)?;
+            a.mov(rdx, rcx).map_err(err)?;
+            a.shr(rdx, 12).map_err(err)?;
+            a.xor(rdx, rcx).map_err(err)?;
+            a.and(edx, (super::TARGETS - 1) as u32).map_err(err)?;
+            a.shl(rdx, 5).map_err(err)?;
+            a.add(rdx, qword_ptr(r15 + TARGETS_ADDR)).map_err(err)?;
+            a.cmp(rcx, qword_ptr(rdx)).map_err(err)?;
+            a.jne(miss).map_err(err)?;
+            a.mov(eax, dword_ptr(r15 + TLB_EPOCH)).map_err(err)?;
+            a.cmp(rax, qword_ptr(rdx + 8)).map_err(err)?;
+            a.jne(miss).map_err(err)?;
+            a.jmp(qword_ptr(rdx + 16)).map_err(err)?;
+            self.misses.push(miss);
+            return Ok(());
+        }
         a.xor(eax, eax).map_err(err)?;
         a.jmp(self.epilogue).map_err(err)
     }
@@ -573,6 +600,7 @@ pub fn compile(
     gen_expected: u32,
     attention: u64,
     base: u64,
+    chain: bool,
 ) -> Result<Emitted, String> {
     let mut a = CodeAssembler::new(64).map_err(err)?;
     let epilogue = a.create_label();
@@ -587,6 +615,8 @@ pub fn compile(
         insns,
         total: ins.len(),
         page: first.ip() & !0xfff,
+        chain,
+        misses: Vec::new(),
     };
     // Prologue: three pushes keep the stack 16-byte aligned for calls.
     c.a.push(r15).map_err(err)?;
@@ -815,6 +845,9 @@ pub fn compile(
             c.a.add(qword_ptr(r15 + ICOUNT), k as i32).map_err(err)?;
         }
         c.a.jmp(epilogue).map_err(err)?;
+    }
+    for mut m in std::mem::take(&mut c.misses) {
+        bind(&mut c.a, &mut m)?;
     }
     let mut stale_l = stale;
     bind(&mut c.a, &mut stale_l)?;

@@ -124,8 +124,32 @@ pub struct JitTotals {
 /// thousands of hot blocks before a reset.
 const ARENA: usize = 64 << 20;
 
+/// Entries of the indirect-branch target cache.
+pub const TARGETS: usize = 4096;
+
+/// One target-cache entry: translated code for guest `rip` entered under
+/// TLB `epoch` (the same linear→physical mapping) starts at `head`.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+pub struct Target {
+    pub rip: u64,
+    pub epoch: u64,
+    pub head: u64,
+    _pad: u64,
+}
+
+/// The target-cache slot of a guest RIP (the generated probe computes the
+/// same).
+pub fn target_slot(rip: u64) -> usize {
+    ((rip ^ (rip >> 12)) as usize) & (TARGETS - 1)
+}
+
 pub struct Jit {
     arena: code::CodeArena,
+    /// Returns and indirect jumps in translated code look their target up
+    /// here before going back to the dispatcher; the dispatcher fills it.
+    /// Boxed: its address is in `Cpu::jit_targets`.
+    targets: Box<[Target]>,
     /// Interpreter forms of translated instructions, pointed at by the
     /// code; freed with the arena.
     insns: Vec<Box<[Insn]>>,
@@ -141,6 +165,7 @@ impl Jit {
         match code::CodeArena::new(ARENA) {
             Ok(arena) => Some(Jit {
                 arena,
+                targets: vec![Target::default(); TARGETS].into_boxed_slice(),
                 insns: Vec::new(),
                 config,
                 stats: JitStats::default(),
@@ -168,7 +193,15 @@ impl Jit {
         let (gen_word, gen_expected) = block.generation_word(&cpu.vm.code);
         let attention = &cpu.vm.platform.signals[cpu.id as usize].attention as *const _ as u64;
         let base = self.arena.next_addr();
-        let e = match emit::compile(&ins, &insns, gen_word, gen_expected, attention, base) {
+        let e = match emit::compile(
+            &ins,
+            &insns,
+            gen_word,
+            gen_expected,
+            attention,
+            base,
+            self.config.verify_runs == 0,
+        ) {
             Ok(e) => e,
             Err(err) => {
                 tracing::debug!("emu jit: block at {:#x} not translated: {err}", cpu.rip());
@@ -212,11 +245,27 @@ impl Jit {
                 // arena starts over (hot blocks are translated again).
                 clear_all();
                 self.stats.resets += 1;
+                self.targets.fill(Target::default());
                 self.arena.reset();
                 self.insns.clear();
                 false
             }
         }
+    }
+
+    /// Where the target cache lives (for `Cpu::jit_targets`).
+    pub fn targets_addr(&self) -> usize {
+        self.targets.as_ptr() as usize
+    }
+
+    /// Remembers that guest `rip` under TLB `epoch` is translated at `head`.
+    pub fn note_target(&mut self, rip: u64, epoch: u32, head: u64) {
+        self.targets[target_slot(rip)] = Target {
+            rip,
+            epoch: u64::from(epoch),
+            head,
+            _pad: 0,
+        };
     }
 
     /// Points the chain slot an exit just left through at `head`.

@@ -36,7 +36,7 @@ pub struct Tlb {
     /// translation tier's inline lookups.
     pub cur_base: usize,
     /// Bumped by every flush: mappings may have changed since.
-    epoch: u32,
+    pub(crate) epoch: u32,
     /// Code frames whose bytes were checked in this epoch (direct-mapped
     /// by frame): refilling their exec entries needs no new check.
     verified: Box<[(u32, u32); VERIFIED]>,
