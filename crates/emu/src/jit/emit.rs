@@ -357,6 +357,9 @@ struct Ctx<'a> {
     insns: &'a [Insn],
     total: usize,
     page: u64,
+    /// The guest RIP the block was decoded at (runtime RIP-relative
+    /// values are offsets from it, added to r14).
+    base: u64,
     /// Chaining and target-cache jumps on (off under co-simulation, so a
     /// checked block runs alone).
     chain: bool,
@@ -386,7 +389,17 @@ enum Cold {
     Leave { label: CodeLabel, k: usize },
 }
 
+/// `addr - base` as a displacement.
+fn rel(base: u64, addr: u64) -> Result<i32, String> {
+    i32::try_from(addr.wrapping_sub(base) as i64).map_err(|_| format!("{addr:#x} is too far from {base:#x}"))
+}
+
 impl Ctx<'_> {
+    /// A guest address of this block as an offset from its runtime start.
+    fn rel(&self, addr: u64) -> Result<i32, String> {
+        rel(self.base, addr)
+    }
+
     fn call(&mut self, f: u64) -> Result<(), String> {
         self.a.mov(rax, f).map_err(err)?;
         self.a.call(rax).map_err(err)
@@ -461,7 +474,8 @@ impl Ctx<'_> {
         let insn: *const Insn = &self.insns[k];
         self.a.mov(rdi, r15).map_err(err)?;
         self.a.mov(rsi, insn as u64).map_err(err)?;
-        self.a.mov(rdx, next).map_err(err)?;
+        let d = self.rel(next)?;
+        self.a.lea(rdx, r14 + d).map_err(err)?;
         self.call(helpers::interp as *const () as u64)?;
         self.a.test(eax, eax).map_err(err)?;
         let leave = self.a.create_label();
@@ -472,8 +486,9 @@ impl Ctx<'_> {
 
     /// Ends the block at a constant guest RIP (flags must be lazy).
     fn exit_to(&mut self, target: u64) -> Result<(), String> {
+        let d = self.rel(target)?;
         let a = &mut self.a;
-        a.mov(rax, target).map_err(err)?;
+        a.lea(rax, r14 + d).map_err(err)?;
         a.mov(qword_ptr(r15 + gpr(RIP)), rax).map_err(err)?;
         a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
             .map_err(err)?;
@@ -523,7 +538,8 @@ impl Ctx<'_> {
         let a = &mut self.a;
         let base = ins.memory_base();
         if base == Register::RIP {
-            a.mov(r11, ins.memory_displacement64()).map_err(err)?;
+            let d = rel(self.base, ins.memory_displacement64())?;
+            a.lea(r11, r14 + d).map_err(err)?;
         } else {
             let index = ins.memory_index();
             let disp = ins.memory_displacement64() as i64;
@@ -617,6 +633,7 @@ pub fn compile(
         page: first.ip() & !0xfff,
         chain,
         misses: Vec::new(),
+        base: first.ip(),
     };
     // Prologue: three pushes keep the stack 16-byte aligned for calls.
     c.a.push(r15).map_err(err)?;
@@ -624,6 +641,10 @@ pub fn compile(
     c.a.push(r13).map_err(err)?;
     c.a.mov(r15, rdi).map_err(err)?;
     bind(&mut c.a, &mut head)?;
+    // Guest addresses in the code are offsets from the block's start: the
+    // same physical page may be mapped at another address by another
+    // process (shared libraries), and the translation is the page's.
+    c.a.mov(r14, qword_ptr(r15 + gpr(RIP))).map_err(err)?;
     // Stale code (its page was written) or something for the dispatcher
     // (a kick, an interrupt it can take): leave before the first
     // instruction. A pending interrupt while IF=0 does not count.
@@ -899,7 +920,8 @@ fn emit_lea(c: &mut Ctx, i: &Instruction) -> Result<(), String> {
     let dst = i.op0_register().full_register();
     let d32 = i.op0_register().is_gpr32();
     if i.memory_base() == Register::RIP {
-        c.a.mov(rax, i.memory_displacement64()).map_err(err)?;
+        let d = c.rel(i.memory_displacement64())?;
+        c.a.lea(rax, r14 + d).map_err(err)?;
     } else {
         let base = i.memory_base();
         let index = i.memory_index();
@@ -943,7 +965,10 @@ fn emit_push(c: &mut Ctx, i: &Instruction, next: u64, slow: CodeLabel) -> Result
             let r = i.op0_register().number();
             c.a.mov(rcx, qword_ptr(r15 + gpr(r))).map_err(err)?;
         }
-        Code::Call_rel32_64 => c.a.mov(rcx, next).map_err(err)?,
+        Code::Call_rel32_64 => {
+            let d = c.rel(next)?;
+            c.a.lea(rcx, r14 + d).map_err(err)?
+        }
         _ => c.a.mov(rcx, i.immediate(0)).map_err(err)?,
     }
     c.a.mov(qword_ptr(r11), rcx).map_err(err)?;
