@@ -42,10 +42,12 @@ pub enum Class {
     SseInt,
     SseFloat,
     Mmx,
+    /// BMI1/BMI2 (VEX-encoded), lzcnt/tzcnt and movbe.
+    Bmi,
 }
 
 impl Class {
-    pub const ALL: [Class; 14] = [
+    pub const ALL: [Class; 15] = [
         Class::IntegerAlu,
         Class::Shifts,
         Class::MulDiv,
@@ -60,6 +62,7 @@ impl Class {
         Class::SseInt,
         Class::SseFloat,
         Class::Mmx,
+        Class::Bmi,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +81,7 @@ impl Class {
             Class::SseInt => "sse_int",
             Class::SseFloat => "sse_float",
             Class::Mmx => "mmx",
+            Class::Bmi => "bmi",
         }
     }
 
@@ -163,6 +167,10 @@ impl Class {
                 M::Cvtpd2pi, M::Cvttpd2pi, M::Haddps, M::Haddpd, M::Hsubps, M::Hsubpd, M::Addsubps,
                 M::Addsubpd,
             ],
+            Class::Bmi => &[
+                M::Andn, M::Bextr, M::Blsi, M::Blsmsk, M::Blsr, M::Bzhi, M::Mulx, M::Pdep, M::Pext,
+                M::Rorx, M::Sarx, M::Shlx, M::Shrx, M::Lzcnt, M::Tzcnt, M::Movbe, M::Popcnt,
+            ],
         }
     }
 
@@ -237,6 +245,7 @@ pub const OPTIONAL: &[(CpuidFeature, u32, usize, u32)] = &[
     (CpuidFeature::MOVBE, 1, 2, 22),
     (CpuidFeature::LZCNT, 0x8000_0001, 2, 5),
     (CpuidFeature::BMI1, 7, 1, 3),
+    (CpuidFeature::BMI2, 7, 1, 8),
 ];
 
 impl Class {
@@ -293,6 +302,20 @@ impl Features {
         }
         f.lahf_lm = has(backend(0x8000_0001)?, 2, 0) && has(host(0x8000_0001), 2, 0);
         Ok(f)
+    }
+
+    /// The baseline plus every optional feature the host advertises: what
+    /// native runs can execute.
+    pub fn host() -> Self {
+        let mut f = Self::baseline();
+        let has = |regs: [u32; 4], reg: usize, bit: u32| regs[reg] >> bit & 1 == 1;
+        for &(feature, leaf, reg, bit) in OPTIONAL {
+            if has(host_cpuid(leaf), reg, bit) {
+                f.allowed.push(feature);
+            }
+        }
+        f.lahf_lm = has(host_cpuid(0x8000_0001), 2, 0);
+        f
     }
 
     pub fn allows(&self, feature: CpuidFeature) -> bool {
@@ -728,6 +751,8 @@ fn fillable(kind: OpCodeOperandKind) -> bool {
             | K::r64_reg
             | K::r64_rm
             | K::r64_opcode
+            | K::r32_vvvv
+            | K::r64_vvvv
             | K::mm_reg
             | K::mm_rm
             | K::mm_or_mem
@@ -786,8 +811,10 @@ impl Generator {
         let mnemonics = class.mnemonics();
         let ok = |code: Code| -> bool {
             let op = code.op_code();
+            // VEX only for general-purpose operands (BMI): the XMM/YMM
+            // operand kinds of AVX are not fillable.
             if !op.is_instruction()
-                || op.encoding() != EncodingKind::Legacy
+                || !matches!(op.encoding(), EncodingKind::Legacy | EncodingKind::VEX)
                 || !op.mode64()
                 || !op.cpl3()
                 || op.is_input_output()
@@ -1115,7 +1142,7 @@ impl Builder<'_> {
         let width = |k: K| match k {
             K::r8_or_mem | K::r8_reg | K::r8_opcode => 8,
             K::r16_or_mem | K::r16_reg | K::r16_rm | K::r16_opcode => 16,
-            K::r32_or_mem | K::r32_reg | K::r32_rm | K::r32_opcode => 32,
+            K::r32_or_mem | K::r32_reg | K::r32_rm | K::r32_opcode | K::r32_vvvv => 32,
             _ => 64,
         };
         let mem_size = op.memory_size().size() as u64;
@@ -1155,7 +1182,9 @@ impl Builder<'_> {
                 | K::r64_or_mem
                 | K::r64_reg
                 | K::r64_rm
-                | K::r64_opcode => Some(self.pick_reg(width(kind), written)),
+                | K::r64_opcode
+                | K::r32_vvvv
+                | K::r64_vvvv => Some(self.pick_reg(width(kind), written)),
                 K::mm_reg | K::mm_rm | K::mm_or_mem => {
                     Some(Register::MM0 + self.rng.below(8) as u32)
                 }
@@ -1586,7 +1615,7 @@ mod tests {
     use iced_x86::{Decoder, DecoderOptions};
 
     fn generator(class: Class) -> Generator {
-        Generator::new(class, &Features::baseline(), 0xffbf).expect("generator")
+        Generator::new(class, &Features::host(), 0xffbf).expect("generator")
     }
 
     #[test]

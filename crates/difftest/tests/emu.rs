@@ -37,6 +37,7 @@ emu_tests! {
     emu_matches_host_on_sse_int => Class::SseInt,
     emu_matches_host_on_sse_float => Class::SseFloat,
     emu_matches_host_on_mmx => Class::Mmx,
+    emu_matches_host_on_bmi => Class::Bmi,
 }
 
 /// Random bytes as ring-0 code: the emu must always come back (an exit,

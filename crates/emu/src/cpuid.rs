@@ -143,6 +143,7 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
                 | bit(has(Code::Cmpxchg16b_m128), 13)
                 | bit(true, 21) // x2APIC
                 | bit(true, 24) // TSC-deadline
+                | bit(vmplay && has(Code::Movbe_r32_m32), 22)
                 | bit(has(Code::Popcnt_r32_rm32), 23)
                 | bit(true, 31); // hypervisor
             let edx = bit(has(Code::Fninit), 0)
@@ -180,7 +181,17 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
         // then ERMS (EBX 9), FSRM (EDX 4) and IA32_ARCH_CAPABILITIES (EDX
         // 29), which says this CPU has none of the speculation bugs that
         // would make Linux isolate its page tables or clear buffers.
-        7 if sub == 0 && vmplay => [0, 1 << 1 | 1 << 9, 0, 1 << 4 | 1 << 29],
+        // BMI1 (EBX 3) and BMI2 (EBX 8) with their instructions.
+        7 if sub == 0 && vmplay => {
+            let ebx = 1 << 1
+                | bit(
+                    has(Code::VEX_Andn_r64_r64_rm64) && has(Code::Tzcnt_r64_rm64),
+                    3,
+                )
+                | bit(has(Code::VEX_Pdep_r64_r64_rm64), 8)
+                | 1 << 9;
+            [0, ebx, 0, 1 << 4 | 1 << 29]
+        }
         7 if sub == 0 => [0, 1 << 1, 0, 0],
         0xb => {
             let shift = 32 - (ncpu.max(1) - 1).leading_zeros();
@@ -207,7 +218,8 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
         0x4000_0010 => [(TSC_HZ / 1000) as u32, (CRYSTAL_HZ / 1000) as u32, 0, 0],
         0x8000_0000 => [0x8000_0008, 0, 0, 0],
         0x8000_0001 => {
-            let ecx = bit(true, 0); // LAHF/SAHF in 64-bit mode
+            let ecx = bit(true, 0) // LAHF/SAHF in 64-bit mode
+                | bit(vmplay && has(Code::Lzcnt_r64_rm64), 5);
             let edx = bit(true, 11) // SYSCALL
                 | bit(true, 20) // NX
                 | bit(true, 26) // 1 GiB pages
@@ -319,8 +331,9 @@ mod tests {
     ];
 
     /// Every instruction-set bit the model sets is backed by every
-    /// legacy-encoded 64-bit-mode instruction of that set (an instruction
-    /// needing several sets counts once all of them are advertised).
+    /// legacy- or VEX-encoded 64-bit-mode instruction of that set (an
+    /// instruction needing several sets counts once all of them are
+    /// advertised).
     #[test]
     fn every_advertised_instruction_set_is_implemented_whole() {
         for model in [CpuModel::Vmplay, CpuModel::Qemu64] {
@@ -335,7 +348,10 @@ mod tests {
                 let op = code.op_code();
                 if code == Code::INVALID
                     || !op.is_instruction()
-                    || op.encoding() != iced_x86::EncodingKind::Legacy
+                    || !matches!(
+                        op.encoding(),
+                        iced_x86::EncodingKind::Legacy | iced_x86::EncodingKind::VEX
+                    )
                     || !op.mode64()
                 {
                     continue;

@@ -6,7 +6,9 @@ pub mod ops;
 mod arith;
 mod bcd;
 mod bit;
+pub(crate) mod bmi;
 mod control;
+mod ext;
 mod io;
 mod legacy;
 mod logic;
@@ -39,6 +41,8 @@ pub fn register_all(t: &mut Table) {
     io::register(t);
     system::register(t);
     bit::register(t);
+    bmi::register(t);
+    ext::register(t);
     bcd::register(t);
     legacy::register(t);
     x87::register(t);
