@@ -17,6 +17,7 @@ pub mod float;
 mod fp;
 mod int;
 mod moves;
+mod ssse3;
 mod state;
 
 use crate::cpu::fault::{Fault, Res, Stop};
@@ -36,6 +37,7 @@ pub(crate) fn register(t: &mut Table) {
     int::register(t);
     fp::register(t);
     state::register(t);
+    ssse3::register(t);
 }
 
 #[cold]
