@@ -44,10 +44,12 @@ pub enum Class {
     Mmx,
     /// BMI1/BMI2 (VEX-encoded), lzcnt/tzcnt and movbe.
     Bmi,
+    /// SSE4.1.
+    Sse41,
 }
 
 impl Class {
-    pub const ALL: [Class; 15] = [
+    pub const ALL: [Class; 16] = [
         Class::IntegerAlu,
         Class::Shifts,
         Class::MulDiv,
@@ -63,6 +65,7 @@ impl Class {
         Class::SseFloat,
         Class::Mmx,
         Class::Bmi,
+        Class::Sse41,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +85,7 @@ impl Class {
             Class::SseFloat => "sse_float",
             Class::Mmx => "mmx",
             Class::Bmi => "bmi",
+            Class::Sse41 => "sse4_1",
         }
     }
 
@@ -171,6 +175,16 @@ impl Class {
                 M::Andn, M::Bextr, M::Blsi, M::Blsmsk, M::Blsr, M::Bzhi, M::Mulx, M::Pdep, M::Pext,
                 M::Rorx, M::Sarx, M::Shlx, M::Shrx, M::Lzcnt, M::Tzcnt, M::Movbe, M::Popcnt,
             ],
+            Class::Sse41 => &[
+                M::Blendps, M::Blendpd, M::Blendvps, M::Blendvpd, M::Pblendvb, M::Pblendw, M::Dpps,
+                M::Dppd, M::Extractps, M::Insertps, M::Movntdqa, M::Mpsadbw, M::Packusdw,
+                M::Pcmpeqq, M::Pextrb, M::Pextrd, M::Pextrq, M::Pextrw, M::Phminposuw, M::Pinsrb,
+                M::Pinsrd, M::Pinsrq, M::Pmaxsb, M::Pmaxsd, M::Pmaxud, M::Pmaxuw, M::Pminsb,
+                M::Pminsd, M::Pminud, M::Pminuw, M::Pmovsxbw, M::Pmovsxbd, M::Pmovsxbq,
+                M::Pmovsxwd, M::Pmovsxwq, M::Pmovsxdq, M::Pmovzxbw, M::Pmovzxbd, M::Pmovzxbq,
+                M::Pmovzxwd, M::Pmovzxwq, M::Pmovzxdq, M::Pmuldq, M::Pmulld, M::Ptest, M::Roundps,
+                M::Roundpd, M::Roundss, M::Roundsd,
+            ],
         }
     }
 
@@ -178,7 +192,12 @@ impl Class {
     fn fpu_heavy(self) -> bool {
         matches!(
             self,
-            Class::X87 | Class::SseMoves | Class::SseInt | Class::SseFloat | Class::Mmx
+            Class::X87
+                | Class::SseMoves
+                | Class::SseInt
+                | Class::SseFloat
+                | Class::Mmx
+                | Class::Sse41
         )
     }
 }
@@ -246,6 +265,7 @@ pub const OPTIONAL: &[(CpuidFeature, u32, usize, u32)] = &[
     (CpuidFeature::LZCNT, 0x8000_0001, 2, 5),
     (CpuidFeature::BMI1, 7, 1, 3),
     (CpuidFeature::BMI2, 7, 1, 8),
+    (CpuidFeature::SSE4_1, 1, 2, 19),
 ];
 
 impl Class {
@@ -257,7 +277,9 @@ impl Class {
             Class::Exchange => &["CX8", "CX16"],
             Class::X87 => &["FPU"],
             Class::Mmx => &["MMX"],
-            Class::SseMoves | Class::SseInt | Class::SseFloat => &["FXSR", "SSE", "SSE2", "SSE3"],
+            Class::SseMoves | Class::SseInt | Class::SseFloat | Class::Sse41 => {
+                &["FXSR", "SSE", "SSE2", "SSE3"]
+            }
             _ => &[],
         }
     }

@@ -17,6 +17,7 @@ pub mod float;
 mod fp;
 mod int;
 mod moves;
+mod sse41;
 mod ssse3;
 mod state;
 
@@ -38,6 +39,7 @@ pub(crate) fn register(t: &mut Table) {
     fp::register(t);
     state::register(t);
     ssse3::register(t);
+    sse41::register(t);
 }
 
 #[cold]
