@@ -46,10 +46,12 @@ pub enum Class {
     Bmi,
     /// SSE4.1.
     Sse41,
+    /// SSE4.2: the string compares, pcmpgtq, crc32.
+    Sse42,
 }
 
 impl Class {
-    pub const ALL: [Class; 16] = [
+    pub const ALL: [Class; 17] = [
         Class::IntegerAlu,
         Class::Shifts,
         Class::MulDiv,
@@ -66,6 +68,7 @@ impl Class {
         Class::Mmx,
         Class::Bmi,
         Class::Sse41,
+        Class::Sse42,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +89,7 @@ impl Class {
             Class::Mmx => "mmx",
             Class::Bmi => "bmi",
             Class::Sse41 => "sse4_1",
+            Class::Sse42 => "sse4_2",
         }
     }
 
@@ -185,6 +189,10 @@ impl Class {
                 M::Pmovzxwd, M::Pmovzxwq, M::Pmovzxdq, M::Pmuldq, M::Pmulld, M::Ptest, M::Roundps,
                 M::Roundpd, M::Roundss, M::Roundsd,
             ],
+            Class::Sse42 => &[
+                M::Pcmpestri, M::Pcmpestri64, M::Pcmpestrm, M::Pcmpestrm64, M::Pcmpistri,
+                M::Pcmpistrm, M::Pcmpgtq, M::Crc32,
+            ],
         }
     }
 
@@ -198,6 +206,7 @@ impl Class {
                 | Class::SseFloat
                 | Class::Mmx
                 | Class::Sse41
+                | Class::Sse42
         )
     }
 }
@@ -266,6 +275,7 @@ pub const OPTIONAL: &[(CpuidFeature, u32, usize, u32)] = &[
     (CpuidFeature::BMI1, 7, 1, 3),
     (CpuidFeature::BMI2, 7, 1, 8),
     (CpuidFeature::SSE4_1, 1, 2, 19),
+    (CpuidFeature::SSE4_2, 1, 2, 20),
 ];
 
 impl Class {
@@ -277,7 +287,7 @@ impl Class {
             Class::Exchange => &["CX8", "CX16"],
             Class::X87 => &["FPU"],
             Class::Mmx => &["MMX"],
-            Class::SseMoves | Class::SseInt | Class::SseFloat | Class::Sse41 => {
+            Class::SseMoves | Class::SseInt | Class::SseFloat | Class::Sse41 | Class::Sse42 => {
                 &["FXSR", "SSE", "SSE2", "SSE3"]
             }
             _ => &[],

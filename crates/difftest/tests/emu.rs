@@ -39,6 +39,7 @@ emu_tests! {
     emu_matches_host_on_mmx => Class::Mmx,
     emu_matches_host_on_bmi => Class::Bmi,
     emu_matches_host_on_sse4_1 => Class::Sse41,
+    emu_matches_host_on_sse4_2 => Class::Sse42,
 }
 
 /// Random bytes as ring-0 code: the emu must always come back (an exit,

@@ -142,6 +142,7 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
             let ecx = bit(has(Code::Addsubpd_xmm_xmmm128), 0)
                 | bit(vmplay && has(Code::Pshufb_xmm_xmmm128), 9)
                 | bit(vmplay && has(Code::Dpps_xmm_xmmm128_imm8), 19)
+                | bit(vmplay && has(Code::Pcmpistri_xmm_xmmm128_imm8), 20)
                 | bit(has(Code::Cmpxchg16b_m128), 13)
                 | bit(true, 21) // x2APIC
                 | bit(true, 24) // TSC-deadline

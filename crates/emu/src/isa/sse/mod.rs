@@ -18,6 +18,7 @@ mod fp;
 mod int;
 mod moves;
 mod sse41;
+mod sse42;
 mod ssse3;
 mod state;
 
@@ -40,6 +41,7 @@ pub(crate) fn register(t: &mut Table) {
     state::register(t);
     ssse3::register(t);
     sse41::register(t);
+    sse42::register(t);
 }
 
 #[cold]
