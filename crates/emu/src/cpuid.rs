@@ -146,6 +146,7 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
                 | bit(has(Code::Cmpxchg16b_m128), 13)
                 | bit(true, 21) // x2APIC
                 | bit(true, 24) // TSC-deadline
+                | bit(vmplay && has(Code::Rdrand_r64), 30)
                 | bit(vmplay && has(Code::Movbe_r32_m32), 22)
                 | bit(has(Code::Popcnt_r32_rm32), 23)
                 | bit(true, 31); // hypervisor
@@ -184,15 +185,18 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
         // then ERMS (EBX 9), FSRM (EDX 4) and IA32_ARCH_CAPABILITIES (EDX
         // 29), which says this CPU has none of the speculation bugs that
         // would make Linux isolate its page tables or clear buffers.
-        // BMI1 (EBX 3) and BMI2 (EBX 8) with their instructions.
+        // FSGSBASE (EBX 0), BMI1 (EBX 3), BMI2 (EBX 8) and RDSEED (EBX
+        // 18) with their instructions.
         7 if sub == 0 && vmplay => {
-            let ebx = 1 << 1
+            let ebx = bit(has(Code::Wrfsbase_r64), 0)
+                | 1 << 1
                 | bit(
                     has(Code::VEX_Andn_r64_r64_rm64) && has(Code::Tzcnt_r64_rm64),
                     3,
                 )
                 | bit(has(Code::VEX_Pdep_r64_r64_rm64), 8)
-                | 1 << 9;
+                | 1 << 9
+                | bit(has(Code::Rdseed_r64), 18);
             [0, ebx, 0, 1 << 4 | 1 << 29]
         }
         7 if sub == 0 => [0, 1 << 1, 0, 0],

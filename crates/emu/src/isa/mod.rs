@@ -8,7 +8,7 @@ mod bcd;
 mod bit;
 pub(crate) mod bmi;
 mod control;
-mod ext;
+pub(crate) mod ext;
 mod io;
 mod legacy;
 mod logic;

@@ -150,8 +150,12 @@ pub fn write_cr0(cpu: &mut Cpu, v: u64) -> Res {
 }
 
 fn write_cr4(cpu: &mut Cpu, v: u64) -> Res {
-    let allowed =
+    let mut allowed =
         CR4_DE | CR4_PSE | CR4_PAE | CR4_PGE | CR4_PCE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_TSD;
+    // FSGSBASE where the CPU model advertises it (isa/ext.rs).
+    if crate::isa::bmi::modern(cpu) {
+        allowed |= crate::isa::ext::CR4_FSGSBASE;
+    }
     if v & !allowed != 0 || (cpu.long_mode() && v & CR4_PAE == 0) {
         return Err(Fault::gp(0));
     }
