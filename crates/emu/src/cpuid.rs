@@ -21,6 +21,7 @@ use iced_x86::Code;
 
 use crate::cpu::Cpu;
 use crate::decode::table::table;
+use crate::isa::xsave::{XCR0_SUPPORTED, XSAVE_SIZE};
 use crate::mem::paging::PHYS_BITS;
 use crate::platform::clock::{CRYSTAL_HZ, TSC_HZ};
 
@@ -124,13 +125,18 @@ fn bit(on: bool, n: u32) -> u32 {
 
 /// CPUID.(leaf, subleaf) for vCPU `cpu`: (eax, ebx, ecx, edx).
 pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
-    model_leaf(
+    let mut r = model_leaf(
         cpu.vm.cpu_model,
         cpu.vm.platform.vcpus() as u32,
         cpu.id,
         leaf,
         sub,
-    )
+    );
+    // OSXSAVE (1.ECX 27) mirrors CR4.OSXSAVE.
+    if leaf == 1 && cpu.cr4 & crate::isa::xsave::CR4_OSXSAVE != 0 {
+        r[2] |= 1 << 27;
+    }
+    r
 }
 
 /// CPUID.(leaf, subleaf) of `model` for vCPU `id` of `ncpu`.
@@ -146,6 +152,7 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
                 | bit(has(Code::Cmpxchg16b_m128), 13)
                 | bit(true, 21) // x2APIC
                 | bit(true, 24) // TSC-deadline
+                | bit(vmplay && has(Code::Xsave_mem), 26)
                 | bit(vmplay && has(Code::Rdrand_r64), 30)
                 | bit(vmplay && has(Code::Movbe_r32_m32), 22)
                 | bit(has(Code::Popcnt_r32_rm32), 23)
@@ -200,6 +207,18 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
             [0, ebx, 0, 1 << 4 | 1 << 29]
         }
         7 if sub == 0 => [0, 1 << 1, 0, 0],
+        // Leaf 0xD: the XSAVE components (x87, SSE), the standard image
+        // (legacy region + header) and XSAVEOPT.
+        0xd if vmplay && has(Code::Xsave_mem) => match sub {
+            0 => [
+                XCR0_SUPPORTED as u32,
+                XSAVE_SIZE,
+                XSAVE_SIZE,
+                (XCR0_SUPPORTED >> 32) as u32,
+            ],
+            1 => [bit(has(Code::Xsaveopt_mem), 0), 0, 0, 0],
+            _ => [0; 4],
+        },
         0xb => {
             let shift = 32 - (ncpu.max(1) - 1).leading_zeros();
             match sub {

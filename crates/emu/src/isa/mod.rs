@@ -20,6 +20,7 @@ mod stack;
 mod string;
 mod system;
 pub(crate) mod x87;
+pub(crate) mod xsave;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -47,6 +48,7 @@ pub fn register_all(t: &mut Table) {
     legacy::register(t);
     x87::register(t);
     sse::register(t);
+    xsave::register(t);
 }
 
 fn names() -> &'static HashMap<String, Code> {

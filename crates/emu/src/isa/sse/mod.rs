@@ -20,7 +20,7 @@ mod moves;
 mod sse41;
 mod sse42;
 mod ssse3;
-mod state;
+pub(crate) mod state;
 
 use crate::cpu::fault::{Fault, Res, Stop};
 use crate::cpu::fpu::F80;
