@@ -188,12 +188,31 @@ pub(crate) fn pext64(v: u64, mut mask: u64) -> u64 {
     r
 }
 
+/// Whether the host runs pdep/pext itself (the same result, one
+/// instruction instead of a loop over the mask).
+#[inline(always)]
+fn host_bmi2() -> bool {
+    std::arch::is_x86_feature_detected!("bmi2")
+}
+
+#[target_feature(enable = "bmi2")]
+fn host_pdep_pext<const EXTRACT: bool>(v: u64, mask: u64) -> u64 {
+    if EXTRACT {
+        core::arch::x86_64::_pext_u64(v, mask)
+    } else {
+        core::arch::x86_64::_pdep_u64(v, mask)
+    }
+}
+
 /// pdep (`EXTRACT` false) / pext r0, r1, r/m (the mask); no flags.
 fn pdep_pext<W: Width, const EXTRACT: bool, const MEM: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
     vex_ok(cpu)?;
     let mask = rm::<W, MEM>(cpu, i, i.r2)?;
     let v = reg::<W>(cpu, i.r1);
-    let r = if EXTRACT {
+    let r = if host_bmi2() {
+        // SAFETY: the host has BMI2 (checked just above).
+        unsafe { host_pdep_pext::<EXTRACT>(v, mask) }
+    } else if EXTRACT {
         pext64(v, mask)
     } else {
         pdep64(v, mask)
