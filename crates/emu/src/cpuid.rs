@@ -1,7 +1,11 @@
 //! The CPUID model. Feature bits for instruction families are set only
 //! when the handler table implements them, so CPUID never promises more
 //! than emu does; x2APIC, TSC-deadline, invariant TSC and a known TSC
-//! frequency (leaf 0x15) are the platform's.
+//! frequency (leaf 0x15) are the platform's. The extensions a modern
+//! userland picks code paths by (SSSE3, SSE4.1/4.2, MOVBE, LZCNT, BMI1/2,
+//! RDRAND/RDSEED, FSGSBASE, XSAVE/XSAVEOPT with leaf 0xD) are the
+//! default model's only; qemu64 keeps its old bits, and the handlers of
+//! those sets raise #UD on it.
 //!
 //! [`CpuModel::Vmplay`] (the default) tells Linux the truth that matters
 //! for speed: this CPU does not speculate. Linux has no architectural bit
