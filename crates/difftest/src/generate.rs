@@ -42,10 +42,16 @@ pub enum Class {
     SseInt,
     SseFloat,
     Mmx,
+    /// BMI1/BMI2 (VEX-encoded), lzcnt/tzcnt and movbe.
+    Bmi,
+    /// SSE4.1.
+    Sse41,
+    /// SSE4.2: the string compares, pcmpgtq, crc32.
+    Sse42,
 }
 
 impl Class {
-    pub const ALL: [Class; 14] = [
+    pub const ALL: [Class; 17] = [
         Class::IntegerAlu,
         Class::Shifts,
         Class::MulDiv,
@@ -60,6 +66,9 @@ impl Class {
         Class::SseInt,
         Class::SseFloat,
         Class::Mmx,
+        Class::Bmi,
+        Class::Sse41,
+        Class::Sse42,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +87,9 @@ impl Class {
             Class::SseInt => "sse_int",
             Class::SseFloat => "sse_float",
             Class::Mmx => "mmx",
+            Class::Bmi => "bmi",
+            Class::Sse41 => "sse4_1",
+            Class::Sse42 => "sse4_2",
         }
     }
 
@@ -163,6 +175,24 @@ impl Class {
                 M::Cvtpd2pi, M::Cvttpd2pi, M::Haddps, M::Haddpd, M::Hsubps, M::Hsubpd, M::Addsubps,
                 M::Addsubpd,
             ],
+            Class::Bmi => &[
+                M::Andn, M::Bextr, M::Blsi, M::Blsmsk, M::Blsr, M::Bzhi, M::Mulx, M::Pdep, M::Pext,
+                M::Rorx, M::Sarx, M::Shlx, M::Shrx, M::Lzcnt, M::Tzcnt, M::Movbe, M::Popcnt,
+            ],
+            Class::Sse41 => &[
+                M::Blendps, M::Blendpd, M::Blendvps, M::Blendvpd, M::Pblendvb, M::Pblendw, M::Dpps,
+                M::Dppd, M::Extractps, M::Insertps, M::Movntdqa, M::Mpsadbw, M::Packusdw,
+                M::Pcmpeqq, M::Pextrb, M::Pextrd, M::Pextrq, M::Pextrw, M::Phminposuw, M::Pinsrb,
+                M::Pinsrd, M::Pinsrq, M::Pmaxsb, M::Pmaxsd, M::Pmaxud, M::Pmaxuw, M::Pminsb,
+                M::Pminsd, M::Pminud, M::Pminuw, M::Pmovsxbw, M::Pmovsxbd, M::Pmovsxbq,
+                M::Pmovsxwd, M::Pmovsxwq, M::Pmovsxdq, M::Pmovzxbw, M::Pmovzxbd, M::Pmovzxbq,
+                M::Pmovzxwd, M::Pmovzxwq, M::Pmovzxdq, M::Pmuldq, M::Pmulld, M::Ptest, M::Roundps,
+                M::Roundpd, M::Roundss, M::Roundsd,
+            ],
+            Class::Sse42 => &[
+                M::Pcmpestri, M::Pcmpestri64, M::Pcmpestrm, M::Pcmpestrm64, M::Pcmpistri,
+                M::Pcmpistrm, M::Pcmpgtq, M::Crc32,
+            ],
         }
     }
 
@@ -170,7 +200,13 @@ impl Class {
     fn fpu_heavy(self) -> bool {
         matches!(
             self,
-            Class::X87 | Class::SseMoves | Class::SseInt | Class::SseFloat | Class::Mmx
+            Class::X87
+                | Class::SseMoves
+                | Class::SseInt
+                | Class::SseFloat
+                | Class::Mmx
+                | Class::Sse41
+                | Class::Sse42
         )
     }
 }
@@ -237,6 +273,9 @@ pub const OPTIONAL: &[(CpuidFeature, u32, usize, u32)] = &[
     (CpuidFeature::MOVBE, 1, 2, 22),
     (CpuidFeature::LZCNT, 0x8000_0001, 2, 5),
     (CpuidFeature::BMI1, 7, 1, 3),
+    (CpuidFeature::BMI2, 7, 1, 8),
+    (CpuidFeature::SSE4_1, 1, 2, 19),
+    (CpuidFeature::SSE4_2, 1, 2, 20),
 ];
 
 impl Class {
@@ -248,7 +287,9 @@ impl Class {
             Class::Exchange => &["CX8", "CX16"],
             Class::X87 => &["FPU"],
             Class::Mmx => &["MMX"],
-            Class::SseMoves | Class::SseInt | Class::SseFloat => &["FXSR", "SSE", "SSE2", "SSE3"],
+            Class::SseMoves | Class::SseInt | Class::SseFloat | Class::Sse41 | Class::Sse42 => {
+                &["FXSR", "SSE", "SSE2", "SSE3"]
+            }
             _ => &[],
         }
     }
@@ -293,6 +334,20 @@ impl Features {
         }
         f.lahf_lm = has(backend(0x8000_0001)?, 2, 0) && has(host(0x8000_0001), 2, 0);
         Ok(f)
+    }
+
+    /// The baseline plus every optional feature the host advertises: what
+    /// native runs can execute.
+    pub fn host() -> Self {
+        let mut f = Self::baseline();
+        let has = |regs: [u32; 4], reg: usize, bit: u32| regs[reg] >> bit & 1 == 1;
+        for &(feature, leaf, reg, bit) in OPTIONAL {
+            if has(host_cpuid(leaf), reg, bit) {
+                f.allowed.push(feature);
+            }
+        }
+        f.lahf_lm = has(host_cpuid(0x8000_0001), 2, 0);
+        f
     }
 
     pub fn allows(&self, feature: CpuidFeature) -> bool {
@@ -728,6 +783,8 @@ fn fillable(kind: OpCodeOperandKind) -> bool {
             | K::r64_reg
             | K::r64_rm
             | K::r64_opcode
+            | K::r32_vvvv
+            | K::r64_vvvv
             | K::mm_reg
             | K::mm_rm
             | K::mm_or_mem
@@ -786,8 +843,10 @@ impl Generator {
         let mnemonics = class.mnemonics();
         let ok = |code: Code| -> bool {
             let op = code.op_code();
+            // VEX only for general-purpose operands (BMI): the XMM/YMM
+            // operand kinds of AVX are not fillable.
             if !op.is_instruction()
-                || op.encoding() != EncodingKind::Legacy
+                || !matches!(op.encoding(), EncodingKind::Legacy | EncodingKind::VEX)
                 || !op.mode64()
                 || !op.cpl3()
                 || op.is_input_output()
@@ -1115,7 +1174,7 @@ impl Builder<'_> {
         let width = |k: K| match k {
             K::r8_or_mem | K::r8_reg | K::r8_opcode => 8,
             K::r16_or_mem | K::r16_reg | K::r16_rm | K::r16_opcode => 16,
-            K::r32_or_mem | K::r32_reg | K::r32_rm | K::r32_opcode => 32,
+            K::r32_or_mem | K::r32_reg | K::r32_rm | K::r32_opcode | K::r32_vvvv => 32,
             _ => 64,
         };
         let mem_size = op.memory_size().size() as u64;
@@ -1155,7 +1214,9 @@ impl Builder<'_> {
                 | K::r64_or_mem
                 | K::r64_reg
                 | K::r64_rm
-                | K::r64_opcode => Some(self.pick_reg(width(kind), written)),
+                | K::r64_opcode
+                | K::r32_vvvv
+                | K::r64_vvvv => Some(self.pick_reg(width(kind), written)),
                 K::mm_reg | K::mm_rm | K::mm_or_mem => {
                     Some(Register::MM0 + self.rng.below(8) as u32)
                 }
@@ -1586,12 +1647,21 @@ mod tests {
     use iced_x86::{Decoder, DecoderOptions};
 
     fn generator(class: Class) -> Generator {
-        Generator::new(class, &Features::baseline(), 0xffbf).expect("generator")
+        Generator::new(class, &Features::host(), 0xffbf).expect("generator")
+    }
+
+    /// The classes this host can run natively (the extension classes need
+    /// the host's optional features).
+    fn host_classes() -> Vec<Class> {
+        Class::ALL
+            .into_iter()
+            .filter(|&c| Generator::new(c, &Features::host(), 0xffbf).is_ok())
+            .collect()
     }
 
     #[test]
     fn every_class_generates_decodable_reproducible_cases() {
-        for class in Class::ALL {
+        for class in host_classes() {
             let g = generator(class);
             for i in 0..200 {
                 let c = g.case(42, i).expect("case");
@@ -1619,7 +1689,7 @@ mod tests {
     #[test]
     fn memory_operands_only_use_reserved_registers() {
         let mut info = InstructionInfoFactory::new();
-        for class in Class::ALL {
+        for class in host_classes() {
             let g = generator(class);
             for i in 0..200 {
                 let c = g.case(7, i).expect("case");

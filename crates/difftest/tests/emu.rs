@@ -63,6 +63,9 @@ emu_tests! {
     emu_matches_host_on_sse_int, translated_emu_matches_host_on_sse_int => Class::SseInt,
     emu_matches_host_on_sse_float, translated_emu_matches_host_on_sse_float => Class::SseFloat,
     emu_matches_host_on_mmx, translated_emu_matches_host_on_mmx => Class::Mmx,
+    emu_matches_host_on_bmi, translated_emu_matches_host_on_bmi => Class::Bmi,
+    emu_matches_host_on_sse4_1, translated_emu_matches_host_on_sse4_1 => Class::Sse41,
+    emu_matches_host_on_sse4_2, translated_emu_matches_host_on_sse4_2 => Class::Sse42,
 }
 
 /// Random bytes as ring-0 code: the emu must always come back (an exit,

@@ -185,8 +185,10 @@ fn native_results_do_not_depend_on_the_previous_case() {
     use vmplay_difftest::native::NativeRunner;
     let mut native = NativeRunner::new(64).expect("native runner");
     for class in Class::ALL {
-        let g =
-            Generator::new(class, &Features::baseline(), native.mxcsr_mask()).expect("generator");
+        // Extension classes the host lacks cannot run natively.
+        let Ok(g) = Generator::new(class, &Features::host(), native.mxcsr_mask()) else {
+            continue;
+        };
         let cases: Vec<_> = (0..200).map(|i| g.case(0xd1ff, i).expect("case")).collect();
         let forward: Vec<_> = cases.iter().map(|c| (c.code.as_slice(), &c.init)).collect();
         let backward: Vec<_> = forward.iter().rev().copied().collect();

@@ -1,7 +1,11 @@
 //! The CPUID model. Feature bits for instruction families are set only
 //! when the handler table implements them, so CPUID never promises more
 //! than emu does; x2APIC, TSC-deadline, invariant TSC and a known TSC
-//! frequency (leaf 0x15) are the platform's.
+//! frequency (leaf 0x15) are the platform's. The extensions a modern
+//! userland picks code paths by (SSSE3, SSE4.1/4.2, MOVBE, LZCNT, BMI1/2,
+//! RDRAND/RDSEED, FSGSBASE, XSAVE/XSAVEOPT with leaf 0xD) are the
+//! default model's only; qemu64 keeps its old bits, and the handlers of
+//! those sets raise #UD on it.
 //!
 //! [`CpuModel::Vmplay`] (the default) tells Linux the truth that matters
 //! for speed: this CPU does not speculate. Linux has no architectural bit
@@ -21,6 +25,7 @@ use iced_x86::Code;
 
 use crate::cpu::Cpu;
 use crate::decode::table::table;
+use crate::isa::xsave::{XCR0_SUPPORTED, XSAVE_SIZE};
 use crate::mem::paging::PHYS_BITS;
 use crate::platform::clock::{CRYSTAL_HZ, TSC_HZ};
 
@@ -124,13 +129,18 @@ fn bit(on: bool, n: u32) -> u32 {
 
 /// CPUID.(leaf, subleaf) for vCPU `cpu`: (eax, ebx, ecx, edx).
 pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
-    model_leaf(
+    let mut r = model_leaf(
         cpu.vm.cpu_model,
         cpu.vm.platform.vcpus() as u32,
         cpu.id,
         leaf,
         sub,
-    )
+    );
+    // OSXSAVE (1.ECX 27) mirrors CR4.OSXSAVE.
+    if leaf == 1 && cpu.cr4 & crate::isa::xsave::CR4_OSXSAVE != 0 {
+        r[2] |= 1 << 27;
+    }
+    r
 }
 
 /// CPUID.(leaf, subleaf) of `model` for vCPU `id` of `ncpu`.
@@ -140,9 +150,15 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
         0 => [0x16, reg(VENDOR, 0), reg(VENDOR, 8), reg(VENDOR, 4)],
         1 => {
             let ecx = bit(has(Code::Addsubpd_xmm_xmmm128), 0)
+                | bit(vmplay && has(Code::Pshufb_xmm_xmmm128), 9)
+                | bit(vmplay && has(Code::Dpps_xmm_xmmm128_imm8), 19)
+                | bit(vmplay && has(Code::Pcmpistri_xmm_xmmm128_imm8), 20)
                 | bit(has(Code::Cmpxchg16b_m128), 13)
                 | bit(true, 21) // x2APIC
                 | bit(true, 24) // TSC-deadline
+                | bit(vmplay && has(Code::Xsave_mem), 26)
+                | bit(vmplay && has(Code::Rdrand_r64), 30)
+                | bit(vmplay && has(Code::Movbe_r32_m32), 22)
                 | bit(has(Code::Popcnt_r32_rm32), 23)
                 | bit(true, 31); // hypervisor
             let edx = bit(has(Code::Fninit), 0)
@@ -180,8 +196,33 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
         // then ERMS (EBX 9), FSRM (EDX 4) and IA32_ARCH_CAPABILITIES (EDX
         // 29), which says this CPU has none of the speculation bugs that
         // would make Linux isolate its page tables or clear buffers.
-        7 if sub == 0 && vmplay => [0, 1 << 1 | 1 << 9, 0, 1 << 4 | 1 << 29],
+        // FSGSBASE (EBX 0), BMI1 (EBX 3), BMI2 (EBX 8) and RDSEED (EBX
+        // 18) with their instructions.
+        7 if sub == 0 && vmplay => {
+            let ebx = bit(has(Code::Wrfsbase_r64), 0)
+                | 1 << 1
+                | bit(
+                    has(Code::VEX_Andn_r64_r64_rm64) && has(Code::Tzcnt_r64_rm64),
+                    3,
+                )
+                | bit(has(Code::VEX_Pdep_r64_r64_rm64), 8)
+                | 1 << 9
+                | bit(has(Code::Rdseed_r64), 18);
+            [0, ebx, 0, 1 << 4 | 1 << 29]
+        }
         7 if sub == 0 => [0, 1 << 1, 0, 0],
+        // Leaf 0xD: the XSAVE components (x87, SSE), the standard image
+        // (legacy region + header) and XSAVEOPT.
+        0xd if vmplay && has(Code::Xsave_mem) => match sub {
+            0 => [
+                XCR0_SUPPORTED as u32,
+                XSAVE_SIZE,
+                XSAVE_SIZE,
+                (XCR0_SUPPORTED >> 32) as u32,
+            ],
+            1 => [bit(has(Code::Xsaveopt_mem), 0), 0, 0, 0],
+            _ => [0; 4],
+        },
         0xb => {
             let shift = 32 - (ncpu.max(1) - 1).leading_zeros();
             match sub {
@@ -207,7 +248,8 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
         0x4000_0010 => [(TSC_HZ / 1000) as u32, (CRYSTAL_HZ / 1000) as u32, 0, 0],
         0x8000_0000 => [0x8000_0008, 0, 0, 0],
         0x8000_0001 => {
-            let ecx = bit(true, 0); // LAHF/SAHF in 64-bit mode
+            let ecx = bit(true, 0) // LAHF/SAHF in 64-bit mode
+                | bit(vmplay && has(Code::Lzcnt_r64_rm64), 5);
             let edx = bit(true, 11) // SYSCALL
                 | bit(true, 20) // NX
                 | bit(true, 26) // 1 GiB pages
@@ -319,8 +361,9 @@ mod tests {
     ];
 
     /// Every instruction-set bit the model sets is backed by every
-    /// legacy-encoded 64-bit-mode instruction of that set (an instruction
-    /// needing several sets counts once all of them are advertised).
+    /// legacy- or VEX-encoded 64-bit-mode instruction of that set (an
+    /// instruction needing several sets counts once all of them are
+    /// advertised).
     #[test]
     fn every_advertised_instruction_set_is_implemented_whole() {
         for model in [CpuModel::Vmplay, CpuModel::Qemu64] {
@@ -335,7 +378,10 @@ mod tests {
                 let op = code.op_code();
                 if code == Code::INVALID
                     || !op.is_instruction()
-                    || op.encoding() != iced_x86::EncodingKind::Legacy
+                    || !matches!(
+                        op.encoding(),
+                        iced_x86::EncodingKind::Legacy | iced_x86::EncodingKind::VEX
+                    )
                     || !op.mode64()
                 {
                     continue;

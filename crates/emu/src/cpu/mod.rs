@@ -153,6 +153,9 @@ pub struct Msrs {
     pub ucode_rev: u64,
     pub tsc_adjust: i64,
     pub mtrr_def_type: u64,
+    /// XCR0 above bit 0 (x87, always set), as XSETBV left it: 0 after
+    /// reset, so XCR0 = 1 (`isa/xsave.rs`).
+    pub xcr0_ext: u64,
 }
 
 /// One vCPU's registers plus the derived caches the hot paths use.

@@ -1,10 +1,11 @@
 //! Bit operations: bt/bts/btr/btc, bsf/bsr and popcnt.
 //!
 //! tzcnt and lzcnt are encoded as `F3 0F BC/BD`; a CPU without BMI1/LZCNT
-//! ignores the `F3` and runs bsf/bsr, and our CPUID advertises neither, so
-//! iced's `Tzcnt_*`/`Lzcnt_*` codes get the bsf/bsr handlers (a test pins
-//! CPUID to that). popcnt is registered, which makes `cpuid.rs` advertise
-//! it.
+//! ignores the `F3` and runs bsf/bsr. The default CPU model advertises
+//! BMI1 and LZCNT and runs them as counts (CF = source was zero, ZF =
+//! count is zero); the qemu64 model advertises neither and runs bsf/bsr,
+//! as such a CPU does (a test pins both). popcnt is registered, which
+//! makes `cpuid.rs` advertise it.
 //!
 //! Flags the manuals leave undefined follow the AMD EPYC this was measured
 //! on: bt* change only CF; bsf/bsr set the logic flags of the index (ZF
@@ -13,7 +14,7 @@
 
 use crate::cpu::Cpu;
 use crate::cpu::fault::Res;
-use crate::cpu::flags::{PF, ZF};
+use crate::cpu::flags::{CF, PF, ZF};
 use crate::cpu::width::{W16, W32, W64, Width};
 use crate::decode::{Insn, Table};
 use crate::isa::c;
@@ -151,6 +152,38 @@ fn bsr<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
     Ok(())
 }
 
+/// tzcnt (`LEAD` false) / lzcnt: the count of trailing (leading) zero
+/// bits, the operand size for a zero source; CF says the source was zero,
+/// ZF that the count is. OF, SF, PF and AF are undefined (AMD sets OF
+/// in some cases); here they are clear. Without BMI1/LZCNT in the CPU model: bsf/bsr.
+fn zcnt<W: Width, S: Src, const LEAD: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
+    if !crate::isa::bmi::modern(cpu) {
+        return if LEAD {
+            bsr::<W, S>(cpu, i)
+        } else {
+            bsf::<W, S>(cpu, i)
+        };
+    }
+    let v = S::get::<W>(cpu, i)?;
+    let n = if LEAD {
+        (v << (64 - W::BITS)).leading_zeros().min(W::BITS)
+    } else {
+        v.trailing_zeros().min(W::BITS)
+    };
+    W::set(&mut cpu.gpr, i.r0, u64::from(n));
+    cpu.flags
+        .set_bits(if v == 0 { CF } else { 0 } | if n == 0 { ZF } else { 0 });
+    Ok(())
+}
+
+fn tzcnt<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
+    zcnt::<W, S, false>(cpu, i)
+}
+
+fn lzcnt<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
+    zcnt::<W, S, true>(cpu, i)
+}
+
 /// popcnt: all flags clear but ZF, which says the source was zero.
 fn popcnt<W: Width, S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
     let v = S::get::<W>(cpu, i)?;
@@ -218,9 +251,9 @@ pub fn register(t: &mut Table) {
     bt_forms!(t, "Btc", Btc);
     r_rm_forms!(t, "Bsf", bsf);
     r_rm_forms!(t, "Bsr", bsr);
-    // Without BMI1/LZCNT in CPUID, F3 0F BC/BD are bsf/bsr.
-    r_rm_forms!(t, "Tzcnt", bsf);
-    r_rm_forms!(t, "Lzcnt", bsr);
+    // bsf/bsr on a CPU model without BMI1/LZCNT.
+    r_rm_forms!(t, "Tzcnt", tzcnt);
+    r_rm_forms!(t, "Lzcnt", lzcnt);
     r_rm_forms!(t, "Popcnt", popcnt);
 }
 
@@ -274,8 +307,12 @@ pub(crate) mod harness {
 
     impl TestVm {
         pub fn new(vcpus: u32) -> TestVm {
+            Self::with_options(vcpus, EmuOptions::default())
+        }
+
+        pub fn with_options(vcpus: u32, opts: EmuOptions) -> TestVm {
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).expect("test memory");
-            let vm = EmuHypervisor::new(EmuOptions::default())
+            let vm = EmuHypervisor::new(opts)
                 .create_vm(&VmSpec { vcpus }, &mem)
                 .expect("create vm");
             let vcpu = vm.create_vcpu(0).expect("vcpu 0");
@@ -516,6 +553,12 @@ mod tests {
             form!("popcnt ax, cx", |a| a.popcnt(ax, cx), OSZAPC),
             form!("popcnt eax, ecx", |a| a.popcnt(eax, ecx), OSZAPC),
             form!("popcnt rax, rcx", |a| a.popcnt(rax, rcx), OSZAPC),
+            form!("tzcnt ax, cx", |a| a.tzcnt(ax, cx), CF | ZF),
+            form!("tzcnt eax, ecx", |a| a.tzcnt(eax, ecx), CF | ZF),
+            form!("tzcnt rax, rcx", |a| a.tzcnt(rax, rcx), CF | ZF),
+            form!("lzcnt ax, cx", |a| a.lzcnt(ax, cx), CF | ZF),
+            form!("lzcnt eax, ecx", |a| a.lzcnt(eax, ecx), CF | ZF),
+            form!("lzcnt rax, rcx", |a| a.lzcnt(rax, rcx), CF | ZF),
         ]
     }
 
@@ -828,11 +871,55 @@ mod tests {
         }
     }
 
+    /// CPUID (leaf, subleaf 0) as the guest sees it: [eax, ebx, ecx, edx].
+    fn guest_cpuid(vm: &mut TestVm, at: u64, l: u64) -> [u64; 4] {
+        let mut st = vm.long_mode(at);
+        (st.gpr[0], st.gpr[1]) = (l, 0);
+        let o = vm.run(&st);
+        assert!(o.halted, "{o:?}");
+        [
+            o.state.gpr[0],
+            o.state.gpr[3],
+            o.state.gpr[1],
+            o.state.gpr[2],
+        ]
+    }
+
     #[test]
-    fn tzcnt_and_lzcnt_run_as_bsf_and_bsr_as_cpuid_promises() {
+    fn tzcnt_and_lzcnt_count_where_cpuid_says_so_and_are_bsf_bsr_on_qemu64() {
         let mut vm = TestVm::new(1);
         let tz = place(&vm, 0, |a| a.tzcnt(eax, ecx));
         let lz = place(&vm, 1, |a| a.lzcnt(rax, rcx));
+        let lz16 = place(&vm, 2, |a| a.lzcnt(ax, cx));
+        let cpuid = place(&vm, 3, |a| a.cpuid());
+        assert_eq!(guest_run(&mut vm, tz, 77, 0, 0), (32, CF), "tzcnt of 0");
+        assert_eq!(guest_run(&mut vm, tz, 77, 0x30, OSZAPC), (4, 0));
+        assert_eq!(guest_run(&mut vm, tz, 77, 1, 0), (0, ZF));
+        assert_eq!(guest_run(&mut vm, lz, 77, 0x30, 0), (58, 0));
+        assert_eq!(guest_run(&mut vm, lz, 77, 0, 0), (64, CF));
+        assert_eq!(guest_run(&mut vm, lz, 77, u64::MAX, 0), (0, ZF));
+        assert_eq!(
+            guest_run(&mut vm, lz16, !0xffff, 0x30, 0),
+            (!0xffff | 10, 0)
+        );
+        assert_eq!(guest_cpuid(&mut vm, cpuid, 7)[1] >> 3 & 1, 1, "BMI1");
+        assert_eq!(
+            guest_cpuid(&mut vm, cpuid, 0x8000_0001)[2] >> 5 & 1,
+            1,
+            "LZCNT"
+        );
+        assert_eq!(guest_cpuid(&mut vm, cpuid, 1)[2] >> 23 & 1, 1, "POPCNT");
+
+        let mut vm = TestVm::with_options(
+            1,
+            crate::EmuOptions {
+                cpu_model: crate::cpuid::CpuModel::Qemu64,
+                ..Default::default()
+            },
+        );
+        let tz = place(&vm, 0, |a| a.tzcnt(eax, ecx));
+        let lz = place(&vm, 1, |a| a.lzcnt(rax, rcx));
+        let cpuid = place(&vm, 3, |a| a.cpuid());
         assert_eq!(
             guest_run(&mut vm, tz, 77, 0, 0),
             (77, ZF | PF),
@@ -844,30 +931,13 @@ mod tests {
             5,
             "bsr index, not 58 leading zeros"
         );
-        let cpuid = place(&vm, 2, |a| a.cpuid());
-        let leaf = |vm: &mut TestVm, l: u64| {
-            let mut st = vm.long_mode(cpuid);
-            (st.gpr[0], st.gpr[1]) = (l, 0);
-            let o = vm.run(&st);
-            assert!(o.halted, "{o:?}");
-            [
-                o.state.gpr[0],
-                o.state.gpr[3],
-                o.state.gpr[1],
-                o.state.gpr[2],
-            ]
-        };
+        assert_eq!(guest_cpuid(&mut vm, cpuid, 7)[1] >> 3 & 1, 0, "no BMI1");
         assert_eq!(
-            leaf(&mut vm, 7)[1] >> 3 & 1,
+            guest_cpuid(&mut vm, cpuid, 0x8000_0001)[2] >> 5 & 1,
             0,
-            "BMI1 (tzcnt) not advertised"
+            "no LZCNT"
         );
-        assert_eq!(
-            leaf(&mut vm, 0x8000_0001)[2] >> 5 & 1,
-            0,
-            "LZCNT not advertised"
-        );
-        assert_eq!(leaf(&mut vm, 1)[2] >> 23 & 1, 1, "POPCNT advertised");
+        assert_eq!(guest_cpuid(&mut vm, cpuid, 1)[2] >> 23 & 1, 1, "POPCNT");
     }
 
     #[test]

@@ -6,7 +6,9 @@ pub mod ops;
 mod arith;
 mod bcd;
 mod bit;
+pub(crate) mod bmi;
 mod control;
+pub(crate) mod ext;
 mod io;
 mod legacy;
 mod logic;
@@ -18,6 +20,7 @@ mod stack;
 mod string;
 mod system;
 pub(crate) mod x87;
+pub(crate) mod xsave;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -39,10 +42,13 @@ pub fn register_all(t: &mut Table) {
     io::register(t);
     system::register(t);
     bit::register(t);
+    bmi::register(t);
+    ext::register(t);
     bcd::register(t);
     legacy::register(t);
     x87::register(t);
     sse::register(t);
+    xsave::register(t);
 }
 
 fn names() -> &'static HashMap<String, Code> {

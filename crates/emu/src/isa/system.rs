@@ -150,8 +150,13 @@ pub fn write_cr0(cpu: &mut Cpu, v: u64) -> Res {
 }
 
 fn write_cr4(cpu: &mut Cpu, v: u64) -> Res {
-    let allowed =
+    let mut allowed =
         CR4_DE | CR4_PSE | CR4_PAE | CR4_PGE | CR4_PCE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_TSD;
+    // FSGSBASE and OSXSAVE where the CPU model advertises them
+    // (isa/ext.rs, isa/xsave.rs).
+    if crate::isa::bmi::modern(cpu) {
+        allowed |= crate::isa::ext::CR4_FSGSBASE | crate::isa::xsave::CR4_OSXSAVE;
+    }
     if v & !allowed != 0 || (cpu.long_mode() && v & CR4_PAE == 0) {
         return Err(Fault::gp(0));
     }

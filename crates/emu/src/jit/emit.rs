@@ -391,7 +391,8 @@ enum Cold {
 
 /// `addr - base` as a displacement.
 fn rel(base: u64, addr: u64) -> Result<i32, String> {
-    i32::try_from(addr.wrapping_sub(base) as i64).map_err(|_| format!("{addr:#x} is too far from {base:#x}"))
+    i32::try_from(addr.wrapping_sub(base) as i64)
+        .map_err(|_| format!("{addr:#x} is too far from {base:#x}"))
 }
 
 impl Ctx<'_> {
@@ -509,7 +510,8 @@ impl Ctx<'_> {
     /// to that translation's head, which checks its page and attention.
     fn exit_dynamic(&mut self) -> Result<(), String> {
         let a = &mut self.a;
-        a.add(qword_ptr(r15 + ICOUNT), self.total as i32).map_err(err)?;
+        a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
+            .map_err(err)?;
         if self.chain {
             let miss = a.create_label();
             a.mov(rcx, qword_ptr(r15 + gpr(RIP))).map_err(err)?;

@@ -64,7 +64,7 @@ fn mixed_program(a: &mut CodeAssembler) {
     a.mov(ecx, 3000u32).unwrap();
     a.xor(eax, eax).unwrap();
     a.xor(ebx, ebx).unwrap();
-    a.mov(r8, 0x1234_5678_9u64).unwrap();
+    a.mov(r8, 0x0001_2345_6789_u64).unwrap();
     a.xor(r9d, r9d).unwrap();
     a.xor(r14d, r14d).unwrap();
     a.xor(r15d, r15d).unwrap();

@@ -23,8 +23,9 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 /// Linux's own conclusions from them.
 pub const EMU_CPUINFO_FLAGS: &str = "fpu de pse tsc msr pae cx8 apic sep pge cmov pat pse36 \
     clflush mmx fxsr sse sse2 syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology \
-    nonstop_tsc cpuid tsc_known_freq pni cx16 x2apic popcnt tsc_deadline_timer hypervisor lahf_lm \
-    tsc_adjust erms fsrm arch_capabilities";
+    nonstop_tsc cpuid tsc_known_freq pni ssse3 cx16 sse4_1 sse4_2 x2apic movbe popcnt \
+    tsc_deadline_timer xsave rdrand hypervisor lahf_lm abm fsgsbase tsc_adjust bmi1 bmi2 erms \
+    rdseed xsaveopt fsrm arch_capabilities";
 
 pub fn vmplay_exe() -> &'static str {
     env!("CARGO_BIN_EXE_vmplay")

@@ -71,7 +71,7 @@ pub(super) const PACKUSWB: u8 = 56;
 
 /// Applies `f` to each `E`-bit lane pair of `a` and `b`.
 #[inline(always)]
-pub(super) fn map<const E: u32>(a: u128, b: u128, f: impl Fn(u64, u64) -> u64) -> u128 {
+pub(crate) fn map<const E: u32>(a: u128, b: u128, f: impl Fn(u64, u64) -> u64) -> u128 {
     let mask = if E == 64 { u64::MAX } else { (1u64 << E) - 1 };
     let mut r = 0u128;
     let mut k = 0;
@@ -86,7 +86,7 @@ pub(super) fn map<const E: u32>(a: u128, b: u128, f: impl Fn(u64, u64) -> u64) -
 
 /// Lane `k` of `E` bits.
 #[inline(always)]
-pub(super) fn lane<const E: u32>(v: u128, k: usize) -> u64 {
+pub(crate) fn lane<const E: u32>(v: u128, k: usize) -> u64 {
     let mask = if E == 64 { u64::MAX } else { (1u64 << E) - 1 };
     (v >> (k as u32 * E)) as u64 & mask
 }

@@ -17,7 +17,10 @@ pub mod float;
 mod fp;
 mod int;
 mod moves;
-mod state;
+mod sse41;
+mod sse42;
+mod ssse3;
+pub(crate) mod state;
 
 use crate::cpu::fault::{Fault, Res, Stop};
 use crate::cpu::fpu::F80;
@@ -36,6 +39,9 @@ pub(crate) fn register(t: &mut Table) {
     int::register(t);
     fp::register(t);
     state::register(t);
+    ssse3::register(t);
+    sse41::register(t);
+    sse42::register(t);
 }
 
 #[cold]

@@ -45,12 +45,12 @@ fn emms(cpu: &mut Cpu, _: &Insn) -> Res {
 }
 
 /// How many XMM registers FXSAVE/FXRSTOR move in the current mode.
-fn xmm_count(cpu: &Cpu) -> usize {
+pub(crate) fn xmm_count(cpu: &Cpu) -> usize {
     if cpu.mode == Mode::Long { 16 } else { 8 }
 }
 
 /// The FIP and FDP fields of the image (bytes 8..16 and 16..24).
-fn image_pointers(cpu: &Cpu, wide: bool) -> (u64, u64) {
+pub(crate) fn image_pointers(cpu: &Cpu, wide: bool) -> (u64, u64) {
     const SEL_OFF: u64 = 0xffff_ffff_ffff;
     let f = &cpu.fpu;
     if wide {
@@ -64,7 +64,7 @@ fn image_pointers(cpu: &Cpu, wide: bool) -> (u64, u64) {
 }
 
 /// FIP and FDP from the image's fields.
-fn loaded_pointers(cpu: &Cpu, wide: bool, ip: u64, dp: u64) -> (u64, u64) {
+pub(crate) fn loaded_pointers(cpu: &Cpu, wide: bool, ip: u64, dp: u64) -> (u64, u64) {
     if wide {
         (ip, dp)
     } else if cpu.mode == Mode::Long {
