@@ -113,6 +113,8 @@ const VMM_SYSCALLS: &[i64] = &[
     libc::SYS_getrandom,
     libc::SYS_getsockopt,
     libc::SYS_gettid,
+    // A `--net user` interface ends its passt child when it is dropped.
+    libc::SYS_kill,
     libc::SYS_lseek,
     libc::SYS_madvise,
     libc::SYS_mmap,
@@ -146,6 +148,8 @@ const VMM_SYSCALLS: &[i64] = &[
     libc::SYS_timerfd_gettime,
     libc::SYS_timerfd_settime,
     libc::SYS_tkill,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
     libc::SYS_write,
     libc::SYS_writev,
 ];

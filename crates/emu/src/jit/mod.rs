@@ -61,7 +61,7 @@ impl Default for JitConfig {
     fn default() -> Self {
         JitConfig {
             tier: Tier::Jit,
-            threshold: 64,
+            threshold: 500,
             verify_runs: 0,
         }
     }
