@@ -48,6 +48,20 @@ pub struct EmuOptions {
     /// The tiers (`--emu-tier`); `None`: from the environment
     /// ([`jit::JitConfig::from_env`]).
     pub jit: Option<jit::JitConfig>,
+    /// Runs first on the backend's own `emu-timers` thread, before it does
+    /// anything (where the VMM installs that thread's seccomp filter); its
+    /// error fails VM creation.
+    pub timer_thread_hook: Option<ThreadHook>,
+}
+
+/// A function run first on a thread the backend starts.
+#[derive(Clone)]
+pub struct ThreadHook(pub Arc<dyn Fn() -> std::result::Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for ThreadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadHook")
+    }
 }
 
 /// The `emu` backend.
@@ -91,11 +105,12 @@ impl Hypervisor for EmuHypervisor {
             Some(c) => c,
             None => jit::JitConfig::from_env(None).map_err(Error::Unsupported)?,
         };
-        let vm = EmuVm::new(
+        let vm = EmuVm::with_timer_hook(
             spec,
             memory,
             self.opts.trace.as_deref(),
             self.opts.cpu_model,
+            self.opts.timer_thread_hook.clone(),
         )?;
         vm.shared().set_jit(jit);
         Ok(Arc::new(vm))

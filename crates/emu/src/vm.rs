@@ -124,16 +124,31 @@ impl EmuVm {
         trace: Option<&Path>,
         cpu_model: crate::cpuid::CpuModel,
     ) -> Result<Self> {
+        Self::with_timer_hook(spec, memory, trace, cpu_model, None)
+    }
+
+    /// [`EmuVm::new`], with `hook` run first on the timer thread.
+    pub fn with_timer_hook(
+        spec: &VmSpec,
+        memory: &GuestMemory,
+        trace: Option<&Path>,
+        cpu_model: crate::cpuid::CpuModel,
+        hook: Option<crate::ThreadHook>,
+    ) -> Result<Self> {
         if spec.vcpus == 0 {
             return Err(Error::Unsupported("a VM needs at least one vCPU".into()));
         }
         let shared = VmShared::new(spec.vcpus, memory, trace, cpu_model)?;
         let weak = Arc::downgrade(&shared);
-        start_timer_thread(shared.platform.timer.clone(), move || {
-            let vm = weak.upgrade()?;
-            let next = vm.platform.run_timers();
-            Some((next, vm.platform.clock.now_ns()))
-        })
+        start_timer_thread(
+            shared.platform.timer.clone(),
+            move || {
+                let vm = weak.upgrade()?;
+                let next = vm.platform.run_timers();
+                Some((next, vm.platform.clock.now_ns()))
+            },
+            hook.map(|h| h.0),
+        )
         .map_err(|e| Error::host("starting the emu timer thread", e))?;
         Ok(EmuVm {
             shared,

@@ -378,8 +378,22 @@ pub fn main(argv: &[String]) -> ExitCode {
     let raw: Arc<Mutex<Option<RawTerminal>>> = Arc::default();
     let raw_for_launch = raw.clone();
     let mut hypervisors = Vec::new();
+    // emu's own timer thread is VMM work: it gets the `vmm` filter first.
+    let timer_filter = filters.vmm.clone();
+    let timer_hook = (!timer_filter.is_empty()).then(|| {
+        let selftest =
+            std::env::var_os("VMPLAY_SECCOMP_SELFTEST").is_some_and(|v| v == "emu-timers");
+        vmplay_emu::ThreadHook(Arc::new(move || {
+            vmplay_api::seccomp::install(&timer_filter)?;
+            if selftest {
+                let _ = std::os::unix::process::parent_id();
+            }
+            Ok(())
+        }))
+    });
     let launcher: vmplay_api::vmm::Launcher = Box::new(move |config| {
-        let (hv, note) = crate::hypervisor_for(accel, None, None).map_err(|e| e.to_string())?;
+        let (hv, note) = crate::hypervisor_for(accel, None, None, timer_hook.clone())
+            .map_err(|e| e.to_string())?;
         if let Some(note) = note {
             eprintln!("{note}");
         }

@@ -249,7 +249,7 @@ fn virtio_config(args: &RunArgs) -> Result<vmplay_machine::VirtioConfig> {
 /// The backend, and a line for stderr once the machine is built (why auto
 /// chose it, or a warning about the host's KVM).
 fn hypervisor(args: &RunArgs) -> Result<(Box<dyn Hypervisor>, Option<String>)> {
-    hypervisor_for(args.accel, args.trace.clone(), args.emu_tier)
+    hypervisor_for(args.accel, args.trace.clone(), args.emu_tier, None)
 }
 
 /// The backend for `accel`, and the note for stderr.
@@ -257,6 +257,7 @@ pub(crate) fn hypervisor_for(
     accel: Accel,
     trace: Option<PathBuf>,
     tier: Option<vmplay_emu::jit::Tier>,
+    timer_thread_hook: Option<vmplay_emu::ThreadHook>,
 ) -> Result<(Box<dyn Hypervisor>, Option<String>)> {
     // VMPLAY_EMU_CPU=qemu64 selects the older CPU model, for the bench.
     let cpu_model = match std::env::var("VMPLAY_EMU_CPU") {
@@ -271,6 +272,7 @@ pub(crate) fn hypervisor_for(
             trace: trace.clone(),
             cpu_model,
             jit: Some(jit),
+            timer_thread_hook: timer_thread_hook.clone(),
         }))
     };
     match accel {
@@ -438,7 +440,8 @@ fn run_with_api(
     let (accel, trace, tier) = (args.accel, args.trace.clone(), args.emu_tier);
     let mut hypervisors = Vec::new();
     let launcher: vmplay_api::vmm::Launcher = Box::new(move |config| {
-        let (hv, note) = hypervisor_for(accel, trace.clone(), tier).map_err(|e| error_line(&e))?;
+        let (hv, note) =
+            hypervisor_for(accel, trace.clone(), tier, None).map_err(|e| error_line(&e))?;
         let machine = Machine::new(hv.as_ref(), config).map_err(|e| e.to_string())?;
         if let Some(note) = note {
             eprintln!("{note}");

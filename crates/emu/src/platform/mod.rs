@@ -320,10 +320,20 @@ fn mask(n: usize) -> u64 {
 pub fn start_timer_thread(
     sync: Arc<TimerSync>,
     tick: impl Fn() -> Option<(Option<u64>, u64)> + Send + 'static,
+    hook: Option<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
 ) -> std::io::Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("emu-timers".into())
         .spawn(move || {
+            // The hook (a seccomp filter) goes on before anything else;
+            // the creator waits for its verdict.
+            let verdict = hook.map_or(Ok(()), |h| h());
+            let failed = verdict.is_err();
+            let _ = ready_tx.send(verdict);
+            if failed {
+                return;
+            }
             loop {
                 if sync.shutdown.load(Ordering::Acquire) {
                     return;
@@ -343,6 +353,10 @@ pub fn start_timer_thread(
                         .wait_timeout(g, wait.min(Duration::from_millis(100)));
                 }
             }
-        })
-        .map(|_| ())
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(_) => Err(std::io::Error::other("the timer thread ended at once")),
+    }
 }
