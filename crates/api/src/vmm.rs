@@ -243,6 +243,13 @@ impl Vmm {
                 .map(|(f, v)| ("vcpu".to_string(), f.to_string(), v))
                 .collect()
         }));
+        let uart = running.uart_counters();
+        self.metrics.add_source(Box::new(move || {
+            uart.snapshot()
+                .into_iter()
+                .map(|(f, v)| ("uart".to_string(), f.to_string(), v))
+                .collect()
+        }));
         let devices = running.virtio_devices();
         self.metrics.add_source(Box::new(move || devices.metrics()));
         let control = running.control();

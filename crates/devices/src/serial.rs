@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_superio::Trigger;
-use vm_superio::serial::{Error as UartError, NoEvents};
+use vm_superio::serial::{Error as UartError, SerialEvents};
 use vmplay_hypervisor::IrqLine;
 
 use crate::access::{read_bytes, write_bytes};
@@ -138,15 +138,70 @@ impl Drop for OutputBuffer {
 /// line and then never touches the UART again keeps it pending until the
 /// machine calls `flush_output` or drops the device.
 pub struct Serial {
-    uart: vm_superio::Serial<IrqTrigger, NoEvents, OutputBuffer>,
+    uart: vm_superio::Serial<IrqTrigger, UartEvents, OutputBuffer>,
+}
+
+/// What the guest did with the UART, as Firecracker's `uart` metrics
+/// group counts it (vm-superio's `SerialEvents`).
+#[derive(Debug, Default)]
+pub struct UartCounters {
+    /// Bytes the guest read from the receive buffer.
+    pub read_count: std::sync::atomic::AtomicU64,
+    /// Bytes the guest wrote that reached the output.
+    pub write_count: std::sync::atomic::AtomicU64,
+    /// Bytes the guest wrote that the output lost.
+    pub missed_write_count: std::sync::atomic::AtomicU64,
+}
+
+impl UartCounters {
+    /// (field, value) in Firecracker's names.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        vec![
+            ("read_count", self.read_count.load(Relaxed)),
+            ("write_count", self.write_count.load(Relaxed)),
+            ("missed_write_count", self.missed_write_count.load(Relaxed)),
+        ]
+    }
+}
+
+/// Counts the UART's events into [`UartCounters`].
+pub struct UartEvents(Arc<UartCounters>);
+
+impl SerialEvents for UartEvents {
+    fn buffer_read(&self) {
+        self.0
+            .read_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn out_byte(&self) {
+        self.0
+            .write_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn tx_lost_byte(&self) {
+        self.0
+            .missed_write_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn in_buffer_empty(&self) {}
 }
 
 impl Serial {
     /// A UART raising `irq` and writing the guest's output to `output`.
     pub fn new(irq: Arc<dyn IrqLine>, output: Box<dyn Write + Send>) -> Serial {
         Serial {
-            uart: vm_superio::Serial::new(IrqTrigger(irq), OutputBuffer::new(output)),
+            uart: vm_superio::Serial::with_events(
+                IrqTrigger(irq),
+                UartEvents(Arc::default()),
+                OutputBuffer::new(output),
+            ),
         }
+    }
+
+    /// The UART's counters (shared: they keep counting).
+    pub fn counters(&self) -> Arc<UartCounters> {
+        self.uart.events().0.clone()
     }
 
     /// Queues host input for the guest. Takes what fits in the receive FIFO

@@ -230,6 +230,14 @@ impl RunningMachine {
         self.counters.clone()
     }
 
+    /// COM1's counters (Firecracker's `uart` metrics group).
+    pub fn uart_counters(&self) -> Arc<vmplay_devices::serial::UartCounters> {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .counters()
+    }
+
     /// The virtio devices: their metrics, PATCH after boot.
     pub fn virtio_devices(&self) -> Arc<crate::devices::VirtioDevices> {
         self.virtio_devices.clone()

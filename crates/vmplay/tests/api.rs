@@ -581,6 +581,11 @@ fn instance_start_boots_and_pause_stops_every_vcpu() {
             lines[1]["vcpu"]["exit_io_out"].as_u64().unwrap() > 0,
             "{text}"
         );
+        // The guest's '~'s went out through COM1.
+        assert!(
+            lines[1]["uart"]["write_count"].as_u64().unwrap() >= 3,
+            "{text}"
+        );
         assert_eq!(lines[0]["put_api_requests"]["metrics_count"], 1, "{text}");
         assert_eq!(lines[1]["put_api_requests"]["metrics_count"], 0, "{text}");
         assert_eq!(
