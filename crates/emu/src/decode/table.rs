@@ -143,7 +143,7 @@ fn warn_unimplemented(ins: &Instruction) {
         .map(|mut s| s.insert(ins.code()))
         .unwrap_or(false);
     if first {
-        eprintln!(
+        tracing::warn!(
             "vmplay-emu: unimplemented instruction {:?} (\"{}\") at {:#x}: raising #UD",
             ins.code(),
             ins,

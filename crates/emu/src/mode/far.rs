@@ -7,7 +7,9 @@ use crate::cpu::*;
 use crate::mode::segment::sel_code;
 
 fn unsupported_target(sel: u16, what: &str) -> crate::cpu::fault::Stop {
-    eprintln!("vmplay-emu: far transfer through a {what} (selector {sel:#x}) is not supported");
+    tracing::warn!(
+        "vmplay-emu: far transfer through a {what} (selector {sel:#x}) is not supported"
+    );
     Fault::gp(sel_code(sel))
 }
 

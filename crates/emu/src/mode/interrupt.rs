@@ -129,7 +129,7 @@ fn read_gate(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool, size: u64) -> Res<
     };
     if !ok {
         if typ == 0x5 && size == 8 {
-            eprintln!("vmplay-emu: task gates are not supported (vector {vector})");
+            tracing::warn!("vmplay-emu: task gates are not supported (vector {vector})");
         }
         return Err(Fault::gp(idt_code));
     }
@@ -393,7 +393,7 @@ pub fn iret(cpu: &mut Cpu, bytes: u64) -> Res {
 
 fn iret_protected(cpu: &mut Cpu, bytes: u64) -> Res {
     if cpu.rflags & NT != 0 && !cpu.long_mode() {
-        eprintln!("vmplay-emu: iret with NT (task return) is not supported");
+        tracing::warn!("vmplay-emu: iret with NT (task return) is not supported");
         return Err(Fault::gp(0));
     }
     let rd = |cpu: &mut Cpu, k: u64| -> Res<u64> {
@@ -407,7 +407,7 @@ fn iret_protected(cpu: &mut Cpu, bytes: u64) -> Res {
     let cs = rd(cpu, 1)? as u16;
     let fl = rd(cpu, 2)?;
     if bytes == 4 && fl & VM != 0 && cpu.cpl == 0 && !cpu.long_mode() {
-        eprintln!("vmplay-emu: iret to virtual-8086 mode is not supported");
+        tracing::warn!("vmplay-emu: iret to virtual-8086 mode is not supported");
         return Err(Fault::gp(0));
     }
     if cs & 0xfffc == 0 {
