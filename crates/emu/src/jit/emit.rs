@@ -534,47 +534,57 @@ impl Ctx<'_> {
         a.jmp(self.epilogue).map_err(err)
     }
 
+    /// `dst` = the offset of `ins`'s memory operand (no segment base),
+    /// from guest registers with `mov`/`lea` only, so host flags survive;
+    /// truncated to 32 bits for a 32-bit address size or when `narrow`.
+    fn address_offset(
+        &mut self,
+        ins: &Instruction,
+        dst: AsmRegister64,
+        dst32: AsmRegister32,
+        narrow: bool,
+    ) -> Result<(), String> {
+        let base = ins.memory_base();
+        let index = ins.memory_index();
+        let disp = ins.memory_displacement64();
+        let a = &mut self.a;
+        let narrow = narrow || base.is_gpr32() || index.is_gpr32() || base == Register::EIP;
+        if base == Register::RIP || base == Register::EIP {
+            a.lea(dst, r14 + rel(self.base, disp)?).map_err(err)?;
+        } else if base == Register::None && index == Register::None {
+            a.mov(dst, disp).map_err(err)?;
+        } else {
+            let d = i32::try_from(disp as i64).map_err(|_| "displacement".to_string())?;
+            if base != Register::None {
+                a.mov(r10, qword_ptr(r15 + gpr(base.full_register().number())))
+                    .map_err(err)?;
+            }
+            if index != Register::None {
+                a.mov(r11, qword_ptr(r15 + gpr(index.full_register().number())))
+                    .map_err(err)?;
+            }
+            let scale = ins.memory_index_scale();
+            let m = match (base != Register::None, index != Register::None) {
+                (true, true) => r10 + r11 * scale + d,
+                (true, false) => r10 + d,
+                _ => r11 * scale + d,
+            };
+            if narrow {
+                return a.lea(dst32, m).map_err(err);
+            }
+            return a.lea(dst, m).map_err(err);
+        }
+        if narrow {
+            a.mov(dst32, dst32).map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// r11 = the guest effective address of `ins`'s memory operand
     /// (mov/lea only: host flags survive).
     fn effective_address(&mut self, ins: &Instruction) -> Result<(), String> {
+        self.address_offset(ins, r11, r11d, false)?;
         let a = &mut self.a;
-        let base = ins.memory_base();
-        if base == Register::RIP {
-            let d = rel(self.base, ins.memory_displacement64())?;
-            a.lea(r11, r14 + d).map_err(err)?;
-        } else {
-            let index = ins.memory_index();
-            let disp = ins.memory_displacement64() as i64;
-            let addr32 = base.is_gpr32() || index.is_gpr32();
-            if base == Register::None && index == Register::None {
-                if addr32 {
-                    a.mov(r11, disp as u64 & 0xffff_ffff).map_err(err)?;
-                } else {
-                    a.mov(r11, disp as u64).map_err(err)?;
-                }
-            } else {
-                let d = i32::try_from(disp).map_err(|_| "displacement".to_string())?;
-                if base != Register::None {
-                    a.mov(r10, qword_ptr(r15 + gpr(base.full_register().number())))
-                        .map_err(err)?;
-                }
-                if index != Register::None {
-                    a.mov(r11, qword_ptr(r15 + gpr(index.full_register().number())))
-                        .map_err(err)?;
-                }
-                let scale = ins.memory_index_scale();
-                let m = match (base != Register::None, index != Register::None) {
-                    (true, true) => r10 + r11 * scale + d,
-                    (true, false) => r10 + d,
-                    _ => r11 * scale + d,
-                };
-                if addr32 {
-                    a.lea(r11d, m).map_err(err)?;
-                } else {
-                    a.lea(r11, m).map_err(err)?;
-                }
-            }
-        }
         match ins.memory_segment() {
             Register::FS | Register::GS => {
                 let s = if ins.memory_segment() == Register::FS {
@@ -919,41 +929,9 @@ pub fn compile(
 
 /// `lea`: the address arithmetic on host registers (no flags).
 fn emit_lea(c: &mut Ctx, i: &Instruction) -> Result<(), String> {
-    let dst = i.op0_register().full_register();
-    let d32 = i.op0_register().is_gpr32();
-    if i.memory_base() == Register::RIP {
-        let d = c.rel(i.memory_displacement64())?;
-        c.a.lea(rax, r14 + d).map_err(err)?;
-    } else {
-        let base = i.memory_base();
-        let index = i.memory_index();
-        let disp = i32::try_from(i.memory_displacement64() as i64)
-            .map_err(|_| "lea displacement".to_string())?;
-        if base != Register::None {
-            c.a.mov(r10, qword_ptr(r15 + gpr(base.full_register().number())))
-                .map_err(err)?;
-        } else {
-            // mov, not xor: the guest flags may be live in the host's.
-            c.a.mov(r10d, 0u32).map_err(err)?;
-        }
-        if index != Register::None {
-            c.a.mov(r11, qword_ptr(r15 + gpr(index.full_register().number())))
-                .map_err(err)?;
-        } else {
-            c.a.mov(r11d, 0u32).map_err(err)?;
-        }
-        let m = r10 + r11 * i.memory_index_scale() + disp;
-        let addr32 = base.is_gpr32() || index.is_gpr32();
-        if d32 || addr32 {
-            c.a.lea(eax, m).map_err(err)?;
-        } else {
-            c.a.lea(rax, m).map_err(err)?;
-        }
-    }
-    if d32 {
-        c.a.mov(eax, eax).map_err(err)?;
-    }
-    c.a.mov(qword_ptr(r15 + gpr(dst.number())), rax)
+    let dst = i.op0_register();
+    c.address_offset(i, rax, eax, dst.is_gpr32())?;
+    c.a.mov(qword_ptr(r15 + gpr(dst.full_register().number())), rax)
         .map_err(err)
 }
 
