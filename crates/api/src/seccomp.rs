@@ -231,13 +231,18 @@ fn filter_with(list: &[i64], ioctls: &[u64]) -> Result<BpfProgram, String> {
             .collect::<Result<Vec<_>, String>>()?;
         rules.insert(libc::SYS_ioctl, conditions);
     }
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| e.to_string())?;
+    compile(rules, SeccompAction::Trap, SeccompAction::Allow)
+}
+
+/// `rules` as a BPF program: `on_match` for the listed syscalls (whose
+/// rules hold), `otherwise` for the rest.
+fn compile(
+    rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>>,
+    otherwise: SeccompAction,
+    on_match: SeccompAction,
+) -> Result<BpfProgram, String> {
+    let filter = SeccompFilter::new(rules, otherwise, on_match, TargetArch::x86_64)
+        .map_err(|e| e.to_string())?;
     filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| e.to_string())
@@ -416,16 +421,7 @@ pub fn serialize(programs: &BTreeMap<String, BpfProgram>) -> Result<Vec<u8>, Str
 pub fn allow_all_but(trapped: &[i64]) -> Result<BpfProgram, String> {
     let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
         trapped.iter().map(|nr| (*nr, vec![])).collect();
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Trap,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| e.to_string())?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
+    compile(rules, SeccompAction::Allow, SeccompAction::Trap)
 }
 
 #[cfg(test)]
