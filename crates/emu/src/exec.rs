@@ -30,6 +30,9 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
     let vm = cpu.vm.clone();
     let sig = &vm.platform.signals[cpu.id as usize];
     let tracing = vm.trace.is_some();
+    // A block that loops onto itself leaves its self-loop when it turns
+    // hot, so the dispatcher can translate it.
+    let hot = cache.jit.as_ref().map_or(u64::MAX, |j| j.config.threshold);
     // The block that just ran to its end: its links lead to the next
     // block without a lookup.
     let mut prev: *mut Block = std::ptr::null_mut();
@@ -152,6 +155,7 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
                 || cpu.gpr[RIP] != start
                 || (att != 0 && (att != signal::IRQ || cpu.iff()))
                 || !block.is_current(&vm.code)
+                || block.runs == hot
             {
                 break;
             }

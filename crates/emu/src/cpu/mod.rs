@@ -208,6 +208,11 @@ pub struct Cpu {
     /// Translation tier: guest flags parked by translated code around
     /// its own flag-clobbering sequences.
     pub jit_flags_spill: u64,
+    /// Translation tier: the last lazy flags (`res`, `aux`) converted to
+    /// or from the host form, with that form (RFLAGS bits), so a block
+    /// needing host flags right after another's exit skips the helper.
+    /// Always consistent: the bits are those `res`/`aux` stand for.
+    pub jit_flags_memo: [u64; 3],
     /// Translation tier: the chain slot of the exit just taken, for the
     /// dispatcher to point at the next block's code (0: none).
     pub jit_link: u64,
@@ -262,6 +267,7 @@ impl Cpu {
             id,
             icount: 0,
             jit_flags_spill: 0,
+            jit_flags_memo: crate::jit::helpers::FLAGS_MEMO_INIT,
             jit_link: 0,
             jit_link_rip: 0,
             jit_targets: 0,

@@ -30,6 +30,7 @@ use iced_x86::{
 };
 
 use super::helpers;
+use super::regs::{Regs, gpr};
 use crate::cpu::flags::Flags;
 use crate::cpu::{Cpu, RIP, RSP};
 use crate::decode::Insn;
@@ -42,9 +43,6 @@ const OSZAPC: u32 = RflagsBits::OF
     | RflagsBits::PF
     | RflagsBits::CF;
 
-fn gpr(n: usize) -> i32 {
-    (offset_of!(Cpu, gpr) + 8 * n) as i32
-}
 const fn off(o: usize) -> i32 {
     o as i32
 }
@@ -53,6 +51,9 @@ const AUX: i32 = off(offset_of!(Cpu, flags) + offset_of!(Flags, aux));
 const RFLAGS: i32 = off(offset_of!(Cpu, rflags));
 const ICOUNT: i32 = off(offset_of!(Cpu, icount));
 const SPILL: i32 = off(offset_of!(Cpu, jit_flags_spill));
+const MEMO_RES: i32 = off(offset_of!(Cpu, jit_flags_memo));
+const MEMO_AUX: i32 = MEMO_RES + 8;
+const MEMO_BITS: i32 = MEMO_RES + 16;
 const LINK: i32 = off(offset_of!(Cpu, jit_link));
 const NMI_BLOCKED: i32 = off(offset_of!(Cpu, nmi_blocked));
 const TARGETS_ADDR: i32 = off(offset_of!(Cpu, jit_targets));
@@ -69,17 +70,6 @@ fn seg_base(seg: usize) -> i32 {
         + seg * std::mem::size_of::<crate::cpu::Seg>()
         + offset_of!(crate::cpu::Seg, base))
 }
-
-/// Host registers that carry guest operands, in allocation order.
-const POOL: [Register; 7] = [
-    Register::RAX,
-    Register::RCX,
-    Register::RDX,
-    Register::RSI,
-    Register::RDI,
-    Register::R8,
-    Register::R9,
-];
 
 /// What `compile` produced: code assembled for `base`, the offsets of
 /// chain slots to fill with the unchained stubs' addresses, and the
@@ -146,6 +136,8 @@ fn is_high8(r: Register) -> bool {
 enum Plan {
     /// Re-encode on host registers (and `[r11]` for memory).
     Rewrite,
+    /// One-operand `mul`/`imul`: rAX and rDX through the host's.
+    Mul,
     Lea,
     Push,
     Pop,
@@ -267,6 +259,15 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
     if !ok {
         return Plan::Interp;
     }
+    // One-operand multiplies use rAX/rDX implicitly: their own plan.
+    if matches!(m, M::Mul | M::Imul) && ins.op_count() == 1 {
+        let plain = match ins.op0_kind() {
+            OpKind::Register => ins.op0_register().is_gpr() && !is_high8(ins.op0_register()),
+            OpKind::Memory => ins.memory_base() != Register::EIP,
+            _ => false,
+        };
+        return if plain { Plan::Mul } else { Plan::Interp };
+    }
     // bt* with a register bit offset address memory outside the operand.
     if matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
         && ins.op0_kind() == OpKind::Memory
@@ -365,6 +366,8 @@ struct Ctx<'a> {
     chain: bool,
     /// Target-cache misses: leave to the dispatcher.
     misses: Vec<CodeLabel>,
+    /// Guest registers in host registers at the current point.
+    regs: Regs,
 }
 
 enum Cold {
@@ -384,15 +387,39 @@ enum Cold {
         after: CodeLabel,
         /// The block's final branch: the interpreter sets RIP.
         branch: bool,
+        /// The registers held at `retry` (and, with more changed, at
+        /// `after`).
+        regs: Regs,
     },
     /// Leave after `k` instructions (exit code already in eax).
     Leave { label: CodeLabel, k: usize },
+    /// The flags memo missed: compute the host form with a call.
+    FlagsMiss { label: CodeLabel, back: CodeLabel },
 }
 
 /// `addr - base` as a displacement.
 fn rel(base: u64, addr: u64) -> Result<i32, String> {
     i32::try_from(addr.wrapping_sub(base) as i64)
         .map_err(|_| format!("{addr:#x} is too far from {base:#x}"))
+}
+
+/// Guest registers an instruction names, each with whether its old
+/// value is needed (a whole 32/64-bit write is not).
+fn operand_regs(info: &iced_x86::InstructionInfo) -> Vec<(usize, bool)> {
+    let mut v: Vec<(usize, bool)> = Vec::with_capacity(4);
+    for u in info.used_registers() {
+        let r = u.register();
+        if !r.is_gpr() {
+            continue;
+        }
+        let g = r.full_register().number();
+        let load = !(u.access() == OpAccess::Write && r.size() >= 4);
+        match v.iter_mut().find(|(x, _)| *x == g) {
+            Some(e) => e.1 |= load,
+            None => v.push((g, load)),
+        }
+    }
+    v
 }
 
 impl Ctx<'_> {
@@ -406,7 +433,25 @@ impl Ctx<'_> {
         self.a.call(rax).map_err(err)
     }
 
-    /// Host RFLAGS → lazy flags (from the live flags or the spill slot).
+    /// Brings the guest registers `regs` (number, old value needed) into
+    /// host registers.
+    fn hold(&mut self, regs: &[(usize, bool)]) -> Result<(), String> {
+        let pinned: Vec<usize> = regs.iter().map(|(g, _)| *g).collect();
+        for (g, load) in regs {
+            self.regs.get(&mut self.a, *g, *load, &pinned)?;
+        }
+        Ok(())
+    }
+
+    /// The host register holding guest register `r` (held by `hold`).
+    fn host(&self, r: Register) -> Result<AsmRegister64, String> {
+        let g = r.full_register().number();
+        r64(self.regs.host_of(g).ok_or("guest register not held")?)
+    }
+
+    /// Host RFLAGS → lazy flags (from the live flags or the spill slot),
+    /// remembered in the memo so the next conversion back is cheap.
+    /// Clobbers rax, rcx, rdx and the host flags.
     fn materialize(&mut self, from_spill: bool) -> Result<(), String> {
         let a = &mut self.a;
         if from_spill {
@@ -415,6 +460,10 @@ impl Ctx<'_> {
             a.pushfq().map_err(err)?;
             a.pop(rax).map_err(err)?;
         }
+        a.mov(edx, eax).map_err(err)?;
+        a.and(edx, 0x8d5).map_err(err)?;
+        a.or(edx, 2).map_err(err)?;
+        a.mov(qword_ptr(r15 + MEMO_BITS), rdx).map_err(err)?;
         a.mov(ecx, eax).map_err(err)?;
         a.shr(ecx, 10).map_err(err)?;
         a.and(ecx, 2).map_err(err)?;
@@ -426,15 +475,29 @@ impl Ctx<'_> {
         a.mov(rdx, qword_ptr(rcx + rax)).map_err(err)?;
         a.mov(rax, qword_ptr(rcx + rax + 8)).map_err(err)?;
         a.mov(qword_ptr(r15 + RES), rdx).map_err(err)?;
-        a.mov(qword_ptr(r15 + AUX), rax).map_err(err)
+        a.mov(qword_ptr(r15 + AUX), rax).map_err(err)?;
+        a.mov(qword_ptr(r15 + MEMO_RES), rdx).map_err(err)?;
+        a.mov(qword_ptr(r15 + MEMO_AUX), rax).map_err(err)
     }
 
-    /// Lazy flags → host RFLAGS.
+    /// Lazy flags → host RFLAGS: from the memo when the lazy flags are
+    /// the ones it was made from (the usual case after a translated
+    /// block's exit), else through a call. Clobbers rax.
     fn load_host_flags(&mut self) -> Result<(), String> {
-        self.a.mov(rdi, r15).map_err(err)?;
-        self.call(helpers::flags_bits as *const () as u64)?;
-        self.a.push(rax).map_err(err)?;
-        self.a.popfq().map_err(err)
+        let miss = self.a.create_label();
+        let mut back = self.a.create_label();
+        let a = &mut self.a;
+        a.mov(rax, qword_ptr(r15 + RES)).map_err(err)?;
+        a.cmp(rax, qword_ptr(r15 + MEMO_RES)).map_err(err)?;
+        a.jne(miss).map_err(err)?;
+        a.mov(rax, qword_ptr(r15 + AUX)).map_err(err)?;
+        a.cmp(rax, qword_ptr(r15 + MEMO_AUX)).map_err(err)?;
+        a.jne(miss).map_err(err)?;
+        bind(a, &mut back)?;
+        a.push(qword_ptr(r15 + MEMO_BITS)).map_err(err)?;
+        a.popfq().map_err(err)?;
+        self.cold.push(Cold::FlagsMiss { label: miss, back });
+        Ok(())
     }
 
     /// Makes the flags lazy (before the interpreter or an exit).
@@ -470,7 +533,7 @@ impl Ctx<'_> {
     }
 
     /// Calls the interpreter for instruction `k`; leaves on a non-zero
-    /// answer. Flags must be lazy.
+    /// answer. Flags must be lazy and changed registers written back.
     fn interp(&mut self, k: usize, next: u64) -> Result<(), String> {
         let insn: *const Insn = &self.insns[k];
         self.a.mov(rdi, r15).map_err(err)?;
@@ -485,7 +548,8 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Ends the block at a constant guest RIP (flags must be lazy).
+    /// Ends the block at a constant guest RIP (flags lazy, registers
+    /// written back).
     fn exit_to(&mut self, target: u64) -> Result<(), String> {
         let d = self.rel(target)?;
         let a = &mut self.a;
@@ -505,9 +569,10 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Ends the block at the RIP already in `Cpu::gpr` (flags lazy): a
-    /// hit in the target cache (same RIP, same TLB epoch) jumps straight
-    /// to that translation's head, which checks its page and attention.
+    /// Ends the block at the RIP already in `Cpu::gpr` (flags lazy,
+    /// registers written back): a hit in the target cache (same RIP, same
+    /// TLB epoch) jumps straight to that translation's head, which checks
+    /// its page and attention.
     fn exit_dynamic(&mut self) -> Result<(), String> {
         let a = &mut self.a;
         a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
@@ -535,8 +600,9 @@ impl Ctx<'_> {
     }
 
     /// `dst` = the offset of `ins`'s memory operand (no segment base),
-    /// from guest registers with `mov`/`lea` only, so host flags survive;
-    /// truncated to 32 bits for a 32-bit address size or when `narrow`.
+    /// from the held guest registers with `mov`/`lea` only, so host flags
+    /// survive; truncated to 32 bits for a 32-bit address size or when
+    /// `narrow`.
     fn address_offset(
         &mut self,
         ins: &Instruction,
@@ -547,35 +613,39 @@ impl Ctx<'_> {
         let base = ins.memory_base();
         let index = ins.memory_index();
         let disp = ins.memory_displacement64();
-        let a = &mut self.a;
         let narrow = narrow || base.is_gpr32() || index.is_gpr32() || base == Register::EIP;
         if base == Register::RIP || base == Register::EIP {
-            a.lea(dst, r14 + rel(self.base, disp)?).map_err(err)?;
+            let d = self.rel(disp)?;
+            self.a.lea(dst, r14 + d).map_err(err)?;
         } else if base == Register::None && index == Register::None {
-            a.mov(dst, disp).map_err(err)?;
+            self.a.mov(dst, disp).map_err(err)?;
         } else {
-            let d = i32::try_from(disp as i64).map_err(|_| "displacement".to_string())?;
-            if base != Register::None {
-                a.mov(r10, qword_ptr(r15 + gpr(base.full_register().number())))
-                    .map_err(err)?;
-            }
-            if index != Register::None {
-                a.mov(r11, qword_ptr(r15 + gpr(index.full_register().number())))
-                    .map_err(err)?;
-            }
+            // With a 32-bit result only the low 32 bits of the sum count.
+            let d = if narrow {
+                disp as u32 as i32
+            } else {
+                i32::try_from(disp as i64).map_err(|_| "displacement".to_string())?
+            };
+            let b = (base != Register::None)
+                .then(|| self.host(base))
+                .transpose()?;
+            let x = (index != Register::None)
+                .then(|| self.host(index))
+                .transpose()?;
             let scale = ins.memory_index_scale();
-            let m = match (base != Register::None, index != Register::None) {
-                (true, true) => r10 + r11 * scale + d,
-                (true, false) => r10 + d,
-                _ => r11 * scale + d,
+            let m = match (b, x) {
+                (Some(b), Some(x)) => b + x * scale + d,
+                (Some(b), None) => b + d,
+                (None, Some(x)) => x * scale + d,
+                (None, None) => unreachable!(),
             };
             if narrow {
-                return a.lea(dst32, m).map_err(err);
+                return self.a.lea(dst32, m).map_err(err);
             }
-            return a.lea(dst, m).map_err(err);
+            return self.a.lea(dst, m).map_err(err);
         }
         if narrow {
-            a.mov(dst32, dst32).map_err(err)?;
+            self.a.mov(dst32, dst32).map_err(err)?;
         }
         Ok(())
     }
@@ -619,6 +689,11 @@ impl Ctx<'_> {
     }
 }
 
+/// The fixed frame of translated code: six saved registers and padding
+/// keep the stack 16-byte aligned for helper calls. Every block has the
+/// same frame, so chained blocks share the first one's epilogue.
+const SAVED: [AsmRegister64; 6] = [r15, r14, r13, r12, rbp, rbx];
+
 /// Translates the 64-bit block `ins` (guest instructions from `rip`, with
 /// `insns[k]` the interpreter's form of `ins[k]`) for address `base`.
 pub fn compile(
@@ -646,11 +721,12 @@ pub fn compile(
         chain,
         misses: Vec::new(),
         base: first.ip(),
+        regs: Regs::default(),
     };
-    // Prologue: three pushes keep the stack 16-byte aligned for calls.
-    c.a.push(r15).map_err(err)?;
-    c.a.push(r14).map_err(err)?;
-    c.a.push(r13).map_err(err)?;
+    for r in SAVED {
+        c.a.push(r).map_err(err)?;
+    }
+    c.a.lea(rsp, rsp - 8).map_err(err)?;
     c.a.mov(r15, rdi).map_err(err)?;
     bind(&mut c.a, &mut head)?;
     // Guest addresses in the code are offsets from the block's start: the
@@ -710,7 +786,10 @@ pub fn compile(
             Plan::Interp => {
                 fallback += 1;
                 c.ensure_lazy(&mut fl)?;
+                c.regs.write_back(&mut c.a)?;
                 c.interp(k, next)?;
+                // The interpreter may have changed any register.
+                c.regs.forget();
                 if i.flow_control() != FlowControl::Next {
                     c.exit_dynamic()?;
                     ended = true;
@@ -719,9 +798,10 @@ pub fn compile(
             Plan::Nop => native += 1,
             Plan::Lea => {
                 native += 1;
+                c.hold(&operand_regs(info))?;
                 emit_lea(&mut c, i)?;
             }
-            Plan::Rewrite | Plan::Push | Plan::Pop | Plan::Call | Plan::Ret => {
+            Plan::Rewrite | Plan::Mul | Plan::Push | Plan::Pop | Plan::Call | Plan::Ret => {
                 native += 1;
                 // The instruction merges into or reads the guest flags:
                 // they must be in the host RFLAGS when it runs.
@@ -729,8 +809,13 @@ pub fn compile(
                 if needs_flags {
                     c.ensure_host(&mut fl)?;
                 }
-                let has_mem = !matches!(p, Plan::Rewrite)
-                    || (0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory);
+                let mut operands = operand_regs(info);
+                let stack = matches!(p, Plan::Push | Plan::Pop | Plan::Call | Plan::Ret);
+                if stack && !operands.iter().any(|(g, _)| *g == RSP) {
+                    operands.push((RSP, true));
+                }
+                c.hold(&operands)?;
+                let has_mem = stack || (0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory);
                 // The TLB check clobbers host flags: park them first.
                 if has_mem && fl == Fl::Host {
                     c.spill()?;
@@ -739,12 +824,14 @@ pub fn compile(
                 let before = fl;
                 let mut retry = c.a.create_label();
                 bind(&mut c.a, &mut retry)?;
+                let held = c.regs.clone();
                 let slow = c.a.create_label();
                 let to_interp = c.a.create_label();
                 let mut after = c.a.create_label();
                 let unspill = before == Fl::Spill && needs_flags;
                 match p {
                     Plan::Rewrite => emit_rewrite(&mut c, i, info, slow, unspill)?,
+                    Plan::Mul => emit_mul(&mut c, i, slow)?,
                     Plan::Push | Plan::Call => emit_push(&mut c, i, next, slow)?,
                     Plan::Pop | Plan::Ret => {
                         emit_pop(&mut c, i, slow, to_interp, matches!(p, Plan::Ret))?
@@ -772,17 +859,20 @@ pub fn compile(
                         after_state: fl,
                         after,
                         branch,
+                        regs: held,
                     });
                 }
                 bind(&mut c.a, &mut after)?;
                 match p {
                     Plan::Call => {
                         c.ensure_lazy(&mut fl)?;
+                        c.regs.write_back(&mut c.a)?;
                         c.exit_to(i.near_branch_target())?;
                         ended = true;
                     }
                     Plan::Ret => {
                         c.ensure_lazy(&mut fl)?;
+                        c.regs.write_back(&mut c.a)?;
                         c.exit_dynamic()?;
                         ended = true;
                     }
@@ -792,12 +882,14 @@ pub fn compile(
             Plan::Jmp => {
                 native += 1;
                 c.ensure_lazy(&mut fl)?;
+                c.regs.write_back(&mut c.a)?;
                 c.exit_to(i.near_branch_target())?;
                 ended = true;
             }
             Plan::Jcc => {
                 native += 1;
                 c.ensure_host(&mut fl)?;
+                c.regs.write_back(&mut c.a)?;
                 let taken = c.a.create_label();
                 emit_jcc(&mut c.a, i.condition_code(), taken)?;
                 c.materialize(false)?;
@@ -812,6 +904,7 @@ pub fn compile(
         }
         if last && !ended {
             c.ensure_lazy(&mut fl)?;
+            c.regs.write_back(&mut c.a)?;
             c.exit_to(next)?;
         }
     }
@@ -832,17 +925,24 @@ pub fn compile(
                 after_state,
                 after,
                 branch,
+                regs,
             } => {
                 bind(&mut c.a, &mut label)?;
                 // r11 is still the guest address: the check jumps here
                 // before adding the addend.
+                regs.store_changed(&mut c.a)?;
                 c.a.mov(rdi, r15).map_err(err)?;
                 c.a.mov(rsi, r11).map_err(err)?;
                 c.a.mov(edx, kind as u32).map_err(err)?;
                 c.call(helpers::fill as *const () as u64)?;
                 c.a.test(eax, eax).map_err(err)?;
-                c.a.jz(retry).map_err(err)?;
+                let mut run = c.a.create_label();
+                c.a.jnz(run).map_err(err)?;
+                regs.reload(&mut c.a, false)?;
+                c.a.jmp(retry).map_err(err)?;
                 bind(&mut c.a, &mut to_interp)?;
+                regs.store_changed(&mut c.a)?;
+                bind(&mut c.a, &mut run)?;
                 if from_spill {
                     c.materialize(true)?;
                 }
@@ -850,20 +950,36 @@ pub fn compile(
                 if branch {
                     c.exit_dynamic()?;
                 } else {
-                    // Rejoin the fast path with the flags where it has them.
+                    // Rejoin the fast path with the flags and registers
+                    // where it has them (the registers from `Cpu::gpr`,
+                    // where the interpreter left them).
                     match after_state {
                         Fl::Lazy => {}
-                        Fl::Host => c.load_host_flags()?,
+                        Fl::Host => {
+                            c.a.mov(rdi, r15).map_err(err)?;
+                            c.call(helpers::flags_bits as *const () as u64)?;
+                            c.a.push(rax).map_err(err)?;
+                            c.a.popfq().map_err(err)?;
+                        }
                         Fl::Spill => {
                             c.a.mov(rdi, r15).map_err(err)?;
                             c.call(helpers::flags_bits as *const () as u64)?;
                             c.a.mov(qword_ptr(r15 + SPILL), rax).map_err(err)?;
                         }
                     }
+                    regs.reload(&mut c.a, true)?;
                     c.a.jmp(after).map_err(err)?;
                 }
             }
             Cold::Leave { label, k } => leaves.push((label, k)),
+            Cold::FlagsMiss { mut label, back } => {
+                bind(&mut c.a, &mut label)?;
+                Regs::push_clobbered(&mut c.a)?;
+                c.a.mov(rdi, r15).map_err(err)?;
+                c.call(helpers::flags_bits as *const () as u64)?;
+                Regs::pop_clobbered(&mut c.a)?;
+                c.a.jmp(back).map_err(err)?;
+            }
         }
     }
     // The interp() calls above may have added more leaves.
@@ -887,9 +1003,10 @@ pub fn compile(
     c.a.xor(eax, eax).map_err(err)?;
     let mut ep = epilogue;
     bind(&mut c.a, &mut ep)?;
-    c.a.pop(r13).map_err(err)?;
-    c.a.pop(r14).map_err(err)?;
-    c.a.pop(r15).map_err(err)?;
+    c.a.lea(rsp, rsp + 8).map_err(err)?;
+    for r in SAVED.iter().rev() {
+        c.a.pop(*r).map_err(err)?;
+    }
     c.a.ret().map_err(err)?;
     // Unchained stubs: record the slot for the dispatcher, leave.
     let mut slots = std::mem::take(&mut c.slots);
@@ -927,34 +1044,41 @@ pub fn compile(
     })
 }
 
-/// `lea`: the address arithmetic on host registers (no flags).
+/// `lea`: the address arithmetic straight into the destination's host
+/// register (no flags).
 fn emit_lea(c: &mut Ctx, i: &Instruction) -> Result<(), String> {
     let dst = i.op0_register();
-    c.address_offset(i, rax, eax, dst.is_gpr32())?;
-    c.a.mov(qword_ptr(r15 + gpr(dst.full_register().number())), rax)
-        .map_err(err)
+    let h = c.host(dst)?;
+    let h32 = get_gpr32(sized(h.into(), 4)).ok_or("lea destination")?;
+    c.address_offset(i, h, h32, dst.is_gpr32())?;
+    c.regs.changed(dst.full_register().number());
+    Ok(())
 }
 
 /// `push r64`, `push imm`, or the return address of `call rel32`.
 fn emit_push(c: &mut Ctx, i: &Instruction, next: u64, slow: CodeLabel) -> Result<(), String> {
-    c.a.mov(r11, qword_ptr(r15 + gpr(RSP))).map_err(err)?;
-    c.a.lea(r11, r11 - 8).map_err(err)?;
+    let stack = c.host(Register::RSP)?;
+    c.a.lea(r11, stack - 8).map_err(err)?;
     c.tlb_check(8, true, slow)?;
     match i.code() {
         Code::Push_r64 => {
-            let r = i.op0_register().number();
-            c.a.mov(rcx, qword_ptr(r15 + gpr(r))).map_err(err)?;
+            // `push rsp` stores the old value: RSP changes below.
+            let v = c.host(i.op0_register())?;
+            c.a.mov(qword_ptr(r11), v).map_err(err)?;
         }
         Code::Call_rel32_64 => {
             let d = c.rel(next)?;
-            c.a.lea(rcx, r14 + d).map_err(err)?
+            c.a.lea(rcx, r14 + d).map_err(err)?;
+            c.a.mov(qword_ptr(r11), rcx).map_err(err)?;
         }
-        _ => c.a.mov(rcx, i.immediate(0)).map_err(err)?,
+        _ => {
+            c.a.mov(qword_ptr(r11), i.immediate(0) as i64 as i32)
+                .map_err(err)?;
+        }
     }
-    c.a.mov(qword_ptr(r11), rcx).map_err(err)?;
-    c.a.mov(rax, qword_ptr(r15 + gpr(RSP))).map_err(err)?;
-    c.a.lea(rax, rax - 8).map_err(err)?;
-    c.a.mov(qword_ptr(r15 + gpr(RSP)), rax).map_err(err)
+    c.a.lea(stack, stack - 8).map_err(err)?;
+    c.regs.changed(RSP);
+    Ok(())
 }
 
 /// `pop r64`, or `ret` (RIP from the stack, non-canonical → interpreter).
@@ -965,7 +1089,8 @@ fn emit_pop(
     to_interp: CodeLabel,
     ret: bool,
 ) -> Result<(), String> {
-    c.a.mov(r11, qword_ptr(r15 + gpr(RSP))).map_err(err)?;
+    let stack = c.host(Register::RSP)?;
+    c.a.mov(r11, stack).map_err(err)?;
     c.tlb_check(8, false, slow)?;
     c.a.mov(rcx, qword_ptr(r11)).map_err(err)?;
     if ret {
@@ -975,11 +1100,60 @@ fn emit_pop(
         c.a.cmp(rax, rcx).map_err(err)?;
         c.a.jne(to_interp).map_err(err)?;
     }
-    c.a.mov(rax, qword_ptr(r15 + gpr(RSP))).map_err(err)?;
-    c.a.lea(rax, rax + 8).map_err(err)?;
-    c.a.mov(qword_ptr(r15 + gpr(RSP)), rax).map_err(err)?;
-    let dst = if ret { RIP } else { i.op0_register().number() };
-    c.a.mov(qword_ptr(r15 + gpr(dst)), rcx).map_err(err)
+    c.a.lea(stack, stack + 8).map_err(err)?;
+    c.regs.changed(RSP);
+    if ret {
+        c.a.mov(qword_ptr(r15 + gpr(RIP)), rcx).map_err(err)?;
+    } else {
+        // `pop rsp` ends with the popped value.
+        let d = c.host(i.op0_register())?;
+        c.a.mov(d, rcx).map_err(err)?;
+        c.regs.changed(i.op0_register().number());
+    }
+    Ok(())
+}
+
+/// One-operand `mul`/`imul`: guest rAX (and rDX) through the host's,
+/// the operand from its host register or `[r11]`.
+fn emit_mul(c: &mut Ctx, i: &Instruction, slow: CodeLabel) -> Result<(), String> {
+    let size = i.memory_size().size().max(i.op0_register().size());
+    if i.op0_kind() == OpKind::Memory {
+        c.effective_address(i)?;
+        c.tlb_check(size as u64, false, slow)?;
+    }
+    let acc = c.host(Register::RAX)?;
+    c.a.mov(rax, acc).map_err(err)?;
+    let operand = i.op0_register().full_register();
+    // DX:AX merges into rDX; `mul rdx` reads it.
+    if size == 2 || (i.op0_kind() == OpKind::Register && operand == Register::RDX) {
+        let d = c.host(Register::RDX)?;
+        c.a.mov(rdx, d).map_err(err)?;
+    }
+    let mut n = *i;
+    if i.op0_kind() == OpKind::Register {
+        let r = i.op0_register();
+        let h = match operand {
+            Register::RAX | Register::RDX => operand,
+            _ => c.host(r)?.into(),
+        };
+        n.set_op0_register(sized(h, r.size()));
+    } else {
+        n.set_memory_base(Register::R11);
+        n.set_memory_index(Register::None);
+        n.set_memory_index_scale(1);
+        n.set_memory_displacement64(0);
+        n.set_memory_displ_size(0);
+        n.set_segment_prefix(Register::None);
+    }
+    c.a.add_instruction(n).map_err(err)?;
+    c.a.mov(acc, rax).map_err(err)?;
+    c.regs.changed(Register::RAX.number());
+    if size > 1 {
+        let d = c.host(Register::RDX)?;
+        c.a.mov(d, rdx).map_err(err)?;
+        c.regs.changed(Register::RDX.number());
+    }
+    Ok(())
 }
 
 /// iced's `RflagsBits` as RFLAGS bit positions.
@@ -1047,31 +1221,16 @@ fn emit_rewrite(
         let kind = mem_kind(i, info);
         c.tlb_check(kind & 0xff, kind & 0x100 != 0, slow)?;
     }
-    // Assign host registers to the guest registers named as operands;
-    // a CL count stays in CL.
-    let mut map: Vec<(usize, Register)> = Vec::new();
-    let regs: Vec<Register> = (0..i.op_count())
-        .filter(|&o| i.op_kind(o) == OpKind::Register)
-        .map(|o| i.op_register(o))
-        .collect();
-    if regs.contains(&Register::CL)
-        && (0..i.op_count()).any(|o| o > 0 && i.op_register(o) == Register::CL)
-    {
-        map.push((Register::RCX.number(), Register::RCX));
-    }
-    let cl_fixed = !map.is_empty();
-    let mut pool = POOL.iter().filter(|r| **r != Register::RCX || !cl_fixed);
-    for r in &regs {
-        let g = r.full_register().number();
-        if !map.iter().any(|(x, _)| *x == g) {
-            let h = *pool.next().ok_or("out of host registers")?;
-            map.push((g, h));
-        }
-    }
-    let host_of = |g: usize| map.iter().find(|(x, _)| *x == g).map(|(_, h)| *h);
-    // Load every operand register whole: narrower writes then merge.
-    for (g, h) in &map {
-        c.a.mov(r64(*h)?, qword_ptr(r15 + gpr(*g))).map_err(err)?;
+    // A shift count in CL must be in the host's CL.
+    let cl_count = matches!(
+        i.mnemonic(),
+        Mnemonic::Shl | Mnemonic::Shr | Mnemonic::Sar | Mnemonic::Rol | Mnemonic::Ror
+    ) && i.op_count() == 2
+        && i.op1_kind() == OpKind::Register
+        && i.op1_register() == Register::CL;
+    if cl_count {
+        let h = c.host(Register::RCX)?;
+        c.a.mov(rcx, h).map_err(err)?;
     }
     if unspill {
         c.unspill()?;
@@ -1094,10 +1253,11 @@ fn emit_rewrite(
     }
     for o in 0..i.op_count() {
         match i.op_kind(o) {
+            OpKind::Register if cl_count && o == 1 => {}
             OpKind::Register => {
                 let r = i.op_register(o);
-                let h = host_of(r.full_register().number()).ok_or("unmapped register")?;
-                n.set_op_register(o, sized(h, r.size()));
+                let h = c.host(r)?;
+                n.set_op_register(o, sized(h.into(), r.size()));
             }
             OpKind::Memory => {
                 n.set_memory_base(Register::R11);
@@ -1111,20 +1271,19 @@ fn emit_rewrite(
         }
     }
     c.a.add_instruction(n).map_err(err)?;
-    // Store back what the instruction may write.
+    // Note what the instruction may write (stored back later).
     for u in info.used_registers() {
         let r = u.register();
-        if !r.is_gpr() {
-            continue;
-        }
-        if matches!(
-            u.access(),
-            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
-        ) {
-            let g = r.full_register().number();
-            if let Some(h) = host_of(g) {
-                c.a.mov(qword_ptr(r15 + gpr(g)), r64(h)?).map_err(err)?;
-            }
+        if r.is_gpr()
+            && matches!(
+                u.access(),
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
+            )
+        {
+            c.regs.changed(r.full_register().number());
         }
     }
     Ok(())

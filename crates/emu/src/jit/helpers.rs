@@ -79,10 +79,15 @@ pub extern "C" fn fill(cpu: &mut Cpu, lin: u64, kind: u64) -> u64 {
 }
 
 /// The lazy flags as RFLAGS bits, for `popfq` (bit 1 set, nothing else
-/// outside OSZAPC).
-pub extern "C" fn flags_bits(cpu: &Cpu) -> u64 {
-    cpu.flags.bits() | 2
+/// outside OSZAPC); remembered in `Cpu::jit_flags_memo`.
+pub extern "C" fn flags_bits(cpu: &mut Cpu) -> u64 {
+    let bits = cpu.flags.bits() | 2;
+    cpu.jit_flags_memo = [cpu.flags.res, cpu.flags.aux, bits];
+    bits
 }
+
+/// The memo's first value: the flags `res = aux = 0` stand for (ZF, PF).
+pub const FLAGS_MEMO_INIT: [u64; 3] = [0, 0, crate::cpu::flags::ZF | crate::cpu::flags::PF | 2];
 
 /// Host RFLAGS → lazy flags, indexed by CF, OF (moved to bit 1), PF, AF,
 /// ZF and SF in their RFLAGS positions: `(rflags & 0xd5) | (OF >> 10)`;

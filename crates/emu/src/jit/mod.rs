@@ -17,6 +17,7 @@
 pub mod code;
 pub mod emit;
 pub mod helpers;
+pub mod regs;
 pub mod verify;
 
 use iced_x86::{Decoder, DecoderOptions, Instruction};
@@ -214,6 +215,9 @@ impl Jit {
         };
         match self.arena.push(&e.bytes) {
             Some(at) => {
+                if tracing::enabled!(tracing::Level::TRACE) || dump_wanted() {
+                    dump(&ins, &e.bytes, at);
+                }
                 block.set_jit(at, at + e.head);
                 // Results that differ between two runs (the clock, random
                 // numbers) or stores the undo log does not see (the
@@ -280,6 +284,36 @@ impl Jit {
         // block's entry first); the `Insn`s it points at live in
         // `self.insns`, the code map and signals in `cpu.vm`.
         unsafe { self.arena.enter(entry, cpu) }
+    }
+}
+
+/// `VMPLAY_EMU_JIT_DUMP` set: print each translation to stderr.
+fn dump_wanted() -> bool {
+    static WANTED: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var_os("VMPLAY_EMU_JIT_DUMP").is_some());
+    *WANTED
+}
+
+/// A translation's guest and host code, for `RUST_LOG=trace`.
+fn dump(ins: &[Instruction], bytes: &[u8], at: u64) {
+    use iced_x86::{Formatter, IntelFormatter};
+    let mut f = IntelFormatter::new();
+    let mut text = String::new();
+    for i in ins {
+        text.push_str(&format!("  guest {:#x}: ", i.ip()));
+        f.format(i, &mut text);
+        text.push('\n');
+    }
+    let mut d = Decoder::with_ip(64, bytes, at, DecoderOptions::NONE);
+    while d.can_decode() {
+        let i = d.decode();
+        text.push_str(&format!("    {:#x}: ", i.ip()));
+        f.format(&i, &mut text);
+        text.push('\n');
+    }
+    tracing::trace!("emu jit: translated\n{text}");
+    if dump_wanted() {
+        eprintln!("emu jit: translated\n{text}");
     }
 }
 
