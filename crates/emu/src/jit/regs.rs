@@ -122,9 +122,9 @@ impl Regs {
     /// Stores the changed registers to `Cpu::gpr` without changing what
     /// this state believes (for out-of-line paths that rejoin it).
     pub fn store_changed(&self, a: &mut CodeAssembler) -> Result<(), String> {
-        for s in 0..HOST.len() {
-            if let (Some(g), true) = (self.held[s], self.dirty[s]) {
-                a.mov(qword_ptr(r15 + gpr(usize::from(g))), r64(HOST[s]))
+        for ((h, held), dirty) in HOST.iter().zip(self.held).zip(self.dirty) {
+            if let (Some(g), true) = (held, dirty) {
+                a.mov(qword_ptr(r15 + gpr(usize::from(g))), r64(*h))
                     .map_err(err)?;
             }
         }
@@ -142,9 +142,9 @@ impl Regs {
     /// interpreter ran an instruction) or only those a call clobbers.
     pub fn reload(&self, a: &mut CodeAssembler, all: bool) -> Result<(), String> {
         let from = if all { 0 } else { CALLEE_SAVED };
-        for s in from..HOST.len() {
-            if let Some(g) = self.held[s] {
-                a.mov(r64(HOST[s]), qword_ptr(r15 + gpr(usize::from(g))))
+        for (h, held) in HOST.iter().zip(self.held).skip(from) {
+            if let Some(g) = held {
+                a.mov(r64(*h), qword_ptr(r15 + gpr(usize::from(g))))
                     .map_err(err)?;
             }
         }
@@ -175,7 +175,7 @@ impl Regs {
     }
 }
 
-const _: () = assert!((HOST.len() - CALLEE_SAVED) % 2 == 0);
+const _: () = assert!((HOST.len() - CALLEE_SAVED).is_multiple_of(2));
 
 #[cfg(test)]
 mod tests {
