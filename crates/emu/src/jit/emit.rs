@@ -191,6 +191,15 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
         }
         _ => {}
     }
+    // One-operand multiplies use rAX/rDX implicitly: their own plan.
+    if matches!(m, M::Mul | M::Imul) && ins.op_count() == 1 {
+        let plain = match ins.op0_kind() {
+            OpKind::Register => ins.op0_register().is_gpr() && !is_high8(ins.op0_register()),
+            OpKind::Memory => ins.memory_base() != Register::EIP,
+            _ => false,
+        };
+        return if plain { Plan::Mul } else { Plan::Interp };
+    }
     let ok = matches!(
         m,
         M::Mov
@@ -258,15 +267,6 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
     );
     if !ok {
         return Plan::Interp;
-    }
-    // One-operand multiplies use rAX/rDX implicitly: their own plan.
-    if matches!(m, M::Mul | M::Imul) && ins.op_count() == 1 {
-        let plain = match ins.op0_kind() {
-            OpKind::Register => ins.op0_register().is_gpr() && !is_high8(ins.op0_register()),
-            OpKind::Memory => ins.memory_base() != Register::EIP,
-            _ => false,
-        };
-        return if plain { Plan::Mul } else { Plan::Interp };
     }
     // bt* with a register bit offset address memory outside the operand.
     if matches!(m, M::Bt | M::Bts | M::Btr | M::Btc)
