@@ -160,8 +160,10 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
                 break;
             }
             cpu.icount += done;
+            cache.interpreted += done;
         }
         cpu.icount += done;
+        cache.interpreted += done;
         if cpu.stop || exit || !block.cached() {
             prev = std::ptr::null_mut();
         } else {

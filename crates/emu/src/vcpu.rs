@@ -188,6 +188,8 @@ impl Drop for EmuVcpu {
             blocks_decoded = self.cache.blocks_decoded,
             instructions_decoded = self.cache.decoded,
             slow_lookups = self.cache.slow_lookups,
+            interpreted = self.cache.interpreted,
+            tlb_flushes = self.cpu.tlb.epoch(),
             "emu vCPU statistics"
         );
         if let Some(jit) = &self.cache.jit {

@@ -231,6 +231,8 @@ pub struct BlockCache {
     pub decoded: u64,
     /// Lookups past the jump cache, and how many of them decoded a block.
     pub slow_lookups: u64,
+    /// Instructions the interpreter ran (the rest ran translated).
+    pub interpreted: u64,
     pub blocks_decoded: u64,
     /// The code page the previous block came from: (linear page, host
     /// page, frame). Valid until the CPU changes mode or mappings, which
@@ -267,6 +269,7 @@ impl BlockCache {
             scratch: Box::new(Block::empty(false)),
             decoded: 0,
             slow_lookups: 0,
+            interpreted: 0,
             blocks_decoded: 0,
             page: None,
             next_serial: 1,
@@ -382,11 +385,6 @@ impl BlockCache {
             // First code on this page: no vCPU may write it through the TLB.
             cpu.tlb.drop_write(frame);
             cpu.vm.platform.code_page_marked(cpu.id);
-            let page = (host as u64 & crate::mem::PAGE_MASK) as *const u8;
-            // SAFETY: `host` is inside a 4 KiB RAM page (fetch_target).
-            cpu.vm
-                .code
-                .set_hash(frame, unsafe { crate::mem::page_hash(page) });
         }
         let generation = cpu.vm.code.generation(frame);
         // A block holds at most MAX_BLOCK instructions of at most 15 bytes.

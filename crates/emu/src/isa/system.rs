@@ -268,10 +268,15 @@ fn hlt(cpu: &mut Cpu, _: &Insn) -> Res {
     Ok(())
 }
 
-fn invlpg(cpu: &mut Cpu, _: &Insn) -> Res {
+fn invlpg(cpu: &mut Cpu, i: &Insn) -> Res {
     need_cpl0(cpu)?;
-    // Large pages are cached as 4 KiB entries: drop everything.
-    cpu.tlb.flush_all();
+    // No segment checks: invlpg never faults on its operand.
+    let lin = cpu.seg[usize::from(i.seg)].base.wrapping_add(cpu.ea(i)) & cpu.lin_mask;
+    if cpu.tlb.flush_page(lin) {
+        // Code mappings may have changed: the block loop forgets its
+        // current code page.
+        cpu.stop = true;
+    }
     Ok(())
 }
 

@@ -549,15 +549,21 @@ impl Ctx<'_> {
     }
 
     /// Ends the block at a constant guest RIP (flags lazy, registers
-    /// written back).
+    /// written back): chained directly within the page; to another page
+    /// through the target cache, which knows the TLB epoch the target's
+    /// mapping was seen under.
     fn exit_to(&mut self, target: u64) -> Result<(), String> {
         let d = self.rel(target)?;
         let a = &mut self.a;
         a.lea(rax, r14 + d).map_err(err)?;
         a.mov(qword_ptr(r15 + gpr(RIP)), rax).map_err(err)?;
+        if self.chain && target & !0xfff != self.page {
+            return self.exit_dynamic();
+        }
+        let a = &mut self.a;
         a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
             .map_err(err)?;
-        if self.chain && target & !0xfff == self.page {
+        if self.chain {
             let slot = a.create_label();
             let stub = a.create_label();
             a.jmp(qword_ptr(slot)).map_err(err)?;

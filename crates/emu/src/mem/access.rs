@@ -272,16 +272,6 @@ impl Cpu {
             return Ok(Target::Mmio(w.pa | (lin & 0xfff)));
         };
         let page = lin & PAGE_MASK;
-        if acc == Access::Exec && self.vm.code.is_code(loc.frame) && !self.tlb.verified(loc.frame) {
-            // Mapped for execution again after a flush: catch writes the
-            // CPU did not see (DMA, the VMM) since the code was decoded.
-            let host_page = (loc.host as u64 & PAGE_MASK) as *const u8;
-            // SAFETY: `ram` returned the start of a RAM page (w.pa is
-            // page-aligned), 4096 bytes long.
-            if unsafe { super::page_hash(host_page) } != self.vm.code.hash(loc.frame) {
-                self.vm.code.invalidate(loc.frame);
-            }
-        }
         let wp = self.cr0 & CR0_WP != 0;
         // Watched pages keep every data access on the slow path.
         let watched = self.debug.watching && crate::debug::watched_page(self, lin);
@@ -303,6 +293,7 @@ impl Cpu {
             addend: (loc.host as u64).wrapping_sub(page),
             frame: loc.frame as u32,
             global: w.global,
+            shift: w.shift,
         };
         Ok(Target::Ram(RamLoc {
             // SAFETY: the offset stays inside the 4 KiB page `ram` found.
@@ -314,6 +305,7 @@ impl Cpu {
     /// Instruction fetch translation: host pointer and frame of `lin`.
     #[inline]
     pub fn fetch_target(&mut self, lin: u64) -> Res<Target> {
+        self.tlb.note_code_page(lin);
         let e = self.tlb.entry(lin);
         if e.tag_x == lin & PAGE_MASK {
             return Ok(Target::Ram(RamLoc {

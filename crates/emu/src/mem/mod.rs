@@ -155,34 +155,12 @@ impl PhysMem {
 /// counts writes to it while it did (the generation blocks compare).
 pub struct CodeMap {
     pages: Box<[AtomicU32]>,
-    /// Hash of each code frame's bytes when its code was first decoded:
-    /// writes the CPU never sees (device DMA, the VMM) are caught when the
-    /// page is next mapped for execution.
-    hashes: Box<[std::sync::atomic::AtomicU64]>,
-}
-
-/// A fast hash of one 4 KiB page (not cryptographic: it only has to
-/// notice content changes).
-///
-/// # Safety
-/// `page` must point at 4096 readable bytes.
-pub unsafe fn page_hash(page: *const u8) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for k in 0..512 {
-        // SAFETY: k*8+8 <= 4096, inside the page (caller's guarantee).
-        let w = unsafe { page.add(k * 8).cast::<u64>().read_unaligned() };
-        h = (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(23);
-    }
-    h
 }
 
 impl CodeMap {
     pub fn new(frames: usize) -> Self {
         CodeMap {
             pages: (0..frames).map(|_| AtomicU32::new(0)).collect(),
-            hashes: (0..frames)
-                .map(|_| std::sync::atomic::AtomicU64::new(0))
-                .collect(),
         }
     }
 
@@ -206,14 +184,6 @@ impl CodeMap {
     /// Marks the frame as holding code; true if it did not before.
     pub fn mark(&self, frame: usize) -> bool {
         self.pages[frame].fetch_or(1, Ordering::AcqRel) & 1 == 0
-    }
-
-    pub fn set_hash(&self, frame: usize, h: u64) {
-        self.hashes[frame].store(h, Ordering::Release);
-    }
-
-    pub fn hash(&self, frame: usize) -> u64 {
-        self.hashes[frame].load(Ordering::Acquire)
     }
 
     /// A write hit a code frame: every block from it is now stale.

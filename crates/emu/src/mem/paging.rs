@@ -35,6 +35,8 @@ pub struct Walk {
     pub nx: bool,
     pub dirty: bool,
     pub global: bool,
+    /// log2 of the page size (12, 21, 22 or 30).
+    pub shift: u8,
 }
 
 impl Cpu {
@@ -49,6 +51,7 @@ impl Cpu {
                 nx: false,
                 dirty: true,
                 global: false,
+                shift: 12,
             });
         }
         let nxe = self.efer & EFER_NXE != 0;
@@ -64,6 +67,7 @@ impl Cpu {
         let mut nx = false;
         let mut pa = 0;
         let mut global = false;
+        let mut shift = 12u8;
         let mut leaf = 0;
         let mut fault_rsvd = false;
         let mut present = true;
@@ -96,8 +100,8 @@ impl Cpu {
             if self.efer & EFER_LMA != 0 {
                 let mut table = self.cr3 & ADDR_MASK;
                 for level in (1..=4).rev() {
-                    let shift = 12 + 9 * (level - 1);
-                    let e = read_entry!(table + ((lin >> shift) & 0x1ff) * 8, false);
+                    let level_shift = 12 + 9 * (level - 1);
+                    let e = read_entry!(table + ((lin >> level_shift) & 0x1ff) * 8, false);
                     if e & P == 0 {
                         present = false;
                         break 'walk;
@@ -111,13 +115,14 @@ impl Cpu {
                     us &= e & US != 0;
                     nx |= e & XD != 0 && nxe;
                     if big || level == 1 {
-                        let page_mask = (1u64 << shift) - 1;
+                        let page_mask = (1u64 << level_shift) - 1;
                         if big && e & (page_mask & !0x1fff) & ADDR_MASK != 0 {
                             fault_rsvd = true;
                             break 'walk;
                         }
                         pa = (e & ADDR_MASK & !page_mask) | (lin & page_mask & !0xfff);
                         global = e & G != 0;
+                        shift = level_shift as u8;
                         leaf = e;
                         break 'walk;
                     }
@@ -148,6 +153,7 @@ impl Cpu {
                 if pde & PS != 0 {
                     pa = (pde & ADDR_MASK & !0x1f_ffff) | (lin & 0x1f_f000);
                     global = pde & G != 0;
+                    shift = 21;
                     leaf = pde;
                     break 'walk;
                 }
@@ -179,6 +185,7 @@ impl Cpu {
                     // PSE-36: bits 13..20 give physical address bits 32..39.
                     pa = (pde & 0xffc0_0000) | (((pde >> 13) & 0xff) << 32) | (lin & 0x3f_f000);
                     global = pde & G != 0;
+                    shift = 22;
                     leaf = pde;
                     break 'walk;
                 }
@@ -241,6 +248,7 @@ impl Cpu {
             nx,
             dirty: leaf & D != 0 || write,
             global: global && self.cr4 & CR4_PGE != 0,
+            shift,
         })
     }
 

@@ -16,6 +16,8 @@ pub struct TlbEntry {
     /// Code-map frame number of the page.
     pub frame: u32,
     pub global: bool,
+    /// log2 of the size of the guest page this entry is part of.
+    pub shift: u8,
 }
 
 const EMPTY: TlbEntry = TlbEntry {
@@ -25,6 +27,7 @@ const EMPTY: TlbEntry = TlbEntry {
     addend: 0,
     frame: 0,
     global: false,
+    shift: 12,
 };
 
 /// Two TLBs: supervisor (index 0) and user (index 1) accesses, so a CPL
@@ -37,12 +40,18 @@ pub struct Tlb {
     pub cur_base: usize,
     /// Bumped by every flush: mappings may have changed since.
     pub(crate) epoch: u32,
-    /// Code frames whose bytes were checked in this epoch (direct-mapped
-    /// by frame): refilling their exec entries needs no new check.
-    verified: Box<[(u32, u32); VERIFIED]>,
+    /// Linear code pages fetched from in this epoch (a bit per page,
+    /// hashed): an `invlpg` of any other page leaves the code caches,
+    /// which trust the epoch, alone.
+    code_pages: [u64; CODE_PAGE_WORDS],
 }
 
-const VERIFIED: usize = 1024;
+const CODE_PAGE_WORDS: usize = 64;
+
+fn code_bit(lin: u64) -> (usize, u64) {
+    let n = (lin >> 12) as usize & (CODE_PAGE_WORDS * 64 - 1);
+    (n / 64, 1 << (n % 64))
+}
 
 impl Default for Tlb {
     fn default() -> Self {
@@ -58,7 +67,7 @@ impl Tlb {
             sets,
             cur: 0,
             epoch: 1,
-            verified: Box::new([(0, 0); VERIFIED]),
+            code_pages: [0; CODE_PAGE_WORDS],
         }
     }
 
@@ -89,16 +98,45 @@ impl Tlb {
         self.epoch
     }
 
-    /// Whether `frame`'s code was checked since the last flush; marks it.
-    pub fn verified(&mut self, frame: usize) -> bool {
-        let slot = &mut self.verified[frame % VERIFIED];
-        let hit = *slot == (frame as u32, self.epoch);
-        *slot = (frame as u32, self.epoch);
-        hit
+    /// Notes that code is fetched from `lin`'s page in this epoch.
+    #[inline(always)]
+    pub fn note_code_page(&mut self, lin: u64) {
+        let (w, b) = code_bit(lin);
+        self.code_pages[w] |= b;
+    }
+
+    fn new_epoch(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.code_pages = [0; CODE_PAGE_WORDS];
+    }
+
+    /// `invlpg`: drops the entries for `lin`'s page, including those of a
+    /// large page containing it. Returns true when cached code may have
+    /// depended on the mapping (a fetch from the page this epoch, or a
+    /// large page): then the epoch moves on, as after a flush.
+    pub fn flush_page(&mut self, lin: u64) -> bool {
+        let page = lin & !0xfff;
+        let (w, b) = code_bit(page);
+        let mut code = self.code_pages[w] & b != 0;
+        for e in self.sets.iter_mut().flat_map(|s| s.iter_mut()) {
+            let tag = [e.tag_r, e.tag_w, e.tag_x]
+                .into_iter()
+                .find(|t| *t != INVALID);
+            let Some(tag) = tag else { continue };
+            let shift = u32::from(e.shift);
+            if tag >> shift == page >> shift {
+                code |= shift > 12;
+                *e = EMPTY;
+            }
+        }
+        if code {
+            self.new_epoch();
+        }
+        code
     }
 
     pub fn flush_all(&mut self) {
-        self.epoch = self.epoch.wrapping_add(1);
+        self.new_epoch();
         for set in self.sets.iter_mut() {
             set.fill(EMPTY);
         }
@@ -106,7 +144,7 @@ impl Tlb {
 
     /// A CR3 load: global entries survive.
     pub fn flush_nonglobal(&mut self) {
-        self.epoch = self.epoch.wrapping_add(1);
+        self.new_epoch();
         for e in self.sets.iter_mut().flat_map(|s| s.iter_mut()) {
             if !e.global {
                 *e = EMPTY;
@@ -130,5 +168,54 @@ impl Tlb {
                 e.tag_w = INVALID;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(t: &mut Tlb, lin: u64, shift: u8) {
+        *t.entry_mut(lin) = TlbEntry {
+            tag_r: lin & !0xfff,
+            tag_w: INVALID,
+            tag_x: lin & !0xfff,
+            addend: 0,
+            frame: 0,
+            global: false,
+            shift,
+        };
+    }
+
+    #[test]
+    fn invlpg_drops_only_its_page_and_keeps_the_epoch_for_data_pages() {
+        let mut t = Tlb::new();
+        fill(&mut t, 0x40_1000, 12);
+        fill(&mut t, 0x40_2000, 12);
+        let epoch = t.epoch();
+        assert!(!t.flush_page(0x40_1abc));
+        assert_eq!(t.entry(0x40_1000).tag_r, INVALID);
+        assert_eq!(t.entry(0x40_2000).tag_r, 0x40_2000);
+        assert_eq!(t.epoch(), epoch);
+    }
+
+    #[test]
+    fn invlpg_of_a_code_page_or_inside_a_large_page_moves_the_epoch() {
+        let mut t = Tlb::new();
+        fill(&mut t, 0x40_1000, 12);
+        t.note_code_page(0x40_1000);
+        let epoch = t.epoch();
+        assert!(t.flush_page(0x40_1000));
+        assert_ne!(t.epoch(), epoch);
+        // A 2 MiB page cached as 4 KiB entries: any page in it drops all.
+        fill(&mut t, 0x20_0000, 21);
+        fill(&mut t, 0x3f_f000, 21);
+        fill(&mut t, 0x40_0000, 12);
+        let epoch = t.epoch();
+        assert!(t.flush_page(0x21_0000));
+        assert_eq!(t.entry(0x20_0000).tag_r, INVALID);
+        assert_eq!(t.entry(0x3f_f000).tag_r, INVALID);
+        assert_eq!(t.entry(0x40_0000).tag_r, 0x40_0000);
+        assert_ne!(t.epoch(), epoch);
     }
 }
