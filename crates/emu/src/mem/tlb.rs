@@ -210,12 +210,12 @@ mod tests {
         // A 2 MiB page cached as 4 KiB entries: any page in it drops all.
         fill(&mut t, 0x20_0000, 21);
         fill(&mut t, 0x3f_f000, 21);
-        fill(&mut t, 0x40_0000, 12);
+        fill(&mut t, 0x40_1000, 12);
         let epoch = t.epoch();
         assert!(t.flush_page(0x21_0000));
         assert_eq!(t.entry(0x20_0000).tag_r, INVALID);
         assert_eq!(t.entry(0x3f_f000).tag_r, INVALID);
-        assert_eq!(t.entry(0x40_0000).tag_r, 0x40_0000);
+        assert_eq!(t.entry(0x40_1000).tag_r, 0x40_1000);
         assert_ne!(t.epoch(), epoch);
     }
 }
