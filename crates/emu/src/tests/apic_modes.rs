@@ -414,7 +414,7 @@ fn x2apic_msrs_gp_outside_x2apic_mode_and_on_read_only_or_reserved_bits() {
 #[test]
 fn x2apic_icr_and_self_ipi_deliver_by_x2apic_id_in_priority_order() {
     // vCPU 1 takes IPIs from vCPU 0; vCPU 0 sends one to itself too.
-    let vectors = [0x51, 0x52, 0x53, 0x61];
+    let vectors = [0x51, 0x52, 0x53, 0x54, 0x55, 0x61];
     let (mut g, s) = setup(2, 0, &vectors);
     g.write_u64(EOI_HOW, 2);
     let mut ap = g.vm.create_vcpu(1).unwrap();
@@ -464,10 +464,14 @@ fn x2apic_icr_and_self_ipi_deliver_by_x2apic_id_in_priority_order() {
         a.cmp(qword_ptr(rax), 0).unwrap();
         a.je(wait_irq).unwrap();
         // With IF=0: to ID 0 by ICR (0x52), by SELF IPI (0x53), and to an
-        // ID nobody has (0x51 to x2APIC ID 7): 0x53 then 0x52 run.
+        // ID nobody has (0x51 to x2APIC ID 7).
         wrmsr(a, 0x830, 0x52, None);
         wrmsr(a, 0x83f, 0x53, None);
         wrmsr(a, 0x830, 7 << 32 | 0x51, None);
+        // Logical: x2APIC LDR = cluster (ID >> 4) << 16 | 1 << (ID & 15).
+        // Cluster 0, bit 0 is this vCPU (0x54); cluster 1 is nobody (0x55).
+        wrmsr(a, 0x830, 1 << 32 | 1 << 11 | 0x54, None);
+        wrmsr(a, 0x830, 0x1_0001 << 32 | 1 << 11 | 0x55, None);
         rdmsr(a, 0x820 + 2, 1, None); // IRR 0x40-0x5f
         rdmsr(a, 0x818 + 2, 2, None); // TMR 0x40-0x5f: edge, clear
         window(a);
@@ -489,9 +493,16 @@ fn x2apic_icr_and_self_ipi_deliver_by_x2apic_id_in_priority_order() {
     run_to_halt(&mut g);
     assert!(t.join().unwrap(), "the AP took its IPI and halted");
     assert_eq!(faults(&g), Vec::new());
-    assert_eq!(irqs(&g), [0x61, 0x53, 0x52], "AP's IPI, then by priority");
+    assert_eq!(
+        irqs(&g),
+        [0x61, 0x54, 0x53, 0x52],
+        "AP's IPI, then by priority"
+    );
     assert_eq!(slot(&g, 0), 1 << 32 | 0x61, "ICR reads back whole");
-    assert_eq!(slot(&g, 1), 1 << (0x52 - 0x40) | 1 << (0x53 - 0x40));
+    assert_eq!(
+        slot(&g, 1),
+        1 << (0x52 - 0x40) | 1 << (0x53 - 0x40) | 1 << (0x54 - 0x40)
+    );
     assert_eq!(slot(&g, 2), 0);
 }
 
