@@ -238,6 +238,28 @@ fn window(a: &mut CodeAssembler) {
     a.cli().unwrap();
 }
 
+/// Spins while the qword at `addr` is (`equal`) or is not `value`, for a
+/// bounded number of rounds: a broken delivery fails the test's asserts
+/// instead of hanging it.
+fn spin_while(a: &mut CodeAssembler, addr: u64, value: i32, equal: bool) {
+    let mut again = a.create_label();
+    let mut done = a.create_label();
+    a.mov(r15d, 20_000_000u32).unwrap();
+    a.set_label(&mut again).unwrap();
+    a.pause().unwrap();
+    a.mov(rax, addr).unwrap();
+    a.cmp(qword_ptr(rax), value).unwrap();
+    if equal {
+        a.jne(done).unwrap();
+    } else {
+        a.je(done).unwrap();
+    }
+    a.dec(r15).unwrap();
+    a.jnz(again).unwrap();
+    a.set_label(&mut done).unwrap();
+    a.nop().unwrap();
+}
+
 /// Tells the host the guest reached `phase`.
 fn phase(a: &mut CodeAssembler, n: u32) {
     a.mov(eax, n).unwrap();
@@ -445,24 +467,14 @@ fn x2apic_icr_and_self_ipi_deliver_by_x2apic_id_in_priority_order() {
         a.hlt().unwrap();
     });
     code(&g, |a| {
-        let mut wait_ap = a.create_label();
-        a.set_label(&mut wait_ap).unwrap();
-        a.pause().unwrap();
-        a.mov(rax, ap_log).unwrap();
-        a.cmp(qword_ptr(rax), 1).unwrap();
-        a.jne(wait_ap).unwrap();
+        spin_while(a, ap_log, 1, false);
         set_apic_base(a, EN | EXTD | 1 << 8, None);
         wrmsr(a, 0x80f, 0x1ff, None);
         // To x2APIC ID 1 (fixed, physical): the AP takes 0x61.
         wrmsr(a, 0x830, 1 << 32 | 0x61, None);
         rdmsr(a, 0x830, 0, None);
         // Wait for the AP's handler.
-        let mut wait_irq = a.create_label();
-        a.set_label(&mut wait_irq).unwrap();
-        a.pause().unwrap();
-        a.mov(rax, IRQ_LOG).unwrap();
-        a.cmp(qword_ptr(rax), 0).unwrap();
-        a.je(wait_irq).unwrap();
+        spin_while(a, IRQ_LOG, 0, true);
         // With IF=0: to ID 0 by ICR (0x52), by SELF IPI (0x53), and to an
         // ID nobody has (0x51 to x2APIC ID 7).
         wrmsr(a, 0x830, 0x52, None);
@@ -482,15 +494,25 @@ fn x2apic_icr_and_self_ipi_deliver_by_x2apic_id_in_priority_order() {
     s1.rip = ap_code;
     s1.gpr[4] = STACK - 0x2000;
     ap.set_state(&s1).unwrap();
+    // The AP halts once its handler ran; a kick ends a wait that would
+    // otherwise never end.
+    let ap_kicker = ap.kicker();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
-        for _ in 0..1000 {
-            if let Ok(vmplay_hypervisor::VcpuExit::Halt) = ap.run() {
-                return true;
+        let halted = loop {
+            match ap.run() {
+                Ok(vmplay_hypervisor::VcpuExit::Halt) => break true,
+                Ok(vmplay_hypervisor::VcpuExit::Interrupted) | Err(_) => break false,
+                Ok(_) => {}
             }
-        }
-        false
+        };
+        let _ = done_tx.send(());
+        halted
     });
     run_to_halt(&mut g);
+    if done_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        ap_kicker.kick();
+    }
     assert!(t.join().unwrap(), "the AP took its IPI and halted");
     assert_eq!(faults(&g), Vec::new());
     assert_eq!(
