@@ -287,9 +287,28 @@ fn slot(g: &Guest, k: u64) -> u64 {
     g.read_u64(SLOTS + 8 * k)
 }
 
+/// `run_with` under a watchdog: a guest that livelocks without exits (an
+/// interrupt storm a bug caused) is kicked after 10 s and fails its
+/// asserts (`End::Interrupted`) instead of hanging the test.
+fn run_guarded(g: &mut Guest, max: usize, mmio: impl FnMut(u64) -> u64) -> Outcome {
+    let kicker = g.vcpu.kicker();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            wait.recv_timeout(Duration::from_secs(10))
+        {
+            kicker.kick();
+        }
+    });
+    let o = g.run_with(max, |_| 0, mmio);
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    o
+}
+
 /// Runs to the next phase write; returns its number.
 fn run_to_phase(g: &mut Guest) -> u64 {
-    let o = g.run_with(1, |_| 0, |_| 0);
+    let o = run_guarded(g, 1, |_| 0);
     assert_eq!(o.end, End::Running, "the guest stopped early: {o:?}");
     assert_eq!(o.ports.len(), 1, "{o:?}");
     assert_eq!(o.ports[0].0, PHASE_PORT);
@@ -297,7 +316,7 @@ fn run_to_phase(g: &mut Guest) -> u64 {
 }
 
 fn run_to_halt(g: &mut Guest) {
-    let o = g.run();
+    let o = run_guarded(g, 10_000, |_| 0);
     assert_eq!(o.end, End::Halt, "{o:?} faults {:x?}", faults(g));
 }
 
@@ -404,14 +423,10 @@ fn x2apic_msrs_gp_outside_x2apic_mode_and_on_read_only_or_reserved_bits() {
     });
     g.vcpu.set_state(&s).unwrap();
     let mut mmio = Vec::new();
-    let o = g.run_with(
-        10_000,
-        |_| 0,
-        |addr| {
-            mmio.push(addr);
-            0xfeed
-        },
-    );
+    let o = run_guarded(&mut g, 10_000, |addr| {
+        mmio.push(addr);
+        0xfeed
+    });
     assert_eq!(o.end, End::Halt, "{o:?}");
     let expected: Vec<_> = at.iter().map(|&rip| (13, 0, rip)).collect();
     assert_eq!(faults(&g), expected);
