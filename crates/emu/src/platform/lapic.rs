@@ -582,6 +582,58 @@ mod tests {
     }
 
     #[test]
+    fn apic_base_transitions_are_the_sdms() {
+        use Mode::*;
+        let bits = |m: Mode| match m {
+            Disabled => 0,
+            XApic => BASE_EN,
+            X2Apic => BASE_EN | BASE_EXTD,
+        };
+        for from in [Disabled, XApic, X2Apic] {
+            for to in [Disabled, XApic, X2Apic] {
+                let mut l = enabled();
+                // Reach `from` the legal way round.
+                for step in match from {
+                    Disabled => &[Disabled][..],
+                    XApic => &[][..],
+                    X2Apic => &[X2Apic][..],
+                } {
+                    l.set_base(APIC_BASE_DEFAULT | bits(*step)).unwrap();
+                }
+                assert_eq!(l.mode(), from);
+                let r = l.set_base(APIC_BASE_DEFAULT | bits(to));
+                let legal = !matches!((from, to), (X2Apic, XApic) | (Disabled, X2Apic));
+                assert_eq!(r.is_ok(), legal, "{from:?} -> {to:?}");
+                assert_eq!(l.mode(), if legal { to } else { from });
+            }
+        }
+        let mut l = enabled();
+        assert_eq!(l.set_base(APIC_BASE_DEFAULT | BASE_EXTD), Err(Refused));
+        assert_eq!(l.set_base(APIC_BASE_DEFAULT | BASE_EN | 1), Err(Refused));
+        let too_high = 1u64 << crate::mem::paging::PHYS_BITS;
+        assert_eq!(l.set_base(too_high | BASE_EN), Err(Refused));
+        // BSP is read-only: kept on a write without it.
+        l.set_base(0xfed0_0000 | BASE_EN).unwrap();
+        assert_eq!(l.base, 0xfed0_0000 | BASE_EN | BASE_BSP);
+    }
+
+    #[test]
+    fn disabling_resets_and_level_eoi_broadcast_follows_svr_bit_12() {
+        let mut l = enabled();
+        assert!(l.accept(0x80, true));
+        assert_eq!(l.ack(), Some(0x80));
+        assert_eq!(l.write(0xb, 0, 0).1, Some(0x80), "TMR set: broadcast");
+        l.write(0xf, 0x11ff, 0);
+        assert!(l.accept(0x80, true));
+        assert_eq!(l.ack(), Some(0x80));
+        assert_eq!(l.write(0xb, 0, 0).1, None, "suppressed");
+        assert!(l.accept(0x90, false));
+        l.set_base(APIC_BASE_DEFAULT).unwrap();
+        l.set_base(APIC_BASE_DEFAULT | BASE_EN).unwrap();
+        assert_eq!((l.read(0xf, 0), l.pending()), (0xff, None));
+    }
+
+    #[test]
     fn logical_flat_and_cluster_destinations() {
         let mut l = enabled();
         l.write(0xd, 0x0200_0000, 0);
