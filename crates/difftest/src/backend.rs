@@ -57,6 +57,9 @@ const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// The XSAVE components the backend's cases run with: x87 and SSE.
+pub const XCR0_X87_SSE: u64 = 3;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
@@ -303,6 +306,9 @@ pub struct BackendRunner {
     system: Vec<u8>,
     /// How long one case may run before it is kicked and reported as hung.
     pub timeout: Duration,
+    /// CR4 bits every case runs with beyond the base set (CR4.OSXSAVE
+    /// after [`BackendRunner::enable_xsave`]).
+    cr4_extra: u64,
 }
 
 impl BackendRunner {
@@ -330,6 +336,7 @@ impl BackendRunner {
             watchdog,
             system: system_image(),
             timeout: Duration::from_secs(5),
+            cr4_extra: 0,
         };
         runner.write(SYS_ADDR, &runner.system)?;
         Ok(runner)
@@ -380,8 +387,10 @@ impl BackendRunner {
         self.write(DATA_ADDR, &init.data)?;
         self.write(STACK_ADDR, &init.stack)?;
         let name = self.name;
+        let mut state = guest_state(init);
+        state.cr4 |= self.cr4_extra;
         self.vcpu
-            .set_state(&guest_state(init))
+            .set_state(&state)
             .map_err(|source| Error::Backend {
                 backend: name,
                 op: "set_state",
@@ -516,6 +525,26 @@ impl BackendRunner {
         }
         self.complete_exit()?;
         Ok(obs)
+    }
+
+    /// From now on cases run with CR4.OSXSAVE and XCR0 = x87|SSE: one
+    /// ring-0 `xsetbv` (XCR0 is vCPU state `set_state` leaves alone), then
+    /// `xgetbv` to check it took. The host child cannot do this (XSETBV is
+    /// privileged); it runs with the host kernel's OSXSAVE and XCR0.
+    pub fn enable_xsave(&mut self) -> Result<()> {
+        self.cr4_extra |= CR4_OSXSAVE;
+        let mut init = crate::generate::blank_state();
+        init.gpr[CpuState::RAX] = XCR0_X87_SSE;
+        // xsetbv; xor eax, eax; xgetbv (ECX = 0 throughout)
+        let obs = self.run_case(&[0x0f, 0x01, 0xd1, 0x31, 0xc0, 0x0f, 0x01, 0xd0], &init)?;
+        if obs.outcome != Outcome::Completed || obs.gpr[CpuState::RAX] != XCR0_X87_SSE {
+            return Err(self.run_err(format!(
+                "setting XCR0 to {XCR0_X87_SSE:#x} with CR4.OSXSAVE: {}, xgetbv {:#x}",
+                obs.outcome,
+                obs.gpr[CpuState::RAX]
+            )));
+        }
+        Ok(())
     }
 
     /// CPUID `leaf`/`subleaf` as the guest sees it: [eax, ebx, ecx, edx].

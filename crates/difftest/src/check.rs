@@ -162,9 +162,19 @@ pub fn check_class(
     let start = Instant::now();
     let mut native = NativeRunner::new(256)?;
     let mut backend = BackendRunner::new(hv)?;
+    if class == Class::Xsave {
+        backend.enable_xsave()?;
+    }
     let mut features = backend_features(&mut backend, class)?;
     if cfg.baseline_only {
         features = Features::baseline();
+    }
+    // XSAVEOPT is leaf 0xD subleaf 1 EAX bit 0, on both sides.
+    let xsaveopt = |eax: u32| eax & 1 != 0;
+    if xsaveopt(backend.cpuid(0xd, 1)?[0])
+        && xsaveopt(core::arch::x86_64::__cpuid_count(0xd, 1).eax)
+    {
+        features.allow(iced_x86::CpuidFeature::XSAVEOPT);
     }
     let mxcsr_mask = native.mxcsr_mask() & backend.mxcsr_mask()?;
     let generator =

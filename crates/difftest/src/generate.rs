@@ -48,10 +48,15 @@ pub enum Class {
     Sse41,
     /// SSE4.2: the string compares, pcmpgtq, crc32.
     Sse42,
+    /// XSAVE/XSAVEOPT/XRSTOR (64-bit forms) of x87+SSE images and XGETBV,
+    /// between x87/SSE instructions that change the state. The backend
+    /// runs with CR4.OSXSAVE and XCR0 = x87|SSE (see
+    /// `BackendRunner::enable_xsave`); the host child has the host's.
+    Xsave,
 }
 
 impl Class {
-    pub const ALL: [Class; 17] = [
+    pub const ALL: [Class; 18] = [
         Class::IntegerAlu,
         Class::Shifts,
         Class::MulDiv,
@@ -69,6 +74,7 @@ impl Class {
         Class::Bmi,
         Class::Sse41,
         Class::Sse42,
+        Class::Xsave,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +96,7 @@ impl Class {
             Class::Bmi => "bmi",
             Class::Sse41 => "sse4_1",
             Class::Sse42 => "sse4_2",
+            Class::Xsave => "xsave",
         }
     }
 
@@ -189,6 +196,13 @@ impl Class {
                 M::Pmovzxwd, M::Pmovzxwq, M::Pmovzxdq, M::Pmuldq, M::Pmulld, M::Ptest, M::Roundps,
                 M::Roundpd, M::Roundss, M::Roundsd,
             ],
+            // The state changers between saves and restores; the XSAVE
+            // family itself comes from `Builder::xsave_op`.
+            Class::Xsave => &[
+                M::Fld1, M::Fldz, M::Fldpi, M::Fld, M::Fxch, M::Fincstp, M::Fdecstp, M::Ffree,
+                M::Faddp, M::Fmul, M::Fnclex, M::Paddd, M::Pxor, M::Movaps, M::Movd, M::Movq,
+                M::Ldmxcsr, M::Fldcw,
+            ],
             Class::Sse42 => &[
                 M::Pcmpestri, M::Pcmpestri64, M::Pcmpestrm, M::Pcmpestrm64, M::Pcmpistri,
                 M::Pcmpistrm, M::Pcmpgtq, M::Crc32,
@@ -207,6 +221,7 @@ impl Class {
                 | Class::Mmx
                 | Class::Sse41
                 | Class::Sse42
+                | Class::Xsave
         )
     }
 }
@@ -276,6 +291,7 @@ pub const OPTIONAL: &[(CpuidFeature, u32, usize, u32)] = &[
     (CpuidFeature::BMI2, 7, 1, 8),
     (CpuidFeature::SSE4_1, 1, 2, 19),
     (CpuidFeature::SSE4_2, 1, 2, 20),
+    (CpuidFeature::XSAVE, 1, 2, 26),
 ];
 
 impl Class {
@@ -290,6 +306,7 @@ impl Class {
             Class::SseMoves | Class::SseInt | Class::SseFloat | Class::Sse41 | Class::Sse42 => {
                 &["FXSR", "SSE", "SSE2", "SSE3"]
             }
+            Class::Xsave => &["FPU", "FXSR", "SSE", "SSE2"],
             _ => &[],
         }
     }
@@ -352,6 +369,12 @@ impl Features {
 
     pub fn allows(&self, feature: CpuidFeature) -> bool {
         self.allowed.contains(&feature)
+    }
+
+    /// Allows `feature`, which the caller found in both CPUIDs (one not
+    /// in leaf-only `OPTIONAL`, e.g. XSAVEOPT in leaf 0xD subleaf 1).
+    pub fn allow(&mut self, feature: CpuidFeature) {
+        self.allowed.push(feature);
     }
 
     /// The baseline features `class` needs that are missing here.
@@ -759,6 +782,15 @@ pub struct Generator {
     mxcsr_mask: u32,
     /// Whether memory operands sometimes straddle the end of their page.
     straddles: bool,
+    /// The XSAVE family the features allow (Class::Xsave).
+    xsave: XsaveForms,
+}
+
+/// Which XSAVE-family instructions a case may use.
+#[derive(Debug, Clone, Copy)]
+struct XsaveForms {
+    xsave: bool,
+    xsaveopt: bool,
 }
 
 /// Operand kinds the generic filler handles.
@@ -880,6 +912,16 @@ impl Generator {
                 ) && ok(c)
             })
             .collect();
+        let xsave = XsaveForms {
+            xsave: features.allows(CpuidFeature::XSAVE),
+            xsaveopt: features.allows(CpuidFeature::XSAVE)
+                && features.allows(CpuidFeature::XSAVEOPT),
+        };
+        if class == Class::Xsave && !xsave.xsave {
+            return Err(Error::Generate(
+                "class xsave: the backend or the host does not advertise XSAVE".into(),
+            ));
+        }
         let templated = matches!(class, Class::Strings | Class::Stack | Class::Conditional);
         if codes.is_empty() && !templated {
             return Err(Error::Generate(format!(
@@ -892,6 +934,7 @@ impl Generator {
             setters,
             mxcsr_mask,
             straddles: true,
+            xsave,
         })
     }
 
@@ -961,6 +1004,7 @@ impl Generator {
             items: Vec::new(),
             data_patches: Vec::new(),
             info: InstructionInfoFactory::new(),
+            xsave: XsaveTrack::default(),
         };
         let len = 1 + b.rng.below(8) as usize;
         let mut failures = 0;
@@ -994,6 +1038,9 @@ impl Generator {
     fn emit(&self, b: &mut Builder<'_>) -> Result<bool> {
         match self.class {
             Class::Strings => return Ok(b.string_op()),
+            Class::Xsave if !b.rng.one_in(3) => {
+                return Ok(b.xsave_op(self.xsave, self.mxcsr_mask));
+            }
             Class::Stack if !b.rng.one_in(3) => return Ok(b.stack_template()),
             Class::Conditional => match b.rng.below(8) {
                 0..=2 => {
@@ -1038,6 +1085,14 @@ impl Generator {
             Mnemonic::Bsf | Mnemonic::Bsr if code.op_code().operand_size() == 32 => {
                 return Ok(b.bit_scan32(code));
             }
+            _ if self.class == Class::Xsave => {
+                // Register forms only: a store could rewrite an image an
+                // XRSTOR later reads, behind `XsaveTrack`'s back.
+                b.no_memory = true;
+                let ok = b.generic(code, false);
+                b.no_memory = false;
+                return Ok(ok);
+            }
             _ => {}
         }
         Ok(b.generic(code, self.class == Class::Stack))
@@ -1065,6 +1120,22 @@ struct Builder<'a> {
     /// Bytes written into the initial data page (offset, bytes).
     data_patches: Vec<(usize, Vec<u8>)>,
     info: InstructionInfoFactory,
+    xsave: XsaveTrack,
+}
+
+/// What the XSAVE family of a case so far lets the next one do: the
+/// difftest compares only what the SDM fixes, and XINUSE (the XSTATE_BV
+/// XSAVE writes, what XSAVEOPT may skip) and XSAVEOPT's "modified since
+/// the last XRSTOR" tracking are the CPU's own business.
+#[derive(Default)]
+struct XsaveTrack {
+    /// Images XSAVE/XSAVEOPT wrote (addresses).
+    saved: Vec<u64>,
+    /// An XRSTOR ran: no XSAVEOPT after it (it may skip what it restored).
+    restored: bool,
+    /// An XRSTOR may have loaded a component's initial state (XINUSE may
+    /// be clear on the host, set in the backend): no saves after it.
+    maybe_init: bool,
 }
 
 struct Item {
@@ -1370,6 +1441,102 @@ impl Builder<'_> {
         };
         self.data_patches.push(((addr - DATA_ADDR) as usize, bytes));
         self.push(Instruction::with1(code, m).ok())
+    }
+
+    /// One of the XSAVE family on an image in the data page, with its
+    /// set-up: EDX:EAX = a requested-feature bitmap of x87 and/or SSE only
+    /// (the host's XCR0 has more components than the backend's x87|SSE, so
+    /// wider masks would save different things by design), the image
+    /// 64-byte aligned (one in 16 misaligned: #GP). XRSTOR reads an image
+    /// patched into the data page with a valid header and MXCSR and random
+    /// XSTATE_BV (a clear bit loads that component's initial state), or
+    /// one an earlier XSAVE of the case wrote. XGETBV's XCR0 is masked to
+    /// the components both sides enable.
+    fn xsave_op(&mut self, forms: XsaveForms, mxcsr_mask: u32) -> bool {
+        const IMAGE: u64 = 576;
+        const HEADER: usize = 512;
+        let mut kind = self.rng.below(if forms.xsaveopt { 4 } else { 3 });
+        if kind == 2 && self.xsave.restored {
+            kind = 0;
+        }
+        if kind == 0 && self.xsave.maybe_init {
+            kind = 1;
+        }
+        if kind == 3 || self.rng.one_in(8) {
+            // xgetbv with ECX = 0; the high half is zero on both sides.
+            return self
+                .push(Instruction::with2(Code::Xor_r32_rm32, Register::ECX, Register::ECX).ok())
+                && self.push(Some(Instruction::with(Code::Xgetbv)))
+                && self.push(Instruction::with2(Code::And_EAX_imm32, Register::EAX, 3).ok())
+                && self.push(
+                    Instruction::with2(Code::Xor_r32_rm32, Register::EDX, Register::EDX).ok(),
+                );
+        }
+        let slots = (DATA_SIZE as u64 - IMAGE) / 64;
+        let mut target = DATA_ADDR + 64 * self.rng.below(slots - 1);
+        if self.rng.one_in(16) {
+            target += 8 * (1 + self.rng.below(7));
+        }
+        let disp = target.wrapping_sub(self.base_value) as i64;
+        let mem = MemoryOperand::with_base_displ(self.base, disp);
+        let rfbm = self.rng.below(4) as u32;
+        let code = match kind {
+            0 => Code::Xsave64_mem,
+            1 => Code::Xrstor64_mem,
+            _ => Code::Xsaveopt64_mem,
+        };
+        let overlaps_a_save = self
+            .xsave
+            .saved
+            .iter()
+            .any(|&s| s < target + IMAGE && target < s + IMAGE);
+        if code == Code::Xrstor64_mem {
+            self.xsave.restored = true;
+        } else {
+            self.xsave.saved.push(target);
+        }
+        if code == Code::Xrstor64_mem && target.is_multiple_of(64) && !self.rng.one_in(8) {
+            let at = (target - DATA_ADDR) as usize;
+            let mut header = [0u8; 64];
+            let bv = self.rng.below(4);
+            if overlaps_a_save || bv & u64::from(rfbm) != u64::from(rfbm) {
+                self.xsave.maybe_init = true;
+            }
+            header[..8].copy_from_slice(&bv.to_le_bytes());
+            self.data_patches.push((at + HEADER, header.to_vec()));
+            let mut mxcsr = 0x1f80 | (self.rng.next_u32() & 0xe07f);
+            if self.rng.one_in(8) {
+                mxcsr &= !(self.rng.next_u32() & 0x1f80);
+            }
+            self.data_patches
+                .push((at + 24, (mxcsr & mxcsr_mask).to_le_bytes().to_vec()));
+            // FIP and FDP canonical: AMD keeps 48 bits of them, so other
+            // values load differently by vendor.
+            for field in [8, 16] {
+                let v = ((self.rng.next_u64() << 16) as i64 >> 16) as u64;
+                self.data_patches
+                    .push((at + field, v.to_le_bytes().to_vec()));
+            }
+        } else if code == Code::Xrstor64_mem {
+            // Random bytes as the header: most likely #GP, else anything.
+            self.xsave.maybe_init = true;
+        }
+        let ok = self.push(Instruction::with2(Code::Mov_r32_imm32, Register::EAX, rfbm).ok())
+            && self.push(Instruction::with2(Code::Xor_r32_rm32, Register::EDX, Register::EDX).ok())
+            && self.push(Instruction::with1(code, mem).ok());
+        if !ok || code == Code::Xrstor64_mem {
+            return ok;
+        }
+        // MXCSR_MASK (image offset 28) is what each CPU supports (this
+        // host's has AMD's MM bit 17): keep only the bits both support.
+        let at = |off: i64| MemoryOperand::with_base_displ(self.base, disp + off);
+        let (mask, fop, fip, fdp) = (at(28), at(6), at(8), at(16));
+        // FOP, FIP and FDP (offsets 6..24) are not compared, as in the
+        // other classes: AMD saves them only with an exception pending.
+        self.push(Instruction::with2(Code::And_rm32_imm32, mask, mxcsr_mask).ok())
+            && self.push(Instruction::with2(Code::Mov_rm16_imm16, fop, 0u32).ok())
+            && self.push(Instruction::with2(Code::Mov_rm64_imm32, fip, 0).ok())
+            && self.push(Instruction::with2(Code::Mov_rm64_imm32, fdp, 0).ok())
     }
 
     /// A forward conditional (or unconditional) branch.
@@ -1745,6 +1912,7 @@ mod tests {
             items: Vec::new(),
             data_patches: Vec::new(),
             info: InstructionInfoFactory::new(),
+            xsave: XsaveTrack::default(),
         };
         for &(ins, target) in list {
             b.items.push(Item {

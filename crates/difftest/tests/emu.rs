@@ -66,6 +66,7 @@ emu_tests! {
     emu_matches_host_on_bmi, translated_emu_matches_host_on_bmi => Class::Bmi,
     emu_matches_host_on_sse4_1, translated_emu_matches_host_on_sse4_1 => Class::Sse41,
     emu_matches_host_on_sse4_2, translated_emu_matches_host_on_sse4_2 => Class::Sse42,
+    emu_matches_host_on_xsave, translated_emu_matches_host_on_xsave => Class::Xsave,
 }
 
 /// Random bytes as ring-0 code: the emu must always come back (an exit,

@@ -66,4 +66,6 @@ kvm_tests! {
     kvm_matches_host_on_sse_float => Class::SseFloat,
     #[ignore = "kvm_pvm cannot emulate x87/MMX/SSE/cmpxchg16b in ring 0"]
     kvm_matches_host_on_mmx => Class::Mmx,
+    #[ignore = "kvm_pvm cannot emulate xsetbv/xgetbv (nor x87/SSE) in ring 0"]
+    kvm_matches_host_on_xsave => Class::Xsave,
 }

@@ -5,7 +5,7 @@
 use crate::cpu::fault::{Fault, Res};
 use crate::cpu::*;
 use crate::platform::clock::Clock;
-use crate::platform::lapic::{BASE_EN, BASE_EXTD, Lapic};
+use crate::platform::lapic::Lapic;
 
 pub const TSC: u32 = 0x10;
 pub const TSC_ADJUST: u32 = 0x3b;
@@ -93,23 +93,11 @@ impl Cpu {
             GS_BASE => self.seg[GS].base,
             KERNEL_GS_BASE => self.msr.kernel_gs_base,
             TSC_AUX => self.msr.tsc_aux,
-            0x800..=0x8ff => {
-                let reg = msr - 0x800;
-                if !self.with_lapic(|l| l.x2apic())
-                    || !Lapic::valid_reg(reg)
-                    || reg == 0xb
-                    || reg == 0x3f
-                {
-                    return Err(Fault::gp(0));
-                }
-                if reg == 0x30 {
-                    let p = &self.vm.platform;
-                    u64::from(p.lapic_read(self.id, 0x30))
-                        | u64::from(p.lapic_read(self.id, 0x31)) << 32
-                } else {
-                    u64::from(self.vm.platform.lapic_read(self.id, reg))
-                }
-            }
+            0x800..=0x8ff => self
+                .vm
+                .platform
+                .x2apic_rdmsr(self.id, msr)
+                .map_err(|_| Fault::gp(0))?,
             _ => return Err(Fault::gp(0)),
         })
     }
@@ -121,12 +109,9 @@ impl Cpu {
             TSC => self.msr.tsc_adjust = v.wrapping_sub(self.vm.platform.clock.tsc()) as i64,
             TSC_ADJUST => self.msr.tsc_adjust = v as i64,
             APIC_BASE => {
-                if v & !(0xf_ffff_f000 | BASE_EN | BASE_EXTD | (1 << 8)) != 0
-                    || (v & BASE_EXTD != 0 && v & BASE_EN == 0)
-                {
-                    return Err(Fault::gp(0));
-                }
-                self.with_lapic(|l| l.base = (l.base & (1 << 8)) | (v & !(1 << 8)));
+                let p = &self.vm.platform;
+                p.set_apic_base(self.id, v).map_err(|_| Fault::gp(0))?;
+                self.stop = true;
             }
             UCODE_REV => self.msr.ucode_rev = 0,
             SYSENTER_CS => self.msr.sysenter_cs = v & 0xffff,
@@ -171,15 +156,8 @@ impl Cpu {
             KERNEL_GS_BASE => self.msr.kernel_gs_base = v,
             TSC_AUX => self.msr.tsc_aux = v & 0xffff_ffff,
             0x800..=0x8ff => {
-                let reg = msr - 0x800;
-                if !self.with_lapic(|l| l.x2apic()) || !Lapic::valid_reg(reg) {
-                    return Err(Fault::gp(0));
-                }
-                match reg {
-                    0x30 => self.vm.platform.x2apic_icr(self.id, v),
-                    0x2 | 0x3 | 0xa | 0xd | 0x10..=0x27 | 0x39 => return Err(Fault::gp(0)),
-                    _ => self.vm.platform.lapic_write(self.id, reg, v as u32),
-                }
+                let p = &self.vm.platform;
+                p.x2apic_wrmsr(self.id, msr, v).map_err(|_| Fault::gp(0))?;
                 self.stop = true;
             }
             _ => return Err(Fault::gp(0)),

@@ -119,6 +119,7 @@ fn xrstor<const WIDE: bool>(cpu: &mut Cpu, i: &Insn) -> Res {
             f.fsw = u16_at(2);
             f.ftw = img[4];
             f.fop = u16_at(6);
+            crate::isa::sse::state::settle_loaded_control(&mut f);
             (f.fip, f.fdp) = loaded_pointers(cpu, WIDE, u64_at(8), u64_at(16));
             let top = usize::from(f.fsw >> 11) & 7;
             for k in 0..8 {
@@ -393,7 +394,8 @@ mod tests {
         );
         assert!(o.halted && o.vector.is_none(), "{o:?}");
         let f = &o.state.fpu;
-        assert_eq!((f.fcw, f.mxcsr), (0x0123, 0x1f00));
+        // FCW as FLDCW loads it (bit 6 reads 1), as the host does.
+        assert_eq!((f.fcw, f.mxcsr), (0x0163, 0x1f00));
         assert!(f.xmm.iter().all(|&x| x == 0), "SSE in its initial state");
         // XSTATE_BV = 0, RFBM = x87: the x87 initial state; SSE untouched.
         b[512] = 0;

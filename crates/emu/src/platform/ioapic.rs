@@ -1,10 +1,18 @@
-//! The IOAPIC at 0xfec00000: 24 redirection entries, edge and level
-//! triggering with remote IRR, EOI from the LAPICs (polarity is ignored,
-//! as KVM does: lines are reported as asserted/deasserted).
+//! The IOAPIC at 0xfec00000 (version 0x20: it has the EOI register):
+//! 24 redirection entries, edge and level triggering with remote IRR, EOI
+//! from the LAPICs' broadcast or the EOI register. Polarity is ignored, as
+//! KVM does: lines are reported as asserted/deasserted.
+//!
+//! Delivery goes through a callback that says whether some LAPIC accepted
+//! the message: remote IRR is only set then (as KVM), so a level interrupt
+//! sent to nobody (e.g. a software-disabled APIC) cannot wedge its line.
 
 use super::lapic::Msg;
 
 pub const PINS: usize = 24;
+
+/// Version 0x20 (the EOI register exists), 24 entries (max index 23).
+const VERSION: u32 = 0x0017_0020;
 
 #[derive(Debug, Clone)]
 pub struct Ioapic {
@@ -22,8 +30,12 @@ impl Default for Ioapic {
 }
 
 const MASKED: u64 = 1 << 16;
-const REMOTE_IRR: u64 = 1 << 14;
 const LEVEL: u64 = 1 << 15;
+const REMOTE_IRR: u64 = 1 << 14;
+const DELIVERY_STATUS: u64 = 1 << 12;
+
+/// Sends a message on the APIC bus; true if some LAPIC accepted it.
+pub type Deliver<'a> = &'a mut dyn FnMut(Msg) -> bool;
 
 impl Ioapic {
     pub fn new() -> Self {
@@ -39,6 +51,7 @@ impl Ioapic {
         let e = self.redir[pin];
         Msg {
             vector: e as u8,
+            level_triggered: e & LEVEL != 0,
             delivery: ((e >> 8) & 7) as u8,
             logical: e & (1 << 11) != 0,
             level: true,
@@ -47,50 +60,54 @@ impl Ioapic {
         }
     }
 
-    /// Sets line `pin`; returns a message to deliver if one is due.
-    pub fn set_irq(&mut self, pin: usize, high: bool) -> Option<Msg> {
-        if pin >= PINS {
-            return None;
-        }
-        let m = 1u32 << pin;
-        let was = self.level & m != 0;
-        if high {
-            self.level |= m;
-        } else {
-            self.level &= !m;
-        }
+    fn asserted(&self, pin: usize) -> bool {
+        self.level & (1 << pin) != 0
+    }
+
+    /// A level-triggered pin that is asserted, unmasked and not waiting
+    /// for its EOI sends its message (and waits for the EOI if accepted).
+    fn service_level(&mut self, pin: usize, deliver: Deliver) {
         let e = self.redir[pin];
-        if !high || e & MASKED != 0 {
-            return None;
-        }
-        if e & LEVEL != 0 {
-            if e & REMOTE_IRR != 0 {
-                return None;
+        if e & LEVEL != 0 && e & (MASKED | REMOTE_IRR) == 0 && self.asserted(pin) {
+            let m = self.msg(pin);
+            if deliver(m) {
+                self.redir[pin] |= REMOTE_IRR;
             }
-            self.redir[pin] |= REMOTE_IRR;
-            Some(self.msg(pin))
-        } else if !was {
-            Some(self.msg(pin))
-        } else {
-            None
         }
     }
 
-    /// A LAPIC retired level-triggered `vector`: clears remote IRR and
-    /// returns messages for lines still asserted.
-    pub fn eoi(&mut self, vector: u8) -> Vec<Msg> {
-        let mut out = Vec::new();
+    /// Sets line `pin`. An edge entry sends on the rising edge only (two
+    /// edges before the CPU takes the vector coalesce in the LAPIC's IRR);
+    /// a masked edge is lost. A level entry sends while asserted.
+    pub fn set_irq(&mut self, pin: usize, high: bool, deliver: Deliver) {
+        if pin >= PINS {
+            return;
+        }
+        let was = self.asserted(pin);
+        if high {
+            self.level |= 1 << pin;
+        } else {
+            self.level &= !(1 << pin);
+        }
+        let e = self.redir[pin];
+        if e & LEVEL != 0 {
+            self.service_level(pin, deliver);
+        } else if high && !was && e & MASKED == 0 {
+            deliver(self.msg(pin));
+        }
+    }
+
+    /// A LAPIC broadcast the EOI of level-triggered `vector` (or the guest
+    /// wrote it to the EOI register): clears remote IRR of the entries with
+    /// that vector and resends for lines still asserted.
+    pub fn eoi(&mut self, vector: u8, deliver: Deliver) {
         for pin in 0..PINS {
             let e = self.redir[pin];
-            if e as u8 == vector && e & LEVEL != 0 && e & REMOTE_IRR != 0 {
+            if e as u8 == vector && e & REMOTE_IRR != 0 {
                 self.redir[pin] &= !REMOTE_IRR;
-                if self.level & (1 << pin) != 0 && e & MASKED == 0 {
-                    self.redir[pin] |= REMOTE_IRR;
-                    out.push(self.msg(pin));
-                }
+                self.service_level(pin, deliver);
             }
         }
-        out
     }
 
     /// MMIO read at `off` in the IOAPIC page.
@@ -99,7 +116,7 @@ impl Ioapic {
             0x00 => self.index,
             0x10 => match self.index {
                 0 => self.id << 24,
-                1 => 0x0017_0011,
+                1 => VERSION,
                 2 => self.id << 24,
                 i @ 0x10..=0x3f => {
                     let e = self.redir[((i - 0x10) / 2) as usize];
@@ -115,8 +132,9 @@ impl Ioapic {
         }
     }
 
-    /// MMIO write; may return messages (unmasking an asserted level line).
-    pub fn write(&mut self, off: u64, v: u32) -> Vec<Msg> {
+    /// MMIO write. Unmasking (or switching to level) an asserted level
+    /// line sends its message.
+    pub fn write(&mut self, off: u64, v: u32, deliver: Deliver) {
         match off {
             0x00 => self.index = v & 0xff,
             0x10 => match self.index {
@@ -124,27 +142,23 @@ impl Ioapic {
                 i @ 0x10..=0x3f => {
                     let pin = ((i - 0x10) / 2) as usize;
                     let e = self.redir[pin];
-                    let ro = e & (REMOTE_IRR | (1 << 12));
+                    let read_only = REMOTE_IRR | DELIVERY_STATUS;
                     self.redir[pin] = if i & 1 == 0 {
-                        (e & !0xffff_ffff) | u64::from(v & !(REMOTE_IRR as u32 | 1 << 12)) | ro
+                        (e & !0xffff_ffff) | (u64::from(v) & !read_only) | (e & read_only)
                     } else {
                         (e & 0xffff_ffff) | (u64::from(v) << 32)
                     };
-                    let e = self.redir[pin];
-                    if e & LEVEL == 0 {
+                    if self.redir[pin] & LEVEL == 0 {
                         self.redir[pin] &= !REMOTE_IRR;
-                    } else if e & MASKED == 0 && e & REMOTE_IRR == 0 && self.level & (1 << pin) != 0
-                    {
-                        self.redir[pin] |= REMOTE_IRR;
-                        return vec![self.msg(pin)];
+                    } else {
+                        self.service_level(pin, deliver);
                     }
                 }
                 _ => {}
             },
-            0x40 => return self.eoi(v as u8),
+            0x40 => self.eoi(v as u8, deliver),
             _ => {}
         }
-        Vec::new()
     }
 }
 
@@ -153,27 +167,57 @@ mod tests {
     use super::*;
 
     fn program(io: &mut Ioapic, pin: u32, lo: u32) {
-        io.write(0, 0x10 + 2 * pin);
-        io.write(0x10, lo);
+        io.write(0, 0x10 + 2 * pin, &mut |_| true);
+        io.write(0x10, lo, &mut |_| true);
+    }
+
+    /// Runs `f` with a delivery callback that records vectors and accepts.
+    fn sent(f: impl FnOnce(Deliver)) -> Vec<u8> {
+        let mut out = Vec::new();
+        f(&mut |m| {
+            out.push(m.vector);
+            true
+        });
+        out
     }
 
     #[test]
     fn level_line_redelivers_after_eoi_while_asserted() {
         let mut io = Ioapic::new();
         program(&mut io, 5, 0x8000 | 0x35);
-        assert_eq!(io.set_irq(5, true).map(|m| m.vector), Some(0x35));
-        assert_eq!(io.set_irq(5, true), None, "remote IRR holds it");
-        assert_eq!(io.eoi(0x35).len(), 1, "still asserted: again");
-        io.set_irq(5, false);
-        assert!(io.eoi(0x35).is_empty());
+        assert_eq!(sent(|d| io.set_irq(5, true, d)), [0x35]);
+        assert!(
+            sent(|d| io.set_irq(5, true, d)).is_empty(),
+            "remote IRR holds it"
+        );
+        assert_eq!(sent(|d| io.eoi(0x35, d)), [0x35], "still asserted: again");
+        io.set_irq(5, false, &mut |_| true);
+        assert!(sent(|d| io.eoi(0x35, d)).is_empty());
+        assert_eq!(io.redir[5] & REMOTE_IRR, 0);
+    }
+
+    #[test]
+    fn level_message_nobody_accepts_leaves_remote_irr_clear() {
+        let mut io = Ioapic::new();
+        program(&mut io, 3, 0x8000 | 0x33);
+        io.set_irq(3, true, &mut |_| false);
+        assert_eq!(io.redir[3] & REMOTE_IRR, 0);
+        // Reprogramming the entry while the line is high sends again.
+        assert_eq!(sent(|d| program_with(&mut io, 3, 0x8000 | 0x34, d)), [0x34]);
+        assert_ne!(io.redir[3] & REMOTE_IRR, 0);
+    }
+
+    fn program_with(io: &mut Ioapic, pin: u32, lo: u32, d: Deliver) {
+        io.write(0, 0x10 + 2 * pin, d);
+        io.write(0x10, lo, d);
     }
 
     #[test]
     fn masked_edge_is_dropped() {
         let mut io = Ioapic::new();
-        assert_eq!(io.set_irq(1, true), None);
+        assert!(sent(|d| io.set_irq(1, true, d)).is_empty());
         program(&mut io, 1, 0x31);
-        io.set_irq(1, false);
-        assert_eq!(io.set_irq(1, true).map(|m| m.vector), Some(0x31));
+        io.set_irq(1, false, &mut |_| true);
+        assert_eq!(sent(|d| io.set_irq(1, true, d)), [0x31]);
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use clock::Clock;
 use ioapic::Ioapic;
-use lapic::{Lapic, Msg};
+use lapic::{Lapic, Msg, Refused};
 use pic::Pic;
 use pit::Pit;
 use signal::Signal;
@@ -75,8 +75,10 @@ impl Platform {
         self.signals.len()
     }
 
-    /// Delivers an APIC-bus message from `src` (None = IOAPIC).
-    pub fn send(&self, src: Option<u32>, m: Msg) {
+    /// Delivers an APIC-bus message from `src` (None = IOAPIC); true if a
+    /// LAPIC accepted it (a fixed interrupt reached an enabled APIC).
+    pub fn send(&self, src: Option<u32>, m: Msg) -> bool {
+        let mut accepted = false;
         for (i, l) in self.lapics.iter().enumerate() {
             let me = Some(i as u32) == src;
             let mut lapic = lock(l);
@@ -92,33 +94,49 @@ impl Platform {
             let sig = &self.signals[i];
             match m.delivery {
                 0 | 1 => {
-                    if lapic.accept(m.vector, m.level && src.is_none()) {
+                    if lapic.accept(m.vector, m.level_triggered) {
+                        accepted = true;
                         drop(lapic);
                         sig.raise(signal::IRQ);
                     }
-                    if m.delivery == 1 {
-                        // Lowest priority: the first match takes it.
-                        return;
+                    if m.delivery == 1 && accepted {
+                        // Lowest priority: the first APIC that takes it.
+                        return true;
                     }
                 }
-                4 => sig.raise(signal::NMI),
+                4 => {
+                    accepted = true;
+                    sig.raise(signal::NMI);
+                }
                 5 if m.level || src.is_none() => {
+                    accepted = true;
                     lapic.init_reset();
                     drop(lapic);
                     sig.raise(signal::INIT);
                 }
                 6 => {
+                    accepted = true;
                     sig.set_sipi_vector(m.vector);
                     drop(lapic);
                     sig.raise(signal::SIPI);
                 }
                 7 => {
+                    accepted = true;
                     drop(lapic);
                     sig.raise(signal::IRQ);
                 }
                 _ => {}
             }
         }
+        accepted
+    }
+
+    /// Runs `f` on the IOAPIC with a delivery callback. The IOAPIC lock is
+    /// held while LAPICs are locked in turn (never the other way round), so
+    /// remote IRR changes with the delivery it records.
+    fn with_ioapic(&self, f: impl FnOnce(&mut Ioapic, ioapic::Deliver)) {
+        let mut io = lock(&self.ioapic);
+        f(&mut io, &mut |m| self.send(None, m));
     }
 
     /// Drives GSI `gsi`: the IOAPIC pin and, for ISA IRQs, the 8259.
@@ -133,10 +151,7 @@ impl Platform {
                 self.signals[0].raise(signal::IRQ);
             }
         }
-        let msg = lock(&self.ioapic).set_irq(gsi as usize, high);
-        if let Some(m) = msg {
-            self.send(None, m);
-        }
+        self.with_ioapic(|io, deliver| io.set_irq(gsi as usize, high, deliver));
     }
 
     /// The vector vCPU `id` takes now (LAPIC first, then 8259 ExtINT).
@@ -182,10 +197,7 @@ impl Platform {
             self.send(Some(id), m);
         }
         if let Some(vector) = eoi {
-            let again = lock(&self.ioapic).eoi(vector);
-            for m in again {
-                self.send(None, m);
-            }
+            self.with_ioapic(|io, deliver| io.eoi(vector, deliver));
         }
         // Priorities or the timer may have changed.
         self.signals[id as usize].raise(signal::IRQ);
@@ -196,10 +208,34 @@ impl Platform {
         lock(&self.lapics[id as usize]).read(reg, self.clock.now_ns())
     }
 
-    /// x2APIC ICR write (64 bits at once).
-    pub fn x2apic_icr(&self, id: u32, v: u64) {
-        lock(&self.lapics[id as usize]).write(0x31, (v >> 32) as u32, 0);
-        self.lapic_write(id, 0x30, v as u32);
+    /// WRMSR IA32_APIC_BASE (see [`Lapic::set_base`]).
+    pub fn set_apic_base(&self, id: u32, v: u64) -> Result<(), Refused> {
+        lock(&self.lapics[id as usize]).set_base(v)?;
+        // A disabled APIC dropped its timer and pending interrupts; one
+        // re-enabled may let the 8259 through.
+        self.signals[id as usize].raise(signal::IRQ);
+        self.timer.notify();
+        Ok(())
+    }
+
+    /// RDMSR of x2APIC MSR `msr` (0x800..=0x8ff).
+    pub fn x2apic_rdmsr(&self, id: u32, msr: u32) -> Result<u64, Refused> {
+        lock(&self.lapics[id as usize]).x2apic_read(msr - 0x800, self.clock.now_ns())
+    }
+
+    /// WRMSR of x2APIC MSR `msr` (0x800..=0x8ff): checked, then written
+    /// with its effects (the ICR as one 64-bit register).
+    pub fn x2apic_wrmsr(&self, id: u32, msr: u32, v: u64) -> Result<(), Refused> {
+        let reg = msr - 0x800;
+        {
+            let mut l = lock(&self.lapics[id as usize]);
+            l.x2apic_write_ok(reg, v)?;
+            if reg == 0x30 {
+                l.write(0x31, (v >> 32) as u32, 0);
+            }
+        }
+        self.lapic_write(id, reg, v as u32);
+        Ok(())
     }
 
     /// Physical accesses the platform owns (LAPIC page, IOAPIC page).
@@ -231,10 +267,7 @@ impl Platform {
             return true;
         }
         if (0xfec0_0000..0xfec0_1000).contains(&pa) {
-            let msgs = lock(&self.ioapic).write(pa & 0xfff, v as u32);
-            for m in msgs {
-                self.send(None, m);
-            }
+            self.with_ioapic(|io, deliver| io.write(pa & 0xfff, v as u32, deliver));
             return true;
         }
         false

@@ -1,6 +1,7 @@
 //! Guests built with iced's `code_asm`, run through the seam traits only
 //! (the same path the machine and the differential harness use).
 
+mod apic_modes;
 mod bench;
 pub(crate) mod guest;
 mod modes;

@@ -98,6 +98,16 @@ pub(crate) fn fxsave_image(f: &Fpu, ip: u64, dp: u64, xmm: usize) -> Vec<u8> {
     b
 }
 
+/// What loading FCW/FSW/FOP from an image (FXRSTOR, XRSTOR) does, as
+/// FLDENV: FCW's reserved bits read 0 (bit 6 reads 1), FOP has 11 bits,
+/// and ES/B follow the loaded exceptions and masks (the difftest's host
+/// does all three).
+pub(crate) fn settle_loaded_control(f: &mut Fpu) {
+    f.fcw = (f.fcw & 0x1f3f) | 0x40;
+    f.fop &= 0x7ff;
+    f.update_es();
+}
+
 /// Loads an FXSAVE image (as long as [`fxsave_image`] makes it) into `f`,
 /// but for FIP/FDP, whose fields it returns. `Err` (and `f` untouched)
 /// when the image's MXCSR has reserved bits set.
@@ -113,6 +123,7 @@ pub(crate) fn fxrstor_image(f: &mut Fpu, b: &[u8], xmm: usize) -> Result<(u64, u
     f.fsw = u16_at(2);
     f.ftw = b[4];
     f.fop = u16_at(6);
+    settle_loaded_control(f);
     f.mxcsr = mxcsr;
     let top = usize::from(f.fsw >> 11) & 7;
     for k in 0..8 {
