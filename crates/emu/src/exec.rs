@@ -66,20 +66,20 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
             return Event::Debug(ev);
         }
         let rip = cpu.gpr[RIP];
-        let epoch = cpu.tlb.epoch();
         let linked = if prev.is_null() {
             None
         } else {
             // SAFETY: `prev` points into the block slab, which lives as
             // long as `cache`.
-            unsafe { &*prev }.successor(rip, epoch)
+            unsafe { &*prev }.successor(rip, &cpu.tlb)
         };
         let live = |b: *mut Block| {
             // SAFETY: as above, for a link target.
             unsafe { &*b }.is_current(&vm.code)
         };
-        let block: *mut Block = match linked {
-            Some(b) if live(b) => b,
+        // The block and the code epoch its mapping was seen under.
+        let (block, epoch): (*mut Block, u32) = match linked {
+            Some((b, e)) if live(b) => (b, e),
             _ => match cache.lookup(cpu) {
                 Ok(bp) => {
                     // SAFETY: `bp` points into the slab or at the scratch
@@ -88,9 +88,9 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
                     if let (false, Some(target)) = (prev.is_null(), target) {
                         // SAFETY: `prev` points into the slab; the shared
                         // borrow of `bp` above has ended.
-                        unsafe { (*prev).link(rip, bp, target, epoch) };
+                        unsafe { (*prev).link(rip, bp, target, cache.found_epoch) };
                     }
-                    bp
+                    (bp, cache.found_epoch)
                 }
                 Err(s) => {
                     cache.forget_page();
@@ -114,7 +114,7 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
             && block.cached()
             && cache.jit.is_some()
         {
-            match run_translated(cpu, cache, block) {
+            match run_translated(cpu, cache, block, epoch) {
                 Some(helpers::GO_ON) => {
                     prev = std::ptr::null_mut();
                     continue;
@@ -191,7 +191,12 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
 
 /// Runs `block` through the translation tier, translating it first if
 /// it is hot; `None` if it stays interpreted.
-fn run_translated(cpu: &mut Cpu, cache: &mut BlockCache, block: &mut Block) -> Option<u64> {
+fn run_translated(
+    cpu: &mut Cpu,
+    cache: &mut BlockCache,
+    block: &mut Block,
+    epoch: u32,
+) -> Option<u64> {
     let jit = cache.jit.as_mut()?;
     if block.jit_entry == 0 {
         if block.jit_tried || block.runs < jit.config.threshold {
@@ -229,7 +234,7 @@ fn run_translated(cpu: &mut Cpu, cache: &mut BlockCache, block: &mut Block) -> O
     if verify == 0 {
         // Entered from the dispatcher: returns and indirect jumps to this
         // RIP may come straight here next time.
-        jit.note_target(cpu.gpr[crate::cpu::RIP], cpu.tlb.epoch(), block.jit_head);
+        jit.note_target(cpu.gpr[crate::cpu::RIP], epoch, block.jit_head);
     }
     cpu.stop = false;
     let code = jit.enter(block.jit_entry, cpu);

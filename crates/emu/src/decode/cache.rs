@@ -169,12 +169,13 @@ impl Block {
 
     /// The linked successor for `rip`, if the link is still valid.
     #[inline(always)]
-    pub fn successor(&self, rip: u64, tlb_epoch: u32) -> Option<*mut Block> {
+    pub fn successor(&self, rip: u64, tlb: &crate::mem::tlb::Tlb) -> Option<(*mut Block, u32)> {
         let l = self.links.iter().find(|l| l.rip == rip && l.serial != 0)?;
         // SAFETY: link targets point into the slab, which outlives every
         // block in it; the serial tells whether the slot still holds the
         // block the link was made to.
-        (l.tlb_epoch == tlb_epoch && unsafe { (*l.block).serial } == l.serial).then_some(l.block)
+        (tlb.is_current(l.tlb_epoch) && unsafe { (*l.block).serial } == l.serial)
+            .then_some((l.block, l.tlb_epoch))
     }
 
     /// What a link to this block records: its serial and instructions,
@@ -184,7 +185,7 @@ impl Block {
     }
 
     /// Remembers that `next` (whose `link_target` is `target`) followed
-    /// this block at `rip`.
+    /// this block at `rip`, mapped under code epoch `tlb_epoch`.
     pub fn link(&mut self, rip: u64, next: *mut Block, target: (u64, *const Insn), tlb_epoch: u32) {
         let k = usize::from(self.next_link & 1);
         self.links[k] = Link {
@@ -237,7 +238,9 @@ pub struct BlockCache {
     /// The code page the previous block came from: (linear page, host
     /// page, frame). Valid until the CPU changes mode or mappings, which
     /// always ends a block with `cpu.stop` (the loop then forgets it).
-    page: Option<(u64, u64, usize)>,
+    page: Option<(u64, u64, usize, u32)>,
+    /// The code epoch of the block `lookup` last returned.
+    pub found_epoch: u32,
     next_serial: u64,
     /// The translation tier, when on.
     pub jit: Option<crate::jit::Jit>,
@@ -270,6 +273,7 @@ impl BlockCache {
             decoded: 0,
             slow_lookups: 0,
             interpreted: 0,
+            found_epoch: 0,
             blocks_decoded: 0,
             page: None,
             next_serial: 1,
@@ -287,42 +291,46 @@ impl BlockCache {
             return Err(Fault::gp(0));
         }
         let lin = cs.base.wrapping_add(rip) & cpu.lin_mask;
-        let epoch = cpu.tlb.epoch();
         let bits = u32::from(cpu.bits);
         let j = self.jumps[jump_of(lin)];
-        if j.lin == lin && j.epoch == epoch && j.bits == bits && j.serial != 0 {
+        if j.lin == lin && cpu.tlb.is_current(j.epoch) && j.bits == bits && j.serial != 0 {
             // SAFETY: jump targets point into the slab (see `Block`).
             let b = unsafe { &*j.block };
             if b.serial == j.serial && b.is_current(&cpu.vm.code) {
+                self.found_epoch = j.epoch;
                 return Ok(j.block);
             }
         }
-        self.lookup_slow(cpu, rip, lin, epoch, bits)
+        self.lookup_slow(cpu, rip, lin, bits)
     }
 
-    fn lookup_slow(
-        &mut self,
-        cpu: &mut Cpu,
-        rip: u64,
-        lin: u64,
-        epoch: u32,
-        bits: u32,
-    ) -> Res<*mut Block> {
+    fn lookup_slow(&mut self, cpu: &mut Cpu, rip: u64, lin: u64, bits: u32) -> Res<*mut Block> {
         let cs = cpu.seg[CS];
         self.slow_lookups += 1;
-        let loc = match self.page {
-            Some((page, host, frame)) if page == lin & PAGE_MASK => RamLoc {
-                host: (host + (lin & 0xfff)) as *mut u8,
-                frame,
-            },
+        let (loc, epoch) = match self.page {
+            Some((page, host, frame, epoch)) if page == lin & PAGE_MASK => (
+                RamLoc {
+                    host: (host + (lin & 0xfff)) as *mut u8,
+                    frame,
+                },
+                epoch,
+            ),
             _ => {
                 let Target::Ram(loc) = cpu.fetch_target(lin)? else {
                     return self.decode_scratch(cpu, lin, None);
                 };
-                self.page = Some((lin & PAGE_MASK, loc.host as u64 & PAGE_MASK, loc.frame));
-                loc
+                let epoch = cpu.fetch_epoch(lin);
+                let page = (
+                    lin & PAGE_MASK,
+                    loc.host as u64 & PAGE_MASK,
+                    loc.frame,
+                    epoch,
+                );
+                self.page = Some(page);
+                (loc, epoch)
             }
         };
+        self.found_epoch = epoch;
         let key = (loc.host as u64) << 2 | u64::from(cpu.bits >> 5);
         let set = set_of(key) * WAYS;
         let way = (0..WAYS).find(|&w| self.keys[set + w] == key);

@@ -57,7 +57,7 @@ const MEMO_BITS: i32 = MEMO_RES + 16;
 const LINK: i32 = off(offset_of!(Cpu, jit_link));
 const NMI_BLOCKED: i32 = off(offset_of!(Cpu, nmi_blocked));
 const TARGETS_ADDR: i32 = off(offset_of!(Cpu, jit_targets));
-const TLB_EPOCH: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb, epoch));
+const TLB_EPOCHS: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb, epochs));
 const _: () = assert!(std::mem::size_of::<super::Target>() == 32);
 const TLB_BASE: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb, cur_base));
 const TAG_R: i32 = off(offset_of!(TlbEntry, tag_r));
@@ -594,8 +594,13 @@ impl Ctx<'_> {
             a.add(rdx, qword_ptr(r15 + TARGETS_ADDR)).map_err(err)?;
             a.cmp(rcx, qword_ptr(rdx)).map_err(err)?;
             a.jne(miss).map_err(err)?;
-            a.mov(eax, dword_ptr(r15 + TLB_EPOCH)).map_err(err)?;
-            a.cmp(rax, qword_ptr(rdx + 8)).map_err(err)?;
+            // The entry's code epoch, current if it equals the TLB's
+            // epoch of its kind (bit 31: global).
+            a.mov(eax, dword_ptr(rdx + 8)).map_err(err)?;
+            a.mov(r10d, eax).map_err(err)?;
+            a.shr(r10d, 31).map_err(err)?;
+            a.cmp(eax, dword_ptr(r15 + r10 * 4 + TLB_EPOCHS))
+                .map_err(err)?;
             a.jne(miss).map_err(err)?;
             a.jmp(qword_ptr(rdx + 16)).map_err(err)?;
             self.misses.push(miss);

@@ -305,15 +305,24 @@ impl Cpu {
     /// Instruction fetch translation: host pointer and frame of `lin`.
     #[inline]
     pub fn fetch_target(&mut self, lin: u64) -> Res<Target> {
-        self.tlb.note_code_page(lin);
         let e = self.tlb.entry(lin);
         if e.tag_x == lin & PAGE_MASK {
+            let (host, frame, global) = (e.addend.wrapping_add(lin), e.frame, e.global);
+            self.tlb.note_code_page(lin, global);
             return Ok(Target::Ram(RamLoc {
-                host: e.addend.wrapping_add(lin) as *mut u8,
-                frame: e.frame as usize,
+                host: host as *mut u8,
+                frame: frame as usize,
             }));
         }
-        self.translate(lin, Access::Exec)
+        let t = self.translate(lin, Access::Exec)?;
+        let global = self.tlb.entry(lin).global;
+        self.tlb.note_code_page(lin, global);
+        Ok(t)
+    }
+
+    /// The code epoch of `lin`'s mapping, right after `fetch_target`.
+    pub fn fetch_epoch(&self, lin: u64) -> u32 {
+        self.tlb.code_epoch(self.tlb.entry(lin).global)
     }
 
     #[cold]

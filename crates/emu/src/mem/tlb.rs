@@ -38,13 +38,19 @@ pub struct Tlb {
     /// Address of the current set's first entry (`sets[cur]`), for the
     /// translation tier's inline lookups.
     pub cur_base: usize,
-    /// Bumped by every flush: mappings may have changed since.
-    pub(crate) epoch: u32,
-    /// Linear code pages fetched from in this epoch (a bit per page,
-    /// hashed): an `invlpg` of any other page leaves the code caches,
-    /// which trust the epoch, alone.
-    code_pages: [u64; CODE_PAGE_WORDS],
+    /// Code epochs: what the jump cache, block links and the translation
+    /// tier's target cache stamp a linear→physical code mapping with.
+    /// `[0]` covers non-global pages and moves with every flush; `[1]`
+    /// (bit 31 set) covers global pages and survives CR3 loads, so the
+    /// kernel's code stays linked across context switches.
+    pub(crate) epochs: [u32; 2],
+    /// Linear code pages fetched from under the current epochs (a bit per
+    /// page, hashed; non-global and global): an `invlpg` of any other page
+    /// leaves the code caches alone.
+    code_pages: [[u64; CODE_PAGE_WORDS]; 2],
 }
+
+const GLOBAL_EPOCH: u32 = 1 << 31;
 
 const CODE_PAGE_WORDS: usize = 64;
 
@@ -66,8 +72,8 @@ impl Tlb {
             cur_base: sets[0].as_ptr() as usize,
             sets,
             cur: 0,
-            epoch: 1,
-            code_pages: [0; CODE_PAGE_WORDS],
+            epochs: [1, GLOBAL_EPOCH | 1],
+            code_pages: [[0; CODE_PAGE_WORDS]; 2],
         }
     }
 
@@ -92,22 +98,47 @@ impl Tlb {
         &mut self.sets[self.cur][Self::index(lin)]
     }
 
-    /// Bumped by every flush: cached translations made before are stale.
+    /// Bumped by every flush (a count of flushes).
     #[inline(always)]
     pub fn epoch(&self) -> u32 {
-        self.epoch
+        self.epochs[0]
     }
 
-    /// Notes that code is fetched from `lin`'s page in this epoch.
+    /// The code epoch for a page mapped global or not.
     #[inline(always)]
-    pub fn note_code_page(&mut self, lin: u64) {
-        let (w, b) = code_bit(lin);
-        self.code_pages[w] |= b;
+    pub fn code_epoch(&self, global: bool) -> u32 {
+        self.epochs[usize::from(global)]
     }
 
+    /// Whether a mapping stamped with code epoch `e` still holds.
+    #[inline(always)]
+    pub fn is_current(&self, e: u32) -> bool {
+        self.epochs[(e >> 31) as usize] == e
+    }
+
+    /// Notes that code is fetched from `lin`'s page (mapped `global`)
+    /// under the current epochs.
+    #[inline(always)]
+    pub fn note_code_page(&mut self, lin: u64, global: bool) {
+        let (w, b) = code_bit(lin);
+        self.code_pages[usize::from(global)][w] |= b;
+    }
+
+    /// Non-global mappings may have changed.
     fn new_epoch(&mut self) {
-        self.epoch = self.epoch.wrapping_add(1);
-        self.code_pages = [0; CODE_PAGE_WORDS];
+        // 0 never stamps a live mapping.
+        self.epochs[0] = (self.epochs[0] + 1) & !GLOBAL_EPOCH;
+        if self.epochs[0] == 0 {
+            self.epochs[0] = 1;
+        }
+        self.code_pages[0] = [0; CODE_PAGE_WORDS];
+    }
+
+    /// Any mapping may have changed.
+    fn new_epochs(&mut self) {
+        self.new_epoch();
+        self.epochs[1] = ((self.epochs[1] + 1) & !GLOBAL_EPOCH).max(1) | GLOBAL_EPOCH;
+        self.code_pages[1] = [0; CODE_PAGE_WORDS];
     }
 
     /// `invlpg`: drops the entries for `lin`'s page, including those of a
@@ -117,7 +148,8 @@ impl Tlb {
     pub fn flush_page(&mut self, lin: u64) -> bool {
         let page = lin & !0xfff;
         let (w, b) = code_bit(page);
-        let mut code = self.code_pages[w] & b != 0;
+        let user_code = self.code_pages[0][w] & b != 0;
+        let mut code = self.code_pages[1][w] & b != 0;
         for e in self.sets.iter_mut().flat_map(|s| s.iter_mut()) {
             let tag = [e.tag_r, e.tag_w, e.tag_x]
                 .into_iter()
@@ -130,13 +162,15 @@ impl Tlb {
             }
         }
         if code {
+            self.new_epochs();
+        } else if user_code {
             self.new_epoch();
         }
-        code
+        code || user_code
     }
 
     pub fn flush_all(&mut self) {
-        self.new_epoch();
+        self.new_epochs();
         for set in self.sets.iter_mut() {
             set.fill(EMPTY);
         }
@@ -203,7 +237,7 @@ mod tests {
     fn invlpg_of_a_code_page_or_inside_a_large_page_moves_the_epoch() {
         let mut t = Tlb::new();
         fill(&mut t, 0x40_1000, 12);
-        t.note_code_page(0x40_1000);
+        t.note_code_page(0x40_1000, false);
         let epoch = t.epoch();
         assert!(t.flush_page(0x40_1000));
         assert_ne!(t.epoch(), epoch);
