@@ -679,3 +679,44 @@ fn a_trap_db_comes_before_a_pending_interrupt() {
         "the #DB trap of the IPI write, then the interrupt: {r:x?}"
     );
 }
+
+#[test]
+fn the_sti_shadow_holds_interrupts_but_not_single_step() {
+    const LAPIC: u64 = 0xfee0_0000;
+    for step in [false, true] {
+        let (mut g, s) = guest(Then::IretNoTf);
+        g.write_u64(PML4 + 0x1000 + 3 * 8, 0xc000_0000 | 0x83);
+        recorder(&g, HANDLERS + 0x200, 0x40, false, Then::Iret);
+        g.idt64(0x40, HANDLERS + 0x200, 0);
+        let l = place(&g, CODE, |a| {
+            a.mov(rbx, LAPIC).unwrap();
+            a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
+            // Pending while IF=0.
+            a.mov(dword_ptr(rbx + 0x300), 0x4_0040).unwrap();
+            if step {
+                set_tf(a);
+            }
+            a.sti().unwrap();
+            let after_sti = here(a);
+            a.nop().unwrap();
+            let after_nop = here(a);
+            a.cli().unwrap();
+            a.hlt().unwrap();
+            vec![after_sti, after_nop]
+        });
+        run(&mut g, &s);
+        let r = records(&g);
+        let seen: Vec<(u64, u64)> = r.iter().map(|r| (r.vector, r.rip)).collect();
+        if step {
+            // The trap after sti is not held; the interrupt comes when
+            // the #DB handler's iret sets IF, before the nop.
+            assert_eq!(seen, [(1, l[0]), (0x40, l[0])], "{r:x?}");
+        } else {
+            assert_eq!(
+                seen,
+                [(0x40, l[1])],
+                "after the instruction behind sti: {r:x?}"
+            );
+        }
+    }
+}

@@ -314,16 +314,27 @@ impl Guest {
 pub fn run_vcpu(
     vcpu: &mut dyn Vcpu,
     max: usize,
+    answer: impl FnMut(u16) -> u64,
+    mmio: impl FnMut(u64) -> u64,
+) -> Outcome {
+    run_vcpu_within(vcpu, max, RUN_BUDGET, answer, mmio)
+}
+
+/// [`run_vcpu`] with a wall-clock `budget` of its own.
+pub fn run_vcpu_within(
+    vcpu: &mut dyn Vcpu,
+    max: usize,
+    budget: Duration,
     mut answer: impl FnMut(u16) -> u64,
     mut mmio: impl FnMut(u64) -> u64,
 ) -> Outcome {
-    let watch = Watch::start(vcpu.kicker());
+    let watch = Watch::start(vcpu.kicker(), budget);
     let mut o = Outcome::default();
     o.end = run_exits(vcpu, max, &mut o, &mut answer, &mut mmio);
     o.state = vcpu.state().expect("state");
     if watch.fired() {
         panic!(
-            "guest ran {RUN_BUDGET:?} without halting (RIP {:#x}): looping or faulting forever",
+            "guest ran {budget:?} without halting (RIP {:#x}): looping or faulting forever",
             o.state.rip
         );
     }
@@ -383,7 +394,7 @@ type Watches = Mutex<Vec<(Instant, Arc<dyn VcpuKicker>, Arc<AtomicBool>)>>;
 static WATCHES: OnceLock<Arc<Watches>> = OnceLock::new();
 
 impl Watch {
-    fn start(kicker: Arc<dyn VcpuKicker>) -> Watch {
+    fn start(kicker: Arc<dyn VcpuKicker>, budget: Duration) -> Watch {
         let watches = WATCHES.get_or_init(|| {
             let w: Arc<Watches> = Arc::default();
             let list = w.clone();
@@ -405,7 +416,7 @@ impl Watch {
         watches
             .lock()
             .unwrap()
-            .push((Instant::now() + RUN_BUDGET, kicker, fired.clone()));
+            .push((Instant::now() + budget, kicker, fired.clone()));
         Watch { fired }
     }
 
@@ -444,4 +455,32 @@ fn idt32_gates_and_stubs_report() {
     assert_eq!(o.ports, [(0x81, 0x40), (VECTOR_PORT, 6)]);
     assert_eq!(o.vector, Some(6), "#UD after the iret");
     assert!(o.halted());
+}
+
+/// A guest faulting forever inside the CPU (its #PF handler faults
+/// again at once, never exiting) ends with the watchdog's failure.
+#[test]
+#[should_panic(expected = "looping or faulting forever")]
+fn a_guest_faulting_forever_fails_at_its_budget() {
+    use iced_x86::code_asm::*;
+    let mut g = Guest::new(1);
+    let s = g.long_mode(CODE);
+    // The handler returns to the faulting load, which faults again.
+    g.code(64, CODE + 0x100, |a| {
+        a.add(rsp, 8).unwrap();
+        a.iretq().unwrap();
+    });
+    g.idt64(14, CODE + 0x100, 0);
+    g.code(64, CODE, |a| {
+        a.mov(rax, 0x4000_0000u64).unwrap();
+        a.mov(rbx, qword_ptr(rax)).unwrap();
+    });
+    g.vcpu.set_state(&s).unwrap();
+    run_vcpu_within(
+        g.vcpu.as_mut(),
+        10,
+        Duration::from_millis(300),
+        |_| 0,
+        |_| 0,
+    );
 }
