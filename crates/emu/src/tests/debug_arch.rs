@@ -720,3 +720,51 @@ fn the_sti_shadow_holds_interrupts_but_not_single_step() {
         }
     }
 }
+
+/// 32-bit protected mode: a 32-bit gate, the same rules for RF.
+#[test]
+fn protected_mode_delivery_pushes_rf_for_faults_only() {
+    const SAVED: u64 = DATA + 0x800;
+    let mut g = Guest::with_exception_stubs(1);
+    let s = g.protected32(CODE);
+    // Records EIP, EFLAGS and DR6 of a frame without an error code, then
+    // returns with RF set (#DB) or halts (#UD).
+    let handler = |g: &Guest, at: u64, slot: u64, resume: bool| {
+        g.asm(32, at, |a| {
+            a.push(eax).unwrap();
+            a.mov(eax, dword_ptr(esp + 4)).unwrap();
+            a.mov(dword_ptr(SAVED + slot), eax).unwrap();
+            a.mov(eax, dword_ptr(esp + 12)).unwrap();
+            a.mov(dword_ptr(SAVED + slot + 4), eax).unwrap();
+            a.mov(eax, dr6).unwrap();
+            a.mov(dword_ptr(SAVED + slot + 8), eax).unwrap();
+            if resume {
+                a.or(dword_ptr(esp + 12), RF as i32).unwrap();
+                a.pop(eax).unwrap();
+                a.iretd().unwrap();
+            } else {
+                a.hlt().unwrap();
+            }
+        });
+        g.idt32(if resume { 1 } else { 6 }, at as u32);
+    };
+    handler(&g, HANDLERS, 0, true);
+    handler(&g, HANDLERS + 0x100, 16, false);
+    let target = CODE + 0x40;
+    g.asm(32, CODE, |a| {
+        a.mov(eax, target as u32).unwrap();
+        a.mov(dr0, eax).unwrap();
+        a.mov(eax, 1).unwrap();
+        a.mov(dr7, eax).unwrap();
+        a.jmp(target).unwrap();
+    });
+    g.asm(32, target, |a| a.ud2().unwrap());
+    let o = run(&mut g, &s);
+    let word = |at: u64| g.read_u64(at) & 0xffff_ffff;
+    assert_eq!(word(SAVED), target, "#DB: EIP at the instruction");
+    assert_eq!(word(SAVED + 4) & RF, 0, "#DB: RF as it was");
+    assert_eq!(word(SAVED + 8), DR6_CLEAR & 0xffff_ffff | 1);
+    assert_eq!(word(SAVED + 16), target, "#UD: EIP at the ud2");
+    assert_eq!(word(SAVED + 20) & RF, RF, "#UD: a fault pushes RF");
+    assert_eq!(o.vector, None);
+}
