@@ -287,6 +287,7 @@ impl Cpu {
         };
         self.dr = [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400];
         self.dbg = Default::default();
+        crate::debug::refresh_watching(self);
         self.int_shadow = false;
         self.nmi_blocked = false;
         self.run_state = RunState::Running;
