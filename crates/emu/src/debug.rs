@@ -49,17 +49,23 @@ pub fn set(cpu: &mut Cpu, d: &GuestDebug) -> Result<()> {
     dbg.hw = d.hw_breakpoints.clone();
     dbg.watch = d.watchpoints.clone();
     dbg.step = d.single_step;
-    dbg.watching = !dbg.watch.is_empty();
     dbg.active = !d.is_empty();
     if !dbg.active {
         dbg.skip = None;
         dbg.hit = None;
         dbg.pending = None;
     }
-    // Tags installed before may cover watched pages.
-    cpu.tlb.flush_all();
+    refresh_watching(cpu);
     cpu.stop = true;
     Ok(())
+}
+
+/// Recomputes [`Debug::watching`]: the debugger's watchpoints or the
+/// guest's data breakpoints (`mode/dbreg.rs`) share the checked path.
+pub fn refresh_watching(cpu: &mut Cpu) {
+    cpu.debug.watching = !cpu.debug.watch.is_empty() || cpu.dbg.data_armed;
+    // Tags installed before may cover watched pages.
+    cpu.tlb.flush_all();
 }
 
 fn linear_pc(cpu: &Cpu) -> u64 {
@@ -116,17 +122,23 @@ pub fn watched_page(cpu: &Cpu, lin: u64) -> bool {
     cpu.debug.watch.iter().any(|w| {
         let last = w.addr.wrapping_add(w.len.max(1) - 1);
         w.addr & PAGE_MASK == page || last & PAGE_MASK == page
-    })
+    }) || (cpu.dbg.data_armed && crate::mode::dbreg::data_page(cpu, lin))
 }
 
 /// A write of `n` bytes at linear `lin` is about to happen.
 pub fn wrote(cpu: &mut Cpu, lin: u64, n: usize) {
     hit(cpu, lin, n, |k| k != WatchKind::Read);
+    if cpu.dbg.data_armed {
+        crate::mode::dbreg::data_access(cpu, lin, n, true);
+    }
 }
 
 /// `n` bytes at linear `lin` were read.
 pub fn read(cpu: &mut Cpu, lin: u64, n: usize) {
     hit(cpu, lin, n, |k| k != WatchKind::Write);
+    if cpu.dbg.data_armed {
+        crate::mode::dbreg::data_access(cpu, lin, n, false);
+    }
 }
 
 fn hit(cpu: &mut Cpu, lin: u64, n: usize, kind: impl Fn(WatchKind) -> bool) {

@@ -1,11 +1,12 @@
 //! The interpreter loop: look up the block at CS:RIP, run its handlers,
 //! and between blocks take interrupts, kicks, INIT/SIPI and halts.
 
-use crate::cpu::fault::{DB, Fault, Stop};
-use crate::cpu::flags::TF;
+use crate::cpu::fault::{Fault, Stop};
+use crate::cpu::flags::{RF, TF};
 use crate::cpu::{Cpu, RIP, RunState};
 use crate::decode::cache::{Block, BlockCache};
 use crate::jit::helpers;
+use crate::mode::dbreg;
 use crate::mode::interrupt::Event as IntEvent;
 use crate::platform::signal;
 use crate::vm::VmShared;
@@ -65,6 +66,22 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         {
             return Event::Debug(ev);
         }
+        // The precise path: one instruction, interpreted, between the
+        // guest debug architecture's checks (`mode/dbreg.rs`). An
+        // instruction breakpoint is taken before the fetch can fault.
+        let precise = cpu.int_shadow || cpu.rflags & (TF | RF) != 0 || cpu.dbg.armed;
+        let entry = if precise {
+            match dbreg::before(cpu) {
+                Some(e) => Some(e),
+                None => {
+                    cache.forget_page();
+                    prev = std::ptr::null_mut();
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
         let rip = cpu.gpr[RIP];
         let linked = if prev.is_null() {
             None
@@ -96,6 +113,9 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
                     cache.forget_page();
                     prev = std::ptr::null_mut();
                     stopped(cpu, s);
+                    if let Some(e) = entry {
+                        dbreg::after(cpu, e, 0);
+                    }
                     continue;
                 }
             },
@@ -104,10 +124,9 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         // nothing else references it while it runs; handlers never touch
         // the block cache.
         let block = unsafe { &mut *block };
-        let single = cpu.int_shadow || cpu.rflags & TF != 0;
         // Single steps, breakpoints and watchpoints go instruction by
         // instruction in the interpreter.
-        if !single
+        if !precise
             && !tracing
             && !cpu.debug.active
             && cpu.bits == 64
@@ -135,9 +154,8 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         }
         cpu.jit_link = 0;
         block.prefetch_successors();
-        let trap = cpu.rflags & TF != 0;
         cpu.int_shadow = false;
-        cpu.stop = single || cpu.debug.active;
+        cpu.stop = precise || cpu.debug.active;
         let start = cpu.gpr[RIP];
         let (mut done, mut exit);
         loop {
@@ -173,6 +191,9 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
             cache.forget_page();
         }
         if exit {
+            if let Some(e) = entry {
+                dbreg::restart(cpu, e);
+            }
             return Event::Io;
         }
         if cpu.debug.active {
@@ -181,10 +202,8 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
         if !cpu.io.log.is_empty() {
             cpu.io.retire();
         }
-        if trap && done > 0 && !cpu.shutdown {
-            // Single-step trap after the instruction (DR6.BS).
-            cpu.dr[6] |= 1 << 14;
-            crate::mode::interrupt::deliver(cpu, DB, IntEvent::Trap);
+        if let Some(e) = entry {
+            dbreg::after(cpu, e, done);
         }
     }
 }
@@ -275,7 +294,7 @@ fn run_block<const TRACE: bool, const LONG: bool>(cpu: &mut Cpu, block: &Block) 
             Err(Stop::SoftInt(v)) => {
                 done += 1;
                 cpu.io.retire();
-                crate::mode::interrupt::deliver(cpu, v, IntEvent::Software);
+                dbreg::software_interrupt(cpu, v);
                 break;
             }
             Err(Stop::Fault(f)) => {
@@ -293,7 +312,7 @@ fn run_block<const TRACE: bool, const LONG: bool>(cpu: &mut Cpu, block: &Block) 
 fn stopped(cpu: &mut Cpu, s: Stop) {
     match s {
         Stop::Fault(f) => crate::mode::interrupt::deliver_fault(cpu, f),
-        Stop::SoftInt(v) => crate::mode::interrupt::deliver(cpu, v, IntEvent::Software),
+        Stop::SoftInt(v) => dbreg::software_interrupt(cpu, v),
         Stop::Exit => {}
     }
 }

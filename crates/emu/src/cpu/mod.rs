@@ -229,6 +229,8 @@ pub struct Cpu {
     pub device_accesses: u64,
     /// Breakpoints, single step, watchpoints (`crate::debug`).
     pub debug: crate::debug::Debug,
+    /// The guest's own debug architecture (`mode/dbreg.rs`).
+    pub dbg: crate::mode::dbreg::DebugArch,
 }
 
 impl Cpu {
@@ -274,6 +276,7 @@ impl Cpu {
             undo: None,
             device_accesses: 0,
             debug: Default::default(),
+            dbg: Default::default(),
         };
         cpu.reset();
         cpu
@@ -289,6 +292,8 @@ impl Cpu {
             ..Msrs::default()
         };
         self.dr = [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400];
+        self.dbg = Default::default();
+        crate::debug::refresh_watching(self);
         self.int_shadow = false;
         self.nmi_blocked = false;
         self.run_state = RunState::Running;
@@ -316,7 +321,9 @@ impl Cpu {
         if (old ^ self.rflags) & flags::VM != 0 {
             self.update_mode();
         }
-        if (old ^ self.rflags) & (flags::IF | flags::TF) != 0 {
+        // TF and RF (set by iret) put the next instruction on the
+        // precise path (`exec.rs`).
+        if (old ^ self.rflags) & (flags::IF | flags::TF | flags::RF) != 0 {
             self.stop = true;
         }
     }

@@ -9,7 +9,6 @@ use iced_x86::{Code, ConditionCode, FlowControl, Instruction, OpKind};
 use super::Insn;
 use crate::cpu::Cpu;
 use crate::cpu::fault::{Fault, Res};
-use crate::cpu::flags::TF;
 use crate::cpu::width::{W32, W64, Width};
 
 /// cmp (`TEST` false) or test of r0 with r1 (`IMM` false) or the
@@ -30,9 +29,10 @@ fn cmp_jcc<W: Width, const TEST: bool, const IMM: bool, const CC: u8>(
         cpu.flags.sub::<W>(a, b, a.wrapping_sub(b) & W::MASK);
     }
     let end = cpu.rip();
-    if cpu.rflags & TF != 0 || cpu.debug.active {
-        // Single-step (or a debugger's precise mode): stop after the
-        // compare; the branch runs alone.
+    if cpu.stop {
+        // Set before the block only on the precise path (single step,
+        // guest or debugger breakpoints): stop after the compare; the
+        // branch runs alone.
         // `r2` is the compare's length: the branch starts r2 bytes in.
         let first = end.wrapping_sub(u64::from(i.len - i.r2)) & cpu.ip_mask;
         cpu.set_rip(first);

@@ -453,11 +453,11 @@ mod tests {
     mod guest {
         use iced_x86::code_asm::*;
 
-        use crate::isa::bit::harness::*;
+        use crate::tests::guest::*;
 
         #[test]
         fn decimal_adjusts_run_in_32_bit_code() {
-            let mut vm = TestVm::new(1);
+            let mut vm = Guest::with_exception_stubs(1);
             let data = DATA as u32;
             vm.write(DATA, &[0x78, 0x56, 0x34, 0x12, 0x29, 0x43, 0x65, 0x87]);
             vm.asm(32, CODE, |a| {
@@ -503,8 +503,8 @@ mod tests {
                 a.mov(dword_ptr(data + 28), eax).unwrap();
                 a.hlt().unwrap();
             });
-            let o = vm.run(&vm.protected32(CODE));
-            assert!(o.halted && o.vector.is_none(), "{o:?}");
+            let o = vm.start(&vm.protected32(CODE));
+            assert!(o.halted() && o.vector.is_none(), "{o:?}");
             let q = |off: u64| vm.read_u64(DATA + off);
             assert_eq!(q(8) as u32, 0x0000_0007, "12345678 + 87654329 = 1_00000007");
             assert_eq!(q(40) as u8, 1, "decimal carry out");
@@ -522,24 +522,24 @@ mod tests {
 
         #[test]
         fn aam_zero_faults_with_divide_error_before_changing_ax() {
-            let mut vm = TestVm::new(1);
+            let mut vm = Guest::with_exception_stubs(1);
             let rip = 0x8000;
             vm.asm(16, rip, |a| {
                 a.mov(ax, 0x1234u32).unwrap();
                 a.aam(0).unwrap();
                 a.hlt().unwrap();
             });
-            let o = vm.run(&vm.real_mode(rip));
+            let o = vm.start(&vm.real_mode(rip));
             assert_eq!(o.vector, Some(0), "#DE: {o:?}");
             assert_eq!(o.state.gpr[0] & 0xffff, 0x1234);
             // The pushed IP is the aam's own (a fault, not a trap).
-            let frame = vm.read_u64(STACK - 6);
+            let frame = vm.read_u64(REAL_STACK - 6);
             assert_eq!(frame & 0xffff, rip + 3, "IP of the aam");
         }
 
         #[test]
         fn decimal_adjusts_are_invalid_in_64_bit_mode() {
-            let mut vm = TestVm::new(1);
+            let mut vm = Guest::with_exception_stubs(1);
             for (k, op) in [
                 [0x27u8, 0x90],
                 [0x2f, 0x90],
@@ -553,7 +553,7 @@ mod tests {
             {
                 let rip = CODE + 0x10 * k as u64;
                 vm.write(rip, &[op[0], op[1], 0xf4]);
-                let o = vm.run(&vm.long_mode(rip));
+                let o = vm.start(&vm.long_mode(rip));
                 assert_eq!(o.vector, Some(6), "#UD for {op:02x?}: {o:?}");
             }
         }

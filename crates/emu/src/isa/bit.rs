@@ -257,239 +257,12 @@ pub fn register(t: &mut Table) {
     r_rm_forms!(t, "Popcnt", popcnt);
 }
 
-/// A small guest harness for the family tests (bit ops and BCD): flat
-/// segments in real, 32-bit protected and long mode, and every exception
-/// vector reported as `out 0x80, vector` then `hlt`.
-#[cfg(test)]
-pub(crate) mod harness {
-    use std::sync::Arc;
-
-    use iced_x86::code_asm::CodeAssembler;
-    use vm_memory::{Bytes, GuestAddress};
-    use vmplay_hypervisor::{
-        CpuState, DescriptorTable, GuestMemory, Hypervisor, Segment, Vcpu, VcpuExit, Vm, VmSpec,
-    };
-
-    use crate::{EmuHypervisor, EmuOptions};
-
-    pub const MEM: usize = 4 << 20;
-    const GDT: u64 = 0x500;
-    const IDT64: u64 = 0x1000;
-    const IDT32: u64 = 0x2000;
-    const STUBS: u64 = 0x3000;
-    const PML4: u64 = 0x10000;
-    pub const CODE: u64 = 0x20000;
-    pub const STACK: u64 = 0x7000;
-    pub const DATA: u64 = 0x10_0000;
-    const CODE64: u16 = 0x08;
-    const DATA_SEL: u16 = 0x10;
-    const CODE32: u16 = 0x18;
-    /// Exception stubs report here.
-    pub const VECTOR_PORT: u16 = 0x80;
-
-    pub struct TestVm {
-        pub vm: Arc<dyn Vm>,
-        pub mem: GuestMemory,
-        pub vcpu: Box<dyn Vcpu>,
-    }
-
-    /// How a run ended.
-    #[derive(Debug, PartialEq, Eq)]
-    pub struct Outcome {
-        /// Halted (rather than shut down, errored or ran out of exits).
-        pub halted: bool,
-        /// The exception vector a stub reported, if any.
-        pub vector: Option<u8>,
-        /// MMIO writes (address, value); MMIO reads read all-ones.
-        pub mmio_writes: Vec<(u64, u64)>,
-        pub state: CpuState,
-    }
-
-    impl TestVm {
-        pub fn new(vcpus: u32) -> TestVm {
-            Self::with_options(vcpus, EmuOptions::default())
-        }
-
-        pub fn with_options(vcpus: u32, opts: EmuOptions) -> TestVm {
-            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).expect("test memory");
-            let vm = EmuHypervisor::new(opts)
-                .create_vm(&VmSpec { vcpus }, &mem)
-                .expect("create vm");
-            let vcpu = vm.create_vcpu(0).expect("vcpu 0");
-            let t = TestVm { vm, mem, vcpu };
-            t.tables();
-            t
-        }
-
-        pub fn write(&self, addr: u64, bytes: &[u8]) {
-            self.mem
-                .write_slice(bytes, GuestAddress(addr))
-                .expect("write guest memory");
-        }
-
-        pub fn write_u64(&self, addr: u64, v: u64) {
-            self.write(addr, &v.to_le_bytes());
-        }
-
-        pub fn read_u64(&self, addr: u64) -> u64 {
-            let mut b = [0u8; 8];
-            self.mem
-                .read_slice(&mut b, GuestAddress(addr))
-                .expect("read guest memory");
-            u64::from_le_bytes(b)
-        }
-
-        /// Assembles `f` for `bits` at `ip`; returns the address after it.
-        pub fn asm(&self, bits: u32, ip: u64, f: impl FnOnce(&mut CodeAssembler)) -> u64 {
-            let mut a = CodeAssembler::new(bits).expect("assembler");
-            f(&mut a);
-            let bytes = a.assemble(ip).expect("assemble");
-            self.write(ip, &bytes);
-            ip + bytes.len() as u64
-        }
-
-        /// GDT, IDTs, IVT, stubs and identity page tables (1 GiB, 2 MiB pages).
-        fn tables(&self) {
-            for (k, d) in [
-                0,
-                0x00af_9b00_0000_ffffu64,
-                0x00cf_9300_0000_ffff,
-                0x00cf_9b00_0000_ffff,
-            ]
-            .iter()
-            .enumerate()
-            {
-                self.write_u64(GDT + 8 * k as u64, *d);
-            }
-            for v in 0..32u64 {
-                let stub = STUBS + 8 * v;
-                // push rax; mov al, v; out 0x80, al; pop rax; hlt (the
-                // same bytes in 16-, 32- and 64-bit code; AX is kept)
-                self.write(
-                    stub,
-                    &[0x50, 0xb0, v as u8, 0xe6, VECTOR_PORT as u8, 0x58, 0xf4],
-                );
-                let gate = (stub & 0xffff) | ((stub >> 16) & 0xffff) << 48 | 0x8e << 40;
-                self.write_u64(IDT64 + 16 * v, gate | u64::from(CODE64) << 16);
-                self.write_u64(IDT64 + 16 * v + 8, stub >> 32);
-                self.write_u64(IDT32 + 8 * v, gate | u64::from(CODE32) << 16);
-                self.write(4 * v, &(stub as u32).to_le_bytes()); // IVT: offset, segment 0
-            }
-            self.write_u64(PML4, (PML4 + 0x1000) | 3);
-            self.write_u64(PML4 + 0x1000, (PML4 + 0x2000) | 3);
-            for k in 0..512u64 {
-                self.write_u64(PML4 + 0x2000 + 8 * k, (k << 21) | 0x83);
-            }
-        }
-
-        pub fn long_mode(&self, rip: u64) -> CpuState {
-            let code = Segment::flat(CODE64, 0xb, true, false);
-            let data = Segment::flat(DATA_SEL, 0x3, false, true);
-            let mut s = CpuState {
-                rip,
-                rflags: 2,
-                cs: code,
-                ss: data,
-                ds: data,
-                es: data,
-                fs: data,
-                gs: data,
-                tr: Segment::tss(0, 0, 0x67),
-                ldt: Segment::no_ldt(),
-                gdt: DescriptorTable {
-                    base: GDT,
-                    limit: 0x1f,
-                },
-                idt: DescriptorTable {
-                    base: IDT64,
-                    limit: 32 * 16 - 1,
-                },
-                cr0: 0x8000_0011,
-                cr3: PML4,
-                cr4: 0x20,
-                efer: 0x500,
-                ..Default::default()
-            };
-            s.gpr[4] = STACK;
-            s
-        }
-
-        pub fn protected32(&self, rip: u64) -> CpuState {
-            let mut s = self.long_mode(rip);
-            s.cs = Segment::flat(CODE32, 0xb, false, true);
-            (s.cr0, s.cr4, s.efer) = (0x11, 0, 0);
-            s.idt = DescriptorTable {
-                base: IDT32,
-                limit: 32 * 8 - 1,
-            };
-            s
-        }
-
-        pub fn real_mode(&self, rip: u64) -> CpuState {
-            let mut s = CpuState::reset();
-            s.cs = Segment::real_mode(0, true);
-            let d = Segment::real_mode(0, false);
-            (s.ds, s.es, s.ss, s.fs, s.gs) = (d, d, d, d, d);
-            s.rip = rip;
-            s.gpr[4] = STACK;
-            s
-        }
-
-        /// Runs `s` until `hlt` (or something else stops it).
-        pub fn run(&mut self, s: &CpuState) -> Outcome {
-            self.vcpu.set_state(s).expect("set_state");
-            run_vcpu(self.vcpu.as_mut())
-        }
-    }
-
-    /// Runs a vCPU until `hlt`, recording the exception vector reported.
-    pub fn run_vcpu(vcpu: &mut dyn Vcpu) -> Outcome {
-        let mut vector = None;
-        let mut halted = false;
-        let mut mmio_writes = Vec::new();
-        for _ in 0..1000 {
-            match vcpu.run() {
-                Ok(VcpuExit::IoOut {
-                    port: VECTOR_PORT,
-                    data,
-                }) => vector = Some(data[0]),
-                Ok(VcpuExit::IoIn { data, .. }) => data.fill(0xff),
-                Ok(VcpuExit::MmioRead { data, .. }) => data.fill(0xff),
-                Ok(VcpuExit::MmioWrite { addr, data }) => {
-                    let mut b = [0u8; 8];
-                    b[..data.len()].copy_from_slice(data);
-                    mmio_writes.push((addr, u64::from_le_bytes(b)));
-                }
-                Ok(VcpuExit::IoOut { .. }) => {}
-                Ok(VcpuExit::Halt) => {
-                    halted = true;
-                    break;
-                }
-                // A kick is a test's watchdog.
-                Ok(
-                    VcpuExit::Shutdown
-                    | VcpuExit::InternalError(_)
-                    | VcpuExit::Interrupted
-                    | VcpuExit::Debug(_),
-                )
-                | Err(_) => break,
-            }
-        }
-        Outcome {
-            halted,
-            vector,
-            mmio_writes,
-            state: vcpu.state().expect("state"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use iced_x86::code_asm::*;
 
-    use super::harness::*;
     use crate::cpu::flags::{AF, CF, OF, OSZAPC, PF, SF, ZF};
+    use crate::tests::guest::*;
 
     /// Runs `insn` on the host with `d` in rax, `s` in rcx and the
     /// arithmetic flags `f`; returns (rax, OSZAPC flags).
@@ -576,17 +349,17 @@ mod tests {
     ];
 
     /// A guest that runs the code at `rip` on (rax, rcx, flags).
-    fn guest_run(vm: &mut TestVm, rip: u64, d: u64, s: u64, f: u64) -> (u64, u64) {
+    fn guest_run(vm: &mut Guest, rip: u64, d: u64, s: u64, f: u64) -> (u64, u64) {
         let mut st = vm.long_mode(rip);
         (st.gpr[0], st.gpr[1], st.rflags) = (d, s, (f & OSZAPC) | 2);
-        let o = vm.run(&st);
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        let o = vm.start(&st);
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         (o.state.gpr[0], o.state.rflags & OSZAPC)
     }
 
     /// Assembles `emit; hlt` for form number `k` (each form has its own
     /// code, so no cached block is ever rewritten behind the CPU's back).
-    fn place(vm: &TestVm, k: usize, emit: Emit) -> u64 {
+    fn place(vm: &Guest, k: usize, emit: Emit) -> u64 {
         let rip = CODE + 0x40 * k as u64;
         vm.asm(64, rip, |a| {
             emit(a).unwrap();
@@ -597,7 +370,7 @@ mod tests {
 
     #[test]
     fn register_forms_match_the_host_cpu() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         for (k, (name, host, emit, defined)) in forms().into_iter().enumerate() {
             let rip = place(&vm, k, emit);
             for d in VALUES {
@@ -622,7 +395,7 @@ mod tests {
 
     #[test]
     fn bit_scans_of_zero_set_zf_and_keep_all_64_destination_bits() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let d = 0x1234_5678_9abc_def0;
         for (k, (name, host, emit, _)) in forms()
             .into_iter()
@@ -655,7 +428,7 @@ mod tests {
     /// Flags the manuals leave undefined, as the AMD host leaves them.
     #[test]
     fn undefined_flags_follow_the_measured_hardware() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let bts = place(&vm, 0, |a| a.bts(rax, rcx));
         // bt* change CF only.
         assert_eq!(guest_run(&mut vm, bts, 1, 0, OSZAPC & !CF), (1, OSZAPC));
@@ -672,7 +445,7 @@ mod tests {
     }
 
     /// The absolute bit numbers set in `len` bytes at `base`.
-    fn set_bits(vm: &TestVm, base: u64, len: u64) -> Vec<i64> {
+    fn set_bits(vm: &Guest, base: u64, len: u64) -> Vec<i64> {
         let mut bits = Vec::new();
         for q in (0..len).step_by(8) {
             let v = vm.read_u64(base + q);
@@ -703,7 +476,7 @@ mod tests {
 
     #[test]
     fn register_offsets_index_memory_bit_strings_beyond_the_operand() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         const AREA: u64 = DATA;
         const LEN: u64 = 0x2000;
         let base = AREA + LEN / 2;
@@ -724,8 +497,8 @@ mod tests {
                 vm.write(AREA, &[0; LEN as usize]);
                 let mut st = vm.long_mode(rip);
                 (st.gpr[1], st.gpr[3], st.rflags) = (off_reg, base, 2 | CF);
-                let o = vm.run(&st);
-                assert!(o.halted && o.vector.is_none(), "{name} {off}: {o:?}");
+                let o = vm.start(&st);
+                assert!(o.halted() && o.vector.is_none(), "{name} {off}: {o:?}");
                 assert_eq!(
                     set_bits(&vm, AREA, LEN),
                     [(base - AREA) as i64 * 8 + off],
@@ -737,7 +510,7 @@ mod tests {
                     "{name} {off}: offset register kept"
                 );
                 // A second run finds the bit set (and btc clears it again).
-                let o = vm.run(&st);
+                let o = vm.start(&st);
                 assert_eq!(
                     o.state.rflags & CF,
                     CF,
@@ -755,16 +528,16 @@ mod tests {
 
     #[test]
     fn bt_and_btr_read_and_clear_the_addressed_memory_bit() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let bt = place(&vm, 0, |a| a.bt(dword_ptr(rbx + 4), ecx));
         let btr = place(&vm, 1, |a| a.lock().btr(qword_ptr(rbx), rcx));
         let bt_imm = place(&vm, 2, |a| a.bt(word_ptr(rbx), 0x2f));
         let btr_imm = place(&vm, 3, |a| a.btr(qword_ptr(rbx), 0xc1));
-        let run = |vm: &mut TestVm, rip: u64, off_reg: u64| {
+        let run = |vm: &mut Guest, rip: u64, off_reg: u64| {
             let mut st = vm.long_mode(rip);
             (st.gpr[1], st.gpr[3]) = (off_reg, DATA + 0x100);
-            let o = vm.run(&st);
-            assert!(o.halted && o.vector.is_none(), "{o:?}");
+            let o = vm.start(&st);
+            assert!(o.halted() && o.vector.is_none(), "{o:?}");
             o.state.rflags & CF
         };
         vm.write(DATA, &[0; 0x200]);
@@ -791,7 +564,7 @@ mod tests {
     fn bit_string_addresses_wrap_at_the_address_size() {
         // Real mode: bts word [bx], cx with BX=2, CX=-33 reaches word
         // 2 + 2*(-33 >> 4) = -4 = 0xfffc, bit 15.
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let rip = 0x8000;
         vm.asm(16, rip, |a| {
             a.bts(word_ptr(bx), cx).unwrap();
@@ -800,8 +573,8 @@ mod tests {
         vm.write(0xfff0, &[0; 16]);
         let mut st = vm.real_mode(rip);
         (st.gpr[1], st.gpr[3]) = (0xffdf, 2);
-        let o = vm.run(&st);
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        let o = vm.start(&st);
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         assert_eq!(
             vm.read_u64(0xfff8),
             0x0000_8000_0000_0000,
@@ -816,15 +589,15 @@ mod tests {
 
     #[test]
     fn harness_reports_exceptions() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let rip = place(&vm, 0, |a| a.ud2());
-        let o = vm.run(&vm.long_mode(rip));
+        let o = vm.start(&vm.long_mode(rip));
         assert_eq!(o.vector, Some(6), "{o:?}");
     }
 
     #[test]
     fn far_bit_offsets_fault_precisely_at_the_addressed_unit() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let q = place(&vm, 0, |a| a.bts(qword_ptr(rbx), rcx));
         let d = place(&vm, 1, |a| a.lock().btc(dword_ptr(rbx), ecx));
         // (code, rbx, offset, the unit's address): all outside the 1 GiB mapped.
@@ -838,7 +611,7 @@ mod tests {
             vm.write(DATA, &[0; 8]);
             let mut st = vm.long_mode(rip);
             (st.gpr[1], st.gpr[3]) = (off_reg, base);
-            let o = vm.run(&st);
+            let o = vm.start(&st);
             assert_eq!(o.vector, Some(14), "#PF for offset {off_reg:#x}");
             assert_eq!(o.state.cr2, fault_addr, "CR2 for offset {off_reg:#x}");
             assert_eq!(
@@ -851,7 +624,7 @@ mod tests {
 
     #[test]
     fn bit_string_operations_reach_mmio_through_exits() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let plain = place(&vm, 0, |a| a.btr(dword_ptr(rbx), ecx));
         let locked = place(&vm, 1, |a| a.lock().btr(dword_ptr(rbx), ecx));
         let read = place(&vm, 2, |a| a.bt(qword_ptr(rbx), rcx));
@@ -859,8 +632,8 @@ mod tests {
             let mut st = vm.long_mode(rip);
             // Unit 0x1000_0008 (not RAM), bit 3.
             (st.gpr[1], st.gpr[3]) = (67, 0x1000_0000);
-            let o = vm.run(&st);
-            assert!(o.halted && o.vector.is_none(), "{o:?}");
+            let o = vm.start(&st);
+            assert!(o.halted() && o.vector.is_none(), "{o:?}");
             assert_eq!(o.state.rflags & CF, CF, "the bit read back from MMIO");
             let writes = if rip == read {
                 vec![]
@@ -872,11 +645,11 @@ mod tests {
     }
 
     /// CPUID (leaf, subleaf 0) as the guest sees it: [eax, ebx, ecx, edx].
-    fn guest_cpuid(vm: &mut TestVm, at: u64, l: u64) -> [u64; 4] {
+    fn guest_cpuid(vm: &mut Guest, at: u64, l: u64) -> [u64; 4] {
         let mut st = vm.long_mode(at);
         (st.gpr[0], st.gpr[1]) = (l, 0);
-        let o = vm.run(&st);
-        assert!(o.halted, "{o:?}");
+        let o = vm.start(&st);
+        assert!(o.halted(), "{o:?}");
         [
             o.state.gpr[0],
             o.state.gpr[3],
@@ -887,7 +660,7 @@ mod tests {
 
     #[test]
     fn tzcnt_and_lzcnt_count_where_cpuid_says_so_and_are_bsf_bsr_on_qemu64() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let tz = place(&vm, 0, |a| a.tzcnt(eax, ecx));
         let lz = place(&vm, 1, |a| a.lzcnt(rax, rcx));
         let lz16 = place(&vm, 2, |a| a.lzcnt(ax, cx));
@@ -910,13 +683,14 @@ mod tests {
         );
         assert_eq!(guest_cpuid(&mut vm, cpuid, 1)[2] >> 23 & 1, 1, "POPCNT");
 
-        let mut vm = TestVm::with_options(
+        let mut vm = Guest::with_options(
             1,
             crate::EmuOptions {
                 cpu_model: crate::cpuid::CpuModel::Qemu64,
                 ..Default::default()
             },
         );
+        vm.exception_stubs();
         let tz = place(&vm, 0, |a| a.tzcnt(eax, ecx));
         let lz = place(&vm, 1, |a| a.lzcnt(rax, rcx));
         let cpuid = place(&vm, 3, |a| a.cpuid());
@@ -946,7 +720,7 @@ mod tests {
         const COUNT: u64 = 0x6008;
         const READY: u64 = 0x6010;
         const N: u32 = 1_000_000;
-        let mut vm = TestVm::new(2);
+        let mut vm = Guest::with_exception_stubs(2);
         let mut ap = vm.vm.create_vcpu(1).expect("vcpu 1");
         vm.write(LOCK, &[0; 24]);
         // 2 MiB page at the LAPIC (0xfee00000) for the BSP's INIT/SIPI.
@@ -1005,15 +779,16 @@ mod tests {
                 kickers.iter().for_each(|k| k.kick());
             }
         });
-        let ap_thread = std::thread::spawn(move || run_vcpu(ap.as_mut()));
+        let ap_thread =
+            std::thread::spawn(move || run_vcpu(ap.as_mut(), 10_000, |_| u64::MAX, |_| u64::MAX));
         let st = vm.long_mode(CODE);
-        let bsp = vm.run(&st);
+        let bsp = vm.start(&st);
         let ap = ap_thread.join().expect("AP thread");
         drop(done_tx);
         watchdog.join().expect("watchdog");
         let left = (bsp.state.gpr[1], ap.state.gpr[1]);
         assert!(
-            bsp.halted && ap.halted,
+            bsp.halted() && ap.halted(),
             "both finish; iterations left (BSP, AP): {left:?}"
         );
         assert_eq!(

@@ -326,7 +326,7 @@ pub(crate) fn register(t: &mut Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::isa::bit::harness::{CODE, TestVm};
+    use crate::tests::guest::{CODE, Guest};
     use iced_x86::code_asm::*;
 
     /// andn and movbe run on the default model and raise #UD on qemu64
@@ -338,7 +338,8 @@ mod tests {
                 cpu_model: model,
                 ..Default::default()
             };
-            let mut vm = TestVm::with_options(1, opts);
+            let mut vm = Guest::with_options(1, opts);
+            vm.exception_stubs();
             for (k, emit) in [
                 |a: &mut CodeAssembler| a.andn(rax, rcx, rdx),
                 |a: &mut CodeAssembler| a.movbe(rax, qword_ptr(0x8000)),
@@ -354,8 +355,8 @@ mod tests {
                 vm.write_u64(0x8000, 0x0102_0304_0506_0708);
                 let mut st = vm.long_mode(rip);
                 (st.gpr[0], st.gpr[1], st.gpr[2]) = (0, 0xff00, 0xffff);
-                let o = vm.run(&st);
-                assert!(o.halted, "{o:?}");
+                let o = vm.start(&st);
+                assert!(o.halted(), "{o:?}");
                 if ud {
                     assert_eq!(o.vector, Some(6), "{model:?} form {k}");
                 } else {

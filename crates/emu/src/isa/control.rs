@@ -149,7 +149,8 @@ fn int_n(_: &mut Cpu, i: &Insn) -> Res {
 fn int3(_: &mut Cpu, _: &Insn) -> Res {
     Err(Stop::SoftInt(3))
 }
-fn int1(_: &mut Cpu, _: &Insn) -> Res {
+fn int1(cpu: &mut Cpu, _: &Insn) -> Res {
+    cpu.dbg.icebp = true;
     Err(Stop::SoftInt(1))
 }
 fn into(cpu: &mut Cpu, _: &Insn) -> Res {

@@ -214,7 +214,7 @@ pub(crate) fn register(t: &mut Table) {
 #[cfg(test)]
 mod tests {
     use crate::cpu::flags::{CF, OSZAPC};
-    use crate::isa::bit::harness::{CODE, TestVm};
+    use crate::tests::guest::{CODE, Guest};
     use iced_x86::code_asm::*;
 
     /// The host's RFLAGS (arithmetic bits) after rdrand/rdseed with all of
@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn rdrand_and_rdseed_give_fresh_values_with_the_hosts_flags() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         vm.asm(64, CODE, |a| {
             a.rdrand(rax).unwrap();
             a.rdrand(ecx).unwrap();
@@ -248,8 +248,8 @@ mod tests {
         let mut st = vm.long_mode(CODE);
         st.rflags = OSZAPC | 2;
         st.gpr[6] = 0x1111_2222_3333_4444;
-        let o = vm.run(&st);
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        let o = vm.start(&st);
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         let g = &o.state.gpr;
         assert_eq!(o.state.rflags & OSZAPC, CF, "CF only");
         assert_ne!(g[0], g[2], "two 64-bit draws differ");
@@ -266,7 +266,7 @@ mod tests {
 
     #[test]
     fn fsgsbase_needs_cr4_and_writes_canonical_bases() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let end = vm.asm(64, CODE, |a| {
             a.wrfsbase(rax).unwrap();
             a.rdfsbase(rcx).unwrap();
@@ -278,11 +278,11 @@ mod tests {
         let mut st = vm.long_mode(CODE);
         (st.gpr[0], st.gpr[2]) = (0xffff_8000_1234_5678, 0xffff_ffff_8765_4321);
         // CR4.FSGSBASE clear: #UD.
-        let o = vm.run(&st);
+        let o = vm.start(&st);
         assert_eq!(o.vector, Some(6), "{o:?}");
         st.cr4 |= super::CR4_FSGSBASE;
-        let o = vm.run(&st);
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        let o = vm.start(&st);
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         assert_eq!(o.state.fs.base, 0xffff_8000_1234_5678);
         assert_eq!(o.state.gs.base, 0x8765_4321, "32-bit write zero-extends");
         assert_eq!(o.state.gpr[1], 0xffff_8000_1234_5678);
@@ -290,7 +290,7 @@ mod tests {
         assert_eq!(o.state.gpr[7], 0x1234_5678, "32-bit read: low half");
         // A non-canonical base: #GP, the base unchanged.
         st.gpr[0] = 0x0000_8000_0000_0000;
-        let o = vm.run(&st);
+        let o = vm.start(&st);
         assert_eq!(o.vector, Some(13), "{o:?}");
         assert_eq!(o.state.fs.base, 0);
         // The guest sets CR4.FSGSBASE itself (mov cr4), as Linux does.
@@ -304,17 +304,18 @@ mod tests {
             a.hlt().unwrap();
         });
         let mut st = vm.long_mode(set);
-        let o = vm.run(&st);
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        let o = vm.start(&st);
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         assert_eq!(o.state.fs.base, 0x5000);
         // qemu64 advertises no FSGSBASE: the CR4 bit is reserved there.
-        let mut vm = TestVm::with_options(
+        let mut vm = Guest::with_options(
             1,
             crate::EmuOptions {
                 cpu_model: crate::cpuid::CpuModel::Qemu64,
                 ..Default::default()
             },
         );
+        vm.exception_stubs();
         vm.asm(64, set, |a| {
             a.mov(rax, cr4).unwrap();
             a.or(eax, 1 << 16).unwrap();
@@ -322,7 +323,7 @@ mod tests {
             a.hlt().unwrap();
         });
         st = vm.long_mode(set);
-        let o = vm.run(&st);
+        let o = vm.start(&st);
         assert_eq!(o.vector, Some(13), "{o:?}");
     }
 

@@ -40,6 +40,9 @@ impl Cpu {
     /// Reads `n` bytes from `port`.
     pub fn port_in(&mut self, port: u16, n: usize) -> Res<u64> {
         self.io_allowed(port, n)?;
+        if self.dbg.armed {
+            crate::mode::dbreg::io_access(self, port, n);
+        }
         self.device_accesses += 1;
         if let Some(v) = self.vm.platform.pio_read(port, n) {
             return Ok(v);
@@ -53,6 +56,9 @@ impl Cpu {
     /// Writes `n` bytes to `port`.
     pub fn port_out(&mut self, port: u16, n: usize, v: u64) -> Res {
         self.io_allowed(port, n)?;
+        if self.dbg.armed {
+            crate::mode::dbreg::io_access(self, port, n);
+        }
         self.device_accesses += 1;
         if self.vm.platform.pio_write(port, n, v) {
             return Ok(());

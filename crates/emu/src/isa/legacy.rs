@@ -42,11 +42,11 @@ mod tests {
     use iced_x86::code_asm::*;
 
     use crate::cpu::flags::{CF, OSZAPC};
-    use crate::isa::bit::harness::*;
+    use crate::tests::guest::*;
 
     #[test]
     fn salc_copies_carry_into_al_and_keeps_flags() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         vm.asm(32, CODE, |a| {
             a.salc().unwrap();
             a.hlt().unwrap();
@@ -55,8 +55,8 @@ mod tests {
             let mut st = vm.protected32(CODE);
             st.gpr[0] = 0x1234_5678;
             st.rflags = flags | 2;
-            let o = vm.run(&st);
-            assert!(o.halted && o.vector.is_none(), "{o:?}");
+            let o = vm.start(&st);
+            assert!(o.halted() && o.vector.is_none(), "{o:?}");
             let low = if flags & CF != 0 { 0xff } else { 0 };
             assert_eq!(o.state.gpr[0], 0x1234_5600 | low, "flags {flags:#x}");
             assert_eq!(o.state.rflags & OSZAPC, flags, "flags kept");
@@ -65,7 +65,7 @@ mod tests {
 
     #[test]
     fn bound_raises_br_outside_signed_bounds_as_a_fault() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let bounds = DATA as u32;
         // [-5, 300] as words and as dwords.
         vm.write(DATA, &[0xfb, 0xff, 0x2c, 0x01]);
@@ -94,10 +94,10 @@ mod tests {
         for (rip, count, inside) in cases {
             let mut st = vm.protected32(rip);
             st.gpr[1] = count;
-            let o = vm.run(&st);
+            let o = vm.start(&st);
             if inside {
                 assert!(
-                    o.halted && o.vector.is_none(),
+                    o.halted() && o.vector.is_none(),
                     "{count:#x} in bounds: {o:?}"
                 );
             } else {
@@ -114,9 +114,9 @@ mod tests {
 
     #[test]
     fn salc_and_bound_are_invalid_in_64_bit_mode() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         vm.write(CODE, &[0xd6, 0xf4]);
-        let o = vm.run(&vm.long_mode(CODE));
+        let o = vm.start(&vm.long_mode(CODE));
         assert_eq!(o.vector, Some(6), "salc: {o:?}");
     }
 }

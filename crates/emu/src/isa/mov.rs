@@ -160,6 +160,9 @@ fn mov_to_sreg<S: Src>(cpu: &mut Cpu, i: &Insn) -> Res {
     }
     let sel = S::get::<W16>(cpu, i)? as u16;
     cpu.load_seg(n, sel)?;
+    if n == SS {
+        crate::mode::dbreg::ss_loaded(cpu);
+    }
     cpu.stop = true;
     Ok(())
 }

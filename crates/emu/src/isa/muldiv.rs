@@ -204,14 +204,14 @@ mod tests {
     use iced_x86::code_asm::*;
 
     use crate::cpu::flags::{AF, CF, OF, OSZAPC, PF, SF, ZF};
-    use crate::isa::bit::harness::*;
+    use crate::tests::guest::*;
 
     type Emit = fn(&mut CodeAssembler) -> Result<(), IcedError>;
 
     /// Runs one instruction in a long-mode guest with `v0`-`v2` in rax, rcx
     /// and rdx and the arithmetic flags `f`; returns (rax, rdx, flags).
     fn guest_run(emit: Emit, v0: u64, v1: u64, v2: u64, f: u64) -> (u64, u64, u64) {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         vm.asm(64, CODE, |a| {
             emit(a).unwrap();
             a.hlt().unwrap();
@@ -219,8 +219,8 @@ mod tests {
         let mut st = vm.long_mode(CODE);
         (st.gpr[0], st.gpr[1], st.gpr[2]) = (v0, v1, v2);
         st.rflags = f | 2;
-        let o = vm.run(&st);
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        let o = vm.start(&st);
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         (o.state.gpr[0], o.state.gpr[2], o.state.rflags & OSZAPC)
     }
 

@@ -317,14 +317,14 @@ mod tests {
 
     use super::*;
     use crate::cpu::flags::{AF, CF, OF, OSZAPC};
-    use crate::isa::bit::harness::*;
+    use crate::tests::guest::*;
 
     type Emit = fn(&mut CodeAssembler) -> Result<(), IcedError>;
 
     /// Runs one instruction in a long-mode guest with `v` in rax and the
     /// arithmetic flags `f`; returns (rax, OSZAPC flags).
     fn guest_run(emit: Emit, v: u64, f: u64) -> (u64, u64) {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         vm.asm(64, CODE, |a| {
             emit(a).unwrap();
             a.hlt().unwrap();
@@ -332,8 +332,8 @@ mod tests {
         let mut st = vm.long_mode(CODE);
         st.gpr[0] = v;
         st.rflags = f | 2;
-        let o = vm.run(&st);
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        let o = vm.start(&st);
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         (o.state.gpr[0], o.state.rflags & OSZAPC)
     }
 

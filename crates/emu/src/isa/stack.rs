@@ -61,6 +61,9 @@ fn pop_sreg<W: Width, const SEG: usize>(cpu: &mut Cpu, _: &Insn) -> Res {
         cpu.gpr[RSP] = sp;
         return Err(e);
     }
+    if SEG == SS {
+        crate::mode::dbreg::ss_loaded(cpu);
+    }
     cpu.stop = true;
     Ok(())
 }

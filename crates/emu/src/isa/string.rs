@@ -6,7 +6,7 @@
 use iced_x86::Instruction;
 
 use crate::cpu::fault::Res;
-use crate::cpu::flags::DF;
+use crate::cpu::flags::{DF, TF};
 use crate::cpu::width::{W8, W16, W32, W64, Width};
 use crate::cpu::{Cpu, ES};
 use crate::decode::{Handler, Insn, Table};
@@ -37,6 +37,9 @@ fn advance(cpu: &mut Cpu, reg: usize, mask: u64, by: u64) {
 fn rewind(cpu: &mut Cpu, i: &Insn) {
     let ip = cpu.rip().wrapping_sub(u64::from(i.len)) & cpu.ip_mask;
     cpu.set_rip(ip);
+    // An event between iterations pushes RF set (SDM 18.3.1.1), so the
+    // rest does not hit the instruction breakpoint again.
+    cpu.rflags |= crate::cpu::flags::RF;
     cpu.stop = true;
 }
 
@@ -48,8 +51,9 @@ fn host_range(cpu: &mut Cpu, seg: usize, off: u64, n: u64, write: bool) -> Res<O
     } else {
         cpu.lin_r(seg, off, n as usize)?
     };
-    // Watched accesses go element by element, each checked (crate::debug).
-    if (lin & 0xfff) + n > 0x1000 || cpu.debug.watching {
+    // Watched accesses go element by element, each checked (crate::debug),
+    // and so does single step, which traps after each iteration.
+    if (lin & 0xfff) + n > 0x1000 || cpu.debug.watching || cpu.rflags & TF != 0 {
         return Ok(None);
     }
     let e = cpu.tlb.entry(lin);

@@ -220,18 +220,14 @@ fn dr_index(cpu: &Cpu, n: u8) -> Res<usize> {
 
 fn mov_to_dr<W: Width>(cpu: &mut Cpu, i: &Insn) -> Res {
     need_cpl0(cpu)?;
+    crate::mode::dbreg::general_detect(cpu)?;
     let n = dr_index(cpu, i.r0)?;
-    let v = W::get(&cpu.gpr, i.r1);
-    cpu.dr[n] = match n {
-        6 => (v & 0xe00f) | 0xffff_0ff0,
-        7 => (v & 0xffff_2fff) | 0x400,
-        _ => v,
-    };
-    Ok(())
+    crate::mode::dbreg::write(cpu, n, W::get(&cpu.gpr, i.r1))
 }
 
 fn mov_from_dr<W: Width>(cpu: &mut Cpu, i: &Insn) -> Res {
     need_cpl0(cpu)?;
+    crate::mode::dbreg::general_detect(cpu)?;
     let n = dr_index(cpu, i.r1)?;
     W::set(&mut cpu.gpr, i.r0, cpu.dr[n] & W::MASK);
     Ok(())

@@ -187,11 +187,11 @@ pub(crate) fn register(t: &mut Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::isa::bit::harness::{CODE, DATA, TestVm};
+    use crate::tests::guest::{CODE, DATA, Guest};
     use iced_x86::code_asm::*;
     use vm_memory::{Bytes, GuestAddress};
 
-    fn read(vm: &TestVm, addr: u64, n: usize) -> Vec<u8> {
+    fn read(vm: &Guest, addr: u64, n: usize) -> Vec<u8> {
         let mut b = vec![0u8; n];
         vm.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
         b
@@ -250,11 +250,11 @@ mod tests {
 
     /// Runs `f` (then hlt) at CODE in long mode with CR4.OSXSAVE as given.
     fn run(
-        vm: &mut TestVm,
+        vm: &mut Guest,
         osxsave: bool,
         f: impl FnOnce(&mut CodeAssembler),
         prep: impl FnOnce(&mut vmplay_hypervisor::CpuState),
-    ) -> crate::isa::bit::harness::Outcome {
+    ) -> crate::tests::guest::Outcome {
         vm.asm(64, CODE, |a| {
             f(a);
             a.hlt().unwrap();
@@ -265,16 +265,16 @@ mod tests {
             st.cr4 |= CR4_OSXSAVE;
         }
         prep(&mut st);
-        vm.run(&st)
+        vm.start(&st)
     }
 
     #[test]
     fn xgetbv_xsetbv_and_cpuid_follow_cr4_osxsave() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let o = run(&mut vm, false, |a| a.xgetbv().unwrap(), |_| {});
         assert_eq!(o.vector, Some(6), "#UD without CR4.OSXSAVE");
         let o = run(&mut vm, true, |a| a.xgetbv().unwrap(), |s| s.gpr[1] = 0);
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         assert_eq!(
             (o.state.gpr[0], o.state.gpr[2]),
             (1, 0),
@@ -292,7 +292,7 @@ mod tests {
             },
             |s| (s.gpr[0], s.gpr[1], s.gpr[2]) = (3, 0, 0),
         );
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         assert_eq!(o.state.gpr[6] & 0xffff_ffff, 3);
         assert_eq!(o.state.gpr[1] >> 26 & 3, 3, "XSAVE and OSXSAVE");
         for (lo, sel) in [(2, 0), (7, 0), (3, 1)] {
@@ -316,7 +316,7 @@ mod tests {
             },
             |s| s.gpr[1] = 0,
         );
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
     }
 
     fn fpu_sample(s: &mut vmplay_hypervisor::CpuState) {
@@ -339,7 +339,7 @@ mod tests {
 
     #[test]
     fn xsave_writes_the_fxsave_layout_and_the_header_only() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let (fx, xs) = (DATA, DATA + 0x1000);
         vm.write(xs, &[0xaa; 1024]);
         let o = run(
@@ -373,7 +373,7 @@ mod tests {
 
     #[test]
     fn xrstor_loads_requested_components_or_their_initial_state() {
-        let mut vm = TestVm::new(1);
+        let mut vm = Guest::with_exception_stubs(1);
         let img = DATA + 0x2000;
         // An image with x87 only: XMM registers come back zero, MXCSR and
         // x87 from the image.
@@ -392,7 +392,7 @@ mod tests {
             },
             fpu_sample,
         );
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         let f = &o.state.fpu;
         // FCW as FLDCW loads it (bit 6 reads 1), as the host does.
         assert_eq!((f.fcw, f.mxcsr), (0x0163, 0x1f00));
@@ -410,7 +410,7 @@ mod tests {
             },
             fpu_sample,
         );
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         let f = &o.state.fpu;
         assert_eq!((f.fcw, f.fsw, f.ftw, f.mxcsr), (0x37f, 0, 0, 0x9fc0));
         assert_eq!(f.xmm[3], 0x0404_0404_0404_0404_0404_0404_0404_0404);
@@ -444,7 +444,7 @@ mod tests {
             },
             fpu_sample,
         );
-        assert!(o.halted && o.vector.is_none(), "{o:?}");
+        assert!(o.halted() && o.vector.is_none(), "{o:?}");
         let mut want = vmplay_hypervisor::CpuState::default();
         fpu_sample(&mut want);
         assert_eq!(o.state.fpu.xmm, want.fpu.xmm);

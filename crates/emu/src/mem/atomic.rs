@@ -94,7 +94,12 @@ impl Cpu {
         if e.tag_w == lin & PAGE_MASK {
             return Ok(Some(e.addend.wrapping_add(lin) as *mut u8));
         }
-        match self.translate(lin, Access::Write)? {
+        let target = self.translate(lin, Access::Write)?;
+        if self.debug.watching {
+            // The whole operand, not just its first byte (`translate`).
+            crate::debug::wrote(self, lin, n);
+        }
+        match target {
             Target::Ram(loc) => {
                 if self.vm.code.is_code(loc.frame) {
                     self.vm.code.invalidate(loc.frame);

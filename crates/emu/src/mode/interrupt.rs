@@ -161,6 +161,16 @@ fn gate_target(cpu: &mut Cpu, sel: u16, ext: bool) -> Res<(super::segment::Desc,
     Ok((d, cpl))
 }
 
+/// The RFLAGS image an event pushes: faults push RF set, so the
+/// instruction they return to is not stopped again by an instruction
+/// breakpoint; everything else pushes RF as it is (SDM 18.3.1.1).
+fn pushed_flags(cpu: &Cpu, ev: Event) -> u64 {
+    match ev {
+        Event::Exception(_) => cpu.get_rflags() | RF,
+        _ => cpu.get_rflags(),
+    }
+}
+
 /// Writes a frame of `vals` (first pushed first) ending below `top` on
 /// the stack segment described by `base`/`mask`, each `size` bytes, as a
 /// supervisor access if `sys`. Returns the new stack offset.
@@ -203,7 +213,7 @@ fn deliver_protected(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
     let offset = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000);
     let (d, new_cpl) = gate_target(cpu, sel, ext)?;
     let size = if gate32 { 4 } else { 2 };
-    let flags = cpu.get_rflags();
+    let flags = pushed_flags(cpu, ev);
     let code = match ev {
         Event::Exception(c) => c,
         _ => None,
@@ -307,7 +317,7 @@ fn deliver_long(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
     let mut vals = vec![
         u64::from(cpu.seg[SS].sel),
         cpu.gpr[RSP],
-        cpu.get_rflags(),
+        pushed_flags(cpu, ev),
         u64::from(cpu.seg[CS].sel),
         cpu.rip(),
     ];

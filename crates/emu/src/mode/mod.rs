@@ -1,6 +1,7 @@
 //! Modes and protection: descriptor loads and segment checks, interrupt
-//! and exception delivery, far transfers, fast system calls.
+//! and exception delivery, far transfers, fast system calls, the debug architecture.
 
+pub mod dbreg;
 pub mod far;
 pub mod interrupt;
 pub mod segment;

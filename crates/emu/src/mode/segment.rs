@@ -168,10 +168,6 @@ impl Cpu {
         self.seg[n] = d.to_seg(sel);
         self.seg[n].attr |= 1; // accessed
         self.refresh_segment(n);
-        if n == SS {
-            self.int_shadow = true;
-            self.stop = true;
-        }
         Ok(())
     }
 

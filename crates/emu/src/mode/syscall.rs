@@ -59,6 +59,7 @@ pub fn syscall(cpu: &mut Cpu) -> Res {
         cpu.update_mode();
         cpu.set_rip(cpu.msr.star & 0xffff_ffff);
     }
+    crate::mode::dbreg::fast_system_call_done(cpu);
     Ok(())
 }
 
@@ -87,6 +88,7 @@ pub fn sysret(cpu: &mut Cpu, bytes: u8) -> Res {
     cpu.cpl = 3;
     cpu.update_mode();
     cpu.set_rip(if long { target } else { target & 0xffff_ffff });
+    crate::mode::dbreg::fast_system_call_done(cpu);
     Ok(())
 }
 

@@ -4,13 +4,7 @@
 use iced_x86::code_asm::*;
 use vmplay_hypervisor::CpuState;
 
-// The crate's test guest harness lives in the private `crate::tests`;
-// including it here keeps the family's tests next to its code.
-#[path = "../../tests/guest.rs"]
-#[allow(dead_code, clippy::duplicate_mod)]
-mod guest;
-
-use guest::*;
+use crate::tests::guest::*;
 
 const DATA: u64 = 0x20_0000;
 const HANDLERS: u64 = 0x30_0000;

@@ -10,190 +10,7 @@ use super::float80::host::Rng;
 use super::float80::{self, Env};
 use crate::cpu::fpu::F80;
 
-pub(crate) use harness::{CODE, DATA, TestVm};
-
-/// A guest with flat segments in long, 32-bit protected and real mode
-/// whose exception vectors report as `out 0x80, vector; hlt`.
-pub(crate) mod harness {
-    use std::sync::Arc;
-
-    use vm_memory::{Bytes, GuestAddress};
-    use vmplay_hypervisor::{
-        CpuState, DescriptorTable, GuestMemory, Hypervisor, Segment, Vcpu, VcpuExit, Vm, VmSpec,
-    };
-
-    use crate::{EmuHypervisor, EmuOptions};
-
-    const MEM: usize = 4 << 20;
-    const GDT: u64 = 0x500;
-    const IDT64: u64 = 0x1000;
-    const IDT32: u64 = 0x2000;
-    const STUBS: u64 = 0x3000;
-    const PML4: u64 = 0x10000;
-    pub const CODE: u64 = 0x20000;
-    pub const STACK: u64 = 0x7000;
-    pub const DATA: u64 = 0x10_0000;
-    const CODE64: u16 = 0x08;
-    const DATA_SEL: u16 = 0x10;
-    const CODE32: u16 = 0x18;
-    pub const VECTOR_PORT: u16 = 0x80;
-
-    pub struct TestVm {
-        _vm: Arc<dyn Vm>,
-        pub mem: GuestMemory,
-        vcpu: Box<dyn Vcpu>,
-    }
-
-    /// How a run ended: halted, the vector a stub reported, the state.
-    #[derive(Debug)]
-    pub struct Outcome {
-        pub halted: bool,
-        pub vector: Option<u8>,
-        pub state: CpuState,
-    }
-
-    impl TestVm {
-        pub fn new() -> TestVm {
-            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).expect("test memory");
-            let vm = EmuHypervisor::new(EmuOptions::default())
-                .create_vm(&VmSpec { vcpus: 1 }, &mem)
-                .expect("create vm");
-            let vcpu = vm.create_vcpu(0).expect("vcpu 0");
-            let t = TestVm { _vm: vm, mem, vcpu };
-            t.tables();
-            t
-        }
-
-        pub fn write(&self, addr: u64, bytes: &[u8]) {
-            self.mem
-                .write_slice(bytes, GuestAddress(addr))
-                .expect("write guest memory");
-        }
-
-        pub fn read(&self, addr: u64, buf: &mut [u8]) {
-            self.mem
-                .read_slice(buf, GuestAddress(addr))
-                .expect("read guest memory");
-        }
-
-        fn write_u64(&self, addr: u64, v: u64) {
-            self.write(addr, &v.to_le_bytes());
-        }
-
-        fn tables(&self) {
-            let gdt = [
-                0,
-                0x00af_9b00_0000_ffffu64,
-                0x00cf_9300_0000_ffff,
-                0x00cf_9b00_0000_ffff,
-            ];
-            for (k, d) in gdt.iter().enumerate() {
-                self.write_u64(GDT + 8 * k as u64, *d);
-            }
-            for v in 0..32u64 {
-                let stub = STUBS + 8 * v;
-                // mov al, v; out 0x80, al; hlt
-                self.write(stub, &[0xb0, v as u8, 0xe6, VECTOR_PORT as u8, 0xf4]);
-                let gate = (stub & 0xffff) | ((stub >> 16) & 0xffff) << 48 | 0x8e << 40;
-                self.write_u64(IDT64 + 16 * v, gate | u64::from(CODE64) << 16);
-                self.write_u64(IDT64 + 16 * v + 8, stub >> 32);
-                self.write_u64(IDT32 + 8 * v, gate | u64::from(CODE32) << 16);
-                self.write(4 * v, &(stub as u32).to_le_bytes()); // IVT
-            }
-            self.write_u64(PML4, (PML4 + 0x1000) | 3);
-            self.write_u64(PML4 + 0x1000, (PML4 + 0x2000) | 3);
-            for k in 0..512u64 {
-                self.write_u64(PML4 + 0x2000 + 8 * k, (k << 21) | 0x83);
-            }
-        }
-
-        /// 64-bit mode at `rip`, CR0.NE set (x87 errors raise #MF).
-        pub fn long_mode(&self, rip: u64) -> CpuState {
-            let code = Segment::flat(CODE64, 0xb, true, false);
-            let data = Segment::flat(DATA_SEL, 0x3, false, true);
-            let mut s = CpuState {
-                rip,
-                rflags: 2,
-                cs: code,
-                ss: data,
-                ds: data,
-                es: data,
-                fs: data,
-                gs: data,
-                tr: Segment::tss(0, 0, 0x67),
-                ldt: Segment::no_ldt(),
-                gdt: DescriptorTable {
-                    base: GDT,
-                    limit: 0x1f,
-                },
-                idt: DescriptorTable {
-                    base: IDT64,
-                    limit: 32 * 16 - 1,
-                },
-                cr0: 0x8000_0031,
-                cr3: PML4,
-                cr4: 0x20,
-                efer: 0x500,
-                ..Default::default()
-            };
-            s.gpr[4] = STACK;
-            s
-        }
-
-        pub fn protected32(&self, rip: u64) -> CpuState {
-            let mut s = self.long_mode(rip);
-            s.cs = Segment::flat(CODE32, 0xb, false, true);
-            (s.cr0, s.cr4, s.efer) = (0x31, 0, 0);
-            s.idt = DescriptorTable {
-                base: IDT32,
-                limit: 32 * 8 - 1,
-            };
-            s
-        }
-
-        pub fn real_mode(&self, rip: u64) -> CpuState {
-            let mut s = CpuState::reset();
-            s.cs = Segment::real_mode(0, true);
-            let d = Segment::real_mode(0, false);
-            (s.ds, s.es, s.ss, s.fs, s.gs) = (d, d, d, d, d);
-            s.rip = rip;
-            s.gpr[4] = STACK;
-            s
-        }
-
-        /// Runs from `s` until `hlt` (or something else stops it).
-        pub fn run(&mut self, s: &CpuState) -> Outcome {
-            self.vcpu.set_state(s).expect("set_state");
-            let mut vector = None;
-            let mut halted = false;
-            for _ in 0..1000 {
-                match self.vcpu.run() {
-                    Ok(VcpuExit::IoOut {
-                        port: VECTOR_PORT,
-                        data,
-                    }) => vector = Some(data[0]),
-                    Ok(VcpuExit::IoIn { data, .. } | VcpuExit::MmioRead { data, .. }) => {
-                        data.fill(0xff)
-                    }
-                    Ok(
-                        VcpuExit::IoOut { .. } | VcpuExit::MmioWrite { .. } | VcpuExit::Interrupted,
-                    ) => {}
-                    Ok(VcpuExit::Halt) => {
-                        halted = true;
-                        break;
-                    }
-                    Ok(VcpuExit::Shutdown | VcpuExit::InternalError(_) | VcpuExit::Debug(_))
-                    | Err(_) => break,
-                }
-            }
-            Outcome {
-                halted,
-                vector,
-                state: self.vcpu.state().expect("state"),
-            }
-        }
-    }
-}
+pub(crate) use crate::tests::guest::{CODE, DATA, Guest, KCODE32, KDATA};
 
 /// An FXSAVE area.
 #[repr(C, align(16))]
@@ -331,15 +148,15 @@ fn random_mem(rng: &mut Rng) -> [u8; 128] {
 }
 
 /// Runs `form` in a guest from `init`; `None` if it faulted.
-fn guest_run(vm: &mut TestVm, rip: u64, init: &HostState) -> Option<HostState> {
+fn guest_run(vm: &mut Guest, rip: u64, init: &HostState) -> Option<HostState> {
     let mut s: CpuState = vm.long_mode(rip);
     s.fpu = fpu_of(&init.fx);
     s.rflags = init.rflags;
     s.gpr[0] = init.rax;
     s.gpr[6] = DATA;
     vm.write(DATA, &init.mem);
-    let o = vm.run(&s);
-    if !o.halted || o.vector.is_some() {
+    let o = vm.start(&s);
+    if !o.halted() || o.vector.is_some() {
         return None;
     }
     let f = &o.state.fpu;
@@ -404,7 +221,7 @@ fn differences(host: &HostState, guest: &HostState) -> Vec<String> {
 
 /// Every form against the host from `cases` random states each.
 fn check_forms(forms: &[Form], cases: usize, seed: u64) {
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     let mut rng = Rng::new(seed);
     let mut fails = Vec::new();
     for (k, form) in forms.iter().enumerate() {
@@ -600,7 +417,7 @@ fn fnstenv_and_fnsave_images_match_the_host() {
     // The host keeps its own CS selector in the 32-bit FCS slot; all else
     // (including FIP, FOP and FDP as fxrstor64 loaded them) must agree.
     let forms = [form!("fnstenv", 0xd9, 0x36), form!("fnsave", 0xdd, 0x36)];
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     let mut rng = Rng::new(105);
     for (k, form) in forms.iter().enumerate() {
         let rip = CODE + 0x20 * k as u64;
@@ -640,12 +457,12 @@ fn an_unmasked_exception_faults_the_next_waiting_instruction() {
         0xdd, 0x7e, 0x08, // fnstsw [rsi+8]: no-wait, no fault
         0x9b, // fwait: #MF
     ];
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     vm.write(CODE, &[&code[..], &[0xf4]].concat());
     vm.write(DATA, &0x037bu16.to_le_bytes());
     let mut s = vm.long_mode(CODE);
     s.gpr[6] = DATA;
-    let o = vm.run(&s);
+    let o = vm.start(&s);
     assert_eq!(o.vector, Some(16), "#MF");
     let mut b = [0u8; 2];
     vm.read(DATA + 8, &mut b);
@@ -658,7 +475,7 @@ fn an_unmasked_exception_faults_the_next_waiting_instruction() {
 }
 
 /// The RIP an exception stub's frame recorded.
-fn vm_rsp_rip(vm: &TestVm, o: &harness::Outcome) -> u64 {
+fn vm_rsp_rip(vm: &Guest, o: &crate::tests::guest::Outcome) -> u64 {
     let mut b = [0u8; 8];
     vm.read(o.state.gpr[4], &mut b);
     u64::from_le_bytes(b)
@@ -675,13 +492,13 @@ fn fnclex_clears_a_pending_exception() {
         0x9b, // fwait
         0xd9, 0xe8, // fld1
     ];
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     vm.write(CODE, &[&code[..], &[0xf4]].concat());
     vm.write(DATA, &0x037bu16.to_le_bytes());
     let mut s = vm.long_mode(CODE);
     s.gpr[6] = DATA;
-    let o = vm.run(&s);
-    assert!(o.halted && o.vector.is_none(), "{:?}", o.vector);
+    let o = vm.start(&s);
+    assert!(o.halted() && o.vector.is_none(), "{:?}", o.vector);
     assert_eq!(o.state.fpu.fsw & 0x80ff, 0);
 }
 
@@ -694,11 +511,12 @@ fn cr0_ts_and_em_raise_nm() {
         (0xa, &[0x9b][..], Some(7)),         // TS and MP: fwait faults
         (0x8, &[0xdb, 0xe3][..], Some(7)),   // TS: fninit too
     ] {
-        let mut vm = TestVm::new();
+        let mut vm = Guest::with_exception_stubs(1);
         vm.write(CODE, &[code, &[0xf4]].concat());
         let mut s = vm.long_mode(CODE);
-        s.cr0 |= cr0_bits;
-        let o = vm.run(&s);
+        // MP only where the case sets it.
+        s.cr0 = s.cr0 & !0x2 | cr0_bits;
+        let o = vm.start(&s);
         assert_eq!(o.vector, want, "cr0 bits {cr0_bits:#x}, code {code:02x?}");
     }
 }
@@ -707,15 +525,15 @@ fn cr0_ts_and_em_raise_nm() {
 fn unmasked_overflow_keeps_the_bias_adjusted_result() {
     // fldcw [rsi] (OE unmasked); fld tbyte [rsi+16] (2^16000); fmul st0, st0
     let code = [0xd9, 0x2e, 0xdb, 0x6e, 0x10, 0xd8, 0xc8];
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     vm.write(CODE, &[&code[..], &[0xf4]].concat());
     vm.write(DATA, &0x0377u16.to_le_bytes());
     let big = F80::new(false, 0x3fff + 16000, 1 << 63);
     vm.write(DATA + 16, &big.to_bytes()[..10]);
     let mut s = vm.long_mode(CODE);
     s.gpr[6] = DATA;
-    let o = vm.run(&s);
-    assert!(o.halted);
+    let o = vm.start(&s);
+    assert!(o.halted());
     let r = F80::from_bytes(&o.state.fpu.st[0]);
     assert_eq!(
         r,
@@ -727,7 +545,7 @@ fn unmasked_overflow_keeps_the_bias_adjusted_result() {
 
 #[test]
 fn protected_mode_fnstenv_stores_selectors_and_the_opcode() {
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     // fninit; fld1; fld dword [esi+4]; fnstenv [esi+32]
     let code = [
         0xdb, 0xe3, 0xd9, 0xe8, 0xd9, 0x46, 0x04, 0xd9, 0x76, 0x20, 0xf4,
@@ -736,8 +554,8 @@ fn protected_mode_fnstenv_stores_selectors_and_the_opcode() {
     vm.write(DATA + 4, &1.5f32.to_bits().to_le_bytes());
     let mut s = vm.protected32(CODE);
     s.gpr[6] = DATA;
-    let o = vm.run(&s);
-    assert!(o.halted, "{:?}", o.vector);
+    let o = vm.start(&s);
+    assert!(o.halted(), "{:?}", o.vector);
     let mut env = [0u8; 28];
     vm.read(DATA + 32, &mut env);
     let d = |k: usize| u32::from_le_bytes([env[k], env[k + 1], env[k + 2], env[k + 3]]);
@@ -745,14 +563,14 @@ fn protected_mode_fnstenv_stores_selectors_and_the_opcode() {
     assert_eq!(d(4), 0xffff_3000, "fsw: TOP = 6");
     assert_eq!(d(8), 0xffff_0fff, "ftw: R6 and R7 valid");
     assert_eq!(d(12), (CODE + 4) as u32, "fip: the fld m32");
-    assert_eq!(d(16), 0x18 | (0x146 << 16), "fcs 0x18, fop d9 46");
+    assert_eq!(d(16), u32::from(KCODE32) | (0x146 << 16), "fcs, fop d9 46");
     assert_eq!(d(20), (DATA + 4) as u32, "fdp");
-    assert_eq!(d(24), 0xffff_0010, "fds");
+    assert_eq!(d(24), 0xffff_0000 | u32::from(KDATA), "fds");
 }
 
 #[test]
 fn real_mode_fnstenv_and_fldenv_round_trip() {
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     // fninit; fldpi; fnstenv [si] (16-bit); fninit; fldenv [si]; hlt
     let at = 0x8000;
     let code = [
@@ -761,8 +579,8 @@ fn real_mode_fnstenv_and_fldenv_round_trip() {
     vm.write(at, &code);
     let mut s = vm.real_mode(at);
     s.gpr[6] = 0x9000;
-    let o = vm.run(&s);
-    assert!(o.halted, "{:?}", o.vector);
+    let o = vm.start(&s);
+    assert!(o.halted(), "{:?}", o.vector);
     let mut env = [0u8; 14];
     vm.read(0x9000, &mut env);
     let w = |k: usize| u16::from_le_bytes([env[2 * k], env[2 * k + 1]]);
@@ -868,7 +686,7 @@ fn transcendentals_are_within_two_ulps_of_the_host() {
         form!("fyl2x", 0xd9, 0xf1),
         form!("fyl2xp1", 0xd9, 0xf9),
     ];
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     let mut rng = Rng::new(106);
     let mut report = Vec::new();
     let mut fails = Vec::new();
@@ -956,7 +774,7 @@ fn transcendental_special_cases_match_the_host() {
         form!("fyl2x", 0xd9, 0xf1),
         form!("fyl2xp1", 0xd9, 0xf9),
     ];
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     let mut rng = Rng::new(107);
     let mut fails = Vec::new();
     for (k, form) in forms.iter().enumerate() {
@@ -1011,13 +829,13 @@ fn a_suppressed_store_still_faults_on_its_destination() {
     // fldcw [rsi] (IE unmasked); fstp dword [rdi] with an empty stack: the
     // store is suppressed, but an unmapped destination still takes #PF
     // first (as the host does), leaving FSW untouched.
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     vm.write(CODE, &[0xd9, 0x2e, 0xd9, 0x1f, 0xf4]);
     vm.write(DATA, &0x037eu16.to_le_bytes());
     let mut s = vm.long_mode(CODE);
     s.gpr[6] = DATA;
     s.gpr[7] = 0x8000_0000; // beyond the identity map
-    let o = vm.run(&s);
+    let o = vm.start(&s);
     assert_eq!(o.vector, Some(14));
     assert_eq!(o.state.cr2, 0x8000_0000);
     assert_eq!(o.state.fpu.fsw, 0, "no stack fault recorded");
@@ -1035,13 +853,13 @@ fn x87_loop_speed() {
         0xd8, 0xc1, 0xd8, 0xc9, 0xd9, 0xc0, 0xdd, 0xd9, 0xd9, 0xc9, 0xd9, 0xc9, 0xff, 0xc9, 0x75,
         0xf0, 0xf4,
     ];
-    let mut vm = TestVm::new();
+    let mut vm = Guest::with_exception_stubs(1);
     vm.write(CODE, &code);
     let s = vm.long_mode(CODE);
     let t = std::time::Instant::now();
-    let o = vm.run(&s);
+    let o = vm.start(&s);
     let dt = t.elapsed();
-    assert!(o.halted, "{:?}", o.vector);
+    assert!(o.halted(), "{:?}", o.vector);
     eprintln!(
         "60M x87 instructions in {dt:?}: {:.1} ns each",
         dt.as_nanos() as f64 / 60e6
