@@ -264,7 +264,7 @@ fn run_block<const TRACE: bool, const LONG: bool>(cpu: &mut Cpu, block: &Block) 
             Err(Stop::SoftInt(v)) => {
                 done += 1;
                 cpu.io.retire();
-                crate::mode::interrupt::deliver(cpu, v, IntEvent::Software);
+                crate::mode::interrupt::deliver_software(cpu, v, cur);
                 break;
             }
             Err(Stop::Fault(f)) => {
@@ -295,6 +295,14 @@ fn service(cpu: &mut Cpu, vm: &VmShared, att: u32) -> Option<Event> {
     if att & signal::KICK != 0 {
         sig.clear(signal::KICK);
         return Some(Event::Interrupted);
+    }
+    if att & signal::UNHALT != 0 {
+        sig.clear(signal::UNHALT);
+        if cpu.run_state == RunState::Halted {
+            cpu.run_state = RunState::Running;
+        } else {
+            cpu.pv_unhalted = true;
+        }
     }
     if att & signal::FLUSH_CODE != 0 {
         sig.clear(signal::FLUSH_CODE);

@@ -196,6 +196,12 @@ pub struct Cpu {
     pub int_shadow: bool,
     /// NMIs are blocked until the next iret.
     pub nmi_blocked: bool,
+    /// A KVM_HC_KICK_CPU arrived while running: the next `hlt` returns
+    /// at once (KVM's pv_unhalted).
+    pub pv_unhalted: bool,
+    /// Faults being delivered after a task switch's commit point, nested
+    /// (mode/task.rs bounds it).
+    pub task_nesting: u8,
     pub run_state: RunState,
     /// The guest triple-faulted.
     pub shutdown: bool,
@@ -254,6 +260,8 @@ impl Cpu {
             stop: false,
             int_shadow: false,
             nmi_blocked: false,
+            pv_unhalted: false,
+            task_nesting: 0,
             run_state: RunState::Running,
             shutdown: false,
             tlb: Tlb::new(),
@@ -279,12 +287,13 @@ impl Cpu {
         self.load_state(&s);
         self.msr = Msrs {
             pat: 0x0007_0406_0007_0406,
-            misc_enable: 1, // FAST_STRING
+            misc_enable: crate::msr::MISC_ENABLE_RESET,
             ..Msrs::default()
         };
         self.dr = [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400];
         self.int_shadow = false;
         self.nmi_blocked = false;
+        self.pv_unhalted = false;
         self.run_state = RunState::Running;
     }
 
@@ -429,4 +438,11 @@ fn seg_windows(s: &mut Seg, long: bool, real: bool) {
         (s.rlo, s.rhi) = if readable { (lo, hi) } else { (1, 0) };
         (s.wlo, s.whi) = if writable { (lo, hi) } else { (1, 0) };
     }
+}
+
+/// A canonical linear address: bits 63..47 equal. 48-bit only: emu has
+/// no 5-level paging (CR4.LA57 is reserved, CPUID.7.ECX.LA57 clear).
+#[inline(always)]
+pub fn canonical(lin: u64) -> bool {
+    ((lin as i64) << 16 >> 16) as u64 == lin
 }

@@ -12,7 +12,6 @@ use crate::decode::Insn;
 use crate::mem::PAGE_MASK;
 use crate::mem::access::Target;
 use crate::mem::paging::Access;
-use crate::mode::interrupt::Event as IntEvent;
 
 /// Exit codes of translated code and of [`interp`].
 pub const GO_ON: u64 = 0;
@@ -44,7 +43,7 @@ pub extern "C" fn interp(cpu: &mut Cpu, insn: &Insn, next: u64) -> u64 {
         Err(Stop::SoftInt(v)) => {
             cpu.icount += 1;
             cpu.io.retire();
-            crate::mode::interrupt::deliver(cpu, v, IntEvent::Software);
+            crate::mode::interrupt::deliver_software(cpu, v, cur);
             LEAVE
         }
         Err(Stop::Fault(f)) => {

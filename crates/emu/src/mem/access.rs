@@ -6,9 +6,9 @@ use super::io::{Pending, Posted};
 use super::paging::Access;
 use super::tlb::TlbEntry;
 use super::{PAGE_MASK, RamLoc};
-use crate::cpu::fault::{Fault, Res};
+use crate::cpu::fault::{Fault, Res, Stop};
 use crate::cpu::width::{W8, W16, W32, W64, Width};
-use crate::cpu::{CR0_WP, Cpu, Mode, RSP, SS};
+use crate::cpu::{CR0_WP, Cpu, Mode, RSP, SS, canonical};
 use crate::decode::Insn;
 
 /// Where a linear address led.
@@ -18,9 +18,20 @@ pub enum Target {
     Mmio(u64),
 }
 
+/// `translate` raises #GP(0) for a non-canonical address; a reference
+/// through SS raises #SS(0) instead (SDM: "memory address referencing the
+/// SS segment is in a non-canonical form"). Only the error path pays.
 #[inline(always)]
-fn canonical(lin: u64) -> bool {
-    ((lin as i64) << 16 >> 16) as u64 == lin
+pub fn via_seg<T>(seg: usize, r: Res<T>) -> Res<T> {
+    match r {
+        Err(e) if seg == SS => Err(stack_fault(e)),
+        r => r,
+    }
+}
+
+#[cold]
+fn stack_fault(e: Stop) -> Stop {
+    if e == Fault::gp(0) { Fault::ss(0) } else { e }
 }
 
 /// Loads `n` bytes (1, 2, 4, 8) from a host pointer.
@@ -68,7 +79,7 @@ impl Cpu {
     }
 
     #[cold]
-    fn seg_fault(seg: usize) -> crate::cpu::fault::Stop {
+    fn seg_fault(seg: usize) -> Stop {
         if seg == SS {
             Fault::ss(0)
         } else {
@@ -150,27 +161,29 @@ impl Cpu {
     /// Reads the memory operand.
     #[inline(always)]
     pub fn read_mem<W: Width>(&mut self, i: &Insn) -> Res<u64> {
-        let lin = self.lin_r(usize::from(i.seg), self.ea(i), W::BYTES)?;
-        self.read_lin::<W>(lin)
+        let seg = usize::from(i.seg);
+        let lin = self.lin_r(seg, self.ea(i), W::BYTES)?;
+        via_seg(seg, self.read_lin::<W>(lin))
     }
 
     /// Writes the memory operand.
     #[inline(always)]
     pub fn write_mem<W: Width>(&mut self, i: &Insn, v: u64) -> Res {
-        let lin = self.lin_w(usize::from(i.seg), self.ea(i), W::BYTES)?;
-        self.write_lin::<W>(lin, v)
+        let seg = usize::from(i.seg);
+        let lin = self.lin_w(seg, self.ea(i), W::BYTES)?;
+        via_seg(seg, self.write_lin::<W>(lin, v))
     }
 
     #[inline(always)]
     pub fn read_virt<W: Width>(&mut self, seg: usize, off: u64) -> Res<u64> {
         let lin = self.lin_r(seg, off, W::BYTES)?;
-        self.read_lin::<W>(lin)
+        via_seg(seg, self.read_lin::<W>(lin))
     }
 
     #[inline(always)]
     pub fn write_virt<W: Width>(&mut self, seg: usize, off: u64, v: u64) -> Res {
         let lin = self.lin_w(seg, off, W::BYTES)?;
-        self.write_lin::<W>(lin, v)
+        via_seg(seg, self.write_lin::<W>(lin, v))
     }
 
     /// Reads `buf.len()` bytes at `seg:off` (m80, m128, FXSAVE images).
@@ -180,7 +193,8 @@ impl Cpu {
         }
         let lin = self.lin_r(seg, off, buf.len())?;
         for (k, b) in buf.iter_mut().enumerate() {
-            *b = self.read_lin::<W8>(lin.wrapping_add(k as u64) & self.lin_mask)? as u8;
+            let r = self.read_lin::<W8>(lin.wrapping_add(k as u64) & self.lin_mask);
+            *b = via_seg(seg, r)? as u8;
         }
         Ok(())
     }
@@ -191,7 +205,7 @@ impl Cpu {
             return Ok(());
         }
         let lin = self.lin_w(seg, off, buf.len())?;
-        self.probe_write(lin, buf.len())?;
+        via_seg(seg, self.probe_write(lin, buf.len()))?;
         for (k, &b) in buf.iter().enumerate() {
             self.write_lin::<W8>(lin.wrapping_add(k as u64) & self.lin_mask, u64::from(b))?;
         }

@@ -1,7 +1,8 @@
 //! Modes and protection: descriptor loads and segment checks, interrupt
-//! and exception delivery, far transfers, fast system calls.
+//! and exception delivery, far transfers, fast system calls, task switches.
 
 pub mod far;
 pub mod interrupt;
 pub mod segment;
 pub mod syscall;
+pub mod task;

@@ -14,6 +14,8 @@ pub const INIT: u32 = 1 << 3;
 pub const SIPI: u32 = 1 << 4;
 /// A page became code: drop TLB write tags for code pages.
 pub const FLUSH_CODE: u32 = 1 << 5;
+/// A KVM_HC_KICK_CPU hypercall: leave (or skip the next) `hlt`.
+pub const UNHALT: u32 = 1 << 6;
 
 #[derive(Default)]
 pub struct Signal {

@@ -2,6 +2,7 @@
 //! (the same path the machine and the differential harness use).
 
 mod bench;
+mod corners;
 pub(crate) mod guest;
 mod modes;
 mod platform;
