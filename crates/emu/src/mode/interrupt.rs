@@ -209,6 +209,23 @@ fn write_frame(
     r.map(|_| sp)
 }
 
+/// Whether `bytes` pushed below offset `top` stay inside stack segment
+/// `s` (expand-up: at or below the limit; expand-down: above it) without
+/// wrapping.
+fn frame_fits(s: &Seg, top: u64, bytes: u64, mask: u64) -> bool {
+    let lo = top.wrapping_sub(bytes) & mask;
+    let hi = top.wrapping_sub(1) & mask;
+    if lo > hi {
+        return false;
+    }
+    let limit = u64::from(s.limit);
+    if s.typ() & 0xc == 0x4 {
+        lo > limit && hi <= if s.db() { 0xffff_ffff } else { 0xffff }
+    } else {
+        hi <= limit
+    }
+}
+
 fn deliver_protected(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
     let (lo, _) = read_gate(cpu, vector, ev, ext, 8)?;
     let typ = ((lo >> 40) & 0xf) as u8;
@@ -234,6 +251,7 @@ fn deliver_protected(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
     };
     let mut vals = Vec::with_capacity(6);
     let (ss_base, ss_mask, top, new_ss);
+    let e = u32::from(ext);
     if new_cpl < cpu.cpl {
         // Inner privilege: stack from the TSS.
         let tss32 = cpu.tr.typ() & 8 != 0;
@@ -281,6 +299,15 @@ fn deliver_protected(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
     vals.push(cpu.rip());
     if let Some(c) = code {
         vals.push(u64::from(c));
+    }
+    // The frame must fit the stack's limit: #SS(EXT) on the current
+    // stack, #SS(new SS | EXT) on the one from the TSS.
+    let (stack, ss_code) = match &new_ss {
+        Some(s) => (*s, sel_code(s.sel) | e),
+        None => (cpu.seg[SS], e),
+    };
+    if !frame_fits(&stack, top, size * vals.len() as u64, ss_mask) {
+        return Err(Fault::ss(ss_code));
     }
     let sp = write_frame(cpu, ss_base, top, ss_mask, size, &vals, new_cpl < 3)?;
     if let Some(mut s) = new_ss {

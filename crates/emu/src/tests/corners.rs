@@ -219,7 +219,13 @@ fn corners_non_canonical_stack_references_are_ss_others_gp() {
     // push, pop, call, [rbp] and [rsp+...] use SS: #SS(0); [rax] with the
     // same address: #GP(0). Handlers run on IST1 (RSP is unusable).
     type Op = fn(&mut CodeAssembler);
-    let cases: [(Op, u64, u64); 7] = [
+    let cases: [(Op, u64, u64); 9] = [
+        (|a| a.movdqu(xmm0, xmmword_ptr(rsp)).unwrap(), 12, RSP_SET),
+        (
+            |a| a.movups(xmmword_ptr(rsp + 16), xmm1).unwrap(),
+            12,
+            RSP_SET,
+        ),
         (|a| a.push(rax).unwrap(), 12, RSP_SET),
         (|a| a.pop(rax).unwrap(), 12, RSP_SET),
         (|a| a.call(0x10_1000u64).unwrap(), 12, RSP_SET),
@@ -1291,4 +1297,45 @@ fn corners_kvm_kick_cpu_wakes_a_halted_vcpu() {
     rx.recv_timeout(std::time::Duration::from_secs(10))
         .expect("vCPU 1 woke and halted with IF=0");
     assert_eq!(g.read_u64(OUT + 4) as u32, 2);
+}
+
+#[test]
+fn corners_an_interrupt_frame_past_the_tss_stack_limit_is_ss_new_ss() {
+    // `int 0x30` from ring 3: the ring-0 stack from the TSS (SS0 = the
+    // 4 KiB segment, ESP0 = 6) cannot hold the 20-byte frame: #SS(SS0),
+    // EXT clear (a software interrupt), taken through a task gate so the
+    // handler task sees the error code.
+    let mut g = Guest::new(1);
+    let s = prot32(&g, CODE);
+    tasks(&g);
+    g.write_u64(TSS_A_AT + 4, 6 | u64::from(SMALL_DATA) << 32);
+    g.write_u64(IDT32 + 8 * 0x30, gate32(HANDLERS, CODE32, 0xee));
+    g.write_u64(IDT32 + 8 * 12, u64::from(TSS_C) << 16 | 0x85u64 << 40);
+    g.code(32, TASK_C_CODE, |a| {
+        a.pop(esi).unwrap();
+        a.hlt().unwrap();
+    });
+    let user = 0x10_2000u64;
+    g.code(32, user, |a| {
+        a.mov(eax, 0x6666u32).unwrap();
+        a.int(0x30).unwrap();
+        a.hlt().unwrap();
+    });
+    g.code(32, CODE, |a| {
+        a.push(u32::from(USMALL_STACK | 3)).unwrap();
+        a.push(0x800).unwrap();
+        a.push(0x2).unwrap();
+        a.push(u32::from(UCODE32 | 3)).unwrap();
+        a.push(user as u32).unwrap();
+        a.iretd().unwrap();
+    });
+    g.vcpu.set_state(&s).unwrap();
+    assert_eq!(g.run().end, End::Halt);
+    let st = g.state();
+    assert_eq!(st.tr.selector, TSS_C);
+    assert_eq!(st.gpr[6] as u32, u32::from(SMALL_DATA), "#SS(SS0)");
+    assert_eq!(rd32(&g, TSS_A_AT + 0x20), user + 5, "A's EIP: the int");
+    assert_eq!(rd32(&g, TSS_A_AT + 0x28), 0x6666);
+    assert_eq!(rd32(&g, TSS_A_AT + 0x4c), u64::from(UCODE32 | 3));
+    assert_eq!(rd32(&g, TSS_A_AT + 0x38), 0x800, "A's ESP untouched");
 }
