@@ -245,6 +245,8 @@ pub fn switch(cpu: &mut Cpu, sel: u16, d: &Desc, kind: Switch, code: Option<u32>
     tr.attr = (tr.attr & !ATTR_TYPE) | u16::from(TSS_BUSY);
     cpu.tr = tr;
     cpu.cr0 |= CR0_TS;
+    // Local breakpoint enables (L0-L3) belong to the old task (SDM 18.2.4).
+    cpu.dr[7] &= !0x55;
     if cpu.cr0 & CR0_PG != 0 {
         cpu.cr3 = u64::from(img.cr3);
         cpu.tlb.flush_nonglobal();

@@ -545,6 +545,8 @@ fn task_b(g: &Guest, iret: bool) {
         a.mov(dword_ptr(OUT + 12).es(), eax).unwrap();
         a.mov(eax, dword_ptr(0)).unwrap(); // DS: LDT entry 0
         a.mov(dword_ptr(OUT + 16).es(), eax).unwrap();
+        a.mov(eax, dr7).unwrap();
+        a.mov(dword_ptr(OUT + 20).es(), eax).unwrap();
         a.mov(eax, 0xb1b1u32).unwrap();
         if iret {
             a.iretd().unwrap();
@@ -563,6 +565,8 @@ fn corners_call_to_a_tss_nests_and_iret_returns_along_the_back_link() {
     tasks(&g);
     task_b(&g, true);
     let call_len = g.code(32, CODE, |a| {
+        a.mov(eax, 0xffu32).unwrap(); // L0-L3 and G0-G3 (execute at 0)
+        a.mov(dr7, eax).unwrap(); // 5 + 3 bytes
         a.mov(eax, 0x1111u32).unwrap();
         a.mov(ebx, 0x2222u32).unwrap();
         a.call_far(TSS_B, 0).unwrap();
@@ -583,11 +587,12 @@ fn corners_call_to_a_tss_nests_and_iret_returns_along_the_back_link() {
     assert_ne!(rd32(&g, OUT + 8) & 0x4000, 0, "NT set in the nested task");
     assert_ne!(rd32(&g, OUT + 12) & 0x8, 0, "CR0.TS set by the switch");
     assert_eq!(rd32(&g, OUT + 16), 0x1dd1_1dd1, "DS through B's LDT");
+    assert_eq!(rd32(&g, OUT + 20) & 0xff, 0xaa, "DR7 local enables cleared");
     assert_eq!(rd32(&g, TSS_B_AT), u64::from(TSS_A), "back link to A");
     // A's state as the call saved it.
     assert_eq!(
         rd32(&g, TSS_A_AT + 0x20),
-        CODE + 17,
+        CODE + 8 + 17,
         "A's EIP: after the call"
     );
     assert_eq!(rd32(&g, TSS_A_AT + 0x28), 0x1111, "A's EAX");
