@@ -298,10 +298,9 @@ fn service(cpu: &mut Cpu, vm: &VmShared, att: u32) -> Option<Event> {
     }
     if att & signal::UNHALT != 0 {
         sig.clear(signal::UNHALT);
-        if cpu.run_state == RunState::Halted {
+        // Not halted: the kick stays pending for the next `hlt`.
+        if cpu.run_state == RunState::Halted && sig.take_unhalt() {
             cpu.run_state = RunState::Running;
-        } else {
-            cpu.pv_unhalted = true;
         }
     }
     if att & signal::FLUSH_CODE != 0 {

@@ -196,12 +196,6 @@ pub struct Cpu {
     pub int_shadow: bool,
     /// NMIs are blocked until the next iret.
     pub nmi_blocked: bool,
-    /// A KVM_HC_KICK_CPU arrived while running: the next `hlt` returns
-    /// at once (KVM's pv_unhalted).
-    pub pv_unhalted: bool,
-    /// Faults being delivered after a task switch's commit point, nested
-    /// (mode/task.rs bounds it).
-    pub task_nesting: u8,
     pub run_state: RunState,
     /// The guest triple-faulted.
     pub shutdown: bool,
@@ -260,8 +254,6 @@ impl Cpu {
             stop: false,
             int_shadow: false,
             nmi_blocked: false,
-            pv_unhalted: false,
-            task_nesting: 0,
             run_state: RunState::Running,
             shutdown: false,
             tlb: Tlb::new(),
@@ -293,7 +285,6 @@ impl Cpu {
         self.dr = [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400];
         self.int_shadow = false;
         self.nmi_blocked = false;
-        self.pv_unhalted = false;
         self.run_state = RunState::Running;
     }
 

@@ -13,7 +13,6 @@ use crate::cpu::Cpu;
 use crate::cpu::fault::Res;
 use crate::decode::{Insn, Table};
 use crate::isa::c;
-use crate::platform::signal;
 
 pub const KVM_ENOSYS: u64 = 1000;
 pub const KVM_EPERM: u64 = 1;
@@ -39,7 +38,7 @@ fn hypercall(cpu: &mut Cpu, _: &Insn) -> Res {
                 if let Some(i) = (0..p.vcpus()).find(|&i| {
                     p.lapics[i].lock().unwrap_or_else(|e| e.into_inner()).id == a1 as u32
                 }) {
-                    p.signals[i].raise(signal::UNHALT);
+                    p.signals[i].kick_unhalt();
                 }
                 0
             }

@@ -93,7 +93,7 @@ impl Dst for MemDst {
     fn rmw<W: Width>(cpu: &mut Cpu, i: &Insn, f: impl FnMut(u64) -> u64) -> Res<u64> {
         let seg = usize::from(i.seg);
         let lin = cpu.lin_w(seg, cpu.ea(i), W::BYTES)?;
-        crate::mem::access::via_seg(seg, cpu.rmw_lin::<W>(lin, f))
+        cpu.rmw_lin_seg::<W>(seg, lin, f)
     }
 }
 

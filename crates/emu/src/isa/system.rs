@@ -263,7 +263,7 @@ fn sti(cpu: &mut Cpu, _: &Insn) -> Res {
 
 fn hlt(cpu: &mut Cpu, _: &Insn) -> Res {
     need_cpl0(cpu)?;
-    if std::mem::take(&mut cpu.pv_unhalted) {
+    if cpu.vm.platform.signals[cpu.id as usize].take_unhalt() {
         return Ok(());
     }
     cpu.run_state = RunState::Halted;

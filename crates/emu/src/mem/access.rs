@@ -18,6 +18,9 @@ pub enum Target {
     Mmio(u64),
 }
 
+/// No segment: the access is not a reference through SS.
+const NO_SEG: usize = usize::MAX;
+
 /// `translate` raises #GP(0) for a non-canonical address; a reference
 /// through SS raises #SS(0) instead (SDM: "memory address referencing the
 /// SS segment is in a non-canonical form"). Only the error path pays.
@@ -111,17 +114,36 @@ impl Cpu {
 
     #[inline(always)]
     pub fn read_lin<W: Width>(&mut self, lin: u64) -> Res<u64> {
+        self.read_lin_seg::<W>(NO_SEG, lin)
+    }
+
+    /// [`Cpu::read_lin`] of a reference through segment `seg`: the same
+    /// TLB hit; a miss knows the segment for #SS vs #GP.
+    #[inline(always)]
+    pub fn read_lin_seg<W: Width>(&mut self, seg: usize, lin: u64) -> Res<u64> {
         let e: &TlbEntry = self.tlb.entry(lin);
         if e.tag_r == lin & PAGE_MASK && (lin & 0xfff) as usize <= 0x1000 - W::BYTES {
             // SAFETY: a read tag is only installed for RAM pages, and the
             // access stays inside the page.
             return Ok(unsafe { host_load(e.addend.wrapping_add(lin) as *const u8, W::BYTES) });
         }
-        self.read_slow(lin, W::BYTES, Access::Read)
+        self.read_miss(seg, lin, W::BYTES)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn read_miss(&mut self, seg: usize, lin: u64, n: usize) -> Res<u64> {
+        via_seg(seg, self.read_slow(lin, n, Access::Read))
     }
 
     #[inline(always)]
     pub fn write_lin<W: Width>(&mut self, lin: u64, v: u64) -> Res {
+        self.write_lin_seg::<W>(NO_SEG, lin, v)
+    }
+
+    /// [`Cpu::write_lin`] of a reference through segment `seg`.
+    #[inline(always)]
+    pub fn write_lin_seg<W: Width>(&mut self, seg: usize, lin: u64, v: u64) -> Res {
         let e: &TlbEntry = self.tlb.entry(lin);
         if e.tag_w == lin & PAGE_MASK && (lin & 0xfff) as usize <= 0x1000 - W::BYTES {
             let p = e.addend.wrapping_add(lin) as *mut u8;
@@ -133,13 +155,30 @@ impl Cpu {
             unsafe { host_store(p, W::BYTES, v) };
             return Ok(());
         }
-        self.write_slow(lin, W::BYTES, v)
+        self.write_miss(seg, lin, W::BYTES, v)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn write_miss(&mut self, seg: usize, lin: u64, n: usize, v: u64) -> Res {
+        via_seg(seg, self.write_slow(lin, n, v))
     }
 
     /// Read-modify-write of `W` at `lin` (not atomic): one TLB lookup when
     /// the page is writable (a write tag implies read permission).
     #[inline(always)]
-    pub fn rmw_lin<W: Width>(&mut self, lin: u64, mut f: impl FnMut(u64) -> u64) -> Res<u64> {
+    pub fn rmw_lin<W: Width>(&mut self, lin: u64, f: impl FnMut(u64) -> u64) -> Res<u64> {
+        self.rmw_lin_seg::<W>(NO_SEG, lin, f)
+    }
+
+    /// [`Cpu::rmw_lin`] of a reference through segment `seg`.
+    #[inline(always)]
+    pub fn rmw_lin_seg<W: Width>(
+        &mut self,
+        seg: usize,
+        lin: u64,
+        mut f: impl FnMut(u64) -> u64,
+    ) -> Res<u64> {
         let e: &TlbEntry = self.tlb.entry(lin);
         if e.tag_w == lin & PAGE_MASK && (lin & 0xfff) as usize <= 0x1000 - W::BYTES {
             let p = e.addend.wrapping_add(lin) as *mut u8;
@@ -153,8 +192,8 @@ impl Cpu {
             unsafe { host_store(p, W::BYTES, f(old) & W::MASK) };
             return Ok(old);
         }
-        let old = self.read_lin::<W>(lin)?;
-        self.write_lin::<W>(lin, f(old) & W::MASK)?;
+        let old = self.read_lin_seg::<W>(seg, lin)?;
+        self.write_lin_seg::<W>(seg, lin, f(old) & W::MASK)?;
         Ok(old)
     }
 
@@ -163,7 +202,7 @@ impl Cpu {
     pub fn read_mem<W: Width>(&mut self, i: &Insn) -> Res<u64> {
         let seg = usize::from(i.seg);
         let lin = self.lin_r(seg, self.ea(i), W::BYTES)?;
-        via_seg(seg, self.read_lin::<W>(lin))
+        self.read_lin_seg::<W>(seg, lin)
     }
 
     /// Writes the memory operand.
@@ -171,19 +210,19 @@ impl Cpu {
     pub fn write_mem<W: Width>(&mut self, i: &Insn, v: u64) -> Res {
         let seg = usize::from(i.seg);
         let lin = self.lin_w(seg, self.ea(i), W::BYTES)?;
-        via_seg(seg, self.write_lin::<W>(lin, v))
+        self.write_lin_seg::<W>(seg, lin, v)
     }
 
     #[inline(always)]
     pub fn read_virt<W: Width>(&mut self, seg: usize, off: u64) -> Res<u64> {
         let lin = self.lin_r(seg, off, W::BYTES)?;
-        via_seg(seg, self.read_lin::<W>(lin))
+        self.read_lin_seg::<W>(seg, lin)
     }
 
     #[inline(always)]
     pub fn write_virt<W: Width>(&mut self, seg: usize, off: u64, v: u64) -> Res {
         let lin = self.lin_w(seg, off, W::BYTES)?;
-        via_seg(seg, self.write_lin::<W>(lin, v))
+        self.write_lin_seg::<W>(seg, lin, v)
     }
 
     /// Reads `buf.len()` bytes at `seg:off` (m80, m128, FXSAVE images).
@@ -193,8 +232,7 @@ impl Cpu {
         }
         let lin = self.lin_r(seg, off, buf.len())?;
         for (k, b) in buf.iter_mut().enumerate() {
-            let r = self.read_lin::<W8>(lin.wrapping_add(k as u64) & self.lin_mask);
-            *b = via_seg(seg, r)? as u8;
+            *b = self.read_lin_seg::<W8>(seg, lin.wrapping_add(k as u64) & self.lin_mask)? as u8;
         }
         Ok(())
     }

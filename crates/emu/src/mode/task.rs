@@ -44,6 +44,11 @@ const LDT: u64 = 0x60;
 /// guest must not be able to recurse the VMM's stack away.
 const MAX_NESTING: u8 = 8;
 
+thread_local! {
+    /// Post-commit faults being delivered on this vCPU thread's stack.
+    static NESTING: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
 fn unsupported_16bit(sel: u16, ext: u32) -> Stop {
     tracing::warn!(
         "vmplay-emu: task switch with a 16-bit TSS (selector {sel:#x}) is not supported"
@@ -255,11 +260,12 @@ pub fn switch(cpu: &mut Cpu, sel: u16, d: &Desc, kind: Switch, code: Option<u32>
 
     // After the commit point: faults belong to the incoming task.
     if let Err(e) = enter(cpu, &img, code, ext) {
+        let depth = NESTING.get();
         match e {
-            Stop::Fault(f) if cpu.task_nesting < MAX_NESTING => {
-                cpu.task_nesting += 1;
+            Stop::Fault(f) if depth < MAX_NESTING => {
+                NESTING.set(depth + 1);
                 crate::mode::interrupt::deliver_fault(cpu, f);
-                cpu.task_nesting -= 1;
+                NESTING.set(depth);
             }
             _ => cpu.shutdown = true,
         }

@@ -154,8 +154,8 @@ fn operand_lin(cpu: &Cpu, i: &Insn, n: usize, write: bool, align: bool) -> Res<u
 pub(crate) fn load128<const ALIGN: bool>(cpu: &mut Cpu, i: &Insn) -> Res<u128> {
     let lin = operand_lin(cpu, i, 16, false, ALIGN)?;
     let seg = usize::from(i.seg);
-    let lo = via_seg(seg, cpu.read_lin::<W64>(lin))?;
-    let hi = via_seg(seg, cpu.read_lin::<W64>(lin.wrapping_add(8) & cpu.lin_mask))?;
+    let lo = cpu.read_lin_seg::<W64>(seg, lin)?;
+    let hi = cpu.read_lin_seg::<W64>(seg, lin.wrapping_add(8) & cpu.lin_mask)?;
     Ok(u128::from(lo) | u128::from(hi) << 64)
 }
 
@@ -168,7 +168,7 @@ pub(crate) fn store128<const ALIGN: bool>(cpu: &mut Cpu, i: &Insn, v: u128) -> R
     if lin & 0xfff > 0xff0 {
         via_seg(seg, cpu.probe_write(lin, 16))?;
     }
-    via_seg(seg, cpu.write_lin::<W64>(lin, v as u64))?;
+    cpu.write_lin_seg::<W64>(seg, lin, v as u64)?;
     cpu.write_lin::<W64>(lin.wrapping_add(8) & cpu.lin_mask, (v >> 64) as u64)
 }
 
