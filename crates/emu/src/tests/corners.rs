@@ -219,7 +219,10 @@ fn corners_non_canonical_stack_references_are_ss_others_gp() {
     // push, pop, call, [rbp] and [rsp+...] use SS: #SS(0); [rax] with the
     // same address: #GP(0). Handlers run on IST1 (RSP is unusable).
     type Op = fn(&mut CodeAssembler);
-    let cases: [(Op, u64, u64); 9] = [
+    let cases: [(Op, u64, u64); 12] = [
+        (|a| a.bt(qword_ptr(rsp), 3).unwrap(), 12, RSP_SET),
+        (|a| a.bts(qword_ptr(rsp + 8), rcx).unwrap(), 12, RSP_SET),
+        (|a| a.cmpxchg8b(qword_ptr(rsp)).unwrap(), 12, RSP_SET),
         (|a| a.movdqu(xmm0, xmmword_ptr(rsp)).unwrap(), 12, RSP_SET),
         (
             |a| a.movups(xmmword_ptr(rsp + 16), xmm1).unwrap(),
