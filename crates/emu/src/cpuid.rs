@@ -136,9 +136,23 @@ pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
         leaf,
         sub,
     );
-    // OSXSAVE (1.ECX 27) mirrors CR4.OSXSAVE.
-    if leaf == 1 && cpu.cr4 & crate::isa::xsave::CR4_OSXSAVE != 0 {
-        r[2] |= 1 << 27;
+    let misc = cpu.msr.misc_enable;
+    match leaf {
+        // IA32_MISC_ENABLE.LIMIT_CPUID: leaf 0 reports at most leaf 2.
+        0 if misc & crate::msr::MISC_LIMIT_CPUID != 0 => r[0] = r[0].min(2),
+        1 => {
+            // OSXSAVE (ECX 27) mirrors CR4.OSXSAVE.
+            if cpu.cr4 & crate::isa::xsave::CR4_OSXSAVE != 0 {
+                r[2] |= 1 << 27;
+            }
+            // APIC (EDX 9) follows IA32_APIC_BASE.EN, as on hardware.
+            if !cpu.apic_enabled() {
+                r[3] &= !(1 << 9);
+            }
+        }
+        // IA32_MISC_ENABLE.XD_DISABLE hides NX.
+        0x8000_0001 if misc & crate::msr::MISC_XD_DISABLE != 0 => r[3] &= !(1 << 20),
+        _ => {}
     }
     r
 }

@@ -294,7 +294,7 @@ fn run_block<const TRACE: bool, const LONG: bool>(cpu: &mut Cpu, block: &Block) 
             Err(Stop::SoftInt(v)) => {
                 done += 1;
                 cpu.io.retire();
-                dbreg::software_interrupt(cpu, v);
+                dbreg::software_interrupt(cpu, v, cur);
                 break;
             }
             Err(Stop::Fault(f)) => {
@@ -312,7 +312,7 @@ fn run_block<const TRACE: bool, const LONG: bool>(cpu: &mut Cpu, block: &Block) 
 fn stopped(cpu: &mut Cpu, s: Stop) {
     match s {
         Stop::Fault(f) => crate::mode::interrupt::deliver_fault(cpu, f),
-        Stop::SoftInt(v) => dbreg::software_interrupt(cpu, v),
+        Stop::SoftInt(v) => dbreg::software_interrupt(cpu, v, cpu.gpr[RIP]),
         Stop::Exit => {}
     }
 }
@@ -325,6 +325,13 @@ fn service(cpu: &mut Cpu, vm: &VmShared, att: u32) -> Option<Event> {
     if att & signal::KICK != 0 {
         sig.clear(signal::KICK);
         return Some(Event::Interrupted);
+    }
+    if att & signal::UNHALT != 0 {
+        sig.clear(signal::UNHALT);
+        // Not halted: the kick stays pending for the next `hlt`.
+        if cpu.run_state == RunState::Halted && sig.take_unhalt() {
+            cpu.run_state = RunState::Running;
+        }
     }
     if att & signal::FLUSH_CODE != 0 {
         sig.clear(signal::FLUSH_CODE);

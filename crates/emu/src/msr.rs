@@ -38,6 +38,30 @@ pub const SYSENTER_CS: u32 = 0x174;
 pub const SYSENTER_ESP: u32 = 0x175;
 pub const SYSENTER_EIP: u32 = 0x176;
 pub const MISC_ENABLE: u32 = 0x1a0;
+/// IA32_PLATFORM_ID: read-only, 0 (platform 0, the microcode loader's
+/// match for a CPU without a platform mask).
+pub const PLATFORM_ID: u32 = 0x17;
+/// IA32_FEATURE_CONTROL: locked with VMX and SMX off, as firmware leaves a
+/// CPU that does not advertise them; writes #GP while locked.
+pub const FEATURE_CONTROL: u32 = 0x3a;
+const FEATURE_CONTROL_LOCKED: u64 = 1;
+
+/// IA32_MISC_ENABLE bits (SDM vol. 4, table 2-2). Fast strings (0),
+/// automatic thermal control (3), limit CPUID maxval (22) and XD disable
+/// (34) are read/write; BTS (11) and PEBS (12) unavailable are read-only
+/// ones; performance monitoring available (7) is clear (no PMU). The bits
+/// tied to features this model lacks (EIST 16, MONITOR FSM 18, xTPR 23)
+/// are reserved: writing them raises #GP.
+pub const MISC_FAST_STRING: u64 = 1 << 0;
+const MISC_TCC: u64 = 1 << 3;
+const MISC_BTS_UNAVAILABLE: u64 = 1 << 11;
+const MISC_PEBS_UNAVAILABLE: u64 = 1 << 12;
+pub const MISC_LIMIT_CPUID: u64 = 1 << 22;
+pub const MISC_XD_DISABLE: u64 = 1 << 34;
+const MISC_WRITABLE: u64 = MISC_FAST_STRING | MISC_TCC | MISC_LIMIT_CPUID | MISC_XD_DISABLE;
+const MISC_READ_ONLY: u64 = MISC_BTS_UNAVAILABLE | MISC_PEBS_UNAVAILABLE;
+/// The power-on value.
+pub const MISC_ENABLE_RESET: u64 = MISC_FAST_STRING | MISC_READ_ONLY;
 pub const PAT: u32 = 0x277;
 pub const TSC_DEADLINE: u32 = 0x6e0;
 pub const EFER: u32 = 0xc000_0080;
@@ -49,10 +73,6 @@ pub const FS_BASE: u32 = 0xc000_0100;
 pub const GS_BASE: u32 = 0xc000_0101;
 pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const TSC_AUX: u32 = 0xc000_0103;
-
-fn canonical(v: u64) -> bool {
-    ((v as i64) << 16 >> 16) as u64 == v
-}
 
 impl Cpu {
     /// The guest TSC now.
@@ -69,12 +89,19 @@ impl Cpu {
         f(&mut l.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// IA32_APIC_BASE.EN: CPUID.1:EDX.APIC follows it.
+    pub fn apic_enabled(&self) -> bool {
+        self.with_lapic(|l| l.base) & crate::platform::lapic::BASE_EN != 0
+    }
+
     pub fn rdmsr(&mut self, msr: u32) -> Res<u64> {
         Ok(match msr {
             TSC => self.tsc(),
             TSC_ADJUST => self.msr.tsc_adjust as u64,
             APIC_BASE => self.with_lapic(|l| l.base),
             UCODE_REV => self.msr.ucode_rev,
+            PLATFORM_ID => 0,
+            FEATURE_CONTROL => FEATURE_CONTROL_LOCKED,
             ARCH_CAPABILITIES if self.vm.cpu_model == crate::cpuid::CpuModel::Vmplay => {
                 ARCH_CAPABILITIES_VALUE
             }
@@ -115,10 +142,23 @@ impl Cpu {
             }
             UCODE_REV => self.msr.ucode_rev = 0,
             SYSENTER_CS => self.msr.sysenter_cs = v & 0xffff,
+            // Every MSR holding a linear address takes only canonical ones.
+            SYSENTER_ESP | SYSENTER_EIP | LSTAR | CSTAR | FS_BASE | GS_BASE | KERNEL_GS_BASE
+                if !canonical(v) =>
+            {
+                return Err(Fault::gp(0));
+            }
             SYSENTER_ESP => self.msr.sysenter_esp = v,
             SYSENTER_EIP => self.msr.sysenter_eip = v,
             MISC_ENABLE => {
-                self.msr.misc_enable = (self.msr.misc_enable & 1) | (v & (1 << 22 | 1 << 34))
+                if v & !(MISC_WRITABLE | MISC_READ_ONLY) != 0 {
+                    return Err(Fault::gp(0));
+                }
+                // No NX once XD is disabled: EFER.NXE must not stay on.
+                if v & MISC_XD_DISABLE != 0 && self.efer & EFER_NXE != 0 {
+                    return Err(Fault::gp(0));
+                }
+                self.msr.misc_enable = (v & MISC_WRITABLE) | MISC_READ_ONLY;
             }
             PAT => {
                 if (0..8).any(|k| matches!((v >> (8 * k)) & 0xff, 2 | 3 | 8..)) {
@@ -132,7 +172,10 @@ impl Cpu {
                 self.vm.platform.timer.notify();
             }
             EFER => {
-                if v & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0 {
+                let nx = self.msr.misc_enable & MISC_XD_DISABLE == 0;
+                if v & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0
+                    || (v & EFER_NXE != 0 && !nx)
+                {
                     return Err(Fault::gp(0));
                 }
                 let paging = self.cr0 & CR0_PG != 0;
@@ -145,9 +188,6 @@ impl Cpu {
                 self.stop = true;
             }
             STAR => self.msr.star = v,
-            LSTAR | CSTAR | FS_BASE | GS_BASE | KERNEL_GS_BASE if !canonical(v) => {
-                return Err(Fault::gp(0));
-            }
             LSTAR => self.msr.lstar = v,
             CSTAR => self.msr.cstar = v,
             SFMASK => self.msr.sfmask = v & 0xffff_ffff,

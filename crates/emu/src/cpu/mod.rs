@@ -288,7 +288,7 @@ impl Cpu {
         self.load_state(&s);
         self.msr = Msrs {
             pat: 0x0007_0406_0007_0406,
-            misc_enable: 1, // FAST_STRING
+            misc_enable: crate::msr::MISC_ENABLE_RESET,
             ..Msrs::default()
         };
         self.dr = [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400];
@@ -442,4 +442,11 @@ fn seg_windows(s: &mut Seg, long: bool, real: bool) {
         (s.rlo, s.rhi) = if readable { (lo, hi) } else { (1, 0) };
         (s.wlo, s.whi) = if writable { (lo, hi) } else { (1, 0) };
     }
+}
+
+/// A canonical linear address: bits 63..47 equal. 48-bit only: emu has
+/// no 5-level paging (CR4.LA57 is reserved, CPUID.7.ECX.LA57 clear).
+#[inline(always)]
+pub fn canonical(lin: u64) -> bool {
+    ((lin as i64) << 16 >> 16) as u64 == lin
 }

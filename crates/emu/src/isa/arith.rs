@@ -127,10 +127,14 @@ fn set_zf(cpu: &mut Cpu, z: bool) {
 }
 
 fn cmpxchg8b(cpu: &mut Cpu, i: &Insn) -> Res {
-    let lin = cpu.lin_w(usize::from(i.seg), cpu.ea(i), 8)?;
+    let seg = usize::from(i.seg);
+    let lin = cpu.lin_w(seg, cpu.ea(i), 8)?;
     let expected = (cpu.gpr[0] & 0xffff_ffff) | (cpu.gpr[2] << 32);
     let new = (cpu.gpr[3] & 0xffff_ffff) | (cpu.gpr[1] << 32);
-    let old = cpu.locked_rmw::<W64>(lin, |d| if d == expected { new } else { d })?;
+    let old = crate::mem::access::via_seg(
+        seg,
+        cpu.locked_rmw::<W64>(lin, |d| if d == expected { new } else { d }),
+    )?;
     set_zf(cpu, old == expected);
     if old != expected {
         cpu.gpr[0] = old & 0xffff_ffff;

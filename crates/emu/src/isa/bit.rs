@@ -19,6 +19,7 @@ use crate::cpu::width::{W16, W32, W64, Width};
 use crate::decode::{Insn, Table};
 use crate::isa::c;
 use crate::isa::ops::{ImmSrc, MemSrc, RegSrc, Src};
+use crate::mem::access::via_seg;
 
 /// What a bit-test instruction does to the selected bit.
 trait BitOp {
@@ -100,14 +101,14 @@ fn bt_mem<O: BitOp, W: Width, const IMM: bool, const LOCK: bool>(cpu: &mut Cpu, 
     let mask = 1u64 << bit;
     let old = if !O::WRITES {
         let lin = cpu.lin_r(seg, off, W::BYTES)?;
-        cpu.read_lin::<W>(lin)?
+        cpu.read_lin_seg::<W>(seg, lin)?
     } else if LOCK {
         let lin = cpu.lin_w(seg, off, W::BYTES)?;
-        cpu.locked_rmw::<W>(lin, |v| O::apply(v, mask))?
+        via_seg(seg, cpu.locked_rmw::<W>(lin, |v| O::apply(v, mask)))?
     } else {
         let lin = cpu.lin_w(seg, off, W::BYTES)?;
-        let v = cpu.read_lin::<W>(lin)?;
-        cpu.write_lin::<W>(lin, O::apply(v, mask) & W::MASK)?;
+        let v = cpu.read_lin_seg::<W>(seg, lin)?;
+        cpu.write_lin_seg::<W>(seg, lin, O::apply(v, mask) & W::MASK)?;
         v
     };
     cpu.flags.set_cf(old & mask != 0);

@@ -155,7 +155,7 @@ fn rdbase<W: Width, const SEG: usize>(cpu: &mut Cpu, i: &Insn) -> Res {
 fn wrbase<W: Width, const SEG: usize>(cpu: &mut Cpu, i: &Insn) -> Res {
     fsgsbase_ok(cpu)?;
     let v = W::get(&cpu.gpr, i.r0);
-    if ((v as i64) << 16 >> 16) as u64 != v {
+    if !crate::cpu::canonical(v) {
         return Err(Fault::gp(0));
     }
     cpu.seg[SEG].base = v;

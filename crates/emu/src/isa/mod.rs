@@ -9,6 +9,7 @@ mod bit;
 pub(crate) mod bmi;
 mod control;
 pub(crate) mod ext;
+mod hypercall;
 mod io;
 mod legacy;
 mod logic;
@@ -49,6 +50,7 @@ pub fn register_all(t: &mut Table) {
     x87::register(t);
     sse::register(t);
     xsave::register(t);
+    hypercall::register(t);
 }
 
 fn names() -> &'static HashMap<String, Code> {

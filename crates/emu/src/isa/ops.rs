@@ -91,8 +91,9 @@ impl Dst for MemDst {
     }
     #[inline(always)]
     fn rmw<W: Width>(cpu: &mut Cpu, i: &Insn, f: impl FnMut(u64) -> u64) -> Res<u64> {
-        let lin = cpu.lin_w(usize::from(i.seg), cpu.ea(i), W::BYTES)?;
-        cpu.rmw_lin::<W>(lin, f)
+        let seg = usize::from(i.seg);
+        let lin = cpu.lin_w(seg, cpu.ea(i), W::BYTES)?;
+        cpu.rmw_lin_seg::<W>(seg, lin, f)
     }
 }
 
@@ -107,8 +108,9 @@ impl Dst for LockDst {
     }
     #[inline(always)]
     fn rmw<W: Width>(cpu: &mut Cpu, i: &Insn, f: impl FnMut(u64) -> u64) -> Res<u64> {
-        let lin = cpu.lin_w(usize::from(i.seg), cpu.ea(i), W::BYTES)?;
-        cpu.locked_rmw::<W>(lin, f)
+        let seg = usize::from(i.seg);
+        let lin = cpu.lin_w(seg, cpu.ea(i), W::BYTES)?;
+        crate::mem::access::via_seg(seg, cpu.locked_rmw::<W>(lin, f))
     }
 }
 

@@ -33,7 +33,7 @@ fn load_dtr<const IDT: bool, const B: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
         4 => cpu.read_virt::<W32>(seg, base_off)?,
         _ => cpu.read_virt::<W32>(seg, base_off)? & 0x00ff_ffff,
     };
-    if B == 8 && ((base as i64) << 16 >> 16) as u64 != base {
+    if B == 8 && !canonical(base) {
         return Err(Fault::gp(0));
     }
     let t = DescTable { base, limit };
@@ -259,6 +259,9 @@ fn sti(cpu: &mut Cpu, _: &Insn) -> Res {
 
 fn hlt(cpu: &mut Cpu, _: &Insn) -> Res {
     need_cpl0(cpu)?;
+    if cpu.vm.platform.signals[cpu.id as usize].take_unhalt() {
+        return Ok(());
+    }
     cpu.run_state = RunState::Halted;
     cpu.stop = true;
     Ok(())

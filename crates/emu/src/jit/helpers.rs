@@ -43,7 +43,7 @@ pub extern "C" fn interp(cpu: &mut Cpu, insn: &Insn, next: u64) -> u64 {
         Err(Stop::SoftInt(v)) => {
             cpu.icount += 1;
             cpu.io.retire();
-            crate::mode::dbreg::software_interrupt(cpu, v);
+            crate::mode::dbreg::software_interrupt(cpu, v, cur);
             LEAVE
         }
         Err(Stop::Fault(f)) => {

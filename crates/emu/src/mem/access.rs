@@ -6,9 +6,9 @@ use super::io::{Pending, Posted};
 use super::paging::Access;
 use super::tlb::TlbEntry;
 use super::{PAGE_MASK, RamLoc};
-use crate::cpu::fault::{Fault, Res};
+use crate::cpu::fault::{Fault, Res, Stop};
 use crate::cpu::width::{W8, W16, W32, W64, Width};
-use crate::cpu::{CR0_WP, Cpu, Mode, RSP, SS};
+use crate::cpu::{CR0_WP, Cpu, Mode, RSP, SS, canonical};
 use crate::decode::Insn;
 
 /// Where a linear address led.
@@ -18,9 +18,23 @@ pub enum Target {
     Mmio(u64),
 }
 
+/// No segment: the access is not a reference through SS.
+const NO_SEG: usize = usize::MAX;
+
+/// `translate` raises #GP(0) for a non-canonical address; a reference
+/// through SS raises #SS(0) instead (SDM: "memory address referencing the
+/// SS segment is in a non-canonical form"). Only the error path pays.
 #[inline(always)]
-fn canonical(lin: u64) -> bool {
-    ((lin as i64) << 16 >> 16) as u64 == lin
+pub fn via_seg<T>(seg: usize, r: Res<T>) -> Res<T> {
+    match r {
+        Err(e) if seg == SS => Err(stack_fault(e)),
+        r => r,
+    }
+}
+
+#[cold]
+fn stack_fault(e: Stop) -> Stop {
+    if e == Fault::gp(0) { Fault::ss(0) } else { e }
 }
 
 /// Loads `n` bytes (1, 2, 4, 8) from a host pointer.
@@ -68,7 +82,7 @@ impl Cpu {
     }
 
     #[cold]
-    fn seg_fault(seg: usize) -> crate::cpu::fault::Stop {
+    fn seg_fault(seg: usize) -> Stop {
         if seg == SS {
             Fault::ss(0)
         } else {
@@ -100,17 +114,36 @@ impl Cpu {
 
     #[inline(always)]
     pub fn read_lin<W: Width>(&mut self, lin: u64) -> Res<u64> {
+        self.read_lin_seg::<W>(NO_SEG, lin)
+    }
+
+    /// [`Cpu::read_lin`] of a reference through segment `seg`: the same
+    /// TLB hit; a miss knows the segment for #SS vs #GP.
+    #[inline(always)]
+    pub fn read_lin_seg<W: Width>(&mut self, seg: usize, lin: u64) -> Res<u64> {
         let e: &TlbEntry = self.tlb.entry(lin);
         if e.tag_r == lin & PAGE_MASK && (lin & 0xfff) as usize <= 0x1000 - W::BYTES {
             // SAFETY: a read tag is only installed for RAM pages, and the
             // access stays inside the page.
             return Ok(unsafe { host_load(e.addend.wrapping_add(lin) as *const u8, W::BYTES) });
         }
-        self.read_slow(lin, W::BYTES, Access::Read)
+        self.read_miss(seg, lin, W::BYTES)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn read_miss(&mut self, seg: usize, lin: u64, n: usize) -> Res<u64> {
+        via_seg(seg, self.read_slow(lin, n, Access::Read))
     }
 
     #[inline(always)]
     pub fn write_lin<W: Width>(&mut self, lin: u64, v: u64) -> Res {
+        self.write_lin_seg::<W>(NO_SEG, lin, v)
+    }
+
+    /// [`Cpu::write_lin`] of a reference through segment `seg`.
+    #[inline(always)]
+    pub fn write_lin_seg<W: Width>(&mut self, seg: usize, lin: u64, v: u64) -> Res {
         let e: &TlbEntry = self.tlb.entry(lin);
         if e.tag_w == lin & PAGE_MASK && (lin & 0xfff) as usize <= 0x1000 - W::BYTES {
             let p = e.addend.wrapping_add(lin) as *mut u8;
@@ -122,13 +155,30 @@ impl Cpu {
             unsafe { host_store(p, W::BYTES, v) };
             return Ok(());
         }
-        self.write_slow(lin, W::BYTES, v)
+        self.write_miss(seg, lin, W::BYTES, v)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn write_miss(&mut self, seg: usize, lin: u64, n: usize, v: u64) -> Res {
+        via_seg(seg, self.write_slow(lin, n, v))
     }
 
     /// Read-modify-write of `W` at `lin` (not atomic): one TLB lookup when
     /// the page is writable (a write tag implies read permission).
     #[inline(always)]
-    pub fn rmw_lin<W: Width>(&mut self, lin: u64, mut f: impl FnMut(u64) -> u64) -> Res<u64> {
+    pub fn rmw_lin<W: Width>(&mut self, lin: u64, f: impl FnMut(u64) -> u64) -> Res<u64> {
+        self.rmw_lin_seg::<W>(NO_SEG, lin, f)
+    }
+
+    /// [`Cpu::rmw_lin`] of a reference through segment `seg`.
+    #[inline(always)]
+    pub fn rmw_lin_seg<W: Width>(
+        &mut self,
+        seg: usize,
+        lin: u64,
+        mut f: impl FnMut(u64) -> u64,
+    ) -> Res<u64> {
         let e: &TlbEntry = self.tlb.entry(lin);
         if e.tag_w == lin & PAGE_MASK && (lin & 0xfff) as usize <= 0x1000 - W::BYTES {
             let p = e.addend.wrapping_add(lin) as *mut u8;
@@ -142,35 +192,37 @@ impl Cpu {
             unsafe { host_store(p, W::BYTES, f(old) & W::MASK) };
             return Ok(old);
         }
-        let old = self.read_lin::<W>(lin)?;
-        self.write_lin::<W>(lin, f(old) & W::MASK)?;
+        let old = self.read_lin_seg::<W>(seg, lin)?;
+        self.write_lin_seg::<W>(seg, lin, f(old) & W::MASK)?;
         Ok(old)
     }
 
     /// Reads the memory operand.
     #[inline(always)]
     pub fn read_mem<W: Width>(&mut self, i: &Insn) -> Res<u64> {
-        let lin = self.lin_r(usize::from(i.seg), self.ea(i), W::BYTES)?;
-        self.read_lin::<W>(lin)
+        let seg = usize::from(i.seg);
+        let lin = self.lin_r(seg, self.ea(i), W::BYTES)?;
+        self.read_lin_seg::<W>(seg, lin)
     }
 
     /// Writes the memory operand.
     #[inline(always)]
     pub fn write_mem<W: Width>(&mut self, i: &Insn, v: u64) -> Res {
-        let lin = self.lin_w(usize::from(i.seg), self.ea(i), W::BYTES)?;
-        self.write_lin::<W>(lin, v)
+        let seg = usize::from(i.seg);
+        let lin = self.lin_w(seg, self.ea(i), W::BYTES)?;
+        self.write_lin_seg::<W>(seg, lin, v)
     }
 
     #[inline(always)]
     pub fn read_virt<W: Width>(&mut self, seg: usize, off: u64) -> Res<u64> {
         let lin = self.lin_r(seg, off, W::BYTES)?;
-        self.read_lin::<W>(lin)
+        self.read_lin_seg::<W>(seg, lin)
     }
 
     #[inline(always)]
     pub fn write_virt<W: Width>(&mut self, seg: usize, off: u64, v: u64) -> Res {
         let lin = self.lin_w(seg, off, W::BYTES)?;
-        self.write_lin::<W>(lin, v)
+        self.write_lin_seg::<W>(seg, lin, v)
     }
 
     /// Reads `buf.len()` bytes at `seg:off` (m80, m128, FXSAVE images).
@@ -180,7 +232,7 @@ impl Cpu {
         }
         let lin = self.lin_r(seg, off, buf.len())?;
         for (k, b) in buf.iter_mut().enumerate() {
-            *b = self.read_lin::<W8>(lin.wrapping_add(k as u64) & self.lin_mask)? as u8;
+            *b = self.read_lin_seg::<W8>(seg, lin.wrapping_add(k as u64) & self.lin_mask)? as u8;
         }
         Ok(())
     }
@@ -191,7 +243,7 @@ impl Cpu {
             return Ok(());
         }
         let lin = self.lin_w(seg, off, buf.len())?;
-        self.probe_write(lin, buf.len())?;
+        via_seg(seg, self.probe_write(lin, buf.len()))?;
         for (k, &b) in buf.iter().enumerate() {
             self.write_lin::<W8>(lin.wrapping_add(k as u64) & self.lin_mask, u64::from(b))?;
         }

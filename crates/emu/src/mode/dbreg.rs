@@ -226,13 +226,14 @@ fn entering_handler(cpu: &mut Cpu) {
 /// #DB trap like a hardware event (no gate DPL check, no DR6 status
 /// bits), the others through their gates. Neither takes a single-step
 /// trap: delivery clears TF (the SDM has debuggers emulate `int n`).
-pub fn software_interrupt(cpu: &mut Cpu, vector: u8) {
+pub fn software_interrupt(cpu: &mut Cpu, vector: u8, at: u64) {
     cpu.dbg.step_after = Some(false);
     if std::mem::take(&mut cpu.dbg.icebp) {
         entering_handler(cpu);
         interrupt::deliver(cpu, DB, Event::Trap);
     } else {
-        interrupt::deliver(cpu, vector, Event::Software);
+        // A fault while delivering reports the `int` instruction at `at`.
+        interrupt::deliver_software(cpu, vector, at);
     }
 }
 

@@ -1,16 +1,38 @@
 //! Far jmp, call and ret: real-mode and protected/long-mode transfers to
-//! code segments. Call gates and task switches are not supported (#GP).
+//! code segments, and task switches through TSS descriptors and task
+//! gates (mode/task.rs). Call gates are not supported (#GP).
 
 use crate::cpu::fault::{Fault, Res};
 use crate::cpu::width::{W16, W32, W64};
 use crate::cpu::*;
-use crate::mode::segment::sel_code;
+use crate::mode::segment::{Desc, sel_code};
+use crate::mode::task::{self, Switch};
 
 fn unsupported_target(sel: u16, what: &str) -> crate::cpu::fault::Stop {
     tracing::warn!(
         "vmplay-emu: far transfer through a {what} (selector {sel:#x}) is not supported"
     );
     Fault::gp(sel_code(sel))
+}
+
+/// A far jmp/call to a system descriptor: a task switch through a TSS or
+/// task gate in protected mode; IA-32e mode has no task switches
+/// (#GP(selector)); call gates are not supported.
+fn system_target(cpu: &mut Cpu, sel: u16, d: &Desc, kind: Switch) -> Res {
+    let call_gate = matches!(d.typ(), 0x4 | 0xc);
+    if cpu.long_mode() && !call_gate {
+        return Err(Fault::gp(sel_code(sel)));
+    }
+    task::far_to_system(cpu, sel, d, kind, |_| {
+        Err(unsupported_target(
+            sel,
+            if call_gate {
+                "call gate"
+            } else {
+                "system descriptor"
+            },
+        ))
+    })
 }
 
 /// `jmp far sel:off`.
@@ -26,7 +48,7 @@ pub fn jmp_far(cpu: &mut Cpu, sel: u16, off: u64) -> Res {
     }
     let d = cpu.read_desc(sel)?;
     if !d.s() {
-        return Err(unsupported_target(sel, "gate or TSS"));
+        return system_target(cpu, sel, &d, Switch::Jmp);
     }
     let cpl = cpu.check_code_target(&d, sel, false)?;
     let is64 = cpu.long_mode() && d.l();
@@ -70,7 +92,7 @@ pub fn call_far(cpu: &mut Cpu, sel: u16, off: u64, bytes: usize) -> Res {
     }
     let d = cpu.read_desc(sel)?;
     if !d.s() {
-        return Err(unsupported_target(sel, "gate or TSS"));
+        return system_target(cpu, sel, &d, Switch::Call);
     }
     let cpl = cpu.check_code_target(&d, sel, false)?;
     let is64 = cpu.long_mode() && d.l();

@@ -7,6 +7,7 @@ use crate::cpu::flags::{AC, ID, IF, IOPL, NT, RF, TF, VIF, VIP, VM};
 use crate::cpu::width::{W16, W32, W64};
 use crate::cpu::*;
 use crate::mode::segment::sel_code;
+use crate::mode::task::{self, Switch};
 
 /// What is being delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +31,9 @@ fn contributory(v: u8) -> bool {
 /// triple fault (shutdown) when delivery itself faults.
 pub fn deliver_fault(cpu: &mut Cpu, f: Fault) {
     let mut cur = f;
-    let mut ext = false;
+    // An exception is an event external to the program: a fault while
+    // delivering it sets EXT in its error code (SDM 6.13).
+    let ext = true;
     loop {
         match try_deliver(cpu, cur.vector, Event::Exception(cur.code), ext) {
             Ok(()) => return,
@@ -50,7 +53,6 @@ pub fn deliver_fault(cpu: &mut Cpu, f: Fault) {
                 } else {
                     next
                 };
-                ext = true;
             }
             Err(_) => {
                 cpu.shutdown = true;
@@ -63,9 +65,24 @@ pub fn deliver_fault(cpu: &mut Cpu, f: Fault) {
 /// Delivers an interrupt (external, NMI, software, trap); a fault during
 /// delivery is then delivered as an exception.
 pub fn deliver(cpu: &mut Cpu, vector: u8, ev: Event) {
-    match try_deliver(cpu, vector, ev, matches!(ev, Event::External | Event::Nmi)) {
+    match try_deliver(cpu, vector, ev, ev != Event::Software) {
         Ok(()) => {}
         Err(Stop::Fault(f)) => deliver_fault(cpu, f),
+        Err(_) => cpu.shutdown = true,
+    }
+}
+
+/// Delivers `int n`, `int3` or `into` (RIP is after the instruction at
+/// `at`). A fault while delivering it is the instruction's own fault, so
+/// it is reported at `at` (SDM 6.5: a fault's return address is the
+/// faulting instruction), with EXT clear.
+pub fn deliver_software(cpu: &mut Cpu, vector: u8, at: u64) {
+    match try_deliver(cpu, vector, Event::Software, false) {
+        Ok(()) => {}
+        Err(Stop::Fault(f)) => {
+            cpu.set_rip(at);
+            deliver_fault(cpu, f);
+        }
         Err(_) => cpu.shutdown = true,
     }
 }
@@ -125,12 +142,9 @@ fn read_gate(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool, size: u64) -> Res<
     let ok = if size == 16 {
         matches!(typ, 0xe | 0xf)
     } else {
-        matches!(typ, 0x6 | 0x7 | 0xe | 0xf)
+        matches!(typ, 0x5 | 0x6 | 0x7 | 0xe | 0xf)
     };
     if !ok {
-        if typ == 0x5 && size == 8 {
-            tracing::warn!("vmplay-emu: task gates are not supported (vector {vector})");
-        }
         return Err(Fault::gp(idt_code));
     }
     if ev == Event::Software && dpl < cpu.cpl {
@@ -205,9 +219,36 @@ fn write_frame(
     r.map(|_| sp)
 }
 
+/// Whether `bytes` pushed below offset `top` stay inside stack segment
+/// `s` (expand-up: at or below the limit; expand-down: above it) without
+/// wrapping.
+fn frame_fits(s: &Seg, top: u64, bytes: u64, mask: u64) -> bool {
+    let lo = top.wrapping_sub(bytes) & mask;
+    let hi = top.wrapping_sub(1) & mask;
+    if lo > hi {
+        return false;
+    }
+    let limit = u64::from(s.limit);
+    if s.typ() & 0xc == 0x4 {
+        lo > limit && hi <= if s.db() { 0xffff_ffff } else { 0xffff }
+    } else {
+        hi <= limit
+    }
+}
+
 fn deliver_protected(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
     let (lo, _) = read_gate(cpu, vector, ev, ext, 8)?;
     let typ = ((lo >> 40) & 0xf) as u8;
+    if typ == 0x5 {
+        // A task gate: the handler is a whole task.
+        let tss = (lo >> 16) as u16;
+        let d = task::available_tss(cpu, tss, u32::from(ext))?;
+        let code = match ev {
+            Event::Exception(c) => c,
+            _ => None,
+        };
+        return task::switch(cpu, tss, &d, Switch::Interrupt, code, u32::from(ext));
+    }
     let gate32 = typ & 8 != 0;
     let sel = (lo >> 16) as u16;
     let offset = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000);
@@ -220,6 +261,7 @@ fn deliver_protected(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
     };
     let mut vals = Vec::with_capacity(6);
     let (ss_base, ss_mask, top, new_ss);
+    let e = u32::from(ext);
     if new_cpl < cpu.cpl {
         // Inner privilege: stack from the TSS.
         let tss32 = cpu.tr.typ() & 8 != 0;
@@ -267,6 +309,15 @@ fn deliver_protected(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
     vals.push(cpu.rip());
     if let Some(c) = code {
         vals.push(u64::from(c));
+    }
+    // The frame must fit the stack's limit: #SS(EXT) on the current
+    // stack, #SS(new SS | EXT) on the one from the TSS.
+    let (stack, ss_code) = match &new_ss {
+        Some(s) => (*s, sel_code(s.sel) | e),
+        None => (cpu.seg[SS], e),
+    };
+    if !frame_fits(&stack, top, size * vals.len() as u64, ss_mask) {
+        return Err(Fault::ss(ss_code));
     }
     let sp = write_frame(cpu, ss_base, top, ss_mask, size, &vals, new_cpl < 3)?;
     if let Some(mut s) = new_ss {
@@ -329,7 +380,14 @@ fn deliver_long(cpu: &mut Cpu, vector: u8, ev: Event, ext: bool) -> Res {
     cpu.lin_mask = u64::MAX;
     let sp = write_frame(cpu, 0, rsp, u64::MAX, 8, &vals, new_cpl < 3);
     cpu.lin_mask = saved_mask;
-    let sp = sp?;
+    // A non-canonical stack is #SS(EXT), not the #GP(0) of `translate`.
+    let sp = sp.map_err(|e| {
+        if e == Fault::gp(0) {
+            Fault::ss(u32::from(ext))
+        } else {
+            e
+        }
+    })?;
     if new_cpl < cpu.cpl {
         cpu.seg[SS] = Seg {
             sel: u16::from(new_cpl),
@@ -402,9 +460,12 @@ pub fn iret(cpu: &mut Cpu, bytes: u64) -> Res {
 }
 
 fn iret_protected(cpu: &mut Cpu, bytes: u64) -> Res {
-    if cpu.rflags & NT != 0 && !cpu.long_mode() {
-        tracing::warn!("vmplay-emu: iret with NT (task return) is not supported");
-        return Err(Fault::gp(0));
+    if cpu.rflags & NT != 0 {
+        // IA-32e mode has no task switches: #GP(0) (SDM IRET).
+        if cpu.long_mode() {
+            return Err(Fault::gp(0));
+        }
+        return task::iret_to_link(cpu);
     }
     let rd = |cpu: &mut Cpu, k: u64| -> Res<u64> {
         match bytes {

@@ -236,6 +236,18 @@ impl Cpu {
         self.refresh_segments();
     }
 
+    /// The full base of a 16-byte (long mode) LDT/TSS descriptor: #GP(sel)
+    /// when the high half's type field is not 0 or the base is not
+    /// canonical (SDM LLDT/LTR: "IF (IA32_EFER.LMA = 1) ...").
+    fn system_base_high(&mut self, d: &Desc, sel: u16) -> Res<u64> {
+        let hi = self.read_desc_high(d)?;
+        let base = d.base() | (hi & 0xffff_ffff) << 32;
+        if (hi >> 40) & 0x1f != 0 || !canonical(base) {
+            return Err(Fault::gp(sel_code(sel)));
+        }
+        Ok(base)
+    }
+
     /// `lldt`.
     pub fn load_ldt(&mut self, sel: u16) -> Res {
         if sel & 0xfffc == 0 {
@@ -258,7 +270,7 @@ impl Cpu {
         }
         let mut s = d.to_seg(sel);
         if self.long_mode() {
-            s.base |= (self.read_desc_high(&d)? & 0xffff_ffff) << 32;
+            s.base = self.system_base_high(&d, sel)?;
         }
         self.ldtr = s;
         Ok(())
@@ -283,7 +295,7 @@ impl Cpu {
         }
         let mut s = d.to_seg(sel);
         if self.long_mode() {
-            s.base |= (self.read_desc_high(&d)? & 0xffff_ffff) << 32;
+            s.base = self.system_base_high(&d, sel)?;
         }
         let hi = self.read_sys::<W32>(d.addr + 4)?;
         self.write_sys::<W32>(d.addr + 4, hi | (2 << 8))?;

@@ -1,7 +1,7 @@
 //! Per-vCPU attention word: the one atomic the run loop loads between
 //! blocks, plus the condition variable a halted vCPU sleeps on.
 
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -14,11 +14,16 @@ pub const INIT: u32 = 1 << 3;
 pub const SIPI: u32 = 1 << 4;
 /// A page became code: drop TLB write tags for code pages.
 pub const FLUSH_CODE: u32 = 1 << 5;
+/// A KVM_HC_KICK_CPU hypercall: a halted vCPU leaves `hlt`.
+pub const UNHALT: u32 = 1 << 6;
 
 #[derive(Default)]
 pub struct Signal {
     pub attention: AtomicU32,
     sipi_vector: AtomicU8,
+    /// A KVM_HC_KICK_CPU arrived: the next (or current) `hlt` returns at
+    /// once (KVM's pv_unhalted).
+    unhalt: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
 }
@@ -33,6 +38,17 @@ impl Signal {
 
     pub fn clear(&self, bits: u32) {
         self.attention.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// A PV kick: wakes a halted vCPU, or makes its next `hlt` return.
+    pub fn kick_unhalt(&self) {
+        self.unhalt.store(true, Ordering::Release);
+        self.raise(UNHALT);
+    }
+
+    /// Consumes a pending PV kick.
+    pub fn take_unhalt(&self) -> bool {
+        self.unhalt.swap(false, Ordering::AcqRel)
     }
 
     pub fn set_sipi_vector(&self, v: u8) {

@@ -3,6 +3,7 @@
 
 mod apic_modes;
 mod bench;
+mod corners;
 mod debug_arch;
 pub(crate) mod guest;
 mod modes;

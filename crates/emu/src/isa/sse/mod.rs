@@ -27,6 +27,7 @@ use crate::cpu::fpu::F80;
 use crate::cpu::width::W64;
 use crate::cpu::{CR0_EM, CR0_NE, CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, Cpu};
 use crate::decode::{Insn, Table};
+use crate::mem::access::via_seg;
 
 /// FSW.ES: an unmasked x87 exception is pending.
 const FSW_ES: u16 = 1 << 7;
@@ -152,8 +153,9 @@ fn operand_lin(cpu: &Cpu, i: &Insn, n: usize, write: bool, align: bool) -> Res<u
 #[inline(always)]
 pub(crate) fn load128<const ALIGN: bool>(cpu: &mut Cpu, i: &Insn) -> Res<u128> {
     let lin = operand_lin(cpu, i, 16, false, ALIGN)?;
-    let lo = cpu.read_lin::<W64>(lin)?;
-    let hi = cpu.read_lin::<W64>(lin.wrapping_add(8) & cpu.lin_mask)?;
+    let seg = usize::from(i.seg);
+    let lo = cpu.read_lin_seg::<W64>(seg, lin)?;
+    let hi = cpu.read_lin_seg::<W64>(seg, lin.wrapping_add(8) & cpu.lin_mask)?;
     Ok(u128::from(lo) | u128::from(hi) << 64)
 }
 
@@ -162,10 +164,11 @@ pub(crate) fn load128<const ALIGN: bool>(cpu: &mut Cpu, i: &Insn) -> Res<u128> {
 #[inline(always)]
 pub(crate) fn store128<const ALIGN: bool>(cpu: &mut Cpu, i: &Insn, v: u128) -> Res {
     let lin = operand_lin(cpu, i, 16, true, ALIGN)?;
+    let seg = usize::from(i.seg);
     if lin & 0xfff > 0xff0 {
-        cpu.probe_write(lin, 16)?;
+        via_seg(seg, cpu.probe_write(lin, 16))?;
     }
-    cpu.write_lin::<W64>(lin, v as u64)?;
+    cpu.write_lin_seg::<W64>(seg, lin, v as u64)?;
     cpu.write_lin::<W64>(lin.wrapping_add(8) & cpu.lin_mask, (v >> 64) as u64)
 }
 
