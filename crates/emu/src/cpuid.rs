@@ -45,6 +45,22 @@ pub enum CpuModel {
     /// speculation, so Linux turns every mitigation on. Kept so the bench
     /// can measure what the model costs or saves (`VMPLAY_EMU_CPU=qemu64`).
     Qemu64,
+    /// [`CpuModel::Vmplay`] without the newer instruction sets (SSSE3,
+    /// SSE4.x, MOVBE, LZCNT, BMI1/2, RDRAND/RDSEED, FSGSBASE, XSAVE): what
+    /// those sets alone change in a workload (`VMPLAY_EMU_CPU=vmplay-baseline`).
+    VmplayBaseline,
+}
+
+impl CpuModel {
+    /// Tells Linux it does not speculate (family 6 model 0x1c, ARCH_CAPABILITIES).
+    pub fn no_speculation(self) -> bool {
+        self != CpuModel::Qemu64
+    }
+
+    /// Advertises and implements the newer instruction sets.
+    pub fn extensions(self) -> bool {
+        self == CpuModel::Vmplay
+    }
 }
 
 impl std::str::FromStr for CpuModel {
@@ -53,7 +69,10 @@ impl std::str::FromStr for CpuModel {
         match s {
             "vmplay" => Ok(CpuModel::Vmplay),
             "qemu64" => Ok(CpuModel::Qemu64),
-            _ => Err(format!("unknown emu CPU model {s:?} (vmplay or qemu64)")),
+            "vmplay-baseline" => Ok(CpuModel::VmplayBaseline),
+            _ => Err(format!(
+                "unknown emu CPU model {s:?} (vmplay, vmplay-baseline or qemu64)"
+            )),
         }
     }
 }
@@ -159,20 +178,21 @@ pub fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> [u32; 4] {
 
 /// CPUID.(leaf, subleaf) of `model` for vCPU `id` of `ncpu`.
 pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [u32; 4] {
-    let vmplay = model == CpuModel::Vmplay;
+    let vmplay = model.no_speculation();
+    let ext = model.extensions();
     match leaf {
         0 => [0x16, reg(VENDOR, 0), reg(VENDOR, 8), reg(VENDOR, 4)],
         1 => {
             let ecx = bit(has(Code::Addsubpd_xmm_xmmm128), 0)
-                | bit(vmplay && has(Code::Pshufb_xmm_xmmm128), 9)
-                | bit(vmplay && has(Code::Dpps_xmm_xmmm128_imm8), 19)
-                | bit(vmplay && has(Code::Pcmpistri_xmm_xmmm128_imm8), 20)
+                | bit(ext && has(Code::Pshufb_xmm_xmmm128), 9)
+                | bit(ext && has(Code::Dpps_xmm_xmmm128_imm8), 19)
+                | bit(ext && has(Code::Pcmpistri_xmm_xmmm128_imm8), 20)
                 | bit(has(Code::Cmpxchg16b_m128), 13)
                 | bit(true, 21) // x2APIC
                 | bit(true, 24) // TSC-deadline
-                | bit(vmplay && has(Code::Xsave_mem), 26)
-                | bit(vmplay && has(Code::Rdrand_r64), 30)
-                | bit(vmplay && has(Code::Movbe_r32_m32), 22)
+                | bit(ext && has(Code::Xsave_mem), 26)
+                | bit(ext && has(Code::Rdrand_r64), 30)
+                | bit(ext && has(Code::Movbe_r32_m32), 22)
                 | bit(has(Code::Popcnt_r32_rm32), 23)
                 | bit(true, 31); // hypervisor
             let edx = bit(has(Code::Fninit), 0)
@@ -213,21 +233,21 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
         // FSGSBASE (EBX 0), BMI1 (EBX 3), BMI2 (EBX 8) and RDSEED (EBX
         // 18) with their instructions.
         7 if sub == 0 && vmplay => {
-            let ebx = bit(has(Code::Wrfsbase_r64), 0)
+            let ebx = bit(ext && has(Code::Wrfsbase_r64), 0)
                 | 1 << 1
                 | bit(
-                    has(Code::VEX_Andn_r64_r64_rm64) && has(Code::Tzcnt_r64_rm64),
+                    ext && has(Code::VEX_Andn_r64_r64_rm64) && has(Code::Tzcnt_r64_rm64),
                     3,
                 )
-                | bit(has(Code::VEX_Pdep_r64_r64_rm64), 8)
+                | bit(ext && has(Code::VEX_Pdep_r64_r64_rm64), 8)
                 | 1 << 9
-                | bit(has(Code::Rdseed_r64), 18);
+                | bit(ext && has(Code::Rdseed_r64), 18);
             [0, ebx, 0, 1 << 4 | 1 << 29]
         }
         7 if sub == 0 => [0, 1 << 1, 0, 0],
         // Leaf 0xD: the XSAVE components (x87, SSE), the standard image
         // (legacy region + header) and XSAVEOPT.
-        0xd if vmplay && has(Code::Xsave_mem) => match sub {
+        0xd if ext && has(Code::Xsave_mem) => match sub {
             0 => [
                 XCR0_SUPPORTED as u32,
                 XSAVE_SIZE,
@@ -263,7 +283,7 @@ pub fn model_leaf(model: CpuModel, ncpu: u32, id: u32, leaf: u32, sub: u32) -> [
         0x8000_0000 => [0x8000_0008, 0, 0, 0],
         0x8000_0001 => {
             let ecx = bit(true, 0) // LAHF/SAHF in 64-bit mode
-                | bit(vmplay && has(Code::Lzcnt_r64_rm64), 5);
+                | bit(ext && has(Code::Lzcnt_r64_rm64), 5);
             let edx = bit(true, 11) // SYSCALL
                 | bit(true, 20) // NX
                 | bit(true, 26) // 1 GiB pages
@@ -380,7 +400,7 @@ mod tests {
     /// advertised).
     #[test]
     fn every_advertised_instruction_set_is_implemented_whole() {
-        for model in [CpuModel::Vmplay, CpuModel::Qemu64] {
+        for model in [CpuModel::Vmplay, CpuModel::VmplayBaseline, CpuModel::Qemu64] {
             let advertised: Vec<CpuidFeature> = ISA_BITS
                 .iter()
                 .filter(|(leaf, r, bit, _)| model_leaf(model, 1, 0, *leaf, 0)[*r] & (1 << bit) != 0)
@@ -418,6 +438,10 @@ mod tests {
     fn cpu_models_parse_by_name() {
         assert_eq!("vmplay".parse::<CpuModel>(), Ok(CpuModel::Vmplay));
         assert_eq!("qemu64".parse::<CpuModel>(), Ok(CpuModel::Qemu64));
+        assert_eq!(
+            "vmplay-baseline".parse::<CpuModel>(),
+            Ok(CpuModel::VmplayBaseline)
+        );
         assert!("pentium".parse::<CpuModel>().is_err());
     }
 

@@ -102,9 +102,7 @@ impl Cpu {
             UCODE_REV => self.msr.ucode_rev,
             PLATFORM_ID => 0,
             FEATURE_CONTROL => FEATURE_CONTROL_LOCKED,
-            ARCH_CAPABILITIES if self.vm.cpu_model == crate::cpuid::CpuModel::Vmplay => {
-                ARCH_CAPABILITIES_VALUE
-            }
+            ARCH_CAPABILITIES if self.vm.cpu_model.no_speculation() => ARCH_CAPABILITIES_VALUE,
             SYSENTER_CS => self.msr.sysenter_cs,
             SYSENTER_ESP => self.msr.sysenter_esp,
             SYSENTER_EIP => self.msr.sysenter_eip,

@@ -259,7 +259,7 @@ pub(crate) fn hypervisor_for(
     tier: Option<vmplay_emu::jit::Tier>,
     timer_thread_hook: Option<vmplay_emu::ThreadHook>,
 ) -> Result<(Box<dyn Hypervisor>, Option<String>)> {
-    // VMPLAY_EMU_CPU=qemu64 selects the older CPU model, for the bench.
+    // VMPLAY_EMU_CPU=qemu64 or vmplay-baseline: other CPU models, for the bench.
     let cpu_model = match std::env::var("VMPLAY_EMU_CPU") {
         Ok(name) => name
             .parse()

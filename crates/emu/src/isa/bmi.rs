@@ -16,7 +16,6 @@
 use crate::cpu::fault::{Fault, Res};
 use crate::cpu::width::{W32, W64, Width};
 use crate::cpu::{Cpu, Mode};
-use crate::cpuid::CpuModel;
 use crate::decode::{Insn, Table};
 use crate::isa::c;
 
@@ -24,7 +23,7 @@ use crate::isa::c;
 /// LZCNT, MOVBE…): the default model does, qemu64 does not.
 #[inline(always)]
 pub(crate) fn modern(cpu: &Cpu) -> bool {
-    cpu.vm.cpu_model == CpuModel::Vmplay
+    cpu.vm.cpu_model.extensions()
 }
 
 /// The checks every VEX GPR instruction makes before its operands.
@@ -333,7 +332,11 @@ mod tests {
     /// (which advertises neither BMI1 nor MOVBE), as on such hardware.
     #[test]
     fn bmi_and_movbe_follow_the_cpu_model() {
-        for (model, ud) in [(CpuModel::Vmplay, false), (CpuModel::Qemu64, true)] {
+        for (model, ud) in [
+            (crate::cpuid::CpuModel::Vmplay, false),
+            (crate::cpuid::CpuModel::VmplayBaseline, true),
+            (crate::cpuid::CpuModel::Qemu64, true),
+        ] {
             let opts = crate::EmuOptions {
                 cpu_model: model,
                 ..Default::default()

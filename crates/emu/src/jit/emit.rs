@@ -1124,6 +1124,94 @@ fn emit_pop(
     Ok(())
 }
 
+/// The ModRM form of an accumulator-only encoding (`add al, imm8` →
+/// `add r/m8, imm8`), if `i` uses one.
+fn accumulator_form(i: &Instruction) -> Option<Code> {
+    use Code as C;
+    use Mnemonic as M;
+    let size = i.op0_register().size();
+    let acc = i.op_code().op0_kind();
+    let imm = matches!(
+        acc,
+        iced_x86::OpCodeOperandKind::al
+            | iced_x86::OpCodeOperandKind::ax
+            | iced_x86::OpCodeOperandKind::eax
+            | iced_x86::OpCodeOperandKind::rax
+    );
+    if imm {
+        let forms: [C; 4] = match i.mnemonic() {
+            M::Add => [
+                C::Add_rm8_imm8,
+                C::Add_rm16_imm16,
+                C::Add_rm32_imm32,
+                C::Add_rm64_imm32,
+            ],
+            M::Or => [
+                C::Or_rm8_imm8,
+                C::Or_rm16_imm16,
+                C::Or_rm32_imm32,
+                C::Or_rm64_imm32,
+            ],
+            M::Adc => [
+                C::Adc_rm8_imm8,
+                C::Adc_rm16_imm16,
+                C::Adc_rm32_imm32,
+                C::Adc_rm64_imm32,
+            ],
+            M::Sbb => [
+                C::Sbb_rm8_imm8,
+                C::Sbb_rm16_imm16,
+                C::Sbb_rm32_imm32,
+                C::Sbb_rm64_imm32,
+            ],
+            M::And => [
+                C::And_rm8_imm8,
+                C::And_rm16_imm16,
+                C::And_rm32_imm32,
+                C::And_rm64_imm32,
+            ],
+            M::Sub => [
+                C::Sub_rm8_imm8,
+                C::Sub_rm16_imm16,
+                C::Sub_rm32_imm32,
+                C::Sub_rm64_imm32,
+            ],
+            M::Xor => [
+                C::Xor_rm8_imm8,
+                C::Xor_rm16_imm16,
+                C::Xor_rm32_imm32,
+                C::Xor_rm64_imm32,
+            ],
+            M::Cmp => [
+                C::Cmp_rm8_imm8,
+                C::Cmp_rm16_imm16,
+                C::Cmp_rm32_imm32,
+                C::Cmp_rm64_imm32,
+            ],
+            M::Test => [
+                C::Test_rm8_imm8,
+                C::Test_rm16_imm16,
+                C::Test_rm32_imm32,
+                C::Test_rm64_imm32,
+            ],
+            _ => return None,
+        };
+        return match size {
+            1 => Some(forms[0]),
+            2 => Some(forms[1]),
+            4 => Some(forms[2]),
+            8 => Some(forms[3]),
+            _ => None,
+        };
+    }
+    match i.code() {
+        C::Xchg_r16_AX => Some(C::Xchg_rm16_r16),
+        C::Xchg_r32_EAX => Some(C::Xchg_rm32_r32),
+        C::Xchg_r64_RAX => Some(C::Xchg_rm64_r64),
+        _ => None,
+    }
+}
+
 /// One-operand `mul`/`imul`: guest rAX (and rDX) through the host's,
 /// the operand from its host register or `[r11]`.
 fn emit_mul(c: &mut Ctx, i: &Instruction, slow: CodeLabel) -> Result<(), String> {
@@ -1259,6 +1347,10 @@ fn emit_rewrite(
         Code::Mov_moffs64_RAX => Some(Code::Mov_rm64_r64),
         _ => None,
     };
+    // Accumulator short forms (`test eax, imm32`, `xchg r32, eax`) name
+    // rAX implicitly; the guest's rAX is in another host register, so use
+    // the general ModRM form.
+    let modrm = modrm.or_else(|| accumulator_form(i));
     if let Some(code) = modrm {
         n.set_code(code);
     }
@@ -1298,4 +1390,46 @@ fn emit_rewrite(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions};
+
+    /// Compiles `code` (64-bit, at 0x40_0000) as one block.
+    fn compile_bytes(code: &[u8]) -> Emitted {
+        let t = crate::decode::table::table();
+        let ins: Vec<Instruction> = Decoder::with_ip(64, code, 0x40_0000, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        let insns: Vec<Insn> = ins.iter().map(|i| Insn::build(i, t.resolve(i).0)).collect();
+        let word = 0u32;
+        let addr = &word as *const u32 as u64;
+        compile(&ins, &insns, addr, 0, addr, 0x7000_0000, true).expect("compiles")
+    }
+
+    #[test]
+    fn accumulator_short_forms_are_translated_on_any_host_register() {
+        let mut a = CodeAssembler::new(64).unwrap();
+        // The short forms iced picks for rAX with an immediate, and xchg
+        // with rAX: each must become the ModRM form on the host register
+        // that holds the guest's rAX.
+        a.test(eax, 0x8_0000).unwrap();
+        a.add(al, 1).unwrap();
+        a.and(rax, -1024).unwrap();
+        a.cmp(ax, 0x1234).unwrap();
+        a.xchg(ecx, eax).unwrap();
+        a.sub(rax, 7).unwrap();
+        a.ret().unwrap();
+        let bytes = a.assemble(0x40_0000).unwrap();
+        let mut d = Decoder::with_ip(64, &bytes, 0x40_0000, DecoderOptions::NONE);
+        assert_eq!(
+            d.decode().code(),
+            Code::Test_EAX_imm32,
+            "the test needs the short form"
+        );
+        let e = compile_bytes(&bytes);
+        assert_eq!((e.native, e.fallback), (7, 0));
+    }
 }
