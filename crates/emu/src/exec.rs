@@ -1,7 +1,7 @@
 //! The interpreter loop: look up the block at CS:RIP, run its handlers,
 //! and between blocks take interrupts, kicks, INIT/SIPI and halts.
 
-use crate::cpu::fault::{Fault, Stop};
+use crate::cpu::fault::Stop;
 use crate::cpu::flags::{RF, TF};
 use crate::cpu::{Cpu, RIP, RunState};
 use crate::decode::cache::{Block, BlockCache};
@@ -381,9 +381,4 @@ fn service(cpu: &mut Cpu, vm: &VmShared, att: u32) -> Option<Event> {
         sig.wait();
     }
     None
-}
-
-/// Raises #UD from a context with no handler (used by tests).
-pub fn ud() -> Stop {
-    Fault::ud()
 }

@@ -8,24 +8,24 @@
 //! MSRs. Everything else — devices, loaders, the memory map — belongs to
 //! the machine and is reached through `VcpuExit`s.
 //!
-//! It is not a JIT (yet) and does not model SMM, VMX, task switching,
-//! call gates or virtual-8086 mode. See DESIGN.md for the structure and
-//! how to add an instruction family.
+//! Hot 64-bit blocks are translated to host code (`jit`). It does not
+//! model SMM, VMX, call gates or virtual-8086 mode. See DESIGN.md for the
+//! structure and how to add an instruction family.
 
-pub mod cpu;
+pub(crate) mod cpu;
 pub mod cpuid;
-pub mod debug;
-pub mod decode;
-pub mod exec;
-pub mod isa;
+pub(crate) mod debug;
+pub(crate) mod decode;
+pub(crate) mod exec;
+pub(crate) mod isa;
 pub mod jit;
-pub mod mem;
-pub mod mode;
-pub mod msr;
-pub mod platform;
-pub mod trace;
-pub mod vcpu;
-pub mod vm;
+pub(crate) mod mem;
+pub(crate) mod mode;
+pub(crate) mod msr;
+pub(crate) mod platform;
+pub(crate) mod trace;
+pub(crate) mod vcpu;
+pub(crate) mod vm;
 
 #[cfg(test)]
 mod tests;

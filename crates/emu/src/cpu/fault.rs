@@ -4,8 +4,6 @@
 pub const DE: u8 = 0;
 pub const DB: u8 = 1;
 pub const NMI: u8 = 2;
-pub const BP: u8 = 3;
-pub const OF: u8 = 4;
 pub const BR: u8 = 5;
 pub const UD: u8 = 6;
 pub const NM: u8 = 7;
@@ -16,8 +14,6 @@ pub const SS: u8 = 12;
 pub const GP: u8 = 13;
 pub const PF: u8 = 14;
 pub const MF: u8 = 16;
-pub const AC: u8 = 17;
-pub const MC: u8 = 18;
 pub const XM: u8 = 19;
 
 /// An exception with its error code, if the vector pushes one.

@@ -73,7 +73,7 @@ impl Fpu {
         }
     }
 
-    pub fn to_state(&self) -> FpuState {
+    pub fn to_state(self) -> FpuState {
         let top = usize::from((self.fsw >> 11) & 7);
         let st = std::array::from_fn(|j| self.st[(top + j) & 7].to_bytes());
         FpuState {

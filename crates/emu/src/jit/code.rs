@@ -56,10 +56,6 @@ impl CodeArena {
         self.base.as_ptr() as u64 + self.used as u64
     }
 
-    pub fn used(&self) -> usize {
-        self.used
-    }
-
     /// Copies `bytes` (assembled for [`next_addr`](Self::next_addr)) in;
     /// `None` when the arena is full.
     pub fn push(&mut self, bytes: &[u8]) -> Option<u64> {

@@ -14,11 +14,11 @@
 //!   `code.rs` owns executable memory (the only unsafe boundary),
 //!   `verify.rs` runs translated blocks against the interpreter.
 
-pub mod code;
-pub mod emit;
-pub mod helpers;
-pub mod regs;
-pub mod verify;
+pub(crate) mod code;
+pub(crate) mod emit;
+pub(crate) mod helpers;
+pub(crate) mod regs;
+pub(crate) mod verify;
 
 use iced_x86::{Decoder, DecoderOptions, Instruction};
 

@@ -53,7 +53,7 @@ impl Desc {
         self.raw & (1 << 53) != 0
     }
     /// The segment cache this descriptor loads for selector `sel`.
-    pub fn to_seg(&self, sel: u16) -> Seg {
+    pub fn to_seg(self, sel: u16) -> Seg {
         Seg {
             sel,
             base: self.base(),

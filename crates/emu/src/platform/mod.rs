@@ -23,10 +23,6 @@ use pic::Pic;
 use pit::Pit;
 use signal::Signal;
 
-/// IOAPIC pin the PIT's IRQ0 reaches (KVM's default GSI routing: GSI n →
-/// IOAPIC pin n and PIC IRQ n).
-pub const PIT_IOAPIC_PIN: usize = 0;
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
