@@ -821,6 +821,70 @@ fn corners_jmp_through_a_task_gate_switches_without_nesting() {
     assert_eq!(st.gpr[4] as u32, 0x6_0000, "ESP from B's TSS");
 }
 
+#[test]
+fn corners_a_switch_into_a_tss_with_the_t_bit_traps_with_dr6_bt() {
+    // TSS B with T set: #DB (a trap, DR6.BT) in B before its first
+    // instruction, pushed EIP = B's EIP. A far jmp through a task gate
+    // (no debug registers armed: delivered by the switch) and a far call
+    // with DR7.G3 armed (the precise path: delivered after the call).
+    const DB_HANDLER: u64 = HANDLERS + 0x1000;
+    for call in [false, true] {
+        let mut g = Guest::new(1);
+        let s = prot32(&g, CODE);
+        tasks(&g);
+        task_b(&g, false);
+        g.write(TSS_B_AT + 0x64, &(0x68u32 << 16 | 1).to_le_bytes());
+        g.code(32, DB_HANDLER, |a| {
+            a.mov(eax, dr6).unwrap();
+            a.mov(dword_ptr(OUT + 48).es(), eax).unwrap();
+            a.mov(edi, 1u32).unwrap();
+            a.mov(esi, u32::MAX).unwrap();
+            a.mov(ebp, esp).unwrap();
+            a.hlt().unwrap();
+        });
+        g.write_u64(IDT32 + 8, gate32(DB_HANDLER, CODE32, 0x8e));
+        g.code(32, CODE, |a| {
+            if call {
+                a.mov(eax, 0x80u32).unwrap(); // G3: armed, breakpoint at 0
+                a.mov(dr7, eax).unwrap();
+                a.call_far(TSS_B, 0).unwrap();
+            } else {
+                a.jmp_far(GATE_B, 0).unwrap();
+            }
+            a.hlt().unwrap();
+        });
+        g.vcpu.set_state(&s).unwrap();
+        assert_eq!(g.run().end, End::Halt);
+        assert_eq!(
+            seen32(&g),
+            Seen {
+                vector: 1,
+                code: u64::from(u32::MAX),
+                rip: TASK_B_CODE
+            },
+            "call: {call}"
+        );
+        let st = g.state();
+        assert_eq!(st.tr.selector, TSS_B, "in B, call: {call}");
+        assert_eq!(
+            rd32(&g, OUT),
+            0,
+            "B's first instruction not run, call: {call}"
+        );
+        assert_eq!(
+            rd32(&g, OUT + 48),
+            0xffff_0ff0 | 1 << 15,
+            "DR6: BT only, call: {call}"
+        );
+        let frame = st.gpr[5];
+        assert_eq!(rd32(&g, frame + 4), u64::from(CODE32), "pushed CS");
+        let eflags = rd32(&g, frame + 8);
+        assert_eq!(eflags & 1 << 16, 0, "a trap: RF clear, call: {call}");
+        assert_eq!(eflags & 0x4000 != 0, call, "NT only when nested");
+        assert_eq!(frame, 0x6_0000 - 12, "on B's stack, call: {call}");
+    }
+}
+
 /// 32-bit paging: 4 MiB identity pages in a page directory at `pd`.
 fn identity_pd(g: &Guest, pd: u64) {
     for k in 0..1024u64 {
