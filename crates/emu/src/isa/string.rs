@@ -12,7 +12,7 @@ use crate::cpu::{Cpu, ES};
 use crate::decode::{Handler, Insn, Table};
 use crate::isa::c;
 use crate::mem::PAGE_MASK;
-use crate::mem::access::Target;
+use crate::mem::access::{Target, via_seg};
 use crate::mem::paging::Access;
 
 /// Elements one execution handles before yielding.
@@ -61,7 +61,8 @@ fn host_range(cpu: &mut Cpu, seg: usize, off: u64, n: u64, write: bool) -> Res<O
     if tag == lin & PAGE_MASK {
         return Ok(Some(e.addend.wrapping_add(lin) as *mut u8));
     }
-    match cpu.translate(lin, if write { Access::Write } else { Access::Read })? {
+    let acc = if write { Access::Write } else { Access::Read };
+    match via_seg(seg, cpu.translate(lin, acc))? {
         Target::Ram(loc) => {
             if write && cpu.vm.code.is_code(loc.frame) {
                 return Ok(None);

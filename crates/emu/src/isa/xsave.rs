@@ -18,6 +18,7 @@ use crate::cpu::{CR0_TS, Cpu};
 use crate::decode::{Insn, Table};
 use crate::isa::c;
 use crate::isa::sse::state::{MXCSR_MASK, image_pointers, loaded_pointers, xmm_count};
+use crate::mem::access::via_seg;
 
 /// CR4.OSXSAVE.
 pub(crate) const CR4_OSXSAVE: u64 = 1 << 18;
@@ -58,7 +59,7 @@ fn operand(cpu: &mut Cpu, i: &Insn, write: bool) -> Res<(usize, u64)> {
         return Err(Fault::gp(0));
     }
     if write {
-        cpu.probe_write(lin, n)?;
+        via_seg(seg, cpu.probe_write(lin, n))?;
     }
     Ok((seg, off))
 }

@@ -23,6 +23,8 @@ use crate::mode::interrupt::{self, Event};
 pub const DR6_BD: u64 = 1 << 13;
 /// DR6: single step.
 pub const DR6_BS: u64 = 1 << 14;
+/// DR6: task switch into a TSS with the T (debug trap) bit.
+pub const DR6_BT: u64 = 1 << 15;
 /// DR6 bits that read as 1 (reserved, and RTM: no transactions here).
 pub const DR6_FIXED: u64 = 0xffff_0ff0;
 /// DR6 bits a guest can write: B0–B3, BD, BS, BT.
@@ -65,6 +67,10 @@ pub struct DebugArch {
     fire: bool,
     /// #DB trap bits held across a MOV SS/POP SS shadow.
     held: u64,
+    /// An instruction runs between [`before`] and [`after`].
+    precise: bool,
+    /// BT of a task switch the running instruction made, for [`after`].
+    task: u64,
 }
 
 /// What an instruction on the precise path started with.
@@ -170,6 +176,7 @@ pub fn before(cpu: &mut Cpu) -> Option<Entry> {
         }
     }
     cpu.rflags &= !RF;
+    cpu.dbg.precise = true;
     Some(entry)
 }
 
@@ -178,6 +185,7 @@ pub fn before(cpu: &mut Cpu) -> Option<Entry> {
 pub fn restart(cpu: &mut Cpu, e: Entry) {
     cpu.rflags |= e.rf;
     cpu.dbg.ss_shadow = e.ss_shadow;
+    (cpu.dbg.precise, cpu.dbg.task) = (false, 0);
 }
 
 /// After the instruction (`retired` is 0 when it faulted): the #DB trap
@@ -186,7 +194,9 @@ pub fn restart(cpu: &mut Cpu, e: Entry) {
 pub fn after(cpu: &mut Cpu, e: Entry, retired: u64) {
     let d = &mut cpu.dbg;
     let step = d.step_after.take().unwrap_or(e.tf);
-    let mut bits = 0;
+    d.precise = false;
+    // A committed task switch traps even when a fault followed it.
+    let mut bits = std::mem::take(&mut d.task);
     if retired > 0 {
         if step {
             bits |= DR6_BS;
@@ -245,6 +255,19 @@ pub fn fast_system_call_done(cpu: &mut Cpu) {
     cpu.dbg.step_after = Some(false);
     if cpu.rflags & TF != 0 {
         raise(cpu, DR6_BS, Event::Trap);
+    }
+}
+
+/// A task switch into a TSS with the T bit set has completed: a #DB trap
+/// with DR6.BT before the new task's first instruction (SDM 18.2.3,
+/// 18.3.1.5). On the precise path it joins the instruction's other trap
+/// bits (single step: BS|BT in one #DB); otherwise it is delivered now.
+pub fn task_switched(cpu: &mut Cpu) {
+    if cpu.dbg.precise {
+        cpu.dbg.task = DR6_BT;
+        cpu.stop = true;
+    } else {
+        raise(cpu, DR6_BT, Event::Trap);
     }
 }
 

@@ -39,6 +39,8 @@ const EFLAGS: u64 = 0x24;
 const GPRS: u64 = 0x28;
 const SELECTORS: u64 = 0x48;
 const LDT: u64 = 0x60;
+/// The T (debug trap) bit is bit 0 of the word at 0x64.
+const TRAP: u64 = 0x64;
 /// Nested post-commit faults (each may switch tasks again) before the
 /// CPU gives up with a shutdown; hardware has no such bound, but a
 /// guest must not be able to recurse the VMM's stack away.
@@ -166,6 +168,8 @@ struct Image {
     gpr: [u32; 8],
     sel: [u16; 6],
     ldt: u16,
+    /// The T bit: #DB (DR6.BT) once the switch completes.
+    trap: bool,
 }
 
 fn read_image(cpu: &mut Cpu, base: u64) -> Res<Image> {
@@ -185,6 +189,7 @@ fn read_image(cpu: &mut Cpu, base: u64) -> Res<Image> {
         *s = rd(SELECTORS + 4 * k as u64)? as u16;
     }
     let ldt = rd(LDT)? as u16;
+    let trap = rd(TRAP)? & 1 != 0;
     Ok(Image {
         cr3,
         eip,
@@ -192,6 +197,7 @@ fn read_image(cpu: &mut Cpu, base: u64) -> Res<Image> {
         gpr,
         sel,
         ldt,
+        trap,
     })
 }
 
@@ -269,6 +275,8 @@ pub fn switch(cpu: &mut Cpu, sel: u16, d: &Desc, kind: Switch, code: Option<u32>
             }
             _ => cpu.shutdown = true,
         }
+    } else if img.trap {
+        crate::mode::dbreg::task_switched(cpu);
     }
     Ok(())
 }

@@ -286,6 +286,176 @@ fn corners_non_canonical_stack_references_are_ss_others_gp() {
 /// Offset of the instruction after `mov rsp, imm64` in the cases above.
 const RSP_SET: u64 = 10;
 
+/// Where the stack-reference cases below run (after a prologue at CODE).
+const OP_AT: u64 = 0x18_0000;
+
+#[test]
+fn corners_non_canonical_stack_references_of_x87_sse_xsave_strings_and_enter_are_ss() {
+    // Each case: set-up (mov r64, imm64: 10 bytes each), then the access
+    // through SS at a non-canonical address: #SS(0) at that instruction,
+    // RF set in the pushed RFLAGS (a fault). The same access through
+    // [rax] stays #GP(0).
+    type Op = fn(&mut CodeAssembler);
+    let rsp_nc: Op = |a| a.mov(rsp, NONCANONICAL).unwrap();
+    let rbp_nc: Op = |a| a.mov(rbp, NONCANONICAL).unwrap();
+    let rsi_nc: Op = |a| a.mov(rsi, NONCANONICAL).unwrap();
+    let rax_nc: Op = |a| a.mov(rax, NONCANONICAL).unwrap();
+    let cases: [(&str, Op, Op, u64); 30] = [
+        ("fld m64", rsp_nc, |a| a.fld(qword_ptr(rsp)).unwrap(), 12),
+        (
+            "fld m32",
+            rbp_nc,
+            |a| a.fld(dword_ptr(rbp + 8)).unwrap(),
+            12,
+        ),
+        ("fld m80", rsp_nc, |a| a.fld(tword_ptr(rsp)).unwrap(), 12),
+        ("fst m64", rsp_nc, |a| a.fst(qword_ptr(rsp)).unwrap(), 12),
+        ("fstp m80", rbp_nc, |a| a.fstp(tword_ptr(rbp)).unwrap(), 12),
+        ("fild m16", rsp_nc, |a| a.fild(word_ptr(rsp)).unwrap(), 12),
+        (
+            "fistp m32",
+            rbp_nc,
+            |a| a.fistp(dword_ptr(rbp)).unwrap(),
+            12,
+        ),
+        // Empty stack, IE unmasked: nothing stored, the operand still checked.
+        (
+            "fstp m64 (IE unmasked)",
+            rsp_nc,
+            |a| a.fstp(qword_ptr(rsp)).unwrap(),
+            12,
+        ),
+        (
+            "fiadd m32",
+            rsp_nc,
+            |a| a.fiadd(dword_ptr(rsp)).unwrap(),
+            12,
+        ),
+        (
+            "fadd m64",
+            rbp_nc,
+            |a| a.fadd(qword_ptr(rbp - 8)).unwrap(),
+            12,
+        ),
+        ("fnstcw", rsp_nc, |a| a.fnstcw(word_ptr(rsp)).unwrap(), 12),
+        ("fldcw", rsp_nc, |a| a.fldcw(word_ptr(rsp)).unwrap(), 12),
+        ("fnstenv", rbp_nc, |a| a.fnstenv(ptr(rbp)).unwrap(), 12),
+        ("fnsave", rsp_nc, |a| a.fnsave(ptr(rsp)).unwrap(), 12),
+        ("frstor", rsp_nc, |a| a.frstor(ptr(rsp)).unwrap(), 12),
+        ("fxsave", rsp_nc, |a| a.fxsave(ptr(rsp)).unwrap(), 12),
+        ("fxrstor", rbp_nc, |a| a.fxrstor(ptr(rbp)).unwrap(), 12),
+        ("xsave", rsp_nc, |a| a.xsave(ptr(rsp)).unwrap(), 12),
+        ("xrstor", rbp_nc, |a| a.xrstor(ptr(rbp)).unwrap(), 12),
+        (
+            "movss load",
+            rsp_nc,
+            |a| a.movss(xmm0, dword_ptr(rsp)).unwrap(),
+            12,
+        ),
+        (
+            "movsd store",
+            rbp_nc,
+            |a| a.movsd_2(qword_ptr(rbp), xmm1).unwrap(),
+            12,
+        ),
+        (
+            "movd load",
+            rsp_nc,
+            |a| a.movd(xmm0, dword_ptr(rsp)).unwrap(),
+            12,
+        ),
+        (
+            "movq store",
+            rsp_nc,
+            |a| a.movq(qword_ptr(rsp), xmm2).unwrap(),
+            12,
+        ),
+        (
+            "stmxcsr",
+            rsp_nc,
+            |a| a.stmxcsr(dword_ptr(rsp)).unwrap(),
+            12,
+        ),
+        ("ss: lodsb", rsi_nc, |a| a.db(&[0x36, 0xac]).unwrap(), 12),
+        (
+            "rep ss: movsb",
+            rsi_nc,
+            |a| {
+                a.mov(ecx, 4).unwrap(); // 5 bytes
+                a.mov(edi, DATA as u32).unwrap(); // 5 bytes
+                a.db(&[0xf3, 0x36, 0xa4]).unwrap();
+            },
+            12,
+        ),
+        (
+            "ss: maskmovdqu",
+            |a| a.mov(rdi, NONCANONICAL).unwrap(),
+            |a| {
+                a.pcmpeqb(xmm1, xmm1).unwrap(); // 4 bytes: every byte selected
+                a.db(&[0x36, 0x66, 0x0f, 0xf7, 0xc1]).unwrap();
+            },
+            12,
+        ),
+        ("enter", rsp_nc, |a| a.enter(16u32, 0u32).unwrap(), 12),
+        (
+            "enter level 2",
+            rbp_nc,
+            |a| a.enter(16u32, 2u32).unwrap(),
+            12,
+        ),
+        // Not through SS: #GP(0).
+        ("fld [rax]", rax_nc, |a| a.fld(qword_ptr(rax)).unwrap(), 13),
+    ];
+    for (name, set, op, vector) in cases {
+        // The offset of the faulting instruction: set-up bytes.
+        let skip = match name {
+            "rep ss: movsb" => 20,
+            "ss: maskmovdqu" => 14,
+            _ => 10,
+        };
+        let (g, _) = run64_with(
+            &[],
+            1,
+            |a| {
+                // CR4.OSXSAVE, XCR0 = x87|SSE, then on to the case.
+                a.mov(rax, cr4).unwrap();
+                a.bts(rax, 18).unwrap();
+                a.mov(cr4, rax).unwrap();
+                a.xor(ecx, ecx).unwrap();
+                a.xor(edx, edx).unwrap();
+                a.mov(eax, 3).unwrap();
+                a.xsetbv().unwrap();
+                if name.contains("IE unmasked") {
+                    a.mov(word_ptr(DATA), 0x37eu32).unwrap();
+                    a.fldcw(word_ptr(DATA)).unwrap();
+                }
+                a.mov(rax, OP_AT).unwrap();
+                a.jmp(rax).unwrap();
+            },
+            |g| {
+                g.code(64, OP_AT, |a| {
+                    set(a);
+                    op(a);
+                    a.hlt().unwrap();
+                });
+            },
+        );
+        assert_eq!(
+            seen64(&g),
+            Seen {
+                vector,
+                code: 0,
+                rip: OP_AT + skip
+            },
+            "{name}"
+        );
+        let frame = g.state().gpr[14];
+        assert_eq!(frame, IST_STACK - 40, "IST1 frame, {name}");
+        let rflags = g.read_u64(frame + 16);
+        assert_eq!(rflags & (1 << 16), 1 << 16, "RF pushed by a fault, {name}");
+    }
+}
+
 // ---------------------------------------------------------------------
 // 32-bit protected mode.
 
@@ -649,6 +819,70 @@ fn corners_jmp_through_a_task_gate_switches_without_nesting() {
     assert_eq!(st.ldt.selector, LDT_SEL);
     assert_eq!(st.ds.base, 0x9_0000);
     assert_eq!(st.gpr[4] as u32, 0x6_0000, "ESP from B's TSS");
+}
+
+#[test]
+fn corners_a_switch_into_a_tss_with_the_t_bit_traps_with_dr6_bt() {
+    // TSS B with T set: #DB (a trap, DR6.BT) in B before its first
+    // instruction, pushed EIP = B's EIP. A far jmp through a task gate
+    // (no debug registers armed: delivered by the switch) and a far call
+    // with DR7.G3 armed (the precise path: delivered after the call).
+    const DB_HANDLER: u64 = HANDLERS + 0x1000;
+    for call in [false, true] {
+        let mut g = Guest::new(1);
+        let s = prot32(&g, CODE);
+        tasks(&g);
+        task_b(&g, false);
+        g.write(TSS_B_AT + 0x64, &(0x68u32 << 16 | 1).to_le_bytes());
+        g.code(32, DB_HANDLER, |a| {
+            a.mov(eax, dr6).unwrap();
+            a.mov(dword_ptr(OUT + 48).es(), eax).unwrap();
+            a.mov(edi, 1u32).unwrap();
+            a.mov(esi, u32::MAX).unwrap();
+            a.mov(ebp, esp).unwrap();
+            a.hlt().unwrap();
+        });
+        g.write_u64(IDT32 + 8, gate32(DB_HANDLER, CODE32, 0x8e));
+        g.code(32, CODE, |a| {
+            if call {
+                a.mov(eax, 0x80u32).unwrap(); // G3: armed, breakpoint at 0
+                a.mov(dr7, eax).unwrap();
+                a.call_far(TSS_B, 0).unwrap();
+            } else {
+                a.jmp_far(GATE_B, 0).unwrap();
+            }
+            a.hlt().unwrap();
+        });
+        g.vcpu.set_state(&s).unwrap();
+        assert_eq!(g.run().end, End::Halt);
+        assert_eq!(
+            seen32(&g),
+            Seen {
+                vector: 1,
+                code: u64::from(u32::MAX),
+                rip: TASK_B_CODE
+            },
+            "call: {call}"
+        );
+        let st = g.state();
+        assert_eq!(st.tr.selector, TSS_B, "in B, call: {call}");
+        assert_eq!(
+            rd32(&g, OUT),
+            0,
+            "B's first instruction not run, call: {call}"
+        );
+        assert_eq!(
+            rd32(&g, OUT + 48),
+            0xffff_0ff0 | 1 << 15,
+            "DR6: BT only, call: {call}"
+        );
+        let frame = st.gpr[5];
+        assert_eq!(rd32(&g, frame + 4), u64::from(CODE32), "pushed CS");
+        let eflags = rd32(&g, frame + 8);
+        assert_eq!(eflags & 1 << 16, 0, "a trap: RF clear, call: {call}");
+        assert_eq!(eflags & 0x4000 != 0, call, "NT only when nested");
+        assert_eq!(frame, 0x6_0000 - 12, "on B's stack, call: {call}");
+    }
 }
 
 /// 32-bit paging: 4 MiB identity pages in a page directory at `pd`.

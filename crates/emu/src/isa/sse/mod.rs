@@ -169,7 +169,7 @@ pub(crate) fn store128<const ALIGN: bool>(cpu: &mut Cpu, i: &Insn, v: u128) -> R
         via_seg(seg, cpu.probe_write(lin, 16))?;
     }
     cpu.write_lin_seg::<W64>(seg, lin, v as u64)?;
-    cpu.write_lin::<W64>(lin.wrapping_add(8) & cpu.lin_mask, (v >> 64) as u64)
+    cpu.write_lin_seg::<W64>(seg, lin.wrapping_add(8) & cpu.lin_mask, (v >> 64) as u64)
 }
 
 /// A register file the packed integer operations run on: XMM (16 bytes)

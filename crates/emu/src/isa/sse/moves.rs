@@ -8,6 +8,7 @@ use crate::cpu::fault::Res;
 use crate::cpu::width::{W8, W32, W64, Width};
 use crate::decode::{Insn, Table};
 use crate::isa::c;
+use crate::mem::access::via_seg;
 
 const LO: u128 = u64::MAX as u128;
 
@@ -273,7 +274,7 @@ fn maskmov<S: Space>(cpu: &mut Cpu, i: &Insn) -> Res {
             base.wrapping_add(first as u64) & i.amask,
             last - first + 1,
         )?;
-        cpu.probe_write(lin, last - first + 1)?;
+        via_seg(seg, cpu.probe_write(lin, last - first + 1))?;
         for k in (first..=last).filter(selected) {
             let off = base.wrapping_add(k as u64) & i.amask;
             cpu.write_virt::<W8>(seg, off, u64::from(data[k]))?;

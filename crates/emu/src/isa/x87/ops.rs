@@ -3,6 +3,7 @@
 //! Every handler reads its memory operand first and writes memory last,
 //! so a #PF/#GP leaves the FPU untouched (precise faults).
 
+use crate::mem::access::via_seg;
 use iced_x86::Code;
 
 use super::float80::{self, Cmp, Env, IE, Kind, OE, Rc, UE};
@@ -411,8 +412,9 @@ fn probe<const K: u8>(cpu: &mut Cpu, i: &Insn) -> Res {
         _ => 10,
     };
     let off = cpu.ea(i);
-    let lin = cpu.lin_w(usize::from(i.seg), off, n)?;
-    cpu.probe_write(lin, n)
+    let seg = usize::from(i.seg);
+    let lin = cpu.lin_w(seg, off, n)?;
+    via_seg(seg, cpu.probe_write(lin, n))
 }
 
 /// fst/fstp m32/m64/m80, fist/fistp/fisttp, fbstp.
