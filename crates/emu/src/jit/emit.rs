@@ -90,8 +90,9 @@ pub struct Emitted {
 enum Fl {
     Lazy,
     Host,
-    /// Parked in `Cpu::jit_flags_spill` (host RFLAGS form); the host
-    /// flags are garbage.
+    /// Parked in EDX by `lahf; seto al` (AH = SF ZF AF PF CF as in
+    /// RFLAGS, AL = OF); the host flags are garbage. Out-of-line code
+    /// that calls keeps EDX in `Cpu::jit_flags_spill` across the call.
     Spill,
 }
 
@@ -449,13 +450,17 @@ impl Ctx<'_> {
         r64(self.regs.host_of(g).ok_or("guest register not held")?)
     }
 
-    /// Host RFLAGS → lazy flags (from the live flags or the spill slot),
-    /// remembered in the memo so the next conversion back is cheap.
-    /// Clobbers rax, rcx, rdx and the host flags.
+    /// Host RFLAGS → lazy flags (from the live flags or the spilled
+    /// ones in EDX), remembered in the memo so the next conversion back
+    /// is cheap. Clobbers rax, rcx, rdx and the host flags.
     fn materialize(&mut self, from_spill: bool) -> Result<(), String> {
         let a = &mut self.a;
         if from_spill {
-            a.mov(rax, qword_ptr(r15 + SPILL)).map_err(err)?;
+            // RFLAGS' low byte from AH, OF (bit 11) from AL.
+            a.movzx(ecx, dh).map_err(err)?;
+            a.movzx(eax, dl).map_err(err)?;
+            a.shl(eax, 11).map_err(err)?;
+            a.or(eax, ecx).map_err(err)?;
         } else {
             a.pushfq().map_err(err)?;
             a.pop(rax).map_err(err)?;
@@ -522,14 +527,20 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Parks the host flags in EDX (QEMU's and box64's `lahf`/`seto`
+    /// pair: far cheaper than `pushfq`/`popfq`).
     fn spill(&mut self) -> Result<(), String> {
-        self.a.pushfq().map_err(err)?;
-        self.a.pop(qword_ptr(r15 + SPILL)).map_err(err)
+        self.a.lahf().map_err(err)?;
+        self.a.seto(al).map_err(err)?;
+        self.a.mov(edx, eax).map_err(err)
     }
 
+    /// EDX → host flags: `add al, 0x7f` overflows exactly when AL (OF)
+    /// is 1, then `sahf` sets the other five.
     fn unspill(&mut self) -> Result<(), String> {
-        self.a.push(qword_ptr(r15 + SPILL)).map_err(err)?;
-        self.a.popfq().map_err(err)
+        self.a.mov(eax, edx).map_err(err)?;
+        self.a.add(al, 0x7f).map_err(err)?;
+        self.a.sahf().map_err(err)
     }
 
     /// Calls the interpreter for instruction `k`; leaves on a non-zero
@@ -942,10 +953,16 @@ pub fn compile(
                 // r11 is still the guest address: the check jumps here
                 // before adding the addend.
                 regs.store_changed(&mut c.a)?;
+                if from_spill {
+                    c.a.mov(qword_ptr(r15 + SPILL), rdx).map_err(err)?;
+                }
                 c.a.mov(rdi, r15).map_err(err)?;
                 c.a.mov(rsi, r11).map_err(err)?;
                 c.a.mov(edx, kind as u32).map_err(err)?;
                 c.call(helpers::fill as *const () as u64)?;
+                if from_spill {
+                    c.a.mov(rdx, qword_ptr(r15 + SPILL)).map_err(err)?;
+                }
                 c.a.test(eax, eax).map_err(err)?;
                 let mut run = c.a.create_label();
                 c.a.jnz(run).map_err(err)?;
@@ -975,7 +992,9 @@ pub fn compile(
                         Fl::Spill => {
                             c.a.mov(rdi, r15).map_err(err)?;
                             c.call(helpers::flags_bits as *const () as u64)?;
-                            c.a.mov(qword_ptr(r15 + SPILL), rax).map_err(err)?;
+                            c.a.push(rax).map_err(err)?;
+                            c.a.popfq().map_err(err)?;
+                            c.spill()?;
                         }
                     }
                     regs.reload(&mut c.a, true)?;
