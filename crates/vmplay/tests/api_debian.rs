@@ -49,10 +49,14 @@ fn call_body(sock: &std::path::Path, method: &str, path: &str, body: &str) -> (u
     (status, body)
 }
 
+/// The number after `tag` on the guest's console. A kernel message may
+/// land in the middle of the line, so the first token after the tag that
+/// parses wins.
 fn seconds_after(out: &str, tag: &str) -> Option<f64> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(tag))
-        .and_then(|v| v.trim().parse().ok())
+    out.lines().find_map(|l| {
+        let rest = &l[l.find(tag)? + tag.len()..];
+        rest.split_whitespace().find_map(|t| t.parse().ok())
+    })
 }
 
 /// A `vmplay firecracker --api-sock` on emu, its stdout collected.
@@ -187,8 +191,10 @@ fn debian_boots_over_the_api_pauses_without_clock_jump_and_reboots_on_ctrl_alt_d
     assert_eq!(fc.call("PATCH", "/vm", r#"{"state":"Resumed"}"#), 204);
     fc.wait_for("waiting-for-ctrl-alt-del");
     let out_now = fc.text();
-    let a = seconds_after(&out_now, "uptime-a").unwrap();
-    let b = seconds_after(&out_now, "uptime-b").unwrap();
+    let a = seconds_after(&out_now, "uptime-a")
+        .unwrap_or_else(|| panic!("no uptime-a value in:\n{out_now}"));
+    let b = seconds_after(&out_now, "uptime-b")
+        .unwrap_or_else(|| panic!("no uptime-b value in:\n{out_now}"));
     // 2 s of guest sleep plus slack for a loaded host; had the guest seen
     // the 5 s pause it would be 7 s or more.
     assert!(b - a < 4.5, "the guest saw the pause: uptime {a} -> {b}");
