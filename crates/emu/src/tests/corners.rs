@@ -597,12 +597,7 @@ fn corners_push_below_a_ring3_stack_limit_is_ss_on_the_ring0_stack() {
     // iretd to ring 3 with ESP 0x1002 in the 4 KiB stack segment: the
     // push would write 0xffe..0x1001, past the limit.
     g.code(32, CODE, |a| {
-        a.push(u32::from(USMALL_STACK | 3)).unwrap();
-        a.push(0x1002).unwrap();
-        a.push(0x2).unwrap();
-        a.push(u32::from(UCODE32 | 3)).unwrap();
-        a.push(user as u32).unwrap();
-        a.iretd().unwrap();
+        iretd_to(a, UCODE32 | 3, user as u32, USMALL_STACK | 3, 0x1002);
     });
     g.vcpu.set_state(&s).unwrap();
     assert_eq!(g.run().end, End::Halt);
@@ -1457,12 +1452,7 @@ fn corners_hypercalls_from_cpl3_are_eperm_and_32_bit_results_are_32_bits() {
         a.hlt().unwrap(); // #GP at CPL 3
     });
     g.code(64, CODE, |a| {
-        a.push(i32::from(UDATA | 3)).unwrap();
-        a.push(0x2f000i32).unwrap();
-        a.push(0x2i32).unwrap();
-        a.push(i32::from(UCODE | 3)).unwrap();
-        a.push(user as i32).unwrap();
-        a.iretq().unwrap();
+        iretq_to_ring3(a, user, 0x2f000, UCODE, 0x2);
     });
     g.vcpu.set_state(&s).unwrap();
     assert_eq!(g.run().end, End::Halt);
@@ -1564,12 +1554,7 @@ fn corners_an_interrupt_frame_past_the_tss_stack_limit_is_ss_new_ss() {
         a.hlt().unwrap();
     });
     g.code(32, CODE, |a| {
-        a.push(u32::from(USMALL_STACK | 3)).unwrap();
-        a.push(0x800).unwrap();
-        a.push(0x2).unwrap();
-        a.push(u32::from(UCODE32 | 3)).unwrap();
-        a.push(user as u32).unwrap();
-        a.iretd().unwrap();
+        iretd_to(a, UCODE32 | 3, user as u32, USMALL_STACK | 3, 0x800);
     });
     g.vcpu.set_state(&s).unwrap();
     assert_eq!(g.run().end, End::Halt);

@@ -484,3 +484,24 @@ fn a_guest_faulting_forever_fails_at_its_budget() {
         |_| 0,
     );
 }
+
+/// Leaves ring 0 for ring 3 at `user` (code selector `code_sel`, stack
+/// `user_rsp`, `rflags`) with an `iretq`.
+pub fn iretq_to_ring3(a: &mut CodeAssembler, user: u64, user_rsp: u64, code_sel: u16, rflags: i32) {
+    a.push(i32::from(UDATA | 3)).unwrap();
+    a.push(user_rsp as i32).unwrap();
+    a.push(rflags).unwrap();
+    a.push(i32::from(code_sel | 3)).unwrap();
+    a.push(user as i32).unwrap();
+    a.iretq().unwrap();
+}
+
+/// Emits an `iretd` to `cs:eip` with stack `ss:esp` (32-bit code).
+pub fn iretd_to(a: &mut CodeAssembler, cs: u16, eip: u32, ss: u16, esp: u32) {
+    a.push(u32::from(ss)).unwrap();
+    a.push(esp).unwrap();
+    a.push(0x2).unwrap();
+    a.push(u32::from(cs)).unwrap();
+    a.push(eip).unwrap();
+    a.iretd().unwrap();
+}

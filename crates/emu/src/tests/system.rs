@@ -58,12 +58,7 @@ fn user_write_to_supervisor_page_faults_with_user_bit() {
     });
     // iretq to ring 3 at `user`.
     g.code(64, CODE, |a| {
-        a.push(i32::from(UDATA | 3)).unwrap();
-        a.push(0x2f000i32).unwrap();
-        a.push(0x2i32).unwrap();
-        a.push(i32::from(UCODE | 3)).unwrap();
-        a.push(user as i32).unwrap();
-        a.iretq().unwrap();
+        iretq_to_ring3(a, user, 0x2f000, UCODE, 0x2);
     });
     g.vcpu.set_state(&s).unwrap();
     let o = g.run();
@@ -137,12 +132,7 @@ fn syscall_and_sysret_round_trip_through_ring_3() {
         a.mov(eax, entry as u32).unwrap();
         a.xor(edx, edx).unwrap();
         a.wrmsr().unwrap();
-        a.push(i32::from(UDATA | 3)).unwrap();
-        a.push(0x2f000i32).unwrap();
-        a.push(0x202i32).unwrap();
-        a.push(i32::from(UCODE | 3)).unwrap();
-        a.push(user as i32).unwrap();
-        a.iretq().unwrap();
+        iretq_to_ring3(a, user, 0x2f000, UCODE, 0x202);
     });
     g.vcpu.set_state(&s).unwrap();
     let o = g.run();

@@ -5,16 +5,6 @@ use iced_x86::code_asm::*;
 
 use super::guest::*;
 
-/// Leaves ring 0 for 64-bit ring 3 at `user` (stack `user_rsp`).
-fn iretq_to_ring3(a: &mut CodeAssembler, user: u64, user_rsp: u64, code_sel: u16) {
-    a.push(i32::from(UDATA | 3)).unwrap();
-    a.push(user_rsp as i32).unwrap();
-    a.push(0x2i32).unwrap();
-    a.push(i32::from(code_sel | 3)).unwrap();
-    a.push(user as i32).unwrap();
-    a.iretq().unwrap();
-}
-
 #[test]
 fn sysenter_and_sysexit_round_trip_through_ring_3() {
     let mut g = Guest::new(1);
@@ -65,7 +55,7 @@ fn sysenter_and_sysexit_round_trip_through_ring_3() {
             a.xor(edx, edx).unwrap();
             a.wrmsr().unwrap();
         }
-        iretq_to_ring3(a, user, 0x2f000, UCODE);
+        iretq_to_ring3(a, user, 0x2f000, UCODE, 0x2);
     });
     g.vcpu.set_state(&s).unwrap();
     let o = g.run();
@@ -208,7 +198,7 @@ fn int3_and_into_reach_their_handlers() {
         a.hlt().unwrap();
     });
     g.idt64(4, 0x20_0000, 0);
-    g.code(64, CODE, |a| iretq_to_ring3(a, user, 0x2f000, 0x20));
+    g.code(64, CODE, |a| iretq_to_ring3(a, user, 0x2f000, 0x20, 0x2));
     g.vcpu.set_state(&s).unwrap();
     assert_eq!(g.run().end, End::Halt, "{}", g.state());
     let st = g.state();
