@@ -1231,6 +1231,17 @@ fn accumulator_form(i: &Instruction) -> Option<Code> {
     }
 }
 
+/// Points `n`'s memory operand at `[r11]`, where the TLB check left the
+/// host address (segment and displacement already applied).
+fn host_memory_operand(n: &mut Instruction) {
+    n.set_memory_base(Register::R11);
+    n.set_memory_index(Register::None);
+    n.set_memory_index_scale(1);
+    n.set_memory_displacement64(0);
+    n.set_memory_displ_size(0);
+    n.set_segment_prefix(Register::None);
+}
+
 /// One-operand `mul`/`imul`: guest rAX (and rDX) through the host's,
 /// the operand from its host register or `[r11]`.
 fn emit_mul(c: &mut Ctx, i: &Instruction, slow: CodeLabel) -> Result<(), String> {
@@ -1256,12 +1267,7 @@ fn emit_mul(c: &mut Ctx, i: &Instruction, slow: CodeLabel) -> Result<(), String>
         };
         n.set_op0_register(sized(h, r.size()));
     } else {
-        n.set_memory_base(Register::R11);
-        n.set_memory_index(Register::None);
-        n.set_memory_index_scale(1);
-        n.set_memory_displacement64(0);
-        n.set_memory_displ_size(0);
-        n.set_segment_prefix(Register::None);
+        host_memory_operand(&mut n);
     }
     c.a.add_instruction(n).map_err(err)?;
     c.a.mov(acc, rax).map_err(err)?;
@@ -1382,12 +1388,7 @@ fn emit_rewrite(
                 n.set_op_register(o, sized(h.into(), r.size()));
             }
             OpKind::Memory => {
-                n.set_memory_base(Register::R11);
-                n.set_memory_index(Register::None);
-                n.set_memory_index_scale(1);
-                n.set_memory_displacement64(0);
-                n.set_memory_displ_size(0);
-                n.set_segment_prefix(Register::None);
+                host_memory_operand(&mut n);
             }
             _ => {}
         }
