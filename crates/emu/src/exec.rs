@@ -246,14 +246,19 @@ fn run_translated(
         // The exit's target is this block's start (the exit set RIP and
         // nothing ran since): chain it.
         if verify == 0 && cpu.jit_link_rip == cpu.gpr[crate::cpu::RIP] {
-            jit.link(cpu.jit_link, block.jit_head);
+            let head = if cpu.jit_link_spill != 0 {
+                block.jit_head_spill
+            } else {
+                block.jit_head
+            };
+            jit.link(cpu.jit_link, head);
         }
         cpu.jit_link = 0;
     }
     if verify == 0 {
         // Entered from the dispatcher: returns and indirect jumps to this
         // RIP may come straight here next time.
-        jit.note_target(cpu.gpr[crate::cpu::RIP], epoch, block.jit_head);
+        jit.note_target(cpu.gpr[crate::cpu::RIP], epoch, block);
     }
     cpu.stop = false;
     let code = jit.enter(block.jit_entry, cpu);

@@ -205,13 +205,17 @@ pub struct Cpu {
     /// its own flag-clobbering sequences.
     pub jit_flags_spill: u64,
     /// Translation tier: the last lazy flags (`res`, `aux`) converted to
-    /// or from the host form, with that form (RFLAGS bits), so a block
-    /// needing host flags right after another's exit skips the helper.
-    /// Always consistent: the bits are those `res`/`aux` stand for.
+    /// or from the host form, with that form as `lahf; seto al` leave it
+    /// in AX (AH = RFLAGS' low byte, AL = OF), so a block needing host
+    /// flags right after another's exit skips the helper. Always
+    /// consistent: the host form is the one `res`/`aux` stand for.
     pub jit_flags_memo: [u64; 3],
     /// Translation tier: the chain slot of the exit just taken, for the
     /// dispatcher to point at the next block's code (0: none).
     pub jit_link: u64,
+    /// Non-zero if that slot leaves with the flags parked (it then leads
+    /// to the next block's parked-flags head, `Block::jit_head_spill`).
+    pub jit_link_spill: u64,
     /// The guest RIP that exit leads to.
     pub jit_link_rip: u64,
     /// Address of the translation tier's indirect-branch target cache
@@ -267,6 +271,7 @@ impl Cpu {
             jit_flags_spill: 0,
             jit_flags_memo: crate::jit::helpers::FLAGS_MEMO_INIT,
             jit_link: 0,
+            jit_link_spill: 0,
             jit_link_rip: 0,
             jit_targets: 0,
             undo: None,

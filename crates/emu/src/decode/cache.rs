@@ -56,6 +56,8 @@ pub struct Block {
     /// where chained jumps enter it, and whether translating failed.
     pub jit_entry: u64,
     pub jit_head: u64,
+    /// Where a chained exit that parked the flags in EDX enters.
+    pub jit_head_spill: u64,
     pub jit_tried: bool,
     /// Co-simulated runs so far, and whether the block may be (no
     /// instruction whose result differs between two runs, as `rdtsc`).
@@ -135,6 +137,7 @@ impl Block {
             cached,
             jit_entry: 0,
             jit_head: 0,
+            jit_head_spill: 0,
             jit_tried: false,
             jit_verified: 0,
             jit_verifiable: false,
@@ -143,9 +146,10 @@ impl Block {
     }
 
     /// Records the block's translation.
-    pub fn set_jit(&mut self, entry: u64, head: u64) {
+    pub fn set_jit(&mut self, entry: u64, head: u64, head_spill: u64) {
         self.jit_entry = entry;
         self.jit_head = head;
+        self.jit_head_spill = head_spill;
         self.jit_tried = true;
     }
 
@@ -490,6 +494,7 @@ impl BlockCache {
         for b in self.blocks.iter_mut() {
             b.jit_entry = 0;
             b.jit_head = 0;
+            b.jit_head_spill = 0;
             b.jit_tried = false;
         }
     }

@@ -53,8 +53,9 @@ const ICOUNT: i32 = off(offset_of!(Cpu, icount));
 const SPILL: i32 = off(offset_of!(Cpu, jit_flags_spill));
 const MEMO_RES: i32 = off(offset_of!(Cpu, jit_flags_memo));
 const MEMO_AUX: i32 = MEMO_RES + 8;
-const MEMO_BITS: i32 = MEMO_RES + 16;
+const MEMO_SPILL: i32 = MEMO_RES + 16;
 const LINK: i32 = off(offset_of!(Cpu, jit_link));
+const LINK_SPILL: i32 = off(offset_of!(Cpu, jit_link_spill));
 const NMI_BLOCKED: i32 = off(offset_of!(Cpu, nmi_blocked));
 const TARGETS_ADDR: i32 = off(offset_of!(Cpu, jit_targets));
 const TLB_EPOCHS: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb, epochs));
@@ -79,8 +80,11 @@ pub struct Emitted {
     /// RFLAGS bits left undefined by the block's last writers (the
     /// co-simulation does not compare them).
     pub undefined: u64,
-    /// Offset of the code a chained jump enters (after the prologue).
+    /// Offset of the code a chained jump enters (after the prologue),
+    /// with the flags lazy in `Cpu::flags`.
     pub head: u64,
+    /// The same with the flags parked in EDX.
+    pub head_spill: u64,
     pub native: usize,
     pub fallback: usize,
 }
@@ -134,6 +138,7 @@ fn is_high8(r: Register) -> bool {
 }
 
 /// How one guest instruction is translated.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Plan {
     /// Re-encode on host registers (and `[r11]` for memory).
     Rewrite,
@@ -352,8 +357,8 @@ fn flag_use(ins: &Instruction) -> (u32, u32) {
 struct Ctx<'a> {
     a: CodeAssembler,
     epilogue: CodeLabel,
-    /// Chain slots: (slot label, unchained stub label).
-    slots: Vec<(CodeLabel, CodeLabel)>,
+    /// Chain slots: (slot label, unchained stub label, flags parked).
+    slots: Vec<(CodeLabel, CodeLabel, bool)>,
     /// Out-of-line code emitted after the main path.
     cold: Vec<Cold>,
     insns: &'a [Insn],
@@ -365,8 +370,8 @@ struct Ctx<'a> {
     /// Chaining and target-cache jumps on (off under co-simulation, so a
     /// checked block runs alone).
     chain: bool,
-    /// Target-cache misses: leave to the dispatcher.
-    misses: Vec<CodeLabel>,
+    /// Target-cache misses (flags parked): leave to the dispatcher.
+    misses: Vec<(CodeLabel, bool)>,
     /// Guest registers in host registers at the current point.
     regs: Regs,
 }
@@ -454,26 +459,17 @@ impl Ctx<'_> {
     /// ones in EDX), remembered in the memo so the next conversion back
     /// is cheap. Clobbers rax, rcx, rdx and the host flags.
     fn materialize(&mut self, from_spill: bool) -> Result<(), String> {
-        let a = &mut self.a;
-        if from_spill {
-            // RFLAGS' low byte from AH, OF (bit 11) from AL.
-            a.movzx(ecx, dh).map_err(err)?;
-            a.movzx(eax, dl).map_err(err)?;
-            a.shl(eax, 11).map_err(err)?;
-            a.or(eax, ecx).map_err(err)?;
-        } else {
-            a.pushfq().map_err(err)?;
-            a.pop(rax).map_err(err)?;
+        if !from_spill {
+            self.spill()?;
         }
-        a.mov(edx, eax).map_err(err)?;
-        a.and(edx, 0x8d5).map_err(err)?;
-        a.or(edx, 2).map_err(err)?;
-        a.mov(qword_ptr(r15 + MEMO_BITS), rdx).map_err(err)?;
-        a.mov(ecx, eax).map_err(err)?;
-        a.shr(ecx, 10).map_err(err)?;
-        a.and(ecx, 2).map_err(err)?;
-        a.and(eax, 0xd5).map_err(err)?;
-        a.or(eax, ecx).map_err(err)?;
+        let a = &mut self.a;
+        a.mov(qword_ptr(r15 + MEMO_SPILL), rdx).map_err(err)?;
+        // FLAGS_TABLE's index: RFLAGS' CF PF AF ZF SF (from AH), OF in
+        // bit 1 (from AL).
+        a.movzx(ecx, dh).map_err(err)?;
+        a.movzx(eax, dl).map_err(err)?;
+        a.and(ecx, 0xd5).map_err(err)?;
+        a.lea(eax, rcx + rax * 2).map_err(err)?;
         a.shl(eax, 4).map_err(err)?;
         let table = helpers::FLAGS_TABLE.as_ptr() as u64;
         a.mov(rcx, table).map_err(err)?;
@@ -485,24 +481,61 @@ impl Ctx<'_> {
         a.mov(qword_ptr(r15 + MEMO_AUX), rax).map_err(err)
     }
 
-    /// Lazy flags → host RFLAGS: from the memo when the lazy flags are
-    /// the ones it was made from (the usual case after a translated
-    /// block's exit), else through a call. Clobbers rax.
-    fn load_host_flags(&mut self) -> Result<(), String> {
-        let miss = self.a.create_label();
-        let mut back = self.a.create_label();
+    /// Jumps to `miss` unless the lazy flags are the memo's.
+    fn memo_check(&mut self, miss: CodeLabel) -> Result<(), String> {
         let a = &mut self.a;
         a.mov(rax, qword_ptr(r15 + RES)).map_err(err)?;
         a.cmp(rax, qword_ptr(r15 + MEMO_RES)).map_err(err)?;
         a.jne(miss).map_err(err)?;
         a.mov(rax, qword_ptr(r15 + AUX)).map_err(err)?;
         a.cmp(rax, qword_ptr(r15 + MEMO_AUX)).map_err(err)?;
-        a.jne(miss).map_err(err)?;
+        a.jne(miss).map_err(err)
+    }
+
+    /// Lazy flags → host RFLAGS: from the memo when the lazy flags are
+    /// the ones it was made from (the usual case after a translated
+    /// block's exit), else through a call. Clobbers rax.
+    fn load_host_flags(&mut self) -> Result<(), String> {
+        let miss = self.a.create_label();
+        let mut back = self.a.create_label();
+        self.memo_check(miss)?;
+        let a = &mut self.a;
         bind(a, &mut back)?;
-        a.push(qword_ptr(r15 + MEMO_BITS)).map_err(err)?;
-        a.popfq().map_err(err)?;
+        a.mov(eax, dword_ptr(r15 + MEMO_SPILL)).map_err(err)?;
+        a.add(al, 0x7f).map_err(err)?;
+        a.sahf().map_err(err)?;
         self.cold.push(Cold::FlagsMiss { label: miss, back });
         Ok(())
+    }
+
+    /// Lazy flags → parked in EDX, as `load_host_flags`. Clobbers rax.
+    fn lazy_to_spill(&mut self) -> Result<(), String> {
+        let miss = self.a.create_label();
+        let mut back = self.a.create_label();
+        self.memo_check(miss)?;
+        bind(&mut self.a, &mut back)?;
+        self.a.mov(edx, dword_ptr(r15 + MEMO_SPILL)).map_err(err)?;
+        self.cold.push(Cold::FlagsMiss { label: miss, back });
+        Ok(())
+    }
+
+    /// Before an exit: host flags are parked (chained exits keep them in
+    /// EDX); without chaining they are made lazy. Returns whether they
+    /// leave parked.
+    fn park(&mut self, fl: Fl) -> Result<bool, String> {
+        if !self.chain {
+            let mut f = fl;
+            self.ensure_lazy(&mut f)?;
+            return Ok(false);
+        }
+        match fl {
+            Fl::Lazy => Ok(false),
+            Fl::Host => {
+                self.spill()?;
+                Ok(true)
+            }
+            Fl::Spill => Ok(true),
+        }
     }
 
     /// Makes the flags lazy (before the interpreter or an exit).
@@ -559,17 +592,19 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Ends the block at a constant guest RIP (flags lazy, registers
-    /// written back): chained directly within the page; to another page
-    /// through the target cache, which knows the TLB epoch the target's
-    /// mapping was seen under.
-    fn exit_to(&mut self, target: u64) -> Result<(), String> {
+    /// Ends the block at a constant guest RIP (registers written back;
+    /// flags as `fl` says): chained directly within the page; to another
+    /// page through the target cache, which knows the TLB epoch the
+    /// target's mapping was seen under.
+    fn exit_to(&mut self, target: u64, fl: Fl) -> Result<(), String> {
+        let parked = self.park(fl)?;
         let d = self.rel(target)?;
         let a = &mut self.a;
         a.lea(rax, r14 + d).map_err(err)?;
         a.mov(qword_ptr(r15 + gpr(RIP)), rax).map_err(err)?;
+        let fl = if parked { Fl::Spill } else { Fl::Lazy };
         if self.chain && target & !0xfff != self.page {
-            return self.exit_dynamic();
+            return self.exit_dynamic(fl);
         }
         let a = &mut self.a;
         a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
@@ -578,7 +613,7 @@ impl Ctx<'_> {
             let slot = a.create_label();
             let stub = a.create_label();
             a.jmp(qword_ptr(slot)).map_err(err)?;
-            self.slots.push((slot, stub));
+            self.slots.push((slot, stub, parked));
         } else {
             a.xor(eax, eax).map_err(err)?;
             a.jmp(self.epilogue).map_err(err)?;
@@ -586,35 +621,38 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Ends the block at the RIP already in `Cpu::gpr` (flags lazy,
-    /// registers written back): a hit in the target cache (same RIP, same
-    /// TLB epoch) jumps straight to that translation's head, which checks
-    /// its page and attention.
-    fn exit_dynamic(&mut self) -> Result<(), String> {
+    /// Ends the block at the RIP already in `Cpu::gpr` (registers
+    /// written back; flags as `fl` says): a hit in the target cache (same
+    /// RIP, same TLB epoch) jumps straight to that translation's head for
+    /// lazy or parked flags, which checks its page and attention.
+    fn exit_dynamic(&mut self, fl: Fl) -> Result<(), String> {
+        let parked = self.park(fl)?;
         let a = &mut self.a;
         a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
             .map_err(err)?;
         if self.chain {
+            // EDX may hold the flags: the probe uses rax, rcx, r10, r11.
             let miss = a.create_label();
             a.mov(rcx, qword_ptr(r15 + gpr(RIP))).map_err(err)?;
-            a.mov(rdx, rcx).map_err(err)?;
-            a.shr(rdx, 12).map_err(err)?;
-            a.xor(rdx, rcx).map_err(err)?;
-            a.and(edx, (super::TARGETS - 1) as u32).map_err(err)?;
-            a.shl(rdx, 5).map_err(err)?;
-            a.add(rdx, qword_ptr(r15 + TARGETS_ADDR)).map_err(err)?;
-            a.cmp(rcx, qword_ptr(rdx)).map_err(err)?;
+            a.mov(r11, rcx).map_err(err)?;
+            a.shr(r11, 12).map_err(err)?;
+            a.xor(r11, rcx).map_err(err)?;
+            a.and(r11d, (super::TARGETS - 1) as u32).map_err(err)?;
+            a.shl(r11, 5).map_err(err)?;
+            a.add(r11, qword_ptr(r15 + TARGETS_ADDR)).map_err(err)?;
+            a.cmp(rcx, qword_ptr(r11)).map_err(err)?;
             a.jne(miss).map_err(err)?;
             // The entry's code epoch, current if it equals the TLB's
             // epoch of its kind (bit 31: global).
-            a.mov(eax, dword_ptr(rdx + 8)).map_err(err)?;
+            a.mov(eax, dword_ptr(r11 + 8)).map_err(err)?;
             a.mov(r10d, eax).map_err(err)?;
             a.shr(r10d, 31).map_err(err)?;
             a.cmp(eax, dword_ptr(r15 + r10 * 4 + TLB_EPOCHS))
                 .map_err(err)?;
             a.jne(miss).map_err(err)?;
-            a.jmp(qword_ptr(rdx + 16)).map_err(err)?;
-            self.misses.push(miss);
+            let head = if parked { 24 } else { 16 };
+            a.jmp(qword_ptr(r11 + head)).map_err(err)?;
+            self.misses.push((miss, parked));
             return Ok(());
         }
         a.xor(eax, eax).map_err(err)?;
@@ -750,40 +788,26 @@ pub fn compile(
     }
     c.a.lea(rsp, rsp - 8).map_err(err)?;
     c.a.mov(r15, rdi).map_err(err)?;
+    let mut factory = InstructionInfoFactory::new();
+    let plans: Vec<Plan> = ins.iter().map(|i| plan(i, factory.info(i))).collect();
+    let entry = entry_flags(ins, &plans);
+    let mut head_spill = c.a.create_label();
+    let stale_spill = c.a.create_label();
+    let mut body = c.a.create_label();
     bind(&mut c.a, &mut head)?;
-    // Guest addresses in the code are offsets from the block's start: the
-    // same physical page may be mapped at another address by another
-    // process (shared libraries), and the translation is the page's.
-    c.a.mov(r14, qword_ptr(r15 + gpr(RIP))).map_err(err)?;
-    // Stale code (its page was written) or something for the dispatcher
-    // (a kick, an interrupt it can take): leave before the first
-    // instruction. A pending interrupt while IF=0 does not count.
-    c.a.mov(rax, gen_word).map_err(err)?;
-    c.a.cmp(dword_ptr(rax), gen_expected).map_err(err)?;
-    c.a.jne(stale).map_err(err)?;
-    // Only what the dispatcher can act on now counts, or it would come
-    // straight back here: an interrupt while IF=0, an NMI while NMIs are
-    // blocked wait.
-    use crate::platform::signal::{IRQ, NMI};
-    c.a.mov(rax, attention).map_err(err)?;
-    c.a.mov(eax, dword_ptr(rax)).map_err(err)?;
-    c.a.test(eax, eax).map_err(err)?;
-    let mut ok = c.a.create_label();
-    c.a.jz(ok).map_err(err)?;
-    c.a.test(eax, !(IRQ | NMI)).map_err(err)?;
-    c.a.jnz(stale).map_err(err)?;
-    let mut no_irq = c.a.create_label();
-    c.a.test(eax, IRQ).map_err(err)?;
-    c.a.jz(no_irq).map_err(err)?;
-    c.a.test(dword_ptr(r15 + RFLAGS), crate::cpu::flags::IF as u32)
-        .map_err(err)?;
-    c.a.jnz(stale).map_err(err)?;
-    bind(&mut c.a, &mut no_irq)?;
-    c.a.test(eax, NMI).map_err(err)?;
-    c.a.jz(ok).map_err(err)?;
-    c.a.cmp(byte_ptr(r15 + NMI_BLOCKED), 0).map_err(err)?;
-    c.a.je(stale).map_err(err)?;
-    bind(&mut c.a, &mut ok)?;
+    head_checks(&mut c.a, gen_word, gen_expected, attention, stale)?;
+    // Entered with lazy flags: the body wants them parked in EDX, unless
+    // they are dead (overwritten before anything could see them).
+    if entry == Some(false) {
+        c.lazy_to_spill()?;
+    }
+    c.a.jmp(body).map_err(err)?;
+    bind(&mut c.a, &mut head_spill)?;
+    head_checks(&mut c.a, gen_word, gen_expected, attention, stale_spill)?;
+    if entry == Some(true) {
+        c.materialize(true)?;
+    }
+    bind(&mut c.a, &mut body)?;
 
     // Flag liveness after each instruction (all live at the block end).
     let mut live_after = vec![0u32; ins.len()];
@@ -794,13 +818,16 @@ pub fn compile(
         live = (live & !w) | r;
     }
 
-    let mut factory = InstructionInfoFactory::new();
-    let mut fl = Fl::Lazy;
+    let mut fl = if entry == Some(true) {
+        Fl::Lazy
+    } else {
+        Fl::Spill
+    };
     let (mut native, mut fallback) = (0, 0);
     let mut ended = false;
     for (k, i) in ins.iter().enumerate() {
         let info = factory.info(i);
-        let p = plan(i, info);
+        let p = plans[k];
         let next = i.next_ip();
         let (read, written) = flag_use(i);
         let last = k + 1 == ins.len();
@@ -813,7 +840,7 @@ pub fn compile(
                 // The interpreter may have changed any register.
                 c.regs.forget();
                 if i.flow_control() != FlowControl::Next {
-                    c.exit_dynamic()?;
+                    c.exit_dynamic(Fl::Lazy)?;
                     ended = true;
                 }
             }
@@ -887,15 +914,13 @@ pub fn compile(
                 bind(&mut c.a, &mut after)?;
                 match p {
                     Plan::Call => {
-                        c.ensure_lazy(&mut fl)?;
                         c.regs.write_back(&mut c.a)?;
-                        c.exit_to(i.near_branch_target())?;
+                        c.exit_to(i.near_branch_target(), fl)?;
                         ended = true;
                     }
                     Plan::Ret => {
-                        c.ensure_lazy(&mut fl)?;
                         c.regs.write_back(&mut c.a)?;
-                        c.exit_dynamic()?;
+                        c.exit_dynamic(fl)?;
                         ended = true;
                     }
                     _ => {}
@@ -903,31 +928,36 @@ pub fn compile(
             }
             Plan::Jmp => {
                 native += 1;
-                c.ensure_lazy(&mut fl)?;
                 c.regs.write_back(&mut c.a)?;
-                c.exit_to(i.near_branch_target())?;
+                c.exit_to(i.near_branch_target(), fl)?;
                 ended = true;
             }
             Plan::Jcc => {
                 native += 1;
-                c.ensure_host(&mut fl)?;
+                // The flags both in the host RFLAGS (for the branch) and
+                // parked in EDX (for the next block: no conversion).
+                match fl {
+                    Fl::Lazy => {
+                        c.lazy_to_spill()?;
+                        c.unspill()?;
+                    }
+                    Fl::Host => c.spill()?,
+                    Fl::Spill => c.unspill()?,
+                }
+                fl = Fl::Spill;
                 c.regs.write_back(&mut c.a)?;
                 let taken = c.a.create_label();
                 emit_jcc(&mut c.a, i.condition_code(), taken)?;
-                c.materialize(false)?;
-                c.exit_to(next)?;
+                c.exit_to(next, fl)?;
                 let mut t = taken;
                 bind(&mut c.a, &mut t)?;
-                c.materialize(false)?;
-                c.exit_to(i.near_branch_target())?;
-                fl = Fl::Lazy;
+                c.exit_to(i.near_branch_target(), fl)?;
                 ended = true;
             }
         }
         if last && !ended {
-            c.ensure_lazy(&mut fl)?;
             c.regs.write_back(&mut c.a)?;
-            c.exit_to(next)?;
+            c.exit_to(next, fl)?;
         }
     }
 
@@ -976,7 +1006,7 @@ pub fn compile(
                 }
                 c.interp(k, next)?;
                 if branch {
-                    c.exit_dynamic()?;
+                    c.exit_dynamic(Fl::Lazy)?;
                 } else {
                     // Rejoin the fast path with the flags and registers
                     // where it has them (the registers from `Cpu::gpr`,
@@ -1025,8 +1055,15 @@ pub fn compile(
         }
         c.a.jmp(epilogue).map_err(err)?;
     }
-    for mut m in std::mem::take(&mut c.misses) {
-        bind(&mut c.a, &mut m)?;
+    // Target-cache misses and stale code: back to the dispatcher with the
+    // flags lazy.
+    let mut parked_misses = Vec::new();
+    for (mut m, parked) in std::mem::take(&mut c.misses) {
+        if parked {
+            parked_misses.push(m);
+        } else {
+            bind(&mut c.a, &mut m)?;
+        }
     }
     let mut stale_l = stale;
     bind(&mut c.a, &mut stale_l)?;
@@ -1038,16 +1075,28 @@ pub fn compile(
         c.a.pop(*r).map_err(err)?;
     }
     c.a.ret().map_err(err)?;
+    let mut stale_parked = stale_spill;
+    bind(&mut c.a, &mut stale_parked)?;
+    for mut m in parked_misses {
+        bind(&mut c.a, &mut m)?;
+    }
+    c.materialize(true)?;
+    c.a.jmp(stale).map_err(err)?;
     // Unchained stubs: record the slot for the dispatcher, leave.
     let mut slots = std::mem::take(&mut c.slots);
-    for (slot, stub) in slots.iter_mut() {
+    for (slot, stub, parked) in slots.iter_mut() {
         bind(&mut c.a, stub)?;
+        if *parked {
+            c.materialize(true)?;
+        }
         c.a.lea(rax, qword_ptr(*slot)).map_err(err)?;
         c.a.mov(qword_ptr(r15 + LINK), rax).map_err(err)?;
+        c.a.mov(qword_ptr(r15 + LINK_SPILL), i32::from(*parked))
+            .map_err(err)?;
         c.a.xor(eax, eax).map_err(err)?;
         c.a.jmp(epilogue).map_err(err)?;
     }
-    for (slot, _) in slots.iter_mut() {
+    for (slot, _, _) in slots.iter_mut() {
         bind(&mut c.a, slot)?;
         c.a.dq(&[0]).map_err(err)?;
     }
@@ -1055,12 +1104,13 @@ pub fn compile(
         c.a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
             .map_err(err)?;
     let mut bytes = r.inner.code_buffer.clone();
-    for (slot, stub) in &slots {
+    for (slot, stub, _) in &slots {
         let s = r.label_ip(slot).map_err(err)? - base;
         let t = r.label_ip(stub).map_err(err)?;
         bytes[s as usize..s as usize + 8].copy_from_slice(&t.to_le_bytes());
     }
     let head = r.label_ip(&head).map_err(err)? - base;
+    let head_spill = r.label_ip(&head_spill).map_err(err)? - base;
     let mut undefined = 0u32;
     for i in ins {
         undefined = (undefined & !(i.rflags_modified() & OSZAPC)) | (i.rflags_undefined() & OSZAPC);
@@ -1069,9 +1119,80 @@ pub fn compile(
         bytes,
         undefined: rflags_bits(undefined),
         head,
+        head_spill,
         native,
         fallback,
     })
+}
+
+/// A translation's entry checks, with `r14` = the block's runtime start.
+/// Stale code (its page was written) or something for the dispatcher (a
+/// kick, an interrupt it can take) jumps to `stale` before the first
+/// instruction. Clobbers rax and the host flags (EDX survives).
+fn head_checks(
+    a: &mut CodeAssembler,
+    gen_word: u64,
+    gen_expected: u32,
+    attention: u64,
+    stale: CodeLabel,
+) -> Result<(), String> {
+    // Guest addresses in the code are offsets from the block's start: the
+    // same physical page may be mapped at another address by another
+    // process (shared libraries), and the translation is the page's.
+    a.mov(r14, qword_ptr(r15 + gpr(RIP))).map_err(err)?;
+    a.mov(rax, gen_word).map_err(err)?;
+    a.cmp(dword_ptr(rax), gen_expected).map_err(err)?;
+    a.jne(stale).map_err(err)?;
+    // Only what the dispatcher can act on now counts, or it would come
+    // straight back here: an interrupt while IF=0, an NMI while NMIs are
+    // blocked wait.
+    use crate::platform::signal::{IRQ, NMI};
+    a.mov(rax, attention).map_err(err)?;
+    a.mov(eax, dword_ptr(rax)).map_err(err)?;
+    a.test(eax, eax).map_err(err)?;
+    let mut ok = a.create_label();
+    a.jz(ok).map_err(err)?;
+    a.test(eax, !(IRQ | NMI)).map_err(err)?;
+    a.jnz(stale).map_err(err)?;
+    let mut no_irq = a.create_label();
+    a.test(eax, IRQ).map_err(err)?;
+    a.jz(no_irq).map_err(err)?;
+    a.test(dword_ptr(r15 + RFLAGS), crate::cpu::flags::IF as u32)
+        .map_err(err)?;
+    a.jnz(stale).map_err(err)?;
+    bind(a, &mut no_irq)?;
+    a.test(eax, NMI).map_err(err)?;
+    a.jz(ok).map_err(err)?;
+    a.cmp(byte_ptr(r15 + NMI_BLOCKED), 0).map_err(err)?;
+    a.je(stale).map_err(err)?;
+    bind(a, &mut ok)
+}
+
+/// How the block's body wants the guest flags at entry: `Some(true)`
+/// lazy (its first use is the interpreter's), `Some(false)` parked in
+/// EDX, `None` if they are dead: fully written before any instruction
+/// reads them, leaves, or could fault (a fault's frame holds them).
+fn entry_flags(ins: &[Instruction], plans: &[Plan]) -> Option<bool> {
+    for (i, p) in ins.iter().zip(plans) {
+        let (read, written) = flag_use(i);
+        match p {
+            Plan::Interp => return Some(true),
+            Plan::Nop | Plan::Lea => {}
+            Plan::Jmp | Plan::Jcc | Plan::Push | Plan::Pop | Plan::Call | Plan::Ret => {
+                return Some(false);
+            }
+            Plan::Rewrite | Plan::Mul => {
+                let has_mem = (0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory);
+                if has_mem || read != 0 || (written != 0 && written != OSZAPC) {
+                    return Some(false);
+                }
+                if written == OSZAPC {
+                    return None;
+                }
+            }
+        }
+    }
+    Some(false)
 }
 
 /// `lea`: the address arithmetic straight into the destination's host

@@ -81,12 +81,21 @@ pub extern "C" fn fill(cpu: &mut Cpu, lin: u64, kind: u64) -> u64 {
 /// outside OSZAPC); remembered in `Cpu::jit_flags_memo`.
 pub extern "C" fn flags_bits(cpu: &mut Cpu) -> u64 {
     let bits = cpu.flags.bits() | 2;
-    cpu.jit_flags_memo = [cpu.flags.res, cpu.flags.aux, bits];
+    cpu.jit_flags_memo = [cpu.flags.res, cpu.flags.aux, parked(bits)];
     bits
 }
 
+/// RFLAGS bits in the form `lahf; seto al` parks them in AX.
+pub const fn parked(bits: u64) -> u64 {
+    ((bits & 0xff) << 8) | ((bits >> 11) & 1)
+}
+
 /// The memo's first value: the flags `res = aux = 0` stand for (ZF, PF).
-pub const FLAGS_MEMO_INIT: [u64; 3] = [0, 0, crate::cpu::flags::ZF | crate::cpu::flags::PF | 2];
+pub const FLAGS_MEMO_INIT: [u64; 3] = [
+    0,
+    0,
+    parked(crate::cpu::flags::ZF | crate::cpu::flags::PF | 2),
+];
 
 /// Host RFLAGS → lazy flags, indexed by CF, OF (moved to bit 1), PF, AF,
 /// ZF and SF in their RFLAGS positions: `(rflags & 0xd5) | (OF >> 10)`;

@@ -129,14 +129,15 @@ const ARENA: usize = 64 << 20;
 pub const TARGETS: usize = 4096;
 
 /// One target-cache entry: translated code for guest `rip` entered under
-/// TLB `epoch` (the same linear→physical mapping) starts at `head`.
+/// TLB `epoch` (the same linear→physical mapping) starts at `head` (flags
+/// lazy) or `head_spill` (flags parked in EDX).
 #[derive(Clone, Copy, Default)]
 #[repr(C)]
 pub struct Target {
     pub rip: u64,
     pub epoch: u64,
     pub head: u64,
-    _pad: u64,
+    pub head_spill: u64,
 }
 
 /// The target-cache slot of a guest RIP (the generated probe computes the
@@ -218,7 +219,7 @@ impl Jit {
                 if tracing::enabled!(tracing::Level::TRACE) || dump_wanted() {
                     dump(&ins, &e.bytes, at);
                 }
-                block.set_jit(at, at + e.head);
+                block.set_jit(at, at + e.head, at + e.head_spill);
                 // Results that differ between two runs (the clock, random
                 // numbers) or stores the undo log does not see (the
                 // string instructions' page-sized fast paths).
@@ -262,13 +263,14 @@ impl Jit {
         self.targets.as_ptr() as usize
     }
 
-    /// Remembers that guest `rip` under TLB `epoch` is translated at `head`.
-    pub fn note_target(&mut self, rip: u64, epoch: u32, head: u64) {
+    /// Remembers that guest `rip` under TLB `epoch` is translated by
+    /// `block`.
+    pub fn note_target(&mut self, rip: u64, epoch: u32, block: &Block) {
         self.targets[target_slot(rip)] = Target {
             rip,
             epoch: u64::from(epoch),
-            head,
-            _pad: 0,
+            head: block.jit_head,
+            head_spill: block.jit_head_spill,
         };
     }
 
