@@ -186,6 +186,7 @@ impl Drop for EmuVcpu {
             vcpu = self.cpu.id,
             instructions = self.cpu.icount,
             blocks_decoded = self.cache.blocks_decoded,
+            redecoded_stale = self.cache.redecoded_stale,
             instructions_decoded = self.cache.decoded,
             slow_lookups = self.cache.slow_lookups,
             interpreted = self.cache.interpreted,

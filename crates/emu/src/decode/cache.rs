@@ -13,13 +13,13 @@ use crate::mem::{PAGE_MASK, RamLoc};
 
 /// Most instructions in one block.
 pub const MAX_BLOCK: usize = 64;
-const SLOTS: usize = 1 << 15;
+const SLOTS: usize = 1 << 17;
 /// The slab is 4-way set associative: two hot blocks whose keys hash
 /// alike no longer evict each other on every pass of a loop.
 const WAYS: usize = 4;
 const SETS: usize = SLOTS / WAYS;
 /// Entries of the jump cache (linear RIP → block), as TCG's `tb_jmp_cache`.
-const JUMPS: usize = 1 << 12;
+const JUMPS: usize = 1 << 14;
 
 /// A decoded block: its instructions, the iced forms for `--trace`, and
 /// the page generation they were decoded at.
@@ -239,6 +239,8 @@ pub struct BlockCache {
     /// Instructions the interpreter ran (the rest ran translated).
     pub interpreted: u64,
     pub blocks_decoded: u64,
+    /// Of those, blocks whose page was written since their last decode.
+    pub redecoded_stale: u64,
     /// The code page the previous block came from: (linear page, host
     /// page, frame). Valid until the CPU changes mode or mappings, which
     /// always ends a block with `cpu.stop` (the loop then forgets it).
@@ -279,6 +281,7 @@ impl BlockCache {
             interpreted: 0,
             found_epoch: 0,
             blocks_decoded: 0,
+            redecoded_stale: 0,
             page: None,
             next_serial: 1,
             jit: None,
@@ -354,6 +357,9 @@ impl BlockCache {
             match self.decode(cpu, rip, loc.host, loc.frame, avail)? {
                 Some((insns, full, generation)) => {
                     self.blocks_decoded += 1;
+                    if way.is_some() {
+                        self.redecoded_stale += 1;
+                    }
                     let serial = self.next_serial;
                     self.next_serial += 1;
                     if way.is_none() {
