@@ -506,9 +506,17 @@ impl BlockCache {
     }
 
     /// Forgets every block (tests, INIT).
+    ///
+    /// Cheap (tests reset state thousands of times): only the ways in are
+    /// cleared. The old blocks stay in the slab but nothing reaches them:
+    /// a lookup finds no key and decodes afresh (a new serial), fresh
+    /// blocks link only to fresh ones, and the translation tier's target
+    /// cache forgets its entries.
     pub fn clear(&mut self) {
-        self.blocks.iter_mut().for_each(|b| *b = Block::empty(true));
         self.keys.fill(u64::MAX);
         self.jumps.fill(NO_JUMP);
+        if let Some(jit) = self.jit.as_mut() {
+            jit.forget_targets();
+        }
     }
 }

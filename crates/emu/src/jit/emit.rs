@@ -25,8 +25,8 @@ use std::mem::offset_of;
 
 use iced_x86::code_asm::*;
 use iced_x86::{
-    BlockEncoderOptions, Code, ConditionCode, FlowControl, Instruction, InstructionInfoFactory,
-    Mnemonic, OpAccess, OpKind, Register, RflagsBits,
+    Code, ConditionCode, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
+    OpKind, Register, RflagsBits,
 };
 
 use super::helpers;
@@ -1100,17 +1100,15 @@ pub fn compile(
         bind(&mut c.a, slot)?;
         c.a.dq(&[0]).map_err(err)?;
     }
-    let r =
-        c.a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
-            .map_err(err)?;
-    let mut bytes = r.inner.code_buffer.clone();
+    let r = super::asm::assemble(&c.a, base)?;
+    let mut bytes = r.bytes.clone();
     for (slot, stub, _) in &slots {
-        let s = r.label_ip(slot).map_err(err)? - base;
-        let t = r.label_ip(stub).map_err(err)?;
+        let s = r.offset(*slot)?;
+        let t = base + r.offset(*stub)?;
         bytes[s as usize..s as usize + 8].copy_from_slice(&t.to_le_bytes());
     }
-    let head = r.label_ip(&head).map_err(err)? - base;
-    let head_spill = r.label_ip(&head_spill).map_err(err)? - base;
+    let head = r.offset(head)?;
+    let head_spill = r.offset(head_spill)?;
     let mut undefined = 0u32;
     for i in ins {
         undefined = (undefined & !(i.rflags_modified() & OSZAPC)) | (i.rflags_undefined() & OSZAPC);
@@ -1390,6 +1388,8 @@ fn emit_mul(c: &mut Ctx, i: &Instruction, slow: CodeLabel) -> Result<(), String>
     } else {
         host_memory_operand(&mut n);
     }
+    // A guest instruction's IP would read as a label id.
+    n.set_ip(0);
     c.a.add_instruction(n).map_err(err)?;
     c.a.mov(acc, rax).map_err(err)?;
     c.regs.changed(Register::RAX.number());
@@ -1514,6 +1514,8 @@ fn emit_rewrite(
             _ => {}
         }
     }
+    // A guest instruction's IP would read as a label id.
+    n.set_ip(0);
     c.a.add_instruction(n).map_err(err)?;
     // Note what the instruction may write (stored back later).
     for u in info.used_registers() {

@@ -14,6 +14,7 @@
 //!   `code.rs` owns executable memory (the only unsafe boundary),
 //!   `verify.rs` runs translated blocks against the interpreter.
 
+pub(crate) mod asm;
 pub(crate) mod code;
 pub(crate) mod emit;
 pub(crate) mod helpers;
@@ -256,6 +257,11 @@ impl Jit {
                 false
             }
         }
+    }
+
+    /// Empties the target cache.
+    pub fn forget_targets(&mut self) {
+        self.targets.fill(Target::default());
     }
 
     /// Where the target cache lives (for `Cpu::jit_targets`).
