@@ -188,7 +188,7 @@ impl Machine {
                         let _ = chan.responses.send((id, VcpuResponse::Exited));
                         return;
                     }
-                    vcpu_loop::run(vcpu, &ctx, chan, first)
+                    vcpu_loop::run_guarded(vcpu, &ctx, chan, first)
                 })
                 .map_err(MachineError::Thread)?;
             handles.push(VcpuHandle {

@@ -170,6 +170,30 @@ pub(crate) const START_RUNNING: State = State::Running;
 
 /// Runs `vcpu` until it is told to exit or the VM stops. Every way out of
 /// the guest that the machine cannot serve becomes a [`StopReason`].
+/// [`run`], except that a bug that panics on the vCPU thread stops the VM
+/// with an error instead of leaving the VMM waiting for this vCPU forever.
+pub(crate) fn run_guarded(
+    vcpu: Box<dyn Vcpu>,
+    ctx: &VcpuContext,
+    chan: VcpuChannels,
+    first: State,
+) {
+    let id = vcpu.id();
+    let responses = chan.responses.clone();
+    let body = std::panic::AssertUnwindSafe(|| run(vcpu, ctx, chan, first));
+    if let Err(panic) = std::panic::catch_unwind(body) {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        ctx.control.request_stop(StopReason::HostError(format!(
+            "vCPU {id}: internal error (panic): {what}"
+        )));
+        let _ = responses.send((id, VcpuResponse::Exited));
+    }
+}
+
 pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext, chan: VcpuChannels, first: State) {
     let id = vcpu.id();
     let mut state = first;
@@ -393,6 +417,58 @@ mod tests {
                 fn kick(&self) {}
             }
             Arc::new(Nobody)
+        }
+    }
+
+    /// A vCPU whose backend panics (a VMM bug).
+    struct Panics;
+
+    impl Vcpu for Panics {
+        fn id(&self) -> u32 {
+            3
+        }
+        fn run(&mut self) -> vmplay_hypervisor::Result<VcpuExit<'_>> {
+            panic!("backend bug")
+        }
+        fn kicker(&self) -> Arc<dyn vmplay_hypervisor::VcpuKicker> {
+            unimplemented!()
+        }
+        fn state(&self) -> vmplay_hypervisor::Result<CpuState> {
+            unimplemented!()
+        }
+        fn set_state(&mut self, _: &CpuState) -> vmplay_hypervisor::Result<()> {
+            unimplemented!()
+        }
+    }
+
+    #[test]
+    fn a_panicking_vcpu_stops_the_vm_with_an_error() {
+        let (events_tx, _events) = std::sync::mpsc::channel();
+        let ctx = VcpuContext {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            control: VmControl::new(),
+            halted: AtomicUsize::new(0),
+            vcpu_count: 1,
+            counters: Arc::default(),
+            debug_events: events_tx,
+        };
+        let (_commands_tx, commands) = std::sync::mpsc::channel();
+        let (responses_tx, responses) = std::sync::mpsc::channel();
+        let chan = VcpuChannels {
+            commands,
+            responses: responses_tx,
+        };
+        run_guarded(Box::new(Panics), &ctx, chan, START_RUNNING);
+        assert!(matches!(
+            responses.try_recv(),
+            Ok((3, VcpuResponse::Exited))
+        ));
+        match ctx.control.reason() {
+            Some(StopReason::HostError(m)) => {
+                assert!(m.contains("vCPU 3") && m.contains("backend bug"), "{m}")
+            }
+            other => panic!("stop reason {other:?}"),
         }
     }
 
