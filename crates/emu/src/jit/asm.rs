@@ -3,10 +3,10 @@
 //! iced's `BlockEncoder` allocates per instruction and iterates to shorten
 //! branches; it was most of a block's translation time. Translations are
 //! small and their branches mostly leave the hot path, so here every
-//! branch keeps its rel32 form and two passes of one `Encoder` suffice:
-//! the first sizes each instruction (rel32 and RIP-relative disp32 forms
-//! have the same length whatever the target), the second encodes the ones
-//! that name a label at their final address.
+//! branch keeps its rel32 form and one pass of one `Encoder` suffices:
+//! rel32 and RIP-relative disp32 forms have the same length whatever the
+//! target, so each instruction is encoded once at its final address and
+//! its label reference patched when all labels are known.
 //!
 //! `CodeAssembler` marks a labelled instruction with its label's id as
 //! `ip`, and a reference to a label (a branch target, a RIP-relative
@@ -65,19 +65,19 @@ fn reference(i: &Instruction) -> Reference {
 pub fn assemble(a: &CodeAssembler, base: u64) -> Result<Assembled, String> {
     let ins = a.instructions();
     let mut enc = Encoder::try_with_capacity(64, ins.len() * 6).map_err(|e| e.to_string())?;
-    let mut offsets = Vec::with_capacity(ins.len());
     let mut labels: Vec<u32> = Vec::new();
+    // (where the rel32/disp32 field is, the end of its instruction, the
+    // label id it names).
+    let mut fixups: Vec<(usize, u64, u64)> = Vec::new();
     let mut pos = 0u64;
-    // Pass 1: sizes, with label references aimed at the block's start.
-    for i in ins {
+    for (k, i) in ins.iter().enumerate() {
         let mut i = *i;
         if i.ip() != 0 {
             // Ids count the labels created, a few per instruction.
             let id = i.ip() as usize;
-            if id > 4 * ins.len() + 64 {
+            if id as u64 > 4 * ins.len() as u64 + 64 {
                 return Err(format!(
-                    "instruction {} has IP {:#x}, not a label id",
-                    offsets.len(),
+                    "instruction {k} has IP {:#x}, not a label id",
                     i.ip()
                 ));
             }
@@ -86,58 +86,60 @@ pub fn assemble(a: &CodeAssembler, base: u64) -> Result<Assembled, String> {
             }
             labels[id] = pos as u32;
         }
-        offsets.push(pos);
         if i.code() == Code::DeclareQword {
+            for n in 0..i.declare_data_len() {
+                for b in i.get_declare_qword_value(n).to_le_bytes() {
+                    enc.write_u8(b);
+                }
+            }
             pos += 8 * i.declare_data_len() as u64;
             continue;
         }
-        match reference(&i) {
+        // Beyond the label ids: an absolute target (a thunk), encoded as is.
+        let bound = 4 * ins.len() as u64 + 64;
+        let id = match reference(&i) {
+            Reference::Branch if i.near_branch64() > bound => {
+                i.as_near_branch();
+                None
+            }
             Reference::Branch => {
                 i.as_near_branch();
-                i.set_near_branch64(base);
-            }
-            Reference::Memory => i.set_memory_displacement64(base),
-            Reference::None => {}
-        }
-        pos += enc.encode(&i, base + pos).map_err(|e| e.to_string())? as u64;
-    }
-    let _ = enc.take_buffer();
-    // Pass 2: the final bytes, label references resolved.
-    let target = |id: u64| -> Result<u64, String> {
-        match labels.get(id as usize) {
-            Some(&o) if o != u32::MAX => Ok(base + u64::from(o)),
-            _ => Err(format!("reference to unbound label {id}")),
-        }
-    };
-    let mut bytes = Vec::with_capacity(pos as usize);
-    for (k, i) in ins.iter().enumerate() {
-        let mut i = *i;
-        if i.code() == Code::DeclareQword {
-            for n in 0..i.declare_data_len() {
-                bytes.extend_from_slice(&i.get_declare_qword_value(n).to_le_bytes());
-            }
-            continue;
-        }
-        match reference(&i) {
-            Reference::Branch => {
-                i.as_near_branch();
-                let t = target(i.near_branch64())?;
-                i.set_near_branch64(t);
+                let id = i.near_branch64();
+                i.set_near_branch64(base + pos);
+                Some(id)
             }
             Reference::Memory => {
-                let t = target(i.memory_displacement64())?;
-                i.set_memory_displacement64(t);
+                let id = i.memory_displacement64();
+                i.set_memory_displacement64(base + pos);
+                Some(id)
             }
-            Reference::None => {}
+            Reference::None => None,
+        };
+        let n = enc.encode(&i, base + pos).map_err(|e| e.to_string())? as u64;
+        if let Some(id) = id {
+            // A near branch's rel32 ends it; a memory operand's disp32 is
+            // where the encoder says.
+            let field = if matches!(reference(&i), Reference::Branch) {
+                n as usize - 4
+            } else {
+                let c = enc.get_constant_offsets();
+                if c.displacement_size() != 4 {
+                    return Err(format!("instruction {k}: no 32-bit displacement"));
+                }
+                c.displacement_offset()
+            };
+            fixups.push((pos as usize + field, pos + n, id));
         }
-        let at = base + offsets[k];
-        let n = enc.encode(&i, at).map_err(|e| e.to_string())?;
-        bytes.extend_from_slice(&enc.take_buffer());
-        if bytes.len() as u64 != offsets.get(k + 1).copied().unwrap_or(pos) {
-            return Err(format!(
-                "instruction {k} changed size between passes ({n} bytes)"
-            ));
-        }
+        pos += n;
+    }
+    let mut bytes = enc.take_buffer();
+    for (at, end, id) in fixups {
+        let target = match labels.get(id as usize) {
+            Some(&o) if o != u32::MAX => u64::from(o),
+            _ => return Err(format!("reference to unbound label {id}")),
+        };
+        let rel = i32::try_from(target as i64 - end as i64).map_err(|_| "branch too far")?;
+        bytes[at..at + 4].copy_from_slice(&rel.to_le_bytes());
     }
     Ok(Assembled { bytes, labels })
 }
@@ -161,6 +163,7 @@ mod tests {
         a.jmp(qword_ptr(slot)).unwrap();
         a.set_label(&mut end).unwrap();
         a.lea(rax, qword_ptr(slot)).unwrap();
+        a.call(0x7000_0000_0000u64).unwrap();
         a.set_label(&mut slot).unwrap();
         a.dq(&[0x1122_3344_5566_7788]).unwrap();
         let base = 0x7000_0000_1000;
@@ -175,6 +178,8 @@ mod tests {
         assert_eq!(ins[2].near_branch_target(), base + r.offset(end).unwrap());
         assert_eq!(ins[3].ip_rel_memory_address(), slot_at);
         assert_eq!(ins[4].ip_rel_memory_address(), slot_at);
+        // An absolute target (a thunk) is kept.
+        assert_eq!(ins[5].near_branch_target(), 0x7000_0000_0000);
         let o = r.offset(slot).unwrap() as usize;
         assert_eq!(&r.bytes[o..o + 8], &0x1122_3344_5566_7788u64.to_le_bytes());
     }

@@ -19,6 +19,8 @@ pub struct CodeArena {
     base: NonNull<u8>,
     size: usize,
     used: usize,
+    /// What `reset` keeps (the shared thunks).
+    kept: usize,
 }
 
 // SAFETY: the arena is a private anonymous mapping owned by one vCPU; it
@@ -48,6 +50,7 @@ impl CodeArena {
             base,
             size,
             used: 0,
+            kept: 0,
         })
     }
 
@@ -91,9 +94,14 @@ impl CodeArena {
         unsafe { (addr as *mut u8).cast::<u64>().write_unaligned(value) };
     }
 
+    /// Makes what the arena holds now survive resets.
+    pub fn keep(&mut self) {
+        self.kept = self.used;
+    }
+
     /// Forgets every block: the caller drops all pointers into the arena.
     pub fn reset(&mut self) {
-        self.used = 0;
+        self.used = self.kept;
     }
 
     /// Runs the block at `entry` until it leaves translated code.

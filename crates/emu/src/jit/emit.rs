@@ -374,6 +374,7 @@ struct Ctx<'a> {
     misses: Vec<(CodeLabel, bool)>,
     /// Guest registers in host registers at the current point.
     regs: Regs,
+    thunks: &'a Thunks,
 }
 
 enum Cold {
@@ -401,6 +402,9 @@ enum Cold {
     Leave { label: CodeLabel, k: usize },
     /// The flags memo missed: compute the host form with a call.
     FlagsMiss { label: CodeLabel, back: CodeLabel },
+    /// The parked-flags entry of a block whose body starts with them
+    /// lazy: convert, then the lazy head.
+    ParkedEntry { label: CodeLabel, head: CodeLabel },
 }
 
 /// `addr - base` as a displacement.
@@ -434,11 +438,6 @@ impl Ctx<'_> {
         rel(self.base, addr)
     }
 
-    fn call(&mut self, f: u64) -> Result<(), String> {
-        self.a.mov(rax, f).map_err(err)?;
-        self.a.call(rax).map_err(err)
-    }
-
     /// Brings the guest registers `regs` (number, old value needed) into
     /// host registers.
     fn hold(&mut self, regs: &[(usize, bool)]) -> Result<(), String> {
@@ -462,23 +461,7 @@ impl Ctx<'_> {
         if !from_spill {
             self.spill()?;
         }
-        let a = &mut self.a;
-        a.mov(qword_ptr(r15 + MEMO_SPILL), rdx).map_err(err)?;
-        // FLAGS_TABLE's index: RFLAGS' CF PF AF ZF SF (from AH), OF in
-        // bit 1 (from AL).
-        a.movzx(ecx, dh).map_err(err)?;
-        a.movzx(eax, dl).map_err(err)?;
-        a.and(ecx, 0xd5).map_err(err)?;
-        a.lea(eax, rcx + rax * 2).map_err(err)?;
-        a.shl(eax, 4).map_err(err)?;
-        let table = helpers::FLAGS_TABLE.as_ptr() as u64;
-        a.mov(rcx, table).map_err(err)?;
-        a.mov(rdx, qword_ptr(rcx + rax)).map_err(err)?;
-        a.mov(rax, qword_ptr(rcx + rax + 8)).map_err(err)?;
-        a.mov(qword_ptr(r15 + RES), rdx).map_err(err)?;
-        a.mov(qword_ptr(r15 + AUX), rax).map_err(err)?;
-        a.mov(qword_ptr(r15 + MEMO_RES), rdx).map_err(err)?;
-        a.mov(qword_ptr(r15 + MEMO_AUX), rax).map_err(err)
+        self.a.call(self.thunks.materialize).map_err(err)
     }
 
     /// Jumps to `miss` unless the lazy flags are the memo's.
@@ -580,11 +563,10 @@ impl Ctx<'_> {
     /// answer. Flags must be lazy and changed registers written back.
     fn interp(&mut self, k: usize, next: u64) -> Result<(), String> {
         let insn: *const Insn = &self.insns[k];
-        self.a.mov(rdi, r15).map_err(err)?;
         self.a.mov(rsi, insn as u64).map_err(err)?;
         let d = self.rel(next)?;
         self.a.lea(rdx, r14 + d).map_err(err)?;
-        self.call(helpers::interp as *const () as u64)?;
+        self.a.call(self.thunks.interp).map_err(err)?;
         self.a.test(eax, eax).map_err(err)?;
         let leave = self.a.create_label();
         self.a.jnz(leave).map_err(err)?;
@@ -759,11 +741,11 @@ const SAVED: [AsmRegister64; 6] = [r15, r14, r13, r12, rbp, rbx];
 pub fn compile(
     ins: &[Instruction],
     insns: &[Insn],
-    gen_word: u64,
-    gen_expected: u32,
+    generation: (u64, u32),
     attention: u64,
     base: u64,
     chain: bool,
+    thunks: &Thunks,
 ) -> Result<Emitted, String> {
     let mut a = CodeAssembler::new(64).map_err(err)?;
     let epilogue = a.create_label();
@@ -782,6 +764,7 @@ pub fn compile(
         misses: Vec::new(),
         base: first.ip(),
         regs: Regs::default(),
+        thunks,
     };
     for r in SAVED {
         c.a.push(r).map_err(err)?;
@@ -790,24 +773,24 @@ pub fn compile(
     c.a.mov(r15, rdi).map_err(err)?;
     let mut factory = InstructionInfoFactory::new();
     let plans: Vec<Plan> = ins.iter().map(|i| plan(i, factory.info(i))).collect();
-    let entry = entry_flags(ins, &plans);
+    // Two ways in, one copy of the checks: the flags are first brought
+    // to the form the body starts with (lazy if its first use of them is
+    // the interpreter's, else parked in EDX).
+    let entry_lazy = entry_flags(ins, &plans);
     let mut head_spill = c.a.create_label();
     let stale_spill = c.a.create_label();
-    let mut body = c.a.create_label();
     bind(&mut c.a, &mut head)?;
-    head_checks(&mut c.a, gen_word, gen_expected, attention, stale)?;
-    // Entered with lazy flags: the body wants them parked in EDX, unless
-    // they are dead (overwritten before anything could see them).
-    if entry == Some(false) {
+    if entry_lazy {
+        head_checks(&mut c.a, generation, attention, stale)?;
+        c.cold.push(Cold::ParkedEntry {
+            label: head_spill,
+            head,
+        });
+    } else {
         c.lazy_to_spill()?;
+        bind(&mut c.a, &mut head_spill)?;
+        head_checks(&mut c.a, generation, attention, stale_spill)?;
     }
-    c.a.jmp(body).map_err(err)?;
-    bind(&mut c.a, &mut head_spill)?;
-    head_checks(&mut c.a, gen_word, gen_expected, attention, stale_spill)?;
-    if entry == Some(true) {
-        c.materialize(true)?;
-    }
-    bind(&mut c.a, &mut body)?;
 
     // Flag liveness after each instruction (all live at the block end).
     let mut live_after = vec![0u32; ins.len()];
@@ -818,11 +801,7 @@ pub fn compile(
         live = (live & !w) | r;
     }
 
-    let mut fl = if entry == Some(true) {
-        Fl::Lazy
-    } else {
-        Fl::Spill
-    };
+    let mut fl = if entry_lazy { Fl::Lazy } else { Fl::Spill };
     let (mut native, mut fallback) = (0, 0);
     let mut ended = false;
     for (k, i) in ins.iter().enumerate() {
@@ -983,17 +962,8 @@ pub fn compile(
                 // r11 is still the guest address: the check jumps here
                 // before adding the addend.
                 regs.store_changed(&mut c.a)?;
-                if from_spill {
-                    c.a.mov(qword_ptr(r15 + SPILL), rdx).map_err(err)?;
-                }
-                c.a.mov(rdi, r15).map_err(err)?;
-                c.a.mov(rsi, r11).map_err(err)?;
-                c.a.mov(edx, kind as u32).map_err(err)?;
-                c.call(helpers::fill as *const () as u64)?;
-                if from_spill {
-                    c.a.mov(rdx, qword_ptr(r15 + SPILL)).map_err(err)?;
-                }
-                c.a.test(eax, eax).map_err(err)?;
+                c.a.mov(eax, kind as u32).map_err(err)?;
+                c.a.call(c.thunks.fill).map_err(err)?;
                 let mut run = c.a.create_label();
                 c.a.jnz(run).map_err(err)?;
                 regs.reload(&mut c.a, false)?;
@@ -1014,17 +984,14 @@ pub fn compile(
                     match after_state {
                         Fl::Lazy => {}
                         Fl::Host => {
-                            c.a.mov(rdi, r15).map_err(err)?;
-                            c.call(helpers::flags_bits as *const () as u64)?;
-                            c.a.push(rax).map_err(err)?;
-                            c.a.popfq().map_err(err)?;
+                            c.a.call(c.thunks.flags_memo).map_err(err)?;
+                            c.a.mov(eax, dword_ptr(r15 + MEMO_SPILL)).map_err(err)?;
+                            c.a.add(al, 0x7f).map_err(err)?;
+                            c.a.sahf().map_err(err)?;
                         }
                         Fl::Spill => {
-                            c.a.mov(rdi, r15).map_err(err)?;
-                            c.call(helpers::flags_bits as *const () as u64)?;
-                            c.a.push(rax).map_err(err)?;
-                            c.a.popfq().map_err(err)?;
-                            c.spill()?;
+                            c.a.call(c.thunks.flags_memo).map_err(err)?;
+                            c.a.mov(edx, dword_ptr(r15 + MEMO_SPILL)).map_err(err)?;
                         }
                     }
                     regs.reload(&mut c.a, true)?;
@@ -1032,12 +999,14 @@ pub fn compile(
                 }
             }
             Cold::Leave { label, k } => leaves.push((label, k)),
+            Cold::ParkedEntry { mut label, head } => {
+                bind(&mut c.a, &mut label)?;
+                c.materialize(true)?;
+                c.a.jmp(head).map_err(err)?;
+            }
             Cold::FlagsMiss { mut label, back } => {
                 bind(&mut c.a, &mut label)?;
-                Regs::push_clobbered(&mut c.a)?;
-                c.a.mov(rdi, r15).map_err(err)?;
-                c.call(helpers::flags_bits as *const () as u64)?;
-                Regs::pop_clobbered(&mut c.a)?;
+                c.a.call(c.thunks.flags_memo).map_err(err)?;
                 c.a.jmp(back).map_err(err)?;
             }
         }
@@ -1084,15 +1053,20 @@ pub fn compile(
     c.a.jmp(stale).map_err(err)?;
     // Unchained stubs: record the slot for the dispatcher, leave.
     let mut slots = std::mem::take(&mut c.slots);
+    let tails = [c.a.create_label(), c.a.create_label()];
     for (slot, stub, parked) in slots.iter_mut() {
         bind(&mut c.a, stub)?;
-        if *parked {
+        c.a.lea(rax, qword_ptr(*slot)).map_err(err)?;
+        c.a.jmp(tails[usize::from(*parked)]).map_err(err)?;
+    }
+    for (parked, mut tail) in tails.into_iter().enumerate() {
+        bind(&mut c.a, &mut tail)?;
+        c.a.mov(qword_ptr(r15 + LINK), rax).map_err(err)?;
+        c.a.mov(qword_ptr(r15 + LINK_SPILL), parked as i32)
+            .map_err(err)?;
+        if parked == 1 {
             c.materialize(true)?;
         }
-        c.a.lea(rax, qword_ptr(*slot)).map_err(err)?;
-        c.a.mov(qword_ptr(r15 + LINK), rax).map_err(err)?;
-        c.a.mov(qword_ptr(r15 + LINK_SPILL), i32::from(*parked))
-            .map_err(err)?;
         c.a.xor(eax, eax).map_err(err)?;
         c.a.jmp(epilogue).map_err(err)?;
     }
@@ -1123,14 +1097,102 @@ pub fn compile(
     })
 }
 
+/// Out-of-line routines every translation calls (`call rel32`), emitted
+/// once at the start of the arena: what would otherwise be repeated in
+/// each block's cold paths.
+pub struct Thunks {
+    /// Parked flags (EDX) → lazy flags and the memo. Clobbers rax, rcx,
+    /// rdx and the host flags.
+    pub materialize: u64,
+    /// `helpers::flags_bits`: the memo made from the lazy flags. Keeps
+    /// every register but rax, rcx, rdx, r10, r11 and the host flags.
+    pub flags_memo: u64,
+    /// `helpers::fill` for the address in r11 and the kind in eax; ZF
+    /// clear if the instruction must go to the interpreter. Keeps rdx;
+    /// clobbers what a call does.
+    pub fill: u64,
+    /// `helpers::interp` with the vCPU context as first argument.
+    pub interp: u64,
+}
+
+impl Thunks {
+    /// Assembles the thunks for address `base`: their bytes and entries.
+    pub fn assemble(base: u64) -> Result<(Vec<u8>, Thunks), String> {
+        let mut a = CodeAssembler::new(64).map_err(err)?;
+        let mut materialize = a.create_label();
+        let mut flags_memo = a.create_label();
+        let mut fill = a.create_label();
+        let mut interp = a.create_label();
+        // Called from a block's body, where the stack is 16-byte aligned:
+        // the return address leaves it 8 off.
+        bind(&mut a, &mut materialize)?;
+        a.mov(qword_ptr(r15 + MEMO_SPILL), rdx).map_err(err)?;
+        // FLAGS_TABLE's index: RFLAGS' CF PF AF ZF SF (from DH), OF in
+        // bit 1 (from DL).
+        a.movzx(ecx, dh).map_err(err)?;
+        a.movzx(eax, dl).map_err(err)?;
+        a.and(ecx, 0xd5).map_err(err)?;
+        a.lea(eax, rcx + rax * 2).map_err(err)?;
+        a.shl(eax, 4).map_err(err)?;
+        a.mov(rcx, helpers::FLAGS_TABLE.as_ptr() as u64)
+            .map_err(err)?;
+        a.mov(rdx, qword_ptr(rcx + rax)).map_err(err)?;
+        a.mov(rax, qword_ptr(rcx + rax + 8)).map_err(err)?;
+        a.mov(qword_ptr(r15 + RES), rdx).map_err(err)?;
+        a.mov(qword_ptr(r15 + AUX), rax).map_err(err)?;
+        a.mov(qword_ptr(r15 + MEMO_RES), rdx).map_err(err)?;
+        a.mov(qword_ptr(r15 + MEMO_AUX), rax).map_err(err)?;
+        a.ret().map_err(err)?;
+
+        bind(&mut a, &mut flags_memo)?;
+        Regs::push_clobbered(&mut a)?;
+        a.lea(rsp, rsp - 8).map_err(err)?;
+        a.mov(rdi, r15).map_err(err)?;
+        a.mov(rax, helpers::flags_bits as *const () as u64)
+            .map_err(err)?;
+        a.call(rax).map_err(err)?;
+        a.lea(rsp, rsp + 8).map_err(err)?;
+        Regs::pop_clobbered(&mut a)?;
+        a.ret().map_err(err)?;
+
+        bind(&mut a, &mut fill)?;
+        a.mov(qword_ptr(r15 + SPILL), rdx).map_err(err)?;
+        a.mov(edx, eax).map_err(err)?;
+        a.mov(rdi, r15).map_err(err)?;
+        a.mov(rsi, r11).map_err(err)?;
+        a.lea(rsp, rsp - 8).map_err(err)?;
+        a.mov(rax, helpers::fill as *const () as u64).map_err(err)?;
+        a.call(rax).map_err(err)?;
+        a.lea(rsp, rsp + 8).map_err(err)?;
+        a.mov(rdx, qword_ptr(r15 + SPILL)).map_err(err)?;
+        a.test(eax, eax).map_err(err)?;
+        a.ret().map_err(err)?;
+
+        // A tail call: `helpers::interp` returns straight to the block.
+        bind(&mut a, &mut interp)?;
+        a.mov(rdi, r15).map_err(err)?;
+        a.mov(rax, helpers::interp as *const () as u64)
+            .map_err(err)?;
+        a.jmp(rax).map_err(err)?;
+
+        let r = super::asm::assemble(&a, base)?;
+        let t = Thunks {
+            materialize: base + r.offset(materialize)?,
+            flags_memo: base + r.offset(flags_memo)?,
+            fill: base + r.offset(fill)?,
+            interp: base + r.offset(interp)?,
+        };
+        Ok((r.bytes, t))
+    }
+}
+
 /// A translation's entry checks, with `r14` = the block's runtime start.
 /// Stale code (its page was written) or something for the dispatcher (a
 /// kick, an interrupt it can take) jumps to `stale` before the first
 /// instruction. Clobbers rax and the host flags (EDX survives).
 fn head_checks(
     a: &mut CodeAssembler,
-    gen_word: u64,
-    gen_expected: u32,
+    (gen_word, gen_expected): (u64, u32),
     attention: u64,
     stale: CodeLabel,
 ) -> Result<(), String> {
@@ -1166,31 +1228,19 @@ fn head_checks(
     bind(a, &mut ok)
 }
 
-/// How the block's body wants the guest flags at entry: `Some(true)`
-/// lazy (its first use is the interpreter's), `Some(false)` parked in
-/// EDX, `None` if they are dead: fully written before any instruction
-/// reads them, leaves, or could fault (a fault's frame holds them).
-fn entry_flags(ins: &[Instruction], plans: &[Plan]) -> Option<bool> {
+/// Whether the block's body wants the guest flags lazy at entry (its
+/// first use of them is the interpreter's); else parked in EDX.
+fn entry_flags(ins: &[Instruction], plans: &[Plan]) -> bool {
     for (i, p) in ins.iter().zip(plans) {
         let (read, written) = flag_use(i);
         match p {
-            Plan::Interp => return Some(true),
+            Plan::Interp => return true,
             Plan::Nop | Plan::Lea => {}
-            Plan::Jmp | Plan::Jcc | Plan::Push | Plan::Pop | Plan::Call | Plan::Ret => {
-                return Some(false);
-            }
-            Plan::Rewrite | Plan::Mul => {
-                let has_mem = (0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory);
-                if has_mem || read != 0 || (written != 0 && written != OSZAPC) {
-                    return Some(false);
-                }
-                if written == OSZAPC {
-                    return None;
-                }
-            }
+            Plan::Rewrite | Plan::Mul if read == 0 && written == 0 => {}
+            _ => return false,
         }
     }
-    Some(false)
+    false
 }
 
 /// `lea`: the address arithmetic straight into the destination's host
@@ -1549,7 +1599,8 @@ mod tests {
         let insns: Vec<Insn> = ins.iter().map(|i| Insn::build(i, t.resolve(i).0)).collect();
         let word = 0u32;
         let addr = &word as *const u32 as u64;
-        compile(&ins, &insns, addr, 0, addr, 0x7000_0000, true).expect("compiles")
+        let (_, thunks) = Thunks::assemble(0x6fff_0000).expect("thunks");
+        compile(&ins, &insns, (addr, 0), addr, 0x7000_0000, true, &thunks).expect("compiles")
     }
 
     #[test]

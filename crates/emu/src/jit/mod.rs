@@ -156,6 +156,8 @@ pub struct Jit {
     /// Interpreter forms of translated instructions, pointed at by the
     /// code; freed with the arena.
     insns: Vec<Box<[Insn]>>,
+    /// Shared routines at the arena's start (kept across resets).
+    thunks: emit::Thunks,
     pub config: JitConfig,
     pub stats: JitStats,
 }
@@ -165,11 +167,20 @@ impl Jit {
         if config.tier != Tier::Jit {
             return None;
         }
-        match code::CodeArena::new(ARENA) {
-            Ok(arena) => Some(Jit {
+        let made = code::CodeArena::new(ARENA)
+            .map_err(|e| e.to_string())
+            .and_then(|mut arena| {
+                let (bytes, thunks) = emit::Thunks::assemble(arena.next_addr())?;
+                arena.push(&bytes).ok_or("arena too small")?;
+                arena.keep();
+                Ok((arena, thunks))
+            });
+        match made {
+            Ok((arena, thunks)) => Some(Jit {
                 arena,
                 targets: vec![Target::default(); TARGETS].into_boxed_slice(),
                 insns: Vec::new(),
+                thunks,
                 config,
                 stats: JitStats::default(),
             }),
@@ -199,11 +210,11 @@ impl Jit {
         let e = match emit::compile(
             &ins,
             &insns,
-            gen_word,
-            gen_expected,
+            (gen_word, gen_expected),
             attention,
             base,
             self.config.verify_runs == 0,
+            &self.thunks,
         ) {
             Ok(e) => e,
             Err(err) => {
