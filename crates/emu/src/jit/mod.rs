@@ -63,7 +63,7 @@ impl Default for JitConfig {
     fn default() -> Self {
         JitConfig {
             tier: Tier::Jit,
-            threshold: 500,
+            threshold: 64,
             verify_runs: 0,
         }
     }
