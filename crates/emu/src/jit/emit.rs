@@ -49,6 +49,8 @@ const fn off(o: usize) -> i32 {
 const RES: i32 = off(offset_of!(Cpu, flags) + offset_of!(Flags, res));
 const AUX: i32 = off(offset_of!(Cpu, flags) + offset_of!(Flags, aux));
 const RFLAGS: i32 = off(offset_of!(Cpu, rflags));
+const CR0: i32 = off(offset_of!(Cpu, cr0));
+const CR4: i32 = off(offset_of!(Cpu, cr4));
 const ICOUNT: i32 = off(offset_of!(Cpu, icount));
 const SPILL: i32 = off(offset_of!(Cpu, jit_flags_spill));
 const MEMO_RES: i32 = off(offset_of!(Cpu, jit_flags_memo));
@@ -148,6 +150,9 @@ enum Plan {
     Push,
     Pop,
     Nop,
+    /// An integer SSE instruction or move, on host XMM registers loaded
+    /// from and stored to `Fpu::xmm` around it.
+    Sse,
     /// The block's final branch.
     Jmp,
     Jcc,
@@ -192,10 +197,23 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
                 Plan::Lea
             };
         }
-        Code::Nopw | Code::Nopd | Code::Nopq | Code::Nop_rm16 | Code::Nop_rm32 | Code::Nop_rm64 => {
+        // Prefetches never fault and change no state.
+        Code::Nopw
+        | Code::Nopd
+        | Code::Nopq
+        | Code::Nop_rm16
+        | Code::Nop_rm32
+        | Code::Nop_rm64
+        | Code::Prefetcht0_m8
+        | Code::Prefetcht1_m8
+        | Code::Prefetcht2_m8
+        | Code::Prefetchnta_m8 => {
             return Plan::Nop;
         }
         _ => {}
+    }
+    if sse_form(ins, info) {
+        return Plan::Sse;
     }
     // One-operand multiplies use rAX/rDX implicitly: their own plan.
     if matches!(m, M::Mul | M::Imul) && ins.op_count() == 1 {
@@ -329,6 +347,132 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
     Plan::Rewrite
 }
 
+/// Integer SSE instructions and moves whose host form gives the exact
+/// architectural result: no MXCSR dependence, no SIMD float exceptions,
+/// no implicit registers; legacy encodings on XMM registers (MMX forms
+/// touch the x87 state) and general registers named as operands.
+fn sse_form(ins: &Instruction, info: &iced_x86::InstructionInfo) -> bool {
+    use Mnemonic as M;
+    if ins.encoding() != iced_x86::EncodingKind::Legacy || ins.has_lock_prefix() {
+        return false;
+    }
+    let ok = matches!(
+        ins.mnemonic(),
+        M::Movdqa
+            | M::Movdqu
+            | M::Movaps
+            | M::Movups
+            | M::Movapd
+            | M::Movupd
+            | M::Movd
+            | M::Movq
+            | M::Pxor
+            | M::Por
+            | M::Pand
+            | M::Pandn
+            | M::Xorps
+            | M::Xorpd
+            | M::Andps
+            | M::Andpd
+            | M::Andnps
+            | M::Andnpd
+            | M::Orps
+            | M::Orpd
+            | M::Pcmpeqb
+            | M::Pcmpeqw
+            | M::Pcmpeqd
+            | M::Pcmpgtb
+            | M::Pcmpgtw
+            | M::Pcmpgtd
+            | M::Paddb
+            | M::Paddw
+            | M::Paddd
+            | M::Paddq
+            | M::Psubb
+            | M::Psubw
+            | M::Psubd
+            | M::Psubq
+            | M::Paddusb
+            | M::Paddusw
+            | M::Psubusb
+            | M::Psubusw
+            | M::Pminub
+            | M::Pmaxub
+            | M::Pminsw
+            | M::Pmaxsw
+            | M::Pavgb
+            | M::Pavgw
+            | M::Punpcklbw
+            | M::Punpcklwd
+            | M::Punpckldq
+            | M::Punpcklqdq
+            | M::Punpckhbw
+            | M::Punpckhwd
+            | M::Punpckhdq
+            | M::Punpckhqdq
+            | M::Pshufd
+            | M::Pshuflw
+            | M::Pshufhw
+            | M::Pshufb
+            | M::Palignr
+            | M::Pslldq
+            | M::Psrldq
+            | M::Psllw
+            | M::Pslld
+            | M::Psllq
+            | M::Psrlw
+            | M::Psrld
+            | M::Psrlq
+            | M::Psraw
+            | M::Psrad
+            | M::Pmovmskb
+            | M::Ptest
+    );
+    if !ok || !(0..ins.op_count()).any(|o| is_xmm_operand(ins, o)) {
+        return false;
+    }
+    let mut explicit: Vec<Register> = Vec::with_capacity(4);
+    for k in 0..ins.op_count() {
+        match ins.op_kind(k) {
+            OpKind::Register => {
+                let r = ins.op_register(k);
+                if r.is_xmm() {
+                    continue;
+                }
+                if !r.is_gpr() || r.size() < 4 {
+                    return false;
+                }
+                explicit.push(r.full_register());
+            }
+            OpKind::Memory => {
+                if ins.memory_base() == Register::EIP {
+                    return false;
+                }
+                for r in [ins.memory_base(), ins.memory_index()] {
+                    if r != Register::None && r != Register::RIP {
+                        if !r.is_gpr() {
+                            return false;
+                        }
+                        explicit.push(r.full_register());
+                    }
+                }
+            }
+            OpKind::Immediate8 => {}
+            _ => return false,
+        }
+    }
+    info.used_registers().iter().all(|u| {
+        let r = u.register();
+        r.is_segment_register()
+            || r.is_xmm()
+            || (r.is_gpr() && explicit.contains(&r.full_register()))
+    })
+}
+
+fn is_xmm_operand(ins: &Instruction, o: u32) -> bool {
+    ins.op_kind(o) == OpKind::Register && ins.op_register(o).is_xmm()
+}
+
 /// Flags an instruction reads and (unconditionally, fully) writes.
 fn flag_use(ins: &Instruction) -> (u32, u32) {
     let read = ins.rflags_read() & OSZAPC;
@@ -375,6 +519,10 @@ struct Ctx<'a> {
     /// Guest registers in host registers at the current point.
     regs: Regs,
     thunks: &'a Thunks,
+    /// SSE is known usable (CR0.EM/TS clear, CR4.OSFXSR set) at this
+    /// point of the block: checked once, until an interpreted instruction
+    /// (which could change CR0 or CR4).
+    sse_checked: bool,
 }
 
 enum Cold {
@@ -765,6 +913,7 @@ pub fn compile(
         base: first.ip(),
         regs: Regs::default(),
         thunks,
+        sse_checked: false,
     };
     for r in SAVED {
         c.a.push(r).map_err(err)?;
@@ -813,6 +962,7 @@ pub fn compile(
         match p {
             Plan::Interp => {
                 fallback += 1;
+                c.sse_checked = false;
                 c.ensure_lazy(&mut fl)?;
                 c.regs.write_back(&mut c.a)?;
                 c.interp(k, next)?;
@@ -829,7 +979,13 @@ pub fn compile(
                 c.hold(&operand_regs(info))?;
                 emit_lea(&mut c, i)?;
             }
-            Plan::Rewrite | Plan::Mul | Plan::Push | Plan::Pop | Plan::Call | Plan::Ret => {
+            Plan::Rewrite
+            | Plan::Mul
+            | Plan::Sse
+            | Plan::Push
+            | Plan::Pop
+            | Plan::Call
+            | Plan::Ret => {
                 native += 1;
                 // The instruction merges into or reads the guest flags:
                 // they must be in the host RFLAGS when it runs.
@@ -859,6 +1015,7 @@ pub fn compile(
                 let unspill = before == Fl::Spill && needs_flags;
                 match p {
                     Plan::Rewrite => emit_rewrite(&mut c, i, info, slow, unspill)?,
+                    Plan::Sse => emit_sse(&mut c, i, info, slow, to_interp)?,
                     Plan::Mul => emit_mul(&mut c, i, slow)?,
                     Plan::Push | Plan::Call => emit_push(&mut c, i, next, slow)?,
                     Plan::Pop | Plan::Ret => {
@@ -875,7 +1032,8 @@ pub fn compile(
                     _ => mem_kind(i, info),
                 };
                 let branch = matches!(p, Plan::Call | Plan::Ret);
-                if has_mem {
+                // SSE checks leave through `to_interp` even without memory.
+                if has_mem || p == Plan::Sse {
                     c.cold.push(Cold::Slow {
                         label: slow,
                         retry,
@@ -1236,7 +1394,7 @@ fn entry_flags(ins: &[Instruction], plans: &[Plan]) -> bool {
         match p {
             Plan::Interp => return true,
             Plan::Nop | Plan::Lea => {}
-            Plan::Rewrite | Plan::Mul if read == 0 && written == 0 => {}
+            Plan::Rewrite | Plan::Mul | Plan::Sse if read == 0 && written == 0 => {}
             _ => return false,
         }
     }
@@ -1503,6 +1661,100 @@ fn emit_jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> Result<()
 }
 
 /// The guest instruction itself on host registers.
+/// Offset of guest XMM register `n` in `Cpu`.
+fn xmm(n: usize) -> i32 {
+    off(offset_of!(Cpu, fpu) + offset_of!(crate::cpu::fpu::Fpu, xmm) + 16 * n)
+}
+
+/// An integer SSE instruction: its XMM operands loaded into host
+/// XMM0-2 (all XMM registers are call-clobbered: nothing else keeps
+/// guest values there), the instruction itself on them, the written
+/// ones stored back. What would fault (#UD/#NM when SSE is off, #GP for
+/// a misaligned 16-byte operand) goes to the interpreter, which raises it.
+fn emit_sse(
+    c: &mut Ctx,
+    i: &Instruction,
+    info: &iced_x86::InstructionInfo,
+    slow: CodeLabel,
+    to_interp: CodeLabel,
+) -> Result<(), String> {
+    use crate::cpu::{CR0_EM, CR0_TS, CR4_OSFXSR};
+    if !c.sse_checked {
+        let a = &mut c.a;
+        a.test(dword_ptr(r15 + CR0), (CR0_EM | CR0_TS) as u32)
+            .map_err(err)?;
+        a.jnz(to_interp).map_err(err)?;
+        a.test(dword_ptr(r15 + CR4), CR4_OSFXSR as u32)
+            .map_err(err)?;
+        a.jz(to_interp).map_err(err)?;
+        c.sse_checked = true;
+    }
+    let has_mem = (0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory);
+    if has_mem {
+        c.effective_address(i)?;
+        let kind = mem_kind(i, info);
+        let unaligned_ok = matches!(
+            i.mnemonic(),
+            Mnemonic::Movdqu | Mnemonic::Movups | Mnemonic::Movupd
+        );
+        if kind & 0xff == 16 && !unaligned_ok {
+            c.a.test(r11b, 15).map_err(err)?;
+            c.a.jnz(to_interp).map_err(err)?;
+        }
+        c.tlb_check(kind & 0xff, kind & 0x100 != 0, slow)?;
+    }
+    const HOST_XMM: [AsmRegisterXmm; 3] = [xmm0, xmm1, xmm2];
+    let mut n = *i;
+    let mut stores = Vec::new();
+    for o in 0..i.op_count() {
+        match i.op_kind(o) {
+            OpKind::Register if i.op_register(o).is_xmm() => {
+                let g = i.op_register(o).number();
+                let h = HOST_XMM[o as usize];
+                c.a.movdqu(h, xmmword_ptr(r15 + xmm(g))).map_err(err)?;
+                n.set_op_register(o, h.into());
+                if matches!(
+                    info.op_access(o),
+                    OpAccess::Write
+                        | OpAccess::ReadWrite
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadCondWrite
+                ) {
+                    stores.push((g, h));
+                }
+            }
+            OpKind::Register => {
+                let r = i.op_register(o);
+                let h = c.host(r)?;
+                n.set_op_register(o, sized(h.into(), r.size()));
+            }
+            OpKind::Memory => host_memory_operand(&mut n),
+            _ => {}
+        }
+    }
+    // A guest instruction's IP would read as a label id.
+    n.set_ip(0);
+    c.a.add_instruction(n).map_err(err)?;
+    for (g, h) in stores {
+        c.a.movdqu(xmmword_ptr(r15 + xmm(g)), h).map_err(err)?;
+    }
+    for u in info.used_registers() {
+        let r = u.register();
+        if r.is_gpr()
+            && matches!(
+                u.access(),
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
+            )
+        {
+            c.regs.changed(r.full_register().number());
+        }
+    }
+    Ok(())
+}
+
 fn emit_rewrite(
     c: &mut Ctx,
     i: &Instruction,

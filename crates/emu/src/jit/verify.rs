@@ -228,6 +228,11 @@ fn compare(a: &CpuState, b: &CpuState, diffs: &mut Vec<String>) {
             a.rflags, b.rflags
         ));
     }
+    for (k, (x, y)) in a.fpu.xmm.iter().zip(b.fpu.xmm.iter()).enumerate() {
+        if x != y {
+            diffs.push(format!("xmm{k}: interp {x:#x}, jit {y:#x}"));
+        }
+    }
     if a.cr2 != b.cr2 {
         diffs.push(format!("cr2: interp {:#x}, jit {:#x}", a.cr2, b.cr2));
     }
