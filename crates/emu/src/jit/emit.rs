@@ -158,6 +158,11 @@ enum Plan {
     Jcc,
     Call,
     Ret,
+    /// `call reg`: the return address pushed, then on through the target
+    /// cache.
+    CallInd,
+    /// `jmp reg`: through the target cache.
+    JmpInd,
     /// Through the interpreter handler.
     Interp,
 }
@@ -181,6 +186,16 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
         }
         FlowControl::Call if ins.op0_kind() == OpKind::NearBranch64 => return Plan::Call,
         FlowControl::Return if ins.code() == Code::Retnq => return Plan::Ret,
+        FlowControl::IndirectCall
+            if ins.code() == Code::Call_rm64 && ins.op0_kind() == OpKind::Register =>
+        {
+            return Plan::CallInd;
+        }
+        FlowControl::IndirectBranch
+            if ins.code() == Code::Jmp_rm64 && ins.op0_kind() == OpKind::Register =>
+        {
+            return Plan::JmpInd;
+        }
         FlowControl::Next => {}
         _ => return Plan::Interp,
     }
@@ -985,6 +1000,7 @@ pub fn compile(
             | Plan::Push
             | Plan::Pop
             | Plan::Call
+            | Plan::CallInd
             | Plan::Ret => {
                 native += 1;
                 // The instruction merges into or reads the guest flags:
@@ -994,7 +1010,10 @@ pub fn compile(
                     c.ensure_host(&mut fl)?;
                 }
                 let mut operands = operand_regs(info);
-                let stack = matches!(p, Plan::Push | Plan::Pop | Plan::Call | Plan::Ret);
+                let stack = matches!(
+                    p,
+                    Plan::Push | Plan::Pop | Plan::Call | Plan::CallInd | Plan::Ret
+                );
                 if stack && !operands.iter().any(|(g, _)| *g == RSP) {
                     operands.push((RSP, true));
                 }
@@ -1018,6 +1037,12 @@ pub fn compile(
                     Plan::Sse => emit_sse(&mut c, i, info, slow, to_interp)?,
                     Plan::Mul => emit_mul(&mut c, i, slow)?,
                     Plan::Push | Plan::Call => emit_push(&mut c, i, next, slow)?,
+                    Plan::CallInd => {
+                        // The target as it is before the push (`call rsp`).
+                        let t = c.host(i.op0_register())?;
+                        c.a.mov(qword_ptr(r15 + gpr(RIP)), t).map_err(err)?;
+                        emit_push(&mut c, i, next, slow)?
+                    }
                     Plan::Pop | Plan::Ret => {
                         emit_pop(&mut c, i, slow, to_interp, matches!(p, Plan::Ret))?
                     }
@@ -1027,11 +1052,11 @@ pub fn compile(
                     fl = Fl::Host;
                 }
                 let kind = match p {
-                    Plan::Push | Plan::Call => 8 | 0x100,
+                    Plan::Push | Plan::Call | Plan::CallInd => 8 | 0x100,
                     Plan::Pop | Plan::Ret => 8,
                     _ => mem_kind(i, info),
                 };
-                let branch = matches!(p, Plan::Call | Plan::Ret);
+                let branch = matches!(p, Plan::Call | Plan::CallInd | Plan::Ret);
                 // SSE checks leave through `to_interp` even without memory.
                 if has_mem || p == Plan::Sse {
                     c.cold.push(Cold::Slow {
@@ -1055,13 +1080,22 @@ pub fn compile(
                         c.exit_to(i.near_branch_target(), fl)?;
                         ended = true;
                     }
-                    Plan::Ret => {
+                    Plan::Ret | Plan::CallInd => {
                         c.regs.write_back(&mut c.a)?;
                         c.exit_dynamic(fl)?;
                         ended = true;
                     }
                     _ => {}
                 }
+            }
+            Plan::JmpInd => {
+                native += 1;
+                c.hold(&operand_regs(info))?;
+                let t = c.host(i.op0_register())?;
+                c.a.mov(qword_ptr(r15 + gpr(RIP)), t).map_err(err)?;
+                c.regs.write_back(&mut c.a)?;
+                c.exit_dynamic(fl)?;
+                ended = true;
             }
             Plan::Jmp => {
                 native += 1;
@@ -1423,7 +1457,7 @@ fn emit_push(c: &mut Ctx, i: &Instruction, next: u64, slow: CodeLabel) -> Result
             let v = c.host(i.op0_register())?;
             c.a.mov(qword_ptr(r11), v).map_err(err)?;
         }
-        Code::Call_rel32_64 => {
+        Code::Call_rel32_64 | Code::Call_rm64 => {
             let d = c.rel(next)?;
             c.a.lea(rcx, r14 + d).map_err(err)?;
             c.a.mov(qword_ptr(r11), rcx).map_err(err)?;

@@ -70,6 +70,14 @@ fn mixed_program(a: &mut CodeAssembler) {
     a.xor(r15d, r15d).unwrap();
     a.set_label(&mut top).unwrap();
     a.call(func).unwrap();
+    // Through registers: an indirect call and an indirect jump.
+    let mut after_jump = a.create_label();
+    a.lea(rdx, qword_ptr(func)).unwrap();
+    a.call(rdx).unwrap();
+    a.lea(rdx, qword_ptr(after_jump)).unwrap();
+    a.jmp(rdx).unwrap();
+    a.int3().unwrap();
+    a.set_label(&mut after_jump).unwrap();
     a.add(rax, qword_ptr(rsi + rcx * 8 - 8)).unwrap();
     a.adc(rbx, rax).unwrap();
     a.mov(qword_ptr(rsi + rcx * 8 + 0x8000), rbx).unwrap();
