@@ -263,6 +263,7 @@ fn run_translated(
     cpu.stop = false;
     let code = jit.enter(block.jit_entry, cpu);
     if cpu.jit_link != 0 {
+        jit.stats.exits_unlinked += 1;
         cpu.jit_link_rip = cpu.gpr[crate::cpu::RIP];
     }
     Some(code)

@@ -534,6 +534,8 @@ struct Ctx<'a> {
     /// Guest registers in host registers at the current point.
     regs: Regs,
     thunks: &'a Thunks,
+    /// The guest instructions' mnemonics (what `interp` calls).
+    mnemonics: Vec<Mnemonic>,
     /// SSE is known usable (CR0.EM/TS clear, CR4.OSFXSR set) at this
     /// point of the block: checked once, until an interpreted instruction
     /// (which could change CR0 or CR4).
@@ -729,7 +731,17 @@ impl Ctx<'_> {
         self.a.mov(rsi, insn as u64).map_err(err)?;
         let d = self.rel(next)?;
         self.a.lea(rdx, r14 + d).map_err(err)?;
-        self.a.call(self.thunks.interp).map_err(err)?;
+        // Instructions that stop only for the dispatcher's sake.
+        let soft = matches!(
+            self.mnemonics[k],
+            Mnemonic::Sti | Mnemonic::Iretq | Mnemonic::Syscall | Mnemonic::Sysretq
+        );
+        let thunk = if soft {
+            self.thunks.interp_soft
+        } else {
+            self.thunks.interp
+        };
+        self.a.call(thunk).map_err(err)?;
         self.a.test(eax, eax).map_err(err)?;
         let leave = self.a.create_label();
         self.a.jnz(leave).map_err(err)?;
@@ -928,6 +940,7 @@ pub fn compile(
         base: first.ip(),
         regs: Regs::default(),
         thunks,
+        mnemonics: ins.iter().map(|i| i.mnemonic()).collect(),
         sse_checked: false,
     };
     for r in SAVED {
@@ -1305,6 +1318,8 @@ pub struct Thunks {
     pub fill: u64,
     /// `helpers::interp` with the vCPU context as first argument.
     pub interp: u64,
+    /// The same for `helpers::interp_soft`.
+    pub interp_soft: u64,
 }
 
 impl Thunks {
@@ -1315,6 +1330,7 @@ impl Thunks {
         let mut flags_memo = a.create_label();
         let mut fill = a.create_label();
         let mut interp = a.create_label();
+        let mut interp_soft = a.create_label();
         // Called from a block's body, where the stack is 16-byte aligned:
         // the return address leaves it 8 off.
         bind(&mut a, &mut materialize)?;
@@ -1366,6 +1382,11 @@ impl Thunks {
         a.mov(rax, helpers::interp as *const () as u64)
             .map_err(err)?;
         a.jmp(rax).map_err(err)?;
+        bind(&mut a, &mut interp_soft)?;
+        a.mov(rdi, r15).map_err(err)?;
+        a.mov(rax, helpers::interp_soft as *const () as u64)
+            .map_err(err)?;
+        a.jmp(rax).map_err(err)?;
 
         let r = super::asm::assemble(&a, base)?;
         let t = Thunks {
@@ -1373,6 +1394,7 @@ impl Thunks {
             flags_memo: base + r.offset(flags_memo)?,
             fill: base + r.offset(fill)?,
             interp: base + r.offset(interp)?,
+            interp_soft: base + r.offset(interp_soft)?,
         };
         Ok((r.bytes, t))
     }

@@ -25,6 +25,12 @@ pub const IO: u64 = 2;
 /// interpreter's block loop does (RIP advanced first, rolled back on a
 /// fault or an I/O exit; events delivered here).
 pub extern "C" fn interp(cpu: &mut Cpu, insn: &Insn, next: u64) -> u64 {
+    run_one(cpu, insn, next).0
+}
+
+/// [`interp`]'s work; also whether the instruction completed without an
+/// I/O exit or an exception.
+fn run_one(cpu: &mut Cpu, insn: &Insn, next: u64) -> (u64, bool) {
     let cur = next.wrapping_sub(u64::from(insn.len));
     cpu.gpr[crate::cpu::RIP] = next;
     match (insn.exec)(cpu, insn) {
@@ -34,25 +40,55 @@ pub extern "C" fn interp(cpu: &mut Cpu, insn: &Insn, next: u64) -> u64 {
             if io {
                 cpu.io.retire();
             }
-            if cpu.stop || io { LEAVE } else { GO_ON }
+            (if cpu.stop || io { LEAVE } else { GO_ON }, !io)
         }
         Err(Stop::Exit) => {
             cpu.gpr[crate::cpu::RIP] = cur;
-            IO
+            (IO, false)
         }
         Err(Stop::SoftInt(v)) => {
             cpu.icount += 1;
             cpu.io.retire();
             crate::mode::dbreg::software_interrupt(cpu, v, cur);
-            LEAVE
+            (LEAVE, false)
         }
         Err(Stop::Fault(f)) => {
             cpu.gpr[crate::cpu::RIP] = cur;
             cpu.io.retire();
             crate::mode::interrupt::deliver_fault(cpu, f);
-            LEAVE
+            (LEAVE, false)
         }
     }
+}
+
+/// [`interp`] for instructions that stop the block only so the
+/// dispatcher can act on what they change (`sti`, `iret`, `syscall`,
+/// `sysret`: IF, CPL, the code's mode). When the instruction completed
+/// and the dispatcher would have nothing to do (64-bit code still, no
+/// precise stepping, nothing pending), translated code goes on: through
+/// the target cache after a control transfer, or to the next instruction
+/// after `sti` (its interrupt shadow stays set for the dispatcher, which
+/// honours it whenever an interrupt does become pending).
+pub extern "C" fn interp_soft(cpu: &mut Cpu, insn: &Insn, next: u64) -> u64 {
+    let (r, completed) = run_one(cpu, insn, next);
+    if r == LEAVE
+        && completed
+        && cpu.stop
+        && cpu.bits == 64
+        && cpu.rflags & (crate::cpu::flags::TF | crate::cpu::flags::RF) == 0
+        && !cpu.debug.active
+        && !cpu.dbg.armed
+        && cpu.run_state == crate::cpu::RunState::Running
+        && !cpu.shutdown
+        && cpu.vm.platform.signals[cpu.id as usize]
+            .attention
+            .load(std::sync::atomic::Ordering::Acquire)
+            == 0
+    {
+        cpu.stop = false;
+        return GO_ON;
+    }
+    r
 }
 
 /// The inline TLB check missed for an access of `kind & 0xff` bytes at

@@ -110,6 +110,10 @@ pub struct JitStats {
     pub fallback: u64,
     pub resets: u64,
     pub compile_ns: u64,
+    /// Entries from the dispatcher.
+    pub entries: u64,
+    /// Of the exits back to it, those through a chain slot not yet linked.
+    pub exits_unlinked: u64,
     pub verified: u64,
     pub mismatches: u64,
 }
@@ -127,7 +131,7 @@ pub struct JitTotals {
 const ARENA: usize = 64 << 20;
 
 /// Entries of the indirect-branch target cache.
-pub const TARGETS: usize = 4096;
+pub const TARGETS: usize = 1 << 16;
 
 /// One target-cache entry: translated code for guest `rip` entered under
 /// TLB `epoch` (the same linear→physical mapping) starts at `head` (flags
@@ -297,7 +301,8 @@ impl Jit {
     }
 
     /// Runs translated code from `entry`; returns a `helpers` exit code.
-    pub fn enter(&self, entry: u64, cpu: &mut Cpu) -> u64 {
+    pub fn enter(&mut self, entry: u64, cpu: &mut Cpu) -> u64 {
+        self.stats.entries += 1;
         // SAFETY: `entry` was produced by `compile` into this arena and
         // the arena has not been reset since (a reset clears every
         // block's entry first); the `Insn`s it points at live in
