@@ -66,7 +66,7 @@ const TLB_BASE: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb
 const TAG_R: i32 = off(offset_of!(TlbEntry, tag_r));
 const TAG_W: i32 = off(offset_of!(TlbEntry, tag_w));
 const ADDEND: i32 = off(offset_of!(TlbEntry, addend));
-const _: () = assert!(std::mem::size_of::<TlbEntry>() == 40);
+const _: () = assert!(std::mem::size_of::<TlbEntry>() == 64);
 
 fn seg_base(seg: usize) -> i32 {
     off(offset_of!(Cpu, seg)
@@ -891,11 +891,10 @@ impl Ctx<'_> {
     /// address. Clobbers rax, r10 and the host flags.
     fn tlb_check(&mut self, n: u64, write: bool, slow: CodeLabel) -> Result<(), String> {
         let a = &mut self.a;
+        // The entry's offset: the page number's low bits times 64.
         a.mov(r10, r11).map_err(err)?;
-        a.shr(r10, 12).map_err(err)?;
-        a.and(r10d, (TLB_SIZE - 1) as u32).map_err(err)?;
-        a.lea(r10, r10 + r10 * 4).map_err(err)?;
-        a.shl(r10, 3).map_err(err)?;
+        a.shr(r10, 12 - 6).map_err(err)?;
+        a.and(r10d, ((TLB_SIZE - 1) << 6) as u32).map_err(err)?;
         a.add(r10, qword_ptr(r15 + TLB_BASE)).map_err(err)?;
         a.lea(rax, r11 + (n as i32 - 1)).map_err(err)?;
         a.and(rax, -4096).map_err(err)?;

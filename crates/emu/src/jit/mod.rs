@@ -131,7 +131,7 @@ pub struct JitTotals {
 const ARENA: usize = 64 << 20;
 
 /// Entries of the indirect-branch target cache.
-pub const TARGETS: usize = 1 << 16;
+pub const TARGETS: usize = 1 << 14;
 
 /// One target-cache entry: translated code for guest `rip` entered under
 /// TLB `epoch` (the same linear→physical mapping) starts at `head` (flags

@@ -5,8 +5,10 @@
 pub const TLB_SIZE: usize = 512;
 const INVALID: u64 = u64::MAX;
 
+/// One cache line per entry: the translation tier indexes the TLB with
+/// one shift and one mask, and a lookup touches one line.
 #[derive(Debug, Clone, Copy)]
-#[repr(C)]
+#[repr(C, align(64))]
 pub struct TlbEntry {
     pub tag_r: u64,
     pub tag_w: u64,
