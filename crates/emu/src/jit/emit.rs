@@ -756,12 +756,19 @@ impl Ctx<'_> {
     fn exit_to(&mut self, target: u64, fl: Fl) -> Result<(), String> {
         let parked = self.park(fl)?;
         let d = self.rel(target)?;
-        let a = &mut self.a;
-        a.lea(rax, r14 + d).map_err(err)?;
-        a.mov(qword_ptr(r15 + gpr(RIP)), rax).map_err(err)?;
         let fl = if parked { Fl::Spill } else { Fl::Lazy };
-        if self.chain && target & !0xfff != self.page {
-            return self.exit_dynamic(fl);
+        let a = &mut self.a;
+        if !self.chain || target & !0xfff != self.page {
+            a.lea(rax, r14 + d).map_err(err)?;
+            a.mov(qword_ptr(r15 + gpr(RIP)), rax).map_err(err)?;
+            if self.chain {
+                return self.exit_dynamic(fl);
+            }
+        } else {
+            // Chained: the next block's start travels in r14 (a block
+            // entered through a slot finds it there, not in `Cpu::gpr`;
+            // what leaves to the dispatcher stores it).
+            a.lea(r14, r14 + d).map_err(err)?;
         }
         let a = &mut self.a;
         a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
@@ -808,6 +815,7 @@ impl Ctx<'_> {
                 .map_err(err)?;
             a.jne(miss).map_err(err)?;
             let head = if parked { 24 } else { 16 };
+            a.mov(r14, rcx).map_err(err)?;
             a.jmp(qword_ptr(r11 + head)).map_err(err)?;
             self.misses.push((miss, parked));
             return Ok(());
@@ -955,9 +963,16 @@ pub fn compile(
     let entry_lazy = entry_flags(ins, &plans);
     let mut head_spill = c.a.create_label();
     let stale_spill = c.a.create_label();
+    // Entered from the dispatcher: the block's start from `Cpu::gpr`
+    // (a chained entry, at either head, finds it in r14 and `Cpu::gpr`
+    // possibly behind). Guest addresses in the code are offsets from it:
+    // the same physical page may be mapped at another address by another
+    // process (shared libraries), and the translation is the page's.
+    c.a.mov(r14, qword_ptr(r15 + gpr(RIP))).map_err(err)?;
     bind(&mut c.a, &mut head)?;
+    let stale_head = c.a.create_label();
     if entry_lazy {
-        head_checks(&mut c.a, generation, attention, stale)?;
+        head_checks(&mut c.a, generation, attention, stale_head)?;
         c.cold.push(Cold::ParkedEntry {
             label: head_spill,
             head,
@@ -1248,8 +1263,13 @@ pub fn compile(
         c.a.pop(*r).map_err(err)?;
     }
     c.a.ret().map_err(err)?;
+    let mut stale_lazy = stale_head;
+    bind(&mut c.a, &mut stale_lazy)?;
+    c.a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
+    c.a.jmp(stale).map_err(err)?;
     let mut stale_parked = stale_spill;
     bind(&mut c.a, &mut stale_parked)?;
+    c.a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
     for mut m in parked_misses {
         bind(&mut c.a, &mut m)?;
     }
@@ -1265,6 +1285,7 @@ pub fn compile(
     }
     for (parked, mut tail) in tails.into_iter().enumerate() {
         bind(&mut c.a, &mut tail)?;
+        c.a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
         c.a.mov(qword_ptr(r15 + LINK), rax).map_err(err)?;
         c.a.mov(qword_ptr(r15 + LINK_SPILL), parked as i32)
             .map_err(err)?;
@@ -1409,10 +1430,6 @@ fn head_checks(
     attention: u64,
     stale: CodeLabel,
 ) -> Result<(), String> {
-    // Guest addresses in the code are offsets from the block's start: the
-    // same physical page may be mapped at another address by another
-    // process (shared libraries), and the translation is the page's.
-    a.mov(r14, qword_ptr(r15 + gpr(RIP))).map_err(err)?;
     a.mov(rax, gen_word).map_err(err)?;
     a.cmp(dword_ptr(rax), gen_expected).map_err(err)?;
     a.jne(stale).map_err(err)?;

@@ -78,6 +78,12 @@ fn mixed_program(a: &mut CodeAssembler) {
     a.jmp(rdx).unwrap();
     a.int3().unwrap();
     a.set_label(&mut after_jump).unwrap();
+    // An interpreted instruction ending a block: its exit leaves the
+    // flags lazy and chains into the next block's lazy-flags head.
+    let mut next_block = a.create_label();
+    a.cdqe().unwrap();
+    a.jmp(next_block).unwrap();
+    a.set_label(&mut next_block).unwrap();
     a.add(rax, qword_ptr(rsi + rcx * 8 - 8)).unwrap();
     a.adc(rbx, rax).unwrap();
     a.mov(qword_ptr(rsi + rcx * 8 + 0x8000), rbx).unwrap();
