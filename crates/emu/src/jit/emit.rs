@@ -1046,8 +1046,10 @@ pub fn compile(
                 }
                 c.hold(&operands)?;
                 let has_mem = stack || (0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory);
-                // The TLB check clobbers host flags: park them first.
-                if has_mem && fl == Fl::Host {
+                // The TLB check (and SSE's CR0/CR4 check) clobbers host
+                // flags: park them first.
+                let clobbers = has_mem || (p == Plan::Sse && !c.sse_checked);
+                if clobbers && fl == Fl::Host {
                     c.spill()?;
                     fl = Fl::Spill;
                 }

@@ -303,6 +303,15 @@ fn sse_program(a: &mut CodeAssembler) {
     a.movq(rdx, xmm4).unwrap();
     a.xor(r8, rdx).unwrap();
     a.movd(xmm6, ebx).unwrap();
+    // Flags set before the block's first SSE instruction survive it.
+    let mut top2 = a.create_label();
+    a.cmp(ebx, 0x1234).unwrap();
+    a.jmp(top2).unwrap();
+    a.set_label(&mut top2).unwrap();
+    a.cmp(ecx, 7).unwrap();
+    a.pxor(xmm5, xmm6).unwrap();
+    a.setb(r11b).unwrap();
+    a.add(r10b, r11b).unwrap();
     a.ptest(xmm6, xmm3).unwrap();
     a.setz(r9b).unwrap();
     a.adc(r10, r9).unwrap();
