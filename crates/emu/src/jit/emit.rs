@@ -50,6 +50,7 @@ const RES: i32 = off(offset_of!(Cpu, flags) + offset_of!(Flags, res));
 const AUX: i32 = off(offset_of!(Cpu, flags) + offset_of!(Flags, aux));
 const RFLAGS: i32 = off(offset_of!(Cpu, rflags));
 const CR0: i32 = off(offset_of!(Cpu, cr0));
+const CPL: i32 = off(offset_of!(Cpu, cpl));
 const CR4: i32 = off(offset_of!(Cpu, cr4));
 const ICOUNT: i32 = off(offset_of!(Cpu, icount));
 const SPILL: i32 = off(offset_of!(Cpu, jit_flags_spill));
@@ -163,6 +164,13 @@ enum Plan {
     CallInd,
     /// `jmp reg`: through the target cache.
     JmpInd,
+    /// An ALU instruction on AH/BH/CH/DH and an immediate: the guest
+    /// register copied to the host's RAX, the instruction on AH.
+    High8,
+    /// `cdqe` on the host register holding the guest's RAX.
+    Cdqe,
+    /// `cli` at CPL 0 (elsewhere the interpreter checks IOPL and VME).
+    Cli,
     /// Through the interpreter handler.
     Interp,
 }
@@ -229,6 +237,21 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
     }
     if sse_form(ins, info) {
         return Plan::Sse;
+    }
+    match ins.code() {
+        Code::Cdqe => return Plan::Cdqe,
+        Code::Cli => return Plan::Cli,
+        _ => {}
+    }
+    if matches!(
+        m,
+        M::Test | M::And | M::Or | M::Xor | M::Cmp | M::Add | M::Sub | M::Mov
+    ) && ins.op_count() == 2
+        && ins.op0_kind() == OpKind::Register
+        && is_high8(ins.op0_register())
+        && ins.op1_kind() == OpKind::Immediate8
+    {
+        return Plan::High8;
     }
     // One-operand multiplies use rAX/rDX implicitly: their own plan.
     if matches!(m, M::Mul | M::Imul) && ins.op_count() == 1 {
@@ -1021,9 +1044,19 @@ pub fn compile(
                 c.hold(&operand_regs(info))?;
                 emit_lea(&mut c, i)?;
             }
+            Plan::Cdqe => {
+                native += 1;
+                c.hold(&[(0, true)])?;
+                let h = c.host(Register::RAX)?;
+                let h32 = get_gpr32(sized(h.into(), 4)).ok_or("no 32-bit form")?;
+                c.a.movsxd(h, h32).map_err(err)?;
+                c.regs.changed(0);
+            }
             Plan::Rewrite
             | Plan::Mul
             | Plan::Sse
+            | Plan::High8
+            | Plan::Cli
             | Plan::Push
             | Plan::Pop
             | Plan::Call
@@ -1048,7 +1081,7 @@ pub fn compile(
                 let has_mem = stack || (0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory);
                 // The TLB check (and SSE's CR0/CR4 check) clobbers host
                 // flags: park them first.
-                let clobbers = has_mem || (p == Plan::Sse && !c.sse_checked);
+                let clobbers = has_mem || (p == Plan::Sse && !c.sse_checked) || p == Plan::Cli;
                 if clobbers && fl == Fl::Host {
                     c.spill()?;
                     fl = Fl::Spill;
@@ -1064,6 +1097,16 @@ pub fn compile(
                 match p {
                     Plan::Rewrite => emit_rewrite(&mut c, i, info, slow, unspill)?,
                     Plan::Sse => emit_sse(&mut c, i, info, slow, to_interp)?,
+                    Plan::High8 => emit_high8(&mut c, i, unspill)?,
+                    Plan::Cli => {
+                        c.a.cmp(byte_ptr(r15 + CPL), 0).map_err(err)?;
+                        c.a.jne(to_interp).map_err(err)?;
+                        c.a.and(
+                            dword_ptr(r15 + RFLAGS),
+                            !(crate::cpu::flags::IF as u32) as i32,
+                        )
+                        .map_err(err)?;
+                    }
                     Plan::Mul => emit_mul(&mut c, i, slow)?,
                     Plan::Push | Plan::Call => emit_push(&mut c, i, next, slow)?,
                     Plan::CallInd => {
@@ -1086,8 +1129,9 @@ pub fn compile(
                     _ => mem_kind(i, info),
                 };
                 let branch = matches!(p, Plan::Call | Plan::CallInd | Plan::Ret);
-                // SSE checks leave through `to_interp` even without memory.
-                if has_mem || p == Plan::Sse {
+                // SSE and cli checks leave through `to_interp` even
+                // without memory.
+                if has_mem || p == Plan::Sse || p == Plan::Cli {
                     c.cold.push(Cold::Slow {
                         label: slow,
                         retry,
@@ -1735,6 +1779,33 @@ fn emit_jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> Result<()
 }
 
 /// The guest instruction itself on host registers.
+/// An ALU instruction on a high-byte register and an immediate: the
+/// guest register (held in a host register without a high-byte form) is
+/// copied to RAX, the instruction runs on AH, a result goes back.
+fn emit_high8(c: &mut Ctx, i: &Instruction, unspill: bool) -> Result<(), String> {
+    let r = i.op0_register();
+    let full = r.full_register();
+    let h = c.host(full)?;
+    // RAX is free here: parked flags are in EDX, and `mov` keeps host
+    // flags. The plan takes only instructions that write all six flags
+    // or none, so they never need restoring first.
+    if unspill {
+        return Err("high-byte form that reads the flags".into());
+    }
+    c.a.mov(rax, h).map_err(err)?;
+    // The guest register's bits 8-15 are now AH's.
+    let byte = Register::AH;
+    let mut n = *i;
+    n.set_op0_register(byte);
+    n.set_ip(0);
+    c.a.add_instruction(n).map_err(err)?;
+    if !matches!(i.mnemonic(), Mnemonic::Test | Mnemonic::Cmp) {
+        c.a.mov(h, rax).map_err(err)?;
+        c.regs.changed(full.number());
+    }
+    Ok(())
+}
+
 /// Offset of guest XMM register `n` in `Cpu`.
 fn xmm(n: usize) -> i32 {
     off(offset_of!(Cpu, fpu) + offset_of!(crate::cpu::fpu::Fpu, xmm) + 16 * n)

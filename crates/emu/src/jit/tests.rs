@@ -80,6 +80,15 @@ fn mixed_program(a: &mut CodeAssembler) {
     a.set_label(&mut after_jump).unwrap();
     // An interpreted instruction ending a block: its exit leaves the
     // flags lazy and chains into the next block's lazy-flags head.
+    // High-byte registers with immediates, and cli (CPL 0).
+    a.mov(edx, ecx).unwrap();
+    a.shl(edx, 5).unwrap();
+    a.test(dh, 0x10).unwrap();
+    a.setnz(r11b).unwrap();
+    a.and(dh, 0x3c).unwrap();
+    a.xor(bh, 0x81u32).unwrap();
+    a.add(r9, rdx).unwrap();
+    a.cli().unwrap();
     let mut next_block = a.create_label();
     a.cdqe().unwrap();
     a.jmp(next_block).unwrap();
