@@ -164,6 +164,10 @@ enum Plan {
     CallInd,
     /// `jmp reg`: through the target cache.
     JmpInd,
+    /// `call [mem]` / `jmp [mem]`: the target loaded through the TLB
+    /// (a miss runs the instruction in the interpreter), then as above.
+    CallMem,
+    JmpMem,
     /// An ALU instruction on AH/BH/CH/DH and an immediate: the guest
     /// register copied to the host's RAX, the instruction on AH.
     High8,
@@ -194,15 +198,19 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
         }
         FlowControl::Call if ins.op0_kind() == OpKind::NearBranch64 => return Plan::Call,
         FlowControl::Return if ins.code() == Code::Retnq => return Plan::Ret,
-        FlowControl::IndirectCall
-            if ins.code() == Code::Call_rm64 && ins.op0_kind() == OpKind::Register =>
-        {
-            return Plan::CallInd;
+        FlowControl::IndirectCall if ins.code() == Code::Call_rm64 => {
+            return match ins.op0_kind() {
+                OpKind::Register => Plan::CallInd,
+                _ if plain_memory(ins) => Plan::CallMem,
+                _ => Plan::Interp,
+            };
         }
-        FlowControl::IndirectBranch
-            if ins.code() == Code::Jmp_rm64 && ins.op0_kind() == OpKind::Register =>
-        {
-            return Plan::JmpInd;
+        FlowControl::IndirectBranch if ins.code() == Code::Jmp_rm64 => {
+            return match ins.op0_kind() {
+                OpKind::Register => Plan::JmpInd,
+                _ if plain_memory(ins) => Plan::JmpMem,
+                _ => Plan::Interp,
+            };
         }
         FlowControl::Next => {}
         _ => return Plan::Interp,
@@ -383,6 +391,15 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
         }
     }
     Plan::Rewrite
+}
+
+/// A memory operand the code generator addresses: general registers
+/// (64-bit addressing) or RIP-relative.
+fn plain_memory(ins: &Instruction) -> bool {
+    ins.op0_kind() == OpKind::Memory
+        && [ins.memory_base(), ins.memory_index()]
+            .iter()
+            .all(|&r| r == Register::None || r == Register::RIP || r.is_gpr64())
 }
 
 /// Integer SSE instructions and moves whose host form gives the exact
@@ -1061,6 +1078,8 @@ pub fn compile(
             | Plan::Pop
             | Plan::Call
             | Plan::CallInd
+            | Plan::CallMem
+            | Plan::JmpMem
             | Plan::Ret => {
                 native += 1;
                 // The instruction merges into or reads the guest flags:
@@ -1072,7 +1091,7 @@ pub fn compile(
                 let mut operands = operand_regs(info);
                 let stack = matches!(
                     p,
-                    Plan::Push | Plan::Pop | Plan::Call | Plan::CallInd | Plan::Ret
+                    Plan::Push | Plan::Pop | Plan::Call | Plan::CallInd | Plan::CallMem | Plan::Ret
                 );
                 if stack && !operands.iter().any(|(g, _)| *g == RSP) {
                     operands.push((RSP, true));
@@ -1115,6 +1134,15 @@ pub fn compile(
                         c.a.mov(qword_ptr(r15 + gpr(RIP)), t).map_err(err)?;
                         emit_push(&mut c, i, next, slow)?
                     }
+                    Plan::CallMem | Plan::JmpMem => {
+                        c.effective_address(i)?;
+                        c.tlb_check(8, false, to_interp)?;
+                        c.a.mov(rcx, qword_ptr(r11)).map_err(err)?;
+                        c.a.mov(qword_ptr(r15 + gpr(RIP)), rcx).map_err(err)?;
+                        if p == Plan::CallMem {
+                            emit_push(&mut c, i, next, slow)?
+                        }
+                    }
                     Plan::Pop | Plan::Ret => {
                         emit_pop(&mut c, i, slow, to_interp, matches!(p, Plan::Ret))?
                     }
@@ -1124,11 +1152,14 @@ pub fn compile(
                     fl = Fl::Host;
                 }
                 let kind = match p {
-                    Plan::Push | Plan::Call | Plan::CallInd => 8 | 0x100,
+                    Plan::Push | Plan::Call | Plan::CallInd | Plan::CallMem => 8 | 0x100,
                     Plan::Pop | Plan::Ret => 8,
                     _ => mem_kind(i, info),
                 };
-                let branch = matches!(p, Plan::Call | Plan::CallInd | Plan::Ret);
+                let branch = matches!(
+                    p,
+                    Plan::Call | Plan::CallInd | Plan::CallMem | Plan::JmpMem | Plan::Ret
+                );
                 // SSE and cli checks leave through `to_interp` even
                 // without memory.
                 if has_mem || p == Plan::Sse || p == Plan::Cli {
@@ -1153,7 +1184,7 @@ pub fn compile(
                         c.exit_to(i.near_branch_target(), fl)?;
                         ended = true;
                     }
-                    Plan::Ret | Plan::CallInd => {
+                    Plan::Ret | Plan::CallInd | Plan::CallMem | Plan::JmpMem => {
                         c.regs.write_back(&mut c.a)?;
                         c.exit_dynamic(fl)?;
                         ended = true;
@@ -1542,6 +1573,7 @@ fn emit_push(c: &mut Ctx, i: &Instruction, next: u64, slow: CodeLabel) -> Result
             c.a.mov(qword_ptr(r11), v).map_err(err)?;
         }
         Code::Call_rel32_64 | Code::Call_rm64 => {
+            // (rcx: the return address; a `call [mem]` target is stored.)
             let d = c.rel(next)?;
             c.a.lea(rcx, r14 + d).map_err(err)?;
             c.a.mov(qword_ptr(r11), rcx).map_err(err)?;

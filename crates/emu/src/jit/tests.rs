@@ -78,6 +78,16 @@ fn mixed_program(a: &mut CodeAssembler) {
     a.jmp(rdx).unwrap();
     a.int3().unwrap();
     a.set_label(&mut after_jump).unwrap();
+    // Through memory: an indirect call and an indirect jump.
+    let mut after_jump2 = a.create_label();
+    a.lea(rdx, qword_ptr(func)).unwrap();
+    a.mov(qword_ptr(rsi + 0x3_0000), rdx).unwrap();
+    a.call(qword_ptr(rsi + 0x3_0000)).unwrap();
+    a.lea(rdx, qword_ptr(after_jump2)).unwrap();
+    a.mov(qword_ptr(rsi + 0x3_0008), rdx).unwrap();
+    a.jmp(qword_ptr(rsi + 0x3_0008)).unwrap();
+    a.int3().unwrap();
+    a.set_label(&mut after_jump2).unwrap();
     // An interpreted instruction ending a block: its exit leaves the
     // flags lazy and chains into the next block's lazy-flags head.
     // High-byte registers with immediates, and cli (CPL 0).
