@@ -420,6 +420,19 @@ mod tests {
         }
     }
 
+    /// A context for one vCPU with empty buses.
+    fn one_vcpu_context(debug_events: std::sync::mpsc::Sender<(u32, DebugEvent)>) -> VcpuContext {
+        VcpuContext {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            control: VmControl::new(),
+            halted: AtomicUsize::new(0),
+            vcpu_count: 1,
+            counters: Arc::default(),
+            debug_events,
+        }
+    }
+
     /// A vCPU whose backend panics (a VMM bug).
     struct Panics;
 
@@ -444,15 +457,7 @@ mod tests {
     #[test]
     fn a_panicking_vcpu_stops_the_vm_with_an_error() {
         let (events_tx, _events) = std::sync::mpsc::channel();
-        let ctx = VcpuContext {
-            pio: Arc::new(Bus::new()),
-            mmio: Arc::new(Bus::new()),
-            control: VmControl::new(),
-            halted: AtomicUsize::new(0),
-            vcpu_count: 1,
-            counters: Arc::default(),
-            debug_events: events_tx,
-        };
+        let ctx = one_vcpu_context(events_tx);
         let (_commands_tx, commands) = std::sync::mpsc::channel();
         let (responses_tx, responses) = std::sync::mpsc::channel();
         let chan = VcpuChannels {
@@ -475,15 +480,7 @@ mod tests {
     #[test]
     fn a_debug_exit_pauses_the_vcpu_and_tells_the_debugger() {
         let (events_tx, events) = std::sync::mpsc::channel();
-        let ctx = Arc::new(VcpuContext {
-            pio: Arc::new(Bus::new()),
-            mmio: Arc::new(Bus::new()),
-            control: VmControl::new(),
-            halted: AtomicUsize::new(0),
-            vcpu_count: 1,
-            counters: Arc::default(),
-            debug_events: events_tx,
-        });
+        let ctx = Arc::new(one_vcpu_context(events_tx));
         let (commands_tx, commands) = std::sync::mpsc::channel();
         let (responses_tx, responses) = std::sync::mpsc::channel();
         let runs = Arc::new(AtomicUsize::new(0));

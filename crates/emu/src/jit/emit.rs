@@ -1497,8 +1497,7 @@ impl Thunks {
     }
 }
 
-/// A translation's entry checks, with `r14` = the block's runtime start.
-/// Stale code (its page was written) or something for the dispatcher (a
+/// A translation's entry checks. Stale code (its page was written) or something for the dispatcher (a
 /// kick, an interrupt it can take) jumps to `stale` before the first
 /// instruction. Clobbers rax and the host flags (EDX survives).
 fn head_checks(
@@ -1746,9 +1745,7 @@ fn emit_mul(c: &mut Ctx, i: &Instruction, slow: CodeLabel) -> Result<(), String>
     } else {
         host_memory_operand(&mut n);
     }
-    // A guest instruction's IP would read as a label id.
-    n.set_ip(0);
-    c.a.add_instruction(n).map_err(err)?;
+    add_guest_instruction(c, n)?;
     c.a.mov(acc, rax).map_err(err)?;
     c.regs.changed(Register::RAX.number());
     if size > 1 {
@@ -1775,14 +1772,35 @@ fn rflags_bits(f: u32) -> u64 {
     .fold(0, |acc, (_, b)| acc | b)
 }
 
+/// The access may write its operand.
+fn writes(a: OpAccess) -> bool {
+    matches!(
+        a,
+        OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+    )
+}
+
+/// Adds a guest instruction rewritten onto host operands.
+fn add_guest_instruction(c: &mut Ctx, mut n: Instruction) -> Result<(), String> {
+    // A guest instruction's IP would read as a label id.
+    n.set_ip(0);
+    c.a.add_instruction(n).map_err(err)
+}
+
+/// Notes the guest registers an instruction may write (stored back
+/// later).
+fn note_written_gprs(c: &mut Ctx, info: &iced_x86::InstructionInfo) {
+    for u in info.used_registers() {
+        let r = u.register();
+        if r.is_gpr() && writes(u.access()) {
+            c.regs.changed(r.full_register().number());
+        }
+    }
+}
+
 fn mem_kind(ins: &Instruction, info: &iced_x86::InstructionInfo) -> u64 {
     let n = ins.memory_size().size() as u64;
-    let write = info.used_memory().iter().any(|m| {
-        matches!(
-            m.access(),
-            OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
-        )
-    });
+    let write = info.used_memory().iter().any(|m| writes(m.access()));
     n | if write { 0x100 } else { 0 }
 }
 
@@ -1829,8 +1847,7 @@ fn emit_high8(c: &mut Ctx, i: &Instruction, unspill: bool) -> Result<(), String>
     let byte = Register::AH;
     let mut n = *i;
     n.set_op0_register(byte);
-    n.set_ip(0);
-    c.a.add_instruction(n).map_err(err)?;
+    add_guest_instruction(c, n)?;
     if !matches!(i.mnemonic(), Mnemonic::Test | Mnemonic::Cmp) {
         c.a.mov(h, rax).map_err(err)?;
         c.regs.changed(full.number());
@@ -1890,13 +1907,7 @@ fn emit_sse(
                 let h = HOST_XMM[o as usize];
                 c.a.movdqu(h, xmmword_ptr(r15 + xmm(g))).map_err(err)?;
                 n.set_op_register(o, h.into());
-                if matches!(
-                    info.op_access(o),
-                    OpAccess::Write
-                        | OpAccess::ReadWrite
-                        | OpAccess::CondWrite
-                        | OpAccess::ReadCondWrite
-                ) {
+                if writes(info.op_access(o)) {
                     stores.push((g, h));
                 }
             }
@@ -1909,26 +1920,11 @@ fn emit_sse(
             _ => {}
         }
     }
-    // A guest instruction's IP would read as a label id.
-    n.set_ip(0);
-    c.a.add_instruction(n).map_err(err)?;
+    add_guest_instruction(c, n)?;
     for (g, h) in stores {
         c.a.movdqu(xmmword_ptr(r15 + xmm(g)), h).map_err(err)?;
     }
-    for u in info.used_registers() {
-        let r = u.register();
-        if r.is_gpr()
-            && matches!(
-                u.access(),
-                OpAccess::Write
-                    | OpAccess::ReadWrite
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadCondWrite
-            )
-        {
-            c.regs.changed(r.full_register().number());
-        }
-    }
+    note_written_gprs(c, info);
     Ok(())
 }
 
@@ -1993,24 +1989,8 @@ fn emit_rewrite(
             _ => {}
         }
     }
-    // A guest instruction's IP would read as a label id.
-    n.set_ip(0);
-    c.a.add_instruction(n).map_err(err)?;
-    // Note what the instruction may write (stored back later).
-    for u in info.used_registers() {
-        let r = u.register();
-        if r.is_gpr()
-            && matches!(
-                u.access(),
-                OpAccess::Write
-                    | OpAccess::ReadWrite
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadCondWrite
-            )
-        {
-            c.regs.changed(r.full_register().number());
-        }
-    }
+    add_guest_instruction(c, n)?;
+    note_written_gprs(c, info);
     Ok(())
 }
 

@@ -149,17 +149,29 @@ fn run_mixed(jit: JitConfig) -> (Vec<u64>, u64, Arc<VmShared>) {
         g.write_u64(DATA + 8 * k, k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     }
     let s = g.long_mode(CODE);
-    g.vcpu.set_state(&s).unwrap();
+    let (regs, _, sum) = run_to_halt(&mut g, &s, jit, 0x2_1000);
+    (regs, sum, shared)
+}
+
+/// Runs from `s` to `hlt`; the registers and RFLAGS, the XMM registers
+/// and a checksum of the first `data` bytes at `DATA`.
+fn run_to_halt(
+    g: &mut Guest,
+    s: &vmplay_hypervisor::CpuState,
+    jit: JitConfig,
+    data: u64,
+) -> (Vec<u64>, [u128; 16], u64) {
+    g.vcpu.set_state(s).unwrap();
     let o = g.run_with(100_000, |_| 0, |_| 0);
     assert_eq!(o.end, End::Halt, "{:?}", jit.tier);
     let st = g.state();
     let mut regs = st.gpr.to_vec();
     regs.push(st.rflags);
     let mut sum = 0u64;
-    for k in 0..(0x2_1000 / 8) {
+    for k in 0..(data / 8) {
         sum = sum.rotate_left(7) ^ g.read_u64(DATA + 8 * k);
     }
-    (regs, sum, shared)
+    (regs, st.fpu.xmm, sum)
 }
 
 #[test]
@@ -357,17 +369,8 @@ fn run_sse(jit: JitConfig) -> (Vec<u64>, [u128; 16], u64, Arc<VmShared>) {
     }
     let mut s = g.long_mode(CODE);
     s.cr4 |= crate::cpu::CR4_OSFXSR;
-    g.vcpu.set_state(&s).unwrap();
-    let o = g.run_with(100_000, |_| 0, |_| 0);
-    assert_eq!(o.end, End::Halt, "{:?}", jit.tier);
-    let st = g.state();
-    let mut regs = st.gpr.to_vec();
-    regs.push(st.rflags);
-    let mut sum = 0u64;
-    for k in 0..(0x1_0000 / 8) {
-        sum = sum.rotate_left(7) ^ g.read_u64(DATA + 8 * k);
-    }
-    (regs, st.fpu.xmm, sum, shared)
+    let (regs, xmm, sum) = run_to_halt(&mut g, &s, jit, 0x1_0000);
+    (regs, xmm, sum, shared)
 }
 
 #[test]
