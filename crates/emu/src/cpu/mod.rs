@@ -213,14 +213,22 @@ pub struct Cpu {
     /// Translation tier: the chain slot of the exit just taken, for the
     /// dispatcher to point at the next block's code (0: none).
     pub jit_link: u64,
-    /// Non-zero if that slot leaves with the flags parked (it then leads
-    /// to the next block's parked-flags head, `Block::jit_head_spill`).
+    /// Bit 0: that slot leaves with the flags parked (it then leads to
+    /// the next block's parked-flags head, `Block::jit_head_spill`); bit
+    /// 1: it leads to another page, and holds only under the code epoch
+    /// kept in the word after it.
     pub jit_link_spill: u64,
     /// The guest RIP that exit leads to.
     pub jit_link_rip: u64,
     /// Address of the translation tier's indirect-branch target cache
     /// (`jit::Targets`), 0 without the tier.
     pub jit_targets: usize,
+    /// Translation tier: the host stack pointer of the frame translated
+    /// code runs in (`Thunks::enter`), restored by `Thunks::leave`.
+    pub jit_host_sp: u64,
+    /// Translation tier: below this host stack pointer translated calls
+    /// push no more return frames (bounds the return-address stack).
+    pub jit_ras_floor: u64,
     /// Co-simulation (`VMPLAY_EMU_VERIFY`): guest RAM writes of the
     /// interpreter's run, (host address, old value, size), to undo.
     pub undo: Option<Vec<(usize, u64, u8)>>,
@@ -274,6 +282,8 @@ impl Cpu {
             jit_link_spill: 0,
             jit_link_rip: 0,
             jit_targets: 0,
+            jit_host_sp: 0,
+            jit_ras_floor: 0,
             undo: None,
             device_accesses: 0,
             debug: Default::default(),

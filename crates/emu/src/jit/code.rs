@@ -11,9 +11,9 @@ use std::ptr::NonNull;
 
 use crate::cpu::Cpu;
 
-/// The signature of a translated block: SysV ABI, the vCPU context in
-/// the first argument, an exit code back (see `jit::Exit`).
-type Entry = unsafe extern "C" fn(*mut Cpu) -> u64;
+/// The signature of `Thunks::enter`: SysV ABI, the vCPU context and the
+/// head of the block to run; an exit code back (see `jit::helpers`).
+type Enter = unsafe extern "C" fn(*mut Cpu, u64) -> u64;
 
 pub struct CodeArena {
     base: NonNull<u8>,
@@ -104,19 +104,21 @@ impl CodeArena {
         self.used = self.kept;
     }
 
-    /// Runs the block at `entry` until it leaves translated code.
+    /// Runs the block whose head is `head` through the entry thunk
+    /// `enter` until it leaves translated code.
     ///
     /// # Safety
-    /// `entry` must be the start of a block this arena holds, assembled by
-    /// `jit::emit` for this `cpu`'s layout, and every pointer embedded in
-    /// it (the block's instructions, the code map) must still be alive.
-    pub unsafe fn enter(&self, entry: u64, cpu: &mut Cpu) -> u64 {
-        // SAFETY: the caller guarantees `entry` is a translated block,
-        // which follows the SysV ABI of `Entry`.
-        let f: Entry = unsafe { std::mem::transmute::<u64, Entry>(entry) };
+    /// `enter` must be `Thunks::enter` and `head` the head of a block this
+    /// arena holds, both assembled by `jit::emit` for this `cpu`'s layout,
+    /// and every pointer embedded in the block (its instructions, the
+    /// code map) must still be alive.
+    pub unsafe fn enter(&self, enter: u64, head: u64, cpu: &mut Cpu) -> u64 {
+        // SAFETY: the caller guarantees `enter` is the entry thunk, which
+        // follows the SysV ABI of `Enter`.
+        let f: Enter = unsafe { std::mem::transmute::<u64, Enter>(enter) };
         // SAFETY: as above; the block reads and writes only `cpu`, guest
         // RAM through TLB host pointers, and calls `jit::helpers`.
-        unsafe { f(cpu) }
+        unsafe { f(cpu, head) }
     }
 }
 

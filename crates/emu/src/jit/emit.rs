@@ -61,6 +61,8 @@ const LINK: i32 = off(offset_of!(Cpu, jit_link));
 const LINK_SPILL: i32 = off(offset_of!(Cpu, jit_link_spill));
 const NMI_BLOCKED: i32 = off(offset_of!(Cpu, nmi_blocked));
 const TARGETS_ADDR: i32 = off(offset_of!(Cpu, jit_targets));
+const HOST_SP: i32 = off(offset_of!(Cpu, jit_host_sp));
+const RAS_FLOOR: i32 = off(offset_of!(Cpu, jit_ras_floor));
 const TLB_EPOCHS: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb, epochs));
 const _: () = assert!(std::mem::size_of::<super::Target>() == 32);
 const TLB_BASE: i32 = off(offset_of!(Cpu, tlb) + offset_of!(crate::mem::tlb::Tlb, cur_base));
@@ -83,8 +85,8 @@ pub struct Emitted {
     /// RFLAGS bits left undefined by the block's last writers (the
     /// co-simulation does not compare them).
     pub undefined: u64,
-    /// Offset of the code a chained jump enters (after the prologue),
-    /// with the flags lazy in `Cpu::flags`.
+    /// Offset of the code the dispatcher (through `Thunks::enter`) and
+    /// chained jumps enter, with the flags lazy in `Cpu::flags`.
     pub head: u64,
     /// The same with the flags parked in EDX.
     pub head_spill: u64,
@@ -556,8 +558,9 @@ fn flag_use(ins: &Instruction) -> (u32, u32) {
 struct Ctx<'a> {
     a: CodeAssembler,
     epilogue: CodeLabel,
-    /// Chain slots: (slot label, unchained stub label, flags parked).
-    slots: Vec<(CodeLabel, CodeLabel, bool)>,
+    /// Chain slots: (slot label, unchained stub label, flags parked,
+    /// the epoch word after the slot of an exit to another page).
+    slots: Vec<(CodeLabel, CodeLabel, bool, Option<CodeLabel>)>,
     /// Out-of-line code emitted after the main path.
     cold: Vec<Cold>,
     insns: &'a [Insn],
@@ -790,34 +793,47 @@ impl Ctx<'_> {
     }
 
     /// Ends the block at a constant guest RIP (registers written back;
-    /// flags as `fl` says): chained directly within the page; to another
-    /// page through the target cache, which knows the TLB epoch the
-    /// target's mapping was seen under.
+    /// flags as `fl` says), chained through a slot the dispatcher points
+    /// at the target's head. Within the page the slot holds as long as
+    /// the block runs (its mapping is the one this block was entered
+    /// under); to another page, only under the TLB epoch the target's
+    /// mapping was seen under, kept in the word after the slot (0 until
+    /// linked: epochs are never 0), else back to the dispatcher, which
+    /// links it again.
     fn exit_to(&mut self, target: u64, fl: Fl) -> Result<(), String> {
         let parked = self.park(fl)?;
         let d = self.rel(target)?;
-        let fl = if parked { Fl::Spill } else { Fl::Lazy };
         let a = &mut self.a;
-        if !self.chain || target & !0xfff != self.page {
+        if !self.chain {
             a.lea(rax, r14 + d).map_err(err)?;
             a.mov(qword_ptr(r15 + gpr(RIP)), rax).map_err(err)?;
-            if self.chain {
-                return self.exit_dynamic(fl);
-            }
         } else {
             // Chained: the next block's start travels in r14 (a block
             // entered through a slot finds it there, not in `Cpu::gpr`;
             // what leaves to the dispatcher stores it).
             a.lea(r14, r14 + d).map_err(err)?;
         }
-        let a = &mut self.a;
-        a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
-            .map_err(err)?;
+        if self.total != 0 {
+            a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
+                .map_err(err)?;
+        }
         if self.chain {
             let slot = a.create_label();
             let stub = a.create_label();
+            let mut epoch_word = None;
+            if target & !0xfff != self.page {
+                // EDX may hold the flags.
+                let epoch = a.create_label();
+                a.mov(eax, dword_ptr(epoch)).map_err(err)?;
+                a.mov(r10d, eax).map_err(err)?;
+                a.shr(r10d, 31).map_err(err)?;
+                a.cmp(eax, dword_ptr(r15 + r10 * 4 + TLB_EPOCHS))
+                    .map_err(err)?;
+                a.jne(stub).map_err(err)?;
+                epoch_word = Some(epoch);
+            }
             a.jmp(qword_ptr(slot)).map_err(err)?;
-            self.slots.push((slot, stub, parked));
+            self.slots.push((slot, stub, parked, epoch_word));
         } else {
             a.xor(eax, eax).map_err(err)?;
             a.jmp(self.epilogue).map_err(err)?;
@@ -825,19 +841,73 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// A translated call's return frame (registers written back, flags
+    /// as `fl` says; returns where they are now): pushes the guest return
+    /// address `next` and makes a host `call` to the exit that follows,
+    /// so the matching guest `ret` ([`exit_return`](Self::exit_return))
+    /// comes back with a host `ret`, which the host's return predictor
+    /// gets right, instead of through the target cache. The code after
+    /// the host `call` goes on at `next` (in r14), in this block's page,
+    /// whose mapping cannot have changed: anything that changes mappings
+    /// leaves translated code, and leaving drops every frame.
+    fn return_frame(&mut self, next: u64, fl: Fl) -> Result<Fl, String> {
+        if !self.chain || !self.park(fl)? {
+            return Ok(fl);
+        }
+        let mut callee = self.a.create_label();
+        let d = self.rel(next)?;
+        let a = &mut self.a;
+        // Too deep: no frame (the return then takes the target cache).
+        a.cmp(rsp, qword_ptr(r15 + RAS_FLOOR)).map_err(err)?;
+        a.jbe(callee).map_err(err)?;
+        a.lea(rax, r14 + d).map_err(err)?;
+        a.push(rax).map_err(err)?;
+        a.call(callee).map_err(err)?;
+        // Returned to: r14 = `next`, the flags parked.
+        a.lea(rsp, rsp + 8).map_err(err)?;
+        let (base, total) = (self.base, self.total);
+        (self.base, self.total) = (next, 0);
+        self.exit_to(next, Fl::Spill)?;
+        (self.base, self.total) = (base, total);
+        bind(&mut self.a, &mut callee)?;
+        Ok(Fl::Spill)
+    }
+
+    /// Ends the block after a `ret` (the target in `Cpu::gpr`): straight
+    /// back with a host `ret` when the top return frame holds the same
+    /// guest address (at the bottom of the stack a non-canonical word
+    /// never does), else as [`exit_dynamic`](Self::exit_dynamic).
+    fn exit_return(&mut self, fl: Fl) -> Result<(), String> {
+        self.exit_dynamic_from(fl, true)
+    }
+
     /// Ends the block at the RIP already in `Cpu::gpr` (registers
     /// written back; flags as `fl` says): a hit in the target cache (same
     /// RIP, same TLB epoch) jumps straight to that translation's head for
     /// lazy or parked flags, which checks its page and attention.
     fn exit_dynamic(&mut self, fl: Fl) -> Result<(), String> {
+        self.exit_dynamic_from(fl, false)
+    }
+
+    fn exit_dynamic_from(&mut self, fl: Fl, ret: bool) -> Result<(), String> {
         let parked = self.park(fl)?;
         let a = &mut self.a;
-        a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
-            .map_err(err)?;
+        if self.total != 0 {
+            a.add(qword_ptr(r15 + ICOUNT), self.total as i32)
+                .map_err(err)?;
+        }
         if self.chain {
             // EDX may hold the flags: the probe uses rax, rcx, r10, r11.
             let miss = a.create_label();
             a.mov(rcx, qword_ptr(r15 + gpr(RIP))).map_err(err)?;
+            if ret && parked {
+                let mut probe = a.create_label();
+                a.cmp(rcx, qword_ptr(rsp + 8)).map_err(err)?;
+                a.jne(probe).map_err(err)?;
+                a.mov(r14, rcx).map_err(err)?;
+                a.ret().map_err(err)?;
+                bind(a, &mut probe)?;
+            }
             a.mov(r11, rcx).map_err(err)?;
             a.shr(r11, 12).map_err(err)?;
             a.xor(r11, rcx).map_err(err)?;
@@ -953,10 +1023,20 @@ impl Ctx<'_> {
     }
 }
 
-/// The fixed frame of translated code: six saved registers and padding
-/// keep the stack 16-byte aligned for helper calls. Every block has the
-/// same frame, so chained blocks share the first one's epilogue.
+/// The frame translated code runs in (`Thunks::enter`): six saved
+/// registers, then three words holding [`NO_RETURN`] that keep the stack
+/// 16-byte aligned for helper calls and mark the bottom of the
+/// return-address stack. Return frames (guest return address, host
+/// return address) are 16 bytes each, so alignment holds above them too.
 const SAVED: [AsmRegister64; 6] = [r15, r14, r13, r12, rbp, rbx];
+
+/// Never a guest return address (not canonical): a `ret` at the bottom of
+/// the return-address stack compares its target with this and misses.
+const NO_RETURN: u64 = 0x8000_0000_0000_0000;
+
+/// How deep translated calls stack return frames (16 bytes each) before
+/// deeper calls go without one.
+const RAS_BYTES: i32 = 256 * 16;
 
 /// Translates the 64-bit block `ins` (guest instructions from `rip`, with
 /// `insns[k]` the interpreter's form of `ins[k]`) for address `base`.
@@ -990,11 +1070,6 @@ pub fn compile(
         mnemonics: ins.iter().map(|i| i.mnemonic()).collect(),
         sse_checked: false,
     };
-    for r in SAVED {
-        c.a.push(r).map_err(err)?;
-    }
-    c.a.lea(rsp, rsp - 8).map_err(err)?;
-    c.a.mov(r15, rdi).map_err(err)?;
     let mut factory = InstructionInfoFactory::new();
     let plans: Vec<Plan> = ins.iter().map(|i| plan(i, factory.info(i))).collect();
     // Two ways in, one copy of the checks: the flags are first brought
@@ -1003,12 +1078,11 @@ pub fn compile(
     let entry_lazy = entry_flags(ins, &plans);
     let mut head_spill = c.a.create_label();
     let stale_spill = c.a.create_label();
-    // Entered from the dispatcher: the block's start from `Cpu::gpr`
-    // (a chained entry, at either head, finds it in r14 and `Cpu::gpr`
-    // possibly behind). Guest addresses in the code are offsets from it:
-    // the same physical page may be mapped at another address by another
-    // process (shared libraries), and the translation is the page's.
-    c.a.mov(r14, qword_ptr(r15 + gpr(RIP))).map_err(err)?;
+    // Every way in finds the block's start in r14 (`Thunks::enter` loads
+    // it from `Cpu::gpr`; a chained exit passes it). Guest addresses in
+    // the code are offsets from it: the same physical page may be mapped
+    // at another address by another process (shared libraries), and the
+    // translation is the page's.
     bind(&mut c.a, &mut head)?;
     let stale_head = c.a.create_label();
     if entry_lazy {
@@ -1181,10 +1255,22 @@ pub fn compile(
                 match p {
                     Plan::Call => {
                         c.regs.write_back(&mut c.a)?;
+                        let fl = c.return_frame(next, fl)?;
                         c.exit_to(i.near_branch_target(), fl)?;
                         ended = true;
                     }
-                    Plan::Ret | Plan::CallInd | Plan::CallMem | Plan::JmpMem => {
+                    Plan::CallInd | Plan::CallMem => {
+                        c.regs.write_back(&mut c.a)?;
+                        let fl = c.return_frame(next, fl)?;
+                        c.exit_dynamic(fl)?;
+                        ended = true;
+                    }
+                    Plan::Ret => {
+                        c.regs.write_back(&mut c.a)?;
+                        c.exit_return(fl)?;
+                        ended = true;
+                    }
+                    Plan::JmpMem => {
                         c.regs.write_back(&mut c.a)?;
                         c.exit_dynamic(fl)?;
                         ended = true;
@@ -1335,11 +1421,7 @@ pub fn compile(
     c.a.xor(eax, eax).map_err(err)?;
     let mut ep = epilogue;
     bind(&mut c.a, &mut ep)?;
-    c.a.lea(rsp, rsp + 8).map_err(err)?;
-    for r in SAVED.iter().rev() {
-        c.a.pop(*r).map_err(err)?;
-    }
-    c.a.ret().map_err(err)?;
+    c.a.jmp(c.thunks.leave).map_err(err)?;
     let mut stale_lazy = stale_head;
     bind(&mut c.a, &mut stale_lazy)?;
     c.a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
@@ -1352,33 +1434,40 @@ pub fn compile(
     }
     c.materialize(true)?;
     c.a.jmp(stale).map_err(err)?;
-    // Unchained stubs: record the slot for the dispatcher, leave.
+    // Unchained stubs: record the slot for the dispatcher (and in
+    // `LINK_SPILL` whether the flags are parked, bit 0, and whether an
+    // epoch word follows the slot, bit 1), leave.
     let mut slots = std::mem::take(&mut c.slots);
-    let tails = [c.a.create_label(), c.a.create_label()];
-    for (slot, stub, parked) in slots.iter_mut() {
+    let tails: [CodeLabel; 4] = std::array::from_fn(|_| c.a.create_label());
+    for (slot, stub, parked, epoch) in slots.iter_mut() {
         bind(&mut c.a, stub)?;
         c.a.lea(rax, qword_ptr(*slot)).map_err(err)?;
-        c.a.jmp(tails[usize::from(*parked)]).map_err(err)?;
+        let kind = usize::from(*parked) | usize::from(epoch.is_some()) << 1;
+        c.a.jmp(tails[kind]).map_err(err)?;
     }
-    for (parked, mut tail) in tails.into_iter().enumerate() {
+    for (kind, mut tail) in tails.into_iter().enumerate() {
         bind(&mut c.a, &mut tail)?;
         c.a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
         c.a.mov(qword_ptr(r15 + LINK), rax).map_err(err)?;
-        c.a.mov(qword_ptr(r15 + LINK_SPILL), parked as i32)
+        c.a.mov(qword_ptr(r15 + LINK_SPILL), kind as i32)
             .map_err(err)?;
-        if parked == 1 {
+        if kind & 1 == 1 {
             c.materialize(true)?;
         }
         c.a.xor(eax, eax).map_err(err)?;
         c.a.jmp(epilogue).map_err(err)?;
     }
-    for (slot, _, _) in slots.iter_mut() {
+    for (slot, _, _, epoch) in slots.iter_mut() {
         bind(&mut c.a, slot)?;
         c.a.dq(&[0]).map_err(err)?;
+        if let Some(e) = epoch {
+            bind(&mut c.a, e)?;
+            c.a.dq(&[0]).map_err(err)?;
+        }
     }
     let r = super::asm::assemble(&c.a, base)?;
     let mut bytes = r.bytes.clone();
-    for (slot, stub, _) in &slots {
+    for (slot, stub, _, _) in &slots {
         let s = r.offset(*slot)?;
         let t = base + r.offset(*stub)?;
         bytes[s as usize..s as usize + 8].copy_from_slice(&t.to_le_bytes());
@@ -1417,6 +1506,13 @@ pub struct Thunks {
     pub interp: u64,
     /// The same for `helpers::interp_soft`.
     pub interp_soft: u64,
+    /// Called from Rust (`CodeArena::enter`) with the `Cpu` and a
+    /// block's head: builds the frame translated code runs in and jumps
+    /// there.
+    pub enter: u64,
+    /// Jumped to with the exit code in eax: drops the frame (and any
+    /// return frames above it) and returns to Rust.
+    pub leave: u64,
 }
 
 impl Thunks {
@@ -1428,6 +1524,8 @@ impl Thunks {
         let mut fill = a.create_label();
         let mut interp = a.create_label();
         let mut interp_soft = a.create_label();
+        let mut enter = a.create_label();
+        let mut leave = a.create_label();
         // Called from a block's body, where the stack is 16-byte aligned:
         // the return address leaves it 8 off.
         bind(&mut a, &mut materialize)?;
@@ -1485,8 +1583,32 @@ impl Thunks {
             .map_err(err)?;
         a.jmp(rax).map_err(err)?;
 
+        bind(&mut a, &mut enter)?;
+        for r in SAVED {
+            a.push(r).map_err(err)?;
+        }
+        a.mov(rax, NO_RETURN).map_err(err)?;
+        for _ in 0..3 {
+            a.push(rax).map_err(err)?;
+        }
+        a.mov(r15, rdi).map_err(err)?;
+        a.mov(qword_ptr(r15 + HOST_SP), rsp).map_err(err)?;
+        a.lea(rax, rsp - RAS_BYTES).map_err(err)?;
+        a.mov(qword_ptr(r15 + RAS_FLOOR), rax).map_err(err)?;
+        a.mov(r14, qword_ptr(r15 + gpr(RIP))).map_err(err)?;
+        a.jmp(rsi).map_err(err)?;
+        bind(&mut a, &mut leave)?;
+        a.mov(rsp, qword_ptr(r15 + HOST_SP)).map_err(err)?;
+        a.lea(rsp, rsp + 24).map_err(err)?;
+        for r in SAVED.iter().rev() {
+            a.pop(*r).map_err(err)?;
+        }
+        a.ret().map_err(err)?;
+
         let r = super::asm::assemble(&a, base)?;
         let t = Thunks {
+            enter: base + r.offset(enter)?,
+            leave: base + r.offset(leave)?,
             materialize: base + r.offset(materialize)?,
             flags_memo: base + r.offset(flags_memo)?,
             fill: base + r.offset(fill)?,

@@ -8,8 +8,10 @@
 //!   construction wherever the translation does not do the work itself.
 //! * Validity is the block cache's: a translation checks its page's code
 //!   generation at its head (a write to the page, by any vCPU or device,
-//!   makes it leave), and direct jumps within one guest page are chained
-//!   through a slot the dispatcher fills ([`Jit::link`]).
+//!   makes it leave). Direct jumps are chained through a slot the
+//!   dispatcher fills ([`Jit::link`]); one to another page also checks
+//!   the TLB epoch it was linked under. Calls push a return frame on the
+//!   host stack, so the matching `ret` returns with a host `ret`.
 //! * `emit.rs` generates code, `helpers.rs` is what that code calls,
 //!   `code.rs` owns executable memory (the only unsafe boundary),
 //!   `verify.rs` runs translated blocks against the interpreter.
@@ -235,7 +237,7 @@ impl Jit {
                 if tracing::enabled!(tracing::Level::TRACE) || dump_wanted() {
                     dump(&ins, &e.bytes, at);
                 }
-                block.set_jit(at, at + e.head, at + e.head_spill);
+                block.set_jit(at + e.head, at + e.head, at + e.head_spill);
                 // Results that differ between two runs (the clock, random
                 // numbers) or stores the undo log does not see (the
                 // string instructions' page-sized fast paths).
@@ -295,9 +297,14 @@ impl Jit {
         };
     }
 
-    /// Points the chain slot an exit just left through at `head`.
-    pub fn link(&mut self, slot: u64, head: u64) {
+    /// Points the chain slot an exit just left through at `head`, and
+    /// for an exit to another page, stamps it with the code `epoch` the
+    /// target's mapping was seen under.
+    pub fn link(&mut self, slot: u64, head: u64, epoch: Option<u32>) {
         self.arena.write_slot(slot, head);
+        if let Some(e) = epoch {
+            self.arena.write_slot(slot + 8, u64::from(e));
+        }
     }
 
     /// Runs translated code from `entry`; returns a `helpers` exit code.
@@ -307,7 +314,7 @@ impl Jit {
         // the arena has not been reset since (a reset clears every
         // block's entry first); the `Insn`s it points at live in
         // `self.insns`, the code map and signals in `cpu.vm`.
-        unsafe { self.arena.enter(entry, cpu) }
+        unsafe { self.arena.enter(self.thunks.enter, entry, cpu) }
     }
 }
 

@@ -287,6 +287,150 @@ fn code_rewritten_after_translation_runs_its_new_bytes() {
     }
 }
 
+/// Calls and returns that do not pair up: recursion deeper than the
+/// return-address stack, a return address rewritten on the stack (to one
+/// of two places), a callee that returns straight to its caller's
+/// caller, and a `ret` with no call. Each return must go where the guest
+/// stack says.
+fn returns_program(a: &mut CodeAssembler) {
+    let mut top = a.create_label();
+    let mut rec = a.create_label();
+    let mut rec_done = a.create_label();
+    let mut redirect = a.create_label();
+    let mut redirected = a.create_label();
+    let mut redirected_odd = a.create_label();
+    let mut joined = a.create_label();
+    let mut outer = a.create_label();
+    let mut skipper = a.create_label();
+    let mut pushed = a.create_label();
+    a.mov(ecx, 40u32).unwrap();
+    a.xor(ebx, ebx).unwrap();
+    a.xor(r12d, r12d).unwrap();
+    a.set_label(&mut top).unwrap();
+    // rec(600): 600 nested calls, each return adds its depth.
+    a.mov(edi, 600u32).unwrap();
+    a.call(rec).unwrap();
+    a.add(rbx, 1).unwrap();
+    // A return address rewritten: comes back at `redirected` or, on odd
+    // rounds, `redirected_odd`.
+    a.call(redirect).unwrap();
+    a.add(rbx, 0x1000).unwrap();
+    a.set_label(&mut redirected).unwrap();
+    a.add(rbx, 0x10_0000).unwrap();
+    a.jmp(joined).unwrap();
+    a.set_label(&mut redirected_odd).unwrap();
+    a.add(rbx, 0x20_0000).unwrap();
+    a.set_label(&mut joined).unwrap();
+    // outer calls skipper, which drops outer's frame.
+    a.call(outer).unwrap();
+    a.add(r12, 3).unwrap();
+    // A ret with no call.
+    a.lea(rax, qword_ptr(pushed)).unwrap();
+    a.push(rax).unwrap();
+    a.ret().unwrap();
+    a.int3().unwrap();
+    a.set_label(&mut pushed).unwrap();
+    a.add(r12, 5).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+
+    a.set_label(&mut rec).unwrap();
+    a.test(edi, edi).unwrap();
+    a.jz(rec_done).unwrap();
+    a.push(rdi).unwrap();
+    a.dec(edi).unwrap();
+    a.call(rec).unwrap();
+    a.pop(rdi).unwrap();
+    a.add(rbx, rdi).unwrap();
+    a.set_label(&mut rec_done).unwrap();
+    a.ret().unwrap();
+
+    a.set_label(&mut redirect).unwrap();
+    let mut even = a.create_label();
+    a.lea(rax, qword_ptr(redirected)).unwrap();
+    a.test(ecx, 1).unwrap();
+    a.jz(even).unwrap();
+    a.lea(rax, qword_ptr(redirected_odd)).unwrap();
+    a.set_label(&mut even).unwrap();
+    a.mov(qword_ptr(rsp), rax).unwrap();
+    a.ret().unwrap();
+
+    a.set_label(&mut outer).unwrap();
+    a.call(skipper).unwrap();
+    a.add(r12, 0x100).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut skipper).unwrap();
+    a.add(rsp, 8).unwrap();
+    a.ret().unwrap();
+}
+
+#[test]
+fn returns_go_where_the_guest_stack_says() {
+    let run = |jit: JitConfig| {
+        let (mut g, shared) = guest(jit);
+        g.code(64, CODE, returns_program);
+        let s = g.long_mode(CODE);
+        let (regs, _, _) = run_to_halt(&mut g, &s, jit, 0);
+        (regs, shared)
+    };
+    let (want, _) = run(interp());
+    assert_eq!(want[3], 40 * (600 * 601 / 2 + 1) + 20 * 0x30_0000);
+    assert_eq!(want[12], 40 * 8);
+    let (got, shared) = run(jit_chained());
+    assert!(shared.jit_totals.translated.load(Ordering::Relaxed) > 5);
+    assert_eq!(got, want, "registers after the chained jit run");
+    let (got, shared) = run(jit_verified());
+    assert_eq!(shared.jit_totals.mismatches.load(Ordering::Relaxed), 0);
+    assert_eq!(got, want, "registers after the verified jit run");
+}
+
+#[test]
+fn a_call_to_another_page_follows_a_remapping() {
+    // Virtual 4 MiB (a 2 MiB page) maps first to code returning 1, then
+    // to code returning 2; the caller's page keeps its mapping.
+    const TARGET: u64 = 0x40_0000;
+    const OTHER: u64 = 0x60_0000;
+    let run = |jit: JitConfig| {
+        let (mut g, _) = guest(jit);
+        g.code(64, TARGET, |a| {
+            a.mov(eax, 1u32).unwrap();
+            a.ret().unwrap();
+        });
+        g.code(64, OTHER, |a| {
+            a.mov(eax, 2u32).unwrap();
+            a.ret().unwrap();
+        });
+        g.code(64, CODE, |a| {
+            // The same call site before and after the remapping.
+            let mut outer = a.create_label();
+            let mut l1 = a.create_label();
+            a.xor(ebx, ebx).unwrap();
+            a.mov(r12d, 2u32).unwrap();
+            a.set_label(&mut outer).unwrap();
+            a.mov(ecx, 20u32).unwrap();
+            a.set_label(&mut l1).unwrap();
+            a.call(TARGET).unwrap();
+            a.add(rbx, rax).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(l1).unwrap();
+            // PD entry 2 → OTHER, then a TLB flush.
+            a.mov(rax, OTHER | 0x87).unwrap();
+            a.mov(qword_ptr(PML4 + 0x2000 + 16), rax).unwrap();
+            a.mov(rax, cr3).unwrap();
+            a.mov(cr3, rax).unwrap();
+            a.dec(r12d).unwrap();
+            a.jnz(outer).unwrap();
+            a.hlt().unwrap();
+        });
+        let s = g.long_mode(CODE);
+        run_to_halt(&mut g, &s, jit, 0).0[3]
+    };
+    for jit in [interp(), jit_chained(), jit_verified()] {
+        assert_eq!(run(jit), 20 + 40, "{jit:?}");
+    }
+}
+
 #[test]
 fn emu_options_choose_the_tier() {
     let mem = memory();
