@@ -246,13 +246,13 @@ fn run_translated(
         // The exit's target is this block's start (the exit set RIP and
         // nothing ran since): chain it.
         if verify == 0 && cpu.jit_link_rip == cpu.gpr[crate::cpu::RIP] {
-            let head = if cpu.jit_link_spill & 1 != 0 {
+            let head = if cpu.jit_link_spill != 0 {
                 block.jit_head_spill
             } else {
                 block.jit_head
             };
             // An exit to another page holds under this mapping's epoch.
-            let epoch = (cpu.jit_link_spill & 2 != 0).then_some(epoch);
+            let epoch = (cpu.jit_link_epoch != 0).then_some((cpu.jit_link_epoch, epoch));
             jit.link(cpu.jit_link, head, epoch);
         }
         cpu.jit_link = 0;

@@ -210,14 +210,15 @@ pub struct Cpu {
     /// flags right after another's exit skips the helper. Always
     /// consistent: the host form is the one `res`/`aux` stand for.
     pub jit_flags_memo: [u64; 3],
-    /// Translation tier: the chain slot of the exit just taken, for the
+    /// Translation tier: the `jmp rel32` of the exit just taken, for the
     /// dispatcher to point at the next block's code (0: none).
     pub jit_link: u64,
-    /// Bit 0: that slot leaves with the flags parked (it then leads to
-    /// the next block's parked-flags head, `Block::jit_head_spill`); bit
-    /// 1: it leads to another page, and holds only under the code epoch
-    /// kept in the word after it.
+    /// Non-zero if that exit leaves with the flags parked (it then leads
+    /// to the next block's parked-flags head, `Block::jit_head_spill`).
     pub jit_link_spill: u64,
+    /// For an exit to another page, the `mov eax, imm32` whose immediate
+    /// holds the code epoch the link holds under (0: same page).
+    pub jit_link_epoch: u64,
     /// The guest RIP that exit leads to.
     pub jit_link_rip: u64,
     /// Address of the translation tier's indirect-branch target cache
@@ -280,6 +281,7 @@ impl Cpu {
             jit_flags_memo: crate::jit::helpers::FLAGS_MEMO_INIT,
             jit_link: 0,
             jit_link_spill: 0,
+            jit_link_epoch: 0,
             jit_link_rip: 0,
             jit_targets: 0,
             jit_host_sp: 0,

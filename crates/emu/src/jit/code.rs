@@ -82,16 +82,17 @@ impl CodeArena {
         Some(at)
     }
 
-    /// Writes `value` into the 8-byte chain slot at `addr` (data inside a
-    /// block's code, read by its `jmp [slot]`).
-    pub fn write_slot(&mut self, addr: u64, value: u64) {
+    /// Writes `value` at `addr` in a block's code: the rel32 of an exit's
+    /// `jmp`, the immediate holding its epoch.
+    pub fn patch_u32(&mut self, addr: u64, value: u32) {
         let start = self.base.as_ptr() as u64;
-        if addr < start || addr + 8 > start + self.used as u64 {
+        if addr < start || addr + 4 > start + self.used as u64 {
             return;
         }
         // SAFETY: checked inside the used part of the mapping; this vCPU
-        // is not executing arena code while it writes (it is in Rust).
-        unsafe { (addr as *mut u8).cast::<u64>().write_unaligned(value) };
+        // is not executing arena code while it writes (it is in Rust), and
+        // no other thread runs this arena's code.
+        unsafe { (addr as *mut u8).cast::<u32>().write_unaligned(value) };
     }
 
     /// Makes what the arena holds now survive resets.

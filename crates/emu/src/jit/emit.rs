@@ -59,6 +59,7 @@ const MEMO_AUX: i32 = MEMO_RES + 8;
 const MEMO_SPILL: i32 = MEMO_RES + 16;
 const LINK: i32 = off(offset_of!(Cpu, jit_link));
 const LINK_SPILL: i32 = off(offset_of!(Cpu, jit_link_spill));
+const LINK_EPOCH: i32 = off(offset_of!(Cpu, jit_link_epoch));
 const NMI_BLOCKED: i32 = off(offset_of!(Cpu, nmi_blocked));
 const TARGETS_ADDR: i32 = off(offset_of!(Cpu, jit_targets));
 const HOST_SP: i32 = off(offset_of!(Cpu, jit_host_sp));
@@ -77,9 +78,7 @@ fn seg_base(seg: usize) -> i32 {
         + offset_of!(crate::cpu::Seg, base))
 }
 
-/// What `compile` produced: code assembled for `base`, the offsets of
-/// chain slots to fill with the unchained stubs' addresses, and the
-/// instructions the code points at (interpreter fallbacks).
+/// What `compile` produced: code assembled for `base`.
 pub struct Emitted {
     pub bytes: Vec<u8>,
     /// RFLAGS bits left undefined by the block's last writers (the
@@ -558,8 +557,9 @@ fn flag_use(ins: &Instruction) -> (u32, u32) {
 struct Ctx<'a> {
     a: CodeAssembler,
     epilogue: CodeLabel,
-    /// Chain slots: (slot label, unchained stub label, flags parked,
-    /// the epoch word after the slot of an exit to another page).
+    /// Chained exits: (the `jmp rel32` the dispatcher patches, its
+    /// unchained stub, flags parked, for an exit to another page the
+    /// `mov eax, imm32` holding the epoch it was linked under).
     slots: Vec<(CodeLabel, CodeLabel, bool, Option<CodeLabel>)>,
     /// Out-of-line code emitted after the main path.
     cold: Vec<Cold>,
@@ -793,13 +793,14 @@ impl Ctx<'_> {
     }
 
     /// Ends the block at a constant guest RIP (registers written back;
-    /// flags as `fl` says), chained through a slot the dispatcher points
-    /// at the target's head. Within the page the slot holds as long as
-    /// the block runs (its mapping is the one this block was entered
-    /// under); to another page, only under the TLB epoch the target's
-    /// mapping was seen under, kept in the word after the slot (0 until
-    /// linked: epochs are never 0), else back to the dispatcher, which
-    /// links it again.
+    /// flags as `fl` says) with a direct `jmp` the dispatcher patches to
+    /// the target's head (a direct branch costs the host's predictor far
+    /// less than a `jmp [slot]` when it misses). Within the page the link
+    /// holds as long as the block runs (its mapping is the one this block
+    /// was entered under); to another page, only under the TLB epoch the
+    /// target's mapping was seen under, the immediate of a `mov eax` (0
+    /// until linked: epochs are never 0), else back to the dispatcher,
+    /// which links it again.
     fn exit_to(&mut self, target: u64, fl: Fl) -> Result<(), String> {
         let parked = self.park(fl)?;
         let d = self.rel(target)?;
@@ -818,13 +819,14 @@ impl Ctx<'_> {
                 .map_err(err)?;
         }
         if self.chain {
-            let slot = a.create_label();
+            let mut site = a.create_label();
             let stub = a.create_label();
             let mut epoch_word = None;
             if target & !0xfff != self.page {
                 // EDX may hold the flags.
-                let epoch = a.create_label();
-                a.mov(eax, dword_ptr(epoch)).map_err(err)?;
+                let mut epoch = a.create_label();
+                bind(a, &mut epoch)?;
+                a.mov(eax, 0u32).map_err(err)?;
                 a.mov(r10d, eax).map_err(err)?;
                 a.shr(r10d, 31).map_err(err)?;
                 a.cmp(eax, dword_ptr(r15 + r10 * 4 + TLB_EPOCHS))
@@ -832,8 +834,9 @@ impl Ctx<'_> {
                 a.jne(stub).map_err(err)?;
                 epoch_word = Some(epoch);
             }
-            a.jmp(qword_ptr(slot)).map_err(err)?;
-            self.slots.push((slot, stub, parked, epoch_word));
+            bind(a, &mut site)?;
+            a.jmp(stub).map_err(err)?;
+            self.slots.push((site, stub, parked, epoch_word));
         } else {
             a.xor(eax, eax).map_err(err)?;
             a.jmp(self.epilogue).map_err(err)?;
@@ -1434,14 +1437,17 @@ pub fn compile(
     }
     c.materialize(true)?;
     c.a.jmp(stale).map_err(err)?;
-    // Unchained stubs: record the slot for the dispatcher (and in
-    // `LINK_SPILL` whether the flags are parked, bit 0, and whether an
-    // epoch word follows the slot, bit 1), leave.
+    // Unchained stubs: record the exit's `jmp` (and the epoch's `mov`)
+    // for the dispatcher, whether the flags are parked in `LINK_SPILL`,
+    // leave.
     let mut slots = std::mem::take(&mut c.slots);
     let tails: [CodeLabel; 4] = std::array::from_fn(|_| c.a.create_label());
-    for (slot, stub, parked, epoch) in slots.iter_mut() {
+    for (site, stub, parked, epoch) in slots.iter_mut() {
         bind(&mut c.a, stub)?;
-        c.a.lea(rax, qword_ptr(*slot)).map_err(err)?;
+        c.a.lea(rax, qword_ptr(*site)).map_err(err)?;
+        if let Some(e) = epoch {
+            c.a.lea(rcx, qword_ptr(*e)).map_err(err)?;
+        }
         let kind = usize::from(*parked) | usize::from(epoch.is_some()) << 1;
         c.a.jmp(tails[kind]).map_err(err)?;
     }
@@ -1449,7 +1455,12 @@ pub fn compile(
         bind(&mut c.a, &mut tail)?;
         c.a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
         c.a.mov(qword_ptr(r15 + LINK), rax).map_err(err)?;
-        c.a.mov(qword_ptr(r15 + LINK_SPILL), kind as i32)
+        if kind & 2 != 0 {
+            c.a.mov(qword_ptr(r15 + LINK_EPOCH), rcx).map_err(err)?;
+        } else {
+            c.a.mov(qword_ptr(r15 + LINK_EPOCH), 0).map_err(err)?;
+        }
+        c.a.mov(qword_ptr(r15 + LINK_SPILL), (kind & 1) as i32)
             .map_err(err)?;
         if kind & 1 == 1 {
             c.materialize(true)?;
@@ -1457,21 +1468,19 @@ pub fn compile(
         c.a.xor(eax, eax).map_err(err)?;
         c.a.jmp(epilogue).map_err(err)?;
     }
-    for (slot, _, _, epoch) in slots.iter_mut() {
-        bind(&mut c.a, slot)?;
-        c.a.dq(&[0]).map_err(err)?;
-        if let Some(e) = epoch {
-            bind(&mut c.a, e)?;
-            c.a.dq(&[0]).map_err(err)?;
+    let r = super::asm::assemble(&c.a, base)?;
+    // The dispatcher patches these at fixed offsets.
+    for (site, _, _, epoch) in &slots {
+        if r.bytes.get(r.offset(*site)? as usize) != Some(&0xe9) {
+            return Err("an exit's jmp is not rel32".into());
+        }
+        if let Some(e) = epoch
+            && r.bytes.get(r.offset(*e)? as usize) != Some(&0xb8)
+        {
+            return Err("an epoch's mov is not `mov eax, imm32`".into());
         }
     }
-    let r = super::asm::assemble(&c.a, base)?;
-    let mut bytes = r.bytes.clone();
-    for (slot, stub, _, _) in &slots {
-        let s = r.offset(*slot)?;
-        let t = base + r.offset(*stub)?;
-        bytes[s as usize..s as usize + 8].copy_from_slice(&t.to_le_bytes());
-    }
+    let bytes = r.bytes.clone();
     let head = r.offset(head)?;
     let head_spill = r.offset(head_spill)?;
     let mut undefined = 0u32;

@@ -297,13 +297,17 @@ impl Jit {
         };
     }
 
-    /// Points the chain slot an exit just left through at `head`, and
-    /// for an exit to another page, stamps it with the code `epoch` the
-    /// target's mapping was seen under.
-    pub fn link(&mut self, slot: u64, head: u64, epoch: Option<u32>) {
-        self.arena.write_slot(slot, head);
-        if let Some(e) = epoch {
-            self.arena.write_slot(slot + 8, u64::from(e));
+    /// Points the exit `jmp rel32` at `site` to `head`; for an exit to
+    /// another page, also stamps it (the `mov eax, imm32` at `epoch.0`)
+    /// with the code epoch the target's mapping was seen under.
+    pub fn link(&mut self, site: u64, head: u64, epoch: Option<(u64, u32)>) {
+        let rel = head.wrapping_sub(site + 5) as i64;
+        let Ok(rel) = i32::try_from(rel) else {
+            return;
+        };
+        self.arena.patch_u32(site + 1, rel as u32);
+        if let Some((at, e)) = epoch {
+            self.arena.patch_u32(at + 1, e);
         }
     }
 
