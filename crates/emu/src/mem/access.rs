@@ -316,6 +316,20 @@ impl Cpu {
             return Err(Fault::gp(0));
         }
         let user = self.tlb.cur == 1;
+        if !self.debug.watching {
+            let hit = match acc {
+                Access::Read => self.tlb.swap_in_victim(lin, |e| e.tag_r),
+                Access::Write => self.tlb.swap_in_victim(lin, |e| e.tag_w),
+                Access::Exec => self.tlb.swap_in_victim(lin, |e| e.tag_x),
+            };
+            if let Some(addend) = hit {
+                let e = self.tlb.entry(lin);
+                return Ok(Target::Ram(RamLoc {
+                    host: addend.wrapping_add(lin) as *mut u8,
+                    frame: e.frame as usize,
+                }));
+            }
+        }
         let w = self.walk(lin, acc, user)?;
         if self.debug.watching && acc == Access::Write {
             crate::debug::wrote(self, lin, 1);
@@ -338,15 +352,18 @@ impl Cpu {
             && !watched;
         let exec_ok = !w.nx && (!user || w.user);
         let tag = |ok: bool| if ok { page } else { u64::MAX };
-        *self.tlb.entry_mut(lin) = TlbEntry {
-            tag_r: tag(read_ok),
-            tag_w: tag(write_ok),
-            tag_x: tag(exec_ok),
-            addend: (loc.host as u64).wrapping_sub(page),
-            frame: loc.frame as u32,
-            global: w.global,
-            shift: w.shift,
-        };
+        self.tlb.insert(
+            lin,
+            TlbEntry {
+                tag_r: tag(read_ok),
+                tag_w: tag(write_ok),
+                tag_x: tag(exec_ok),
+                addend: (loc.host as u64).wrapping_sub(page),
+                frame: loc.frame as u32,
+                global: w.global,
+                shift: w.shift,
+            },
+        );
         Ok(Target::Ram(RamLoc {
             // SAFETY: the offset stays inside the 4 KiB page `ram` found.
             host: unsafe { loc.host.add((lin & 0xfff) as usize) },

@@ -32,10 +32,19 @@ const EMPTY: TlbEntry = TlbEntry {
     shift: 12,
 };
 
+/// Entries a fill displaced, per set, searched before a page walk (as
+/// QEMU's victim TLB): two hot pages whose index collides in the
+/// direct-mapped TLB (the kernel does this on every system call in some
+/// loops) then cost a swap instead of a four-level walk through page
+/// tables that are rarely in the host's caches.
+const VICTIMS: usize = 8;
+
 /// Two TLBs: supervisor (index 0) and user (index 1) accesses, so a CPL
 /// change needs no flush.
 pub struct Tlb {
     sets: Box<[[TlbEntry; TLB_SIZE]; 2]>,
+    victims: [[TlbEntry; VICTIMS]; 2],
+    victim_next: [usize; 2],
     pub cur: usize,
     /// Address of the current set's first entry (`sets[cur]`), for the
     /// translation tier's inline lookups.
@@ -73,6 +82,8 @@ impl Tlb {
         Tlb {
             cur_base: sets[0].as_ptr() as usize,
             sets,
+            victims: [[EMPTY; VICTIMS]; 2],
+            victim_next: [0; 2],
             cur: 0,
             epochs: [1, GLOBAL_EPOCH | 1],
             code_pages: [[0; CODE_PAGE_WORDS]; 2],
@@ -95,9 +106,40 @@ impl Tlb {
         &self.sets[self.cur][Self::index(lin)]
     }
 
-    #[inline]
+    #[cfg(test)]
     pub fn entry_mut(&mut self, lin: u64) -> &mut TlbEntry {
         &mut self.sets[self.cur][Self::index(lin)]
+    }
+
+    /// Puts `e` (for `lin`'s page) in the current set; the entry it
+    /// displaces becomes a victim.
+    pub fn insert(&mut self, lin: u64, e: TlbEntry) {
+        let slot = &mut self.sets[self.cur][Self::index(lin)];
+        let old = std::mem::replace(slot, e);
+        if old.tag_r != INVALID || old.tag_w != INVALID || old.tag_x != INVALID {
+            let k = self.victim_next[self.cur];
+            self.victims[self.cur][k] = old;
+            self.victim_next[self.cur] = (k + 1) % VICTIMS;
+        }
+    }
+
+    /// A victim holding `lin`'s page with the tag `tag` picks (read,
+    /// write or execute) swaps back into the TLB; its addend.
+    pub fn swap_in_victim(&mut self, lin: u64, tag: impl Fn(&TlbEntry) -> u64) -> Option<u64> {
+        let page = lin & super::PAGE_MASK;
+        let cur = self.cur;
+        let k = self.victims[cur].iter().position(|v| tag(v) == page)?;
+        let slot = &mut self.sets[cur][Self::index(lin)];
+        std::mem::swap(slot, &mut self.victims[cur][k]);
+        Some(slot.addend)
+    }
+
+    /// Every entry, victims included.
+    fn all_mut(&mut self) -> impl Iterator<Item = &mut TlbEntry> {
+        self.sets
+            .iter_mut()
+            .flat_map(|s| s.iter_mut())
+            .chain(self.victims.iter_mut().flat_map(|s| s.iter_mut()))
     }
 
     /// Bumped by every flush (a count of flushes).
@@ -152,7 +194,7 @@ impl Tlb {
         let (w, b) = code_bit(page);
         let user_code = self.code_pages[0][w] & b != 0;
         let mut code = self.code_pages[1][w] & b != 0;
-        for e in self.sets.iter_mut().flat_map(|s| s.iter_mut()) {
+        for e in self.all_mut() {
             let tag = [e.tag_r, e.tag_w, e.tag_x]
                 .into_iter()
                 .find(|t| *t != INVALID);
@@ -176,12 +218,13 @@ impl Tlb {
         for set in self.sets.iter_mut() {
             set.fill(EMPTY);
         }
+        self.victims = [[EMPTY; VICTIMS]; 2];
     }
 
     /// A CR3 load: global entries survive.
     pub fn flush_nonglobal(&mut self) {
         self.new_epoch();
-        for e in self.sets.iter_mut().flat_map(|s| s.iter_mut()) {
+        for e in self.all_mut() {
             if !e.global {
                 *e = EMPTY;
             }
@@ -190,7 +233,7 @@ impl Tlb {
 
     /// Drops write permission on entries for `frame` (it now holds code).
     pub fn drop_write(&mut self, frame: usize) {
-        for e in self.sets.iter_mut().flat_map(|s| s.iter_mut()) {
+        for e in self.all_mut() {
             if e.frame as usize == frame {
                 e.tag_w = INVALID;
             }
@@ -199,7 +242,7 @@ impl Tlb {
 
     /// Drops write permission on every entry for a code frame.
     pub fn drop_write_code(&mut self, code: &super::CodeMap) {
-        for e in self.sets.iter_mut().flat_map(|s| s.iter_mut()) {
+        for e in self.all_mut() {
             if e.tag_w != INVALID && code.is_code(e.frame as usize) {
                 e.tag_w = INVALID;
             }
@@ -221,6 +264,35 @@ mod tests {
             global: false,
             shift,
         };
+    }
+
+    #[test]
+    fn a_displaced_entry_comes_back_from_the_victims_until_a_flush() {
+        let mut t = Tlb::new();
+        let a = 0x40_1000u64;
+        let b = a + (TLB_SIZE as u64) * 0x1000; // same index as `a`
+        let entry = |page: u64, addend: u64, frame: u32| TlbEntry {
+            tag_r: page,
+            tag_w: page,
+            tag_x: INVALID,
+            addend,
+            frame,
+            global: false,
+            shift: 12,
+        };
+        t.insert(a, entry(a, 0x1000, 7));
+        t.insert(b, entry(b, 0x2000, 8));
+        assert_eq!(t.entry(a).tag_r, b, "b displaced a");
+        assert_eq!(t.swap_in_victim(a, |e| e.tag_r), Some(0x1000));
+        assert_eq!(t.entry(a).tag_r, a, "a is back");
+        assert_eq!(t.swap_in_victim(b, |e| e.tag_w), Some(0x2000));
+        // A frame turning into code loses its write tag in the victims too.
+        t.drop_write(7);
+        assert_eq!(t.swap_in_victim(a, |e| e.tag_w), None);
+        assert_eq!(t.swap_in_victim(a, |e| e.tag_r), Some(0x1000));
+        t.flush_nonglobal();
+        assert_eq!(t.swap_in_victim(b, |e| e.tag_r), None, "flushed");
+        assert_eq!(t.entry(a).tag_r, INVALID);
     }
 
     #[test]
