@@ -483,6 +483,7 @@ fn sse_form(ins: &Instruction, info: &iced_x86::InstructionInfo) -> bool {
             | M::Psrad
             | M::Pmovmskb
             | M::Ptest
+            | M::Pcmpistri
     );
     if !ok || !(0..ins.op_count()).any(|o| is_xmm_operand(ins, o)) {
         return false;
@@ -516,6 +517,10 @@ fn sse_form(ins: &Instruction, info: &iced_x86::InstructionInfo) -> bool {
             OpKind::Immediate8 => {}
             _ => return false,
         }
+    }
+    // `pcmpistri` writes its index to ECX.
+    if ins.mnemonic() == M::Pcmpistri {
+        explicit.push(Register::RCX);
     }
     info.used_registers().iter().all(|u| {
         let r = u.register();
@@ -2020,7 +2025,7 @@ fn emit_sse(
         let kind = mem_kind(i, info);
         let unaligned_ok = matches!(
             i.mnemonic(),
-            Mnemonic::Movdqu | Mnemonic::Movups | Mnemonic::Movupd
+            Mnemonic::Movdqu | Mnemonic::Movups | Mnemonic::Movupd | Mnemonic::Pcmpistri
         );
         if kind & 0xff == 16 && !unaligned_ok {
             c.a.test(r11b, 15).map_err(err)?;
@@ -2054,6 +2059,13 @@ fn emit_sse(
     add_guest_instruction(c, n)?;
     for (g, h) in stores {
         c.a.movdqu(xmmword_ptr(r15 + xmm(g)), h).map_err(err)?;
+    }
+    if i.mnemonic() == Mnemonic::Pcmpistri {
+        // The host's ECX (scratch) has the index; writing the 32-bit
+        // register clears the upper half, as the instruction does.
+        let h = c.host(Register::RCX)?;
+        let h32 = get_gpr32(sized(h.into(), 4)).ok_or("no 32-bit form")?;
+        c.a.mov(h32, ecx).map_err(err)?;
     }
     note_written_gprs(c, info);
     Ok(())

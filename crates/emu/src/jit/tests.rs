@@ -490,6 +490,17 @@ fn sse_program(a: &mut CodeAssembler) {
     a.ptest(xmm6, xmm3).unwrap();
     a.setz(r9b).unwrap();
     a.adc(r10, r9).unwrap();
+    // pcmpistri's index lands in ECX (the upper half cleared), its
+    // flags in CF/ZF/SF/OF; register and unaligned memory forms.
+    a.mov(r12, rcx).unwrap();
+    a.mov(rcx, 0xdead_beef_0000_0000u64).unwrap();
+    a.pcmpistri(xmm1, xmmword_ptr(rdi + 5), 0x0c).unwrap();
+    a.adc(r10, rcx).unwrap();
+    a.pcmpistri(xmm2, xmm0, 0x48).unwrap();
+    a.seto(r13b).unwrap();
+    a.lea(r10, r10 + rcx * 2).unwrap();
+    a.add(r10, r13).unwrap();
+    a.mov(rcx, r12).unwrap();
     a.add(rdi, 16).unwrap();
     a.dec(ecx).unwrap();
     a.jnz(top).unwrap();
