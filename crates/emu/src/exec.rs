@@ -271,9 +271,51 @@ fn run_translated(
     Some(code)
 }
 
-/// The interpreter's run of one block, for co-simulation.
-pub fn run_block_for_verify(cpu: &mut Cpu, block: &Block) -> (u64, bool) {
-    run_block::<false, true>(cpu, block)
+/// The interpreter's run of a translation's instructions `insns` (forms
+/// of `ins`), for co-simulation: as `run_block`, but a taken branch leaves
+/// (a trace goes on only through fall-throughs) and `sti` goes on where
+/// translated code does.
+pub fn run_trace_for_verify(
+    cpu: &mut Cpu,
+    ins: &[iced_x86::Instruction],
+    insns: &[crate::decode::Insn],
+) -> bool {
+    for (i, insn) in ins.iter().zip(insns) {
+        let cur = cpu.gpr[RIP];
+        let next = cur.wrapping_add(u64::from(insn.len));
+        cpu.gpr[RIP] = next;
+        match (insn.exec)(cpu, insn) {
+            Ok(()) => {
+                if cpu.stop {
+                    if i.mnemonic() != iced_x86::Mnemonic::Sti
+                        || !crate::jit::helpers::dispatcher_idle(cpu)
+                    {
+                        break;
+                    }
+                    cpu.stop = false;
+                }
+                if cpu.gpr[RIP] != next {
+                    break;
+                }
+            }
+            Err(Stop::Exit) => {
+                cpu.gpr[RIP] = cur;
+                return true;
+            }
+            Err(Stop::SoftInt(v)) => {
+                cpu.io.retire();
+                dbreg::software_interrupt(cpu, v, cur);
+                break;
+            }
+            Err(Stop::Fault(f)) => {
+                cpu.gpr[RIP] = cur;
+                cpu.io.retire();
+                crate::mode::interrupt::deliver_fault(cpu, f);
+                break;
+            }
+        }
+    }
+    false
 }
 
 /// Runs one block's instructions; returns (retired, exited for I/O).

@@ -180,12 +180,23 @@ enum Plan {
     Interp,
 }
 
-fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
+/// Whether a translation goes on past `ins` when it ends a block: a
+/// conditional branch the code generator handles (its taken side leaves
+/// out of line) or `sti` (its interrupt shadow is honoured by running on:
+/// interrupts are only looked at in block heads).
+pub fn continues_trace(ins: &Instruction) -> bool {
+    ins.mnemonic() == Mnemonic::Sti
+        || (ins.flow_control() == FlowControl::ConditionalBranch
+            && plan_branch(ins) == Some(Plan::Jcc))
+}
+
+/// The plan of a near branch the code generator chains.
+fn plan_branch(ins: &Instruction) -> Option<Plan> {
     use Mnemonic as M;
     let m = ins.mnemonic();
     match ins.flow_control() {
         FlowControl::UnconditionalBranch if ins.op0_kind() == OpKind::NearBranch64 => {
-            return Plan::Jmp;
+            Some(Plan::Jmp)
         }
         FlowControl::ConditionalBranch
             if ins.op0_kind() == OpKind::NearBranch64
@@ -195,8 +206,19 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
                 && m != M::Loope
                 && m != M::Loopne =>
         {
-            return Plan::Jcc;
+            Some(Plan::Jcc)
         }
+        _ => None,
+    }
+}
+
+fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
+    use Mnemonic as M;
+    let m = ins.mnemonic();
+    if let Some(p) = plan_branch(ins) {
+        return p;
+    }
+    match ins.flow_control() {
         FlowControl::Call if ins.op0_kind() == OpKind::NearBranch64 => return Plan::Call,
         FlowControl::Return if ins.code() == Code::Retnq => return Plan::Ret,
         FlowControl::IndirectCall if ins.code() == Code::Call_rm64 => {
@@ -618,6 +640,13 @@ enum Cold {
     /// The parked-flags entry of a block whose body starts with them
     /// lazy: convert, then the lazy head.
     ParkedEntry { label: CodeLabel, head: CodeLabel },
+    /// The taken side of a conditional branch inside a trace: leave to
+    /// `target` after `count` instructions, flags parked.
+    Taken {
+        label: CodeLabel,
+        target: u64,
+        count: usize,
+    },
 }
 
 /// `addr - base` as a displacement.
@@ -1317,11 +1346,20 @@ pub fn compile(
                 c.regs.write_back(&mut c.a)?;
                 let taken = c.a.create_label();
                 emit_jcc(&mut c.a, i.condition_code(), taken)?;
-                c.exit_to(next, fl)?;
-                let mut t = taken;
-                bind(&mut c.a, &mut t)?;
-                c.exit_to(i.near_branch_target(), fl)?;
-                ended = true;
+                if last {
+                    c.exit_to(next, fl)?;
+                    let mut t = taken;
+                    bind(&mut c.a, &mut t)?;
+                    c.exit_to(i.near_branch_target(), fl)?;
+                    ended = true;
+                } else {
+                    // Inside a trace: the fall-through goes on here.
+                    c.cold.push(Cold::Taken {
+                        label: taken,
+                        target: i.near_branch_target(),
+                        count: k + 1,
+                    });
+                }
             }
         }
         if last && !ended {
@@ -1398,6 +1436,17 @@ pub fn compile(
                 bind(&mut c.a, &mut label)?;
                 c.a.call(c.thunks.flags_memo).map_err(err)?;
                 c.a.jmp(back).map_err(err)?;
+            }
+            Cold::Taken {
+                mut label,
+                target,
+                count,
+            } => {
+                bind(&mut c.a, &mut label)?;
+                let total = c.total;
+                c.total = count;
+                c.exit_to(target, Fl::Spill)?;
+                c.total = total;
             }
         }
     }

@@ -71,10 +71,17 @@ fn run_one(cpu: &mut Cpu, insn: &Insn, next: u64) -> (u64, bool) {
 /// honours it whenever an interrupt does become pending).
 pub extern "C" fn interp_soft(cpu: &mut Cpu, insn: &Insn, next: u64) -> u64 {
     let (r, completed) = run_one(cpu, insn, next);
-    if r == LEAVE
-        && completed
-        && cpu.stop
-        && cpu.bits == 64
+    if r == LEAVE && completed && cpu.stop && dispatcher_idle(cpu) {
+        cpu.stop = false;
+        return GO_ON;
+    }
+    r
+}
+
+/// Whether the dispatcher would have nothing to do after an instruction
+/// that stopped the block only for its sake: translated code goes on.
+pub fn dispatcher_idle(cpu: &Cpu) -> bool {
+    cpu.bits == 64
         && cpu.rflags & (crate::cpu::flags::TF | crate::cpu::flags::RF) == 0
         && !cpu.debug.active
         && !cpu.dbg.armed
@@ -84,11 +91,6 @@ pub extern "C" fn interp_soft(cpu: &mut Cpu, insn: &Insn, next: u64) -> u64 {
             .attention
             .load(std::sync::atomic::Ordering::Acquire)
             == 0
-    {
-        cpu.stop = false;
-        return GO_ON;
-    }
-    r
 }
 
 /// The inline TLB check missed for an access of `kind & 0xff` bytes at

@@ -23,7 +23,7 @@ pub(crate) mod helpers;
 pub(crate) mod regs;
 pub(crate) mod verify;
 
-use iced_x86::{Decoder, DecoderOptions, Instruction};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction};
 
 use crate::cpu::Cpu;
 use crate::decode::Insn;
@@ -352,30 +352,55 @@ fn dump(ins: &[Instruction], bytes: &[u8], at: u64) {
     }
 }
 
+/// Most guest instructions in one translation.
+const MAX_TRACE: usize = 96;
+
 /// Decodes `block`'s guest instructions again (the block cache keeps only
-/// the interpreter's forms), with their interpreter forms unfused.
-fn decode_again(cpu: &Cpu, block: &Block) -> Option<(Vec<Instruction>, Box<[Insn]>)> {
+/// the interpreter's forms), with their interpreter forms unfused; then,
+/// within the same page (one generation word covers it all), on past the
+/// block's end while it ends in a conditional branch or `sti`: the
+/// fall-through blocks join the translation (a trace), so the path
+/// through them needs no block entry. Also what co-simulation replays.
+pub(crate) fn decode_again(cpu: &Cpu, block: &Block) -> Option<(Vec<Instruction>, Box<[Insn]>)> {
     let (host, len) = block.code_bytes();
     if len == 0 || len > crate::decode::cache::MAX_BLOCK * 15 {
         return None;
     }
-    let mut buf = vec![0u8; len];
-    // SAFETY: the block's bytes are inside one RAM page (the cache
-    // decoded them there); other vCPUs may write them concurrently, which
-    // the generation check at the translation's head catches.
-    unsafe { std::ptr::copy_nonoverlapping(host, buf.as_mut_ptr(), len) };
-    let mut d = Decoder::with_ip(64, &buf, cpu.rip(), DecoderOptions::NONE);
+    let rip = cpu.rip();
+    let page_left = 0x1000 - (rip & 0xfff) as usize;
+    if len > page_left {
+        return None;
+    }
+    let avail = page_left.min(MAX_TRACE * 15).max(len);
+    let mut buf = vec![0u8; avail];
+    // SAFETY: the block's bytes, and the rest of its page after them, are
+    // inside one RAM page (the cache decoded the block there); other vCPUs
+    // may write them concurrently, which the generation check at the
+    // translation's head catches.
+    unsafe { std::ptr::copy_nonoverlapping(host, buf.as_mut_ptr(), avail) };
+    let mut d = Decoder::with_ip(64, &buf, rip, DecoderOptions::NONE);
     let t = crate::decode::table::table();
     let mut ins = Vec::with_capacity(16);
     let mut insns = Vec::with_capacity(16);
     while d.can_decode() {
         let i = d.decode();
+        let inside = ((i.ip() - rip) as usize) < len;
         if i.is_invalid() {
-            return None;
+            if inside {
+                return None;
+            }
+            break;
         }
-        let (h, _) = t.resolve(&i);
+        let (h, stop) = t.resolve(&i);
         insns.push(Insn::build(&i, h));
         ins.push(i);
+        if (i.next_ip() - rip) as usize >= len {
+            let goes_on =
+                (!stop && i.flow_control() == FlowControl::Next) || emit::continues_trace(&i);
+            if !goes_on || ins.len() >= MAX_TRACE {
+                break;
+            }
+        }
     }
     Some((ins, insns.into_boxed_slice()))
 }

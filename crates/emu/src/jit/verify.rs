@@ -92,11 +92,17 @@ impl Snapshot {
 /// Runs `block` (translated, at the current RIP) under co-simulation;
 /// returns the exit code translated code would have returned.
 pub fn run(cpu: &mut Cpu, block: &mut Block, jit: &mut Jit) -> u64 {
+    // The instructions the translation holds (a trace may run on past
+    // the block).
+    let Some((ins, insns)) = super::decode_again(cpu, block) else {
+        // Its page changed under it: the head check will see that.
+        return jit.enter(block.jit_entry, cpu);
+    };
     let s0 = Snapshot::take(cpu);
     let devices0 = cpu.device_accesses;
     cpu.undo = Some(Vec::new());
     cpu.stop = false;
-    let (_, exit) = crate::exec::run_block_for_verify(cpu, block);
+    let exit = crate::exec::run_trace_for_verify(cpu, &ins, &insns);
     let log = cpu.undo.take().unwrap_or_default();
     if exit {
         return IO;
