@@ -280,7 +280,10 @@ pub fn run_trace_for_verify(
     ins: &[iced_x86::Instruction],
     insns: &[crate::decode::Insn],
 ) -> bool {
-    for (i, insn) in ins.iter().zip(insns) {
+    for (k, (i, insn)) in ins.iter().zip(insns).enumerate() {
+        if k > 0 && ins[k - 1].mnemonic() == iced_x86::Mnemonic::Sti {
+            cpu.int_shadow = false;
+        }
         let cur = cpu.gpr[RIP];
         let next = cur.wrapping_add(u64::from(insn.len));
         cpu.gpr[RIP] = next;

@@ -61,6 +61,7 @@ const LINK: i32 = off(offset_of!(Cpu, jit_link));
 const LINK_SPILL: i32 = off(offset_of!(Cpu, jit_link_spill));
 const LINK_EPOCH: i32 = off(offset_of!(Cpu, jit_link_epoch));
 const NMI_BLOCKED: i32 = off(offset_of!(Cpu, nmi_blocked));
+const INT_SHADOW: i32 = off(offset_of!(Cpu, int_shadow));
 const TARGETS_ADDR: i32 = off(offset_of!(Cpu, jit_targets));
 const HOST_SP: i32 = off(offset_of!(Cpu, jit_host_sp));
 const RAS_FLOOR: i32 = off(offset_of!(Cpu, jit_ras_floor));
@@ -1152,6 +1153,13 @@ pub fn compile(
         let next = i.next_ip();
         let (read, written) = flag_use(i);
         let last = k + 1 == ins.len();
+        if k > 0 && ins[k - 1].mnemonic() == Mnemonic::Sti {
+            // The instruction after `sti` in a trace: its interrupt
+            // shadow ends as this one starts (as the interpreter clears
+            // it before the one instruction it then runs); a `hlt` here
+            // must wake for the next interrupt.
+            c.a.mov(byte_ptr(r15 + INT_SHADOW), 0).map_err(err)?;
+        }
         match p {
             Plan::Interp => {
                 fallback += 1;

@@ -432,6 +432,68 @@ fn a_call_to_another_page_follows_a_remapping() {
 }
 
 #[test]
+fn hlt_after_sti_in_a_trace_still_wakes_for_the_timer_across_kicks() {
+    // `sti; hlt` in one translation (the trace runs on past `sti`), a
+    // periodic LAPIC timer, and kicks (as a pause does) while halted.
+    let jit = JitConfig {
+        tier: Tier::Jit,
+        threshold: 0,
+        verify_runs: 0,
+    };
+    let (mut g, _) = guest(jit);
+    g.code(64, 0x30_0000, |a| {
+        a.add(r12, 1).unwrap();
+        a.mov(dword_ptr(rbx + 0xb0), 0).unwrap(); // EOI
+        a.iretq().unwrap();
+    });
+    g.idt64(0x40, 0x30_0000, 0);
+    g.write_u64(PML4 + 0x1000 + 3 * 8, 0xc000_0000 | 0x83); // the APIC page
+    g.code(64, CODE, |a| {
+        let mut again = a.create_label();
+        a.mov(rbx, 0xfee0_0000u64).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
+        a.mov(dword_ptr(rbx + 0x3e0), 0xb).unwrap();
+        a.mov(dword_ptr(rbx + 0x320), 0x2_0040).unwrap(); // periodic, 0x40
+        a.mov(dword_ptr(rbx + 0x380), 1_000_000).unwrap(); // 1 ms
+        a.set_label(&mut again).unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.cmp(r12, 20).unwrap();
+        a.jb(again).unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    let s = g.long_mode(CODE);
+    g.vcpu.set_state(&s).unwrap();
+    let kicker = g.vcpu.kicker();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let t = std::thread::spawn(move || {
+        while !stop2.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(3));
+            kicker.kick();
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let end = loop {
+        let o = crate::tests::guest::run_vcpu_within(
+            g.vcpu.as_mut(),
+            10_000,
+            std::time::Duration::from_secs(5),
+            |_| 0,
+            |_| 0,
+        );
+        if o.end != End::Interrupted || t0.elapsed() > std::time::Duration::from_secs(5) {
+            break o.end;
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+    assert_eq!(end, End::Halt, "timer interrupts stopped waking hlt");
+    assert_eq!(g.state().gpr[12], 20);
+}
+
+#[test]
 fn emu_options_choose_the_tier() {
     let mem = memory();
     let hv = EmuHypervisor::new(EmuOptions {
