@@ -12,6 +12,43 @@ use vmplay_hypervisor::GuestMemory;
 /// A descriptor chain borrowed from guest memory.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemory>;
 
+/// The guest memory behind bytes `[skip, skip + len)` of `chain`'s
+/// device-readable (`writable == false`) or device-writable descriptors,
+/// as slices of mapped memory split where guest memory regions end: what
+/// a device hands to vectored host I/O. `None` if a descriptor leaves
+/// guest memory or the chain holds fewer bytes.
+pub fn chain_slices<'a>(
+    mem: &'a GuestMemory,
+    chain: &Chain<'a>,
+    writable: bool,
+    mut skip: usize,
+    mut len: usize,
+) -> Option<Vec<vm_memory::VolatileSlice<'a, ()>>> {
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    let mut out = Vec::new();
+    for d in chain.clone() {
+        if len == 0 {
+            break;
+        }
+        if d.is_write_only() != writable {
+            continue;
+        }
+        let dlen = d.len() as usize;
+        if skip >= dlen {
+            skip -= dlen;
+            continue;
+        }
+        let take = (dlen - skip).min(len);
+        let start = d.addr().0.checked_add(skip as u64)?;
+        for slice in mem.get_slices(GuestAddress(start), take) {
+            out.push(slice.ok()?);
+        }
+        skip = 0;
+        len -= take;
+    }
+    (len == 0).then_some(out)
+}
+
 /// Records every device-writable range of `chain` as written (for the DMA
 /// observer), whatever the device put there.
 pub fn note_writes(ram: &GuestRam, chain: &Chain<'_>) {
