@@ -1542,9 +1542,9 @@ pub fn compile(
             return Err("an epoch's mov is not `mov eax, imm32`".into());
         }
     }
-    let bytes = r.bytes.clone();
     let head = r.offset(head)?;
     let head_spill = r.offset(head_spill)?;
+    let bytes = r.bytes;
     let mut undefined = 0u32;
     for i in ins {
         undefined = (undefined & !(i.rflags_modified() & OSZAPC)) | (i.rflags_undefined() & OSZAPC);
