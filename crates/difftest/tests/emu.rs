@@ -27,6 +27,8 @@ fn emu_translated() -> EmuHypervisor {
             tier: Tier::Jit,
             threshold: 0,
             verify_runs: 0,
+            // Each case runs once: translated in line, on its first run.
+            background: false,
         }),
         ..EmuOptions::default()
     })

@@ -32,7 +32,8 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
     let sig = &vm.platform.signals[cpu.id as usize];
     let tracing = vm.trace.is_some();
     // A block that loops onto itself leaves its self-loop when it turns
-    // hot, so the dispatcher can translate it.
+    // hot, so the dispatcher can translate it (or, once it is queued for
+    // the compiler thread, now and then to install the code).
     let hot = cache.jit.as_ref().map_or(u64::MAX, |j| j.config.threshold);
     // The block that just ran to its end: its links lead to the next
     // block without a lookup.
@@ -174,6 +175,9 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
                 || (att != 0 && (att != signal::IRQ || cpu.iff()))
                 || !block.is_current(&vm.code)
                 || block.runs == hot
+                // Queued for the compiler thread: look for its code now
+                // and then.
+                || (block.jit_queued != 0 && block.runs & 63 == 0)
             {
                 break;
             }

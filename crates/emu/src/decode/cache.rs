@@ -59,6 +59,10 @@ pub struct Block {
     /// Where a chained exit that parked the flags in EDX enters.
     pub jit_head_spill: u64,
     pub jit_tried: bool,
+    /// Handed to the background compiler in its round `jit_queued` (0:
+    /// not); the code is installed when the block next runs after the
+    /// compiler is done.
+    pub jit_queued: u32,
     /// Co-simulated runs so far, and whether the block may be (no
     /// instruction whose result differs between two runs, as `rdtsc`).
     pub jit_verified: u64,
@@ -139,10 +143,16 @@ impl Block {
             jit_head: 0,
             jit_head_spill: 0,
             jit_tried: false,
+            jit_queued: 0,
             jit_verified: 0,
             jit_verifiable: false,
             jit_undefined_flags: 0,
         }
+    }
+
+    /// Unique per decode: names the block to the background compiler.
+    pub fn serial(&self) -> u64 {
+        self.serial
     }
 
     /// Records the block's translation.
@@ -502,6 +512,7 @@ impl BlockCache {
             b.jit_head = 0;
             b.jit_head_spill = 0;
             b.jit_tried = false;
+            b.jit_queued = 0;
         }
     }
 

@@ -1,11 +1,15 @@
 //! Executable memory for translated blocks, and the call into it: the
 //! translation tier's only unsafe boundary.
 //!
-//! One arena per vCPU (each vCPU thread owns its block cache), so no other
-//! thread ever runs or patches this code. Blocks are appended and never
-//! freed one by one: when the arena is full the tier forgets every block
+//! One arena per vCPU (each vCPU thread owns its block cache): only that
+//! vCPU runs and patches this code. Its background compiler thread, if it
+//! has one, appends new blocks under the same mutex the vCPU patches
+//! under; appended bytes are never run before the vCPU installs them,
+//! after the hand-over through a channel. Blocks are appended and never
+//! freed one by one: when the arena is full the vCPU forgets every block
 //! ([`CodeArena::reset`]) and starts over, which is safe because code only
-//! runs from `enter`, never while the arena is being reset.
+//! runs from `enter`, never while the arena is being reset (the vCPU
+//! resets it, between runs).
 
 use std::ptr::NonNull;
 
@@ -23,8 +27,9 @@ pub struct CodeArena {
     kept: usize,
 }
 
-// SAFETY: the arena is a private anonymous mapping owned by one vCPU; it
-// moves between threads only with its vCPU (never shared).
+// SAFETY: the arena is a private anonymous mapping owned by one vCPU; the
+// only other thread that touches it is that vCPU's compiler, through the
+// vCPU's mutex (see the module comment).
 unsafe impl Send for CodeArena {}
 
 impl CodeArena {
@@ -136,7 +141,7 @@ impl CodeArena {
     /// arena holds, both assembled by `jit::emit` for this `cpu`'s layout,
     /// and every pointer embedded in the block (its instructions, the
     /// code map) must still be alive.
-    pub unsafe fn enter(&self, enter: u64, head: u64, cpu: &mut Cpu) -> u64 {
+    pub unsafe fn enter(enter: u64, head: u64, cpu: &mut Cpu) -> u64 {
         // SAFETY: the caller guarantees `enter` is the entry thunk, which
         // follows the SysV ABI of `Enter`.
         let f: Enter = unsafe { std::mem::transmute::<u64, Enter>(enter) };

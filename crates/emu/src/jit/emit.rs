@@ -1562,6 +1562,7 @@ pub fn compile(
 /// Out-of-line routines every translation calls (`call rel32`), emitted
 /// once at the start of the arena: what would otherwise be repeated in
 /// each block's cold paths.
+#[derive(Clone, Copy)]
 pub struct Thunks {
     /// Parked flags (EDX) → lazy flags and the memo. Clobbers rax, rcx,
     /// rdx and the host flags.

@@ -12,6 +12,11 @@
 //!   dispatcher fills ([`Jit::link`]); one to another page also checks
 //!   the TLB epoch it was linked under. Calls push a return frame on the
 //!   host stack, so the matching `ret` returns with a host `ret`.
+//! * Translating costs ~30 µs a trace, so by default a vCPU hands hot
+//!   blocks to its own compiler thread and goes on interpreting them; the
+//!   finished code is installed the next time the block runs
+//!   ([`JitConfig::background`]). Co-simulation and tests that count
+//!   translations compile in line instead.
 //! * `emit.rs` generates code, `helpers.rs` is what that code calls,
 //!   `code.rs` owns executable memory (the only unsafe boundary),
 //!   `verify.rs` runs translated blocks against the interpreter.
@@ -22,6 +27,9 @@ pub(crate) mod emit;
 pub(crate) mod helpers;
 pub(crate) mod regs;
 pub(crate) mod verify;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction};
 
@@ -59,6 +67,10 @@ pub struct JitConfig {
     /// Co-simulation: how many runs of each translated block are checked
     /// against the interpreter (0: off; `u64::MAX`: every run).
     pub verify_runs: u64,
+    /// Translate on a compiler thread beside each vCPU (the vCPU goes on
+    /// interpreting a hot block until its code is ready) instead of in
+    /// line. Off under co-simulation, which checks a block's first runs.
+    pub background: bool,
 }
 
 impl Default for JitConfig {
@@ -67,6 +79,7 @@ impl Default for JitConfig {
             tier: Tier::Jit,
             threshold: 64,
             verify_runs: 0,
+            background: false,
         }
     }
 }
@@ -74,9 +87,20 @@ impl Default for JitConfig {
 impl JitConfig {
     /// The defaults, overridden by `VMPLAY_EMU_TIER` (`interp`/`jit`),
     /// `VMPLAY_EMU_JIT_THRESHOLD` (runs) and `VMPLAY_EMU_VERIFY`
-    /// (`1`: check each block's first 32 runs, `all`, or a number).
+    /// (`1`: check each block's first 32 runs, `all`, or a number), with
+    /// the background compiler on unless `VMPLAY_EMU_JIT_BACKGROUND=0`.
     pub fn from_env(tier: Option<Tier>) -> Result<JitConfig, String> {
-        let mut c = JitConfig::default();
+        let mut c = JitConfig {
+            background: true,
+            ..JitConfig::default()
+        };
+        if let Ok(v) = std::env::var("VMPLAY_EMU_JIT_BACKGROUND") {
+            c.background = match v.as_str() {
+                "0" => false,
+                "1" => true,
+                _ => return Err(format!("VMPLAY_EMU_JIT_BACKGROUND: expected 0 or 1: {v:?}")),
+            };
+        }
         if let Ok(v) = std::env::var("VMPLAY_EMU_TIER") {
             c.tier = v.parse()?;
         }
@@ -153,8 +177,72 @@ pub fn target_slot(rip: u64) -> usize {
     ((rip ^ (rip >> 12)) as usize) & (TARGETS - 1)
 }
 
+/// The arena and how many times it was reset (code made for an earlier
+/// generation is never installed).
+struct Arena {
+    code: code::CodeArena,
+    generation: u64,
+}
+
+/// A block for the compiler thread: its guest instructions and what the
+/// code embeds.
+struct Job {
+    serial: u64,
+    ins: Vec<Instruction>,
+    insns: Box<[Insn]>,
+    generation_word: (u64, u32),
+    attention: u64,
+    chain: bool,
+}
+
+/// What the compiler thread made of a [`Job`].
+struct Done {
+    serial: u64,
+    insns: Box<[Insn]>,
+    outcome: Result<Translation, Failure>,
+    ns: u64,
+}
+
+/// A translation in the arena, ready to install.
+struct Translation {
+    at: u64,
+    emitted: emit::Emitted,
+    verifiable: bool,
+    /// The arena generation it was appended in.
+    generation: u64,
+}
+
+enum Failure {
+    /// The code generator refused the block: it stays interpreted.
+    Refused(String),
+    /// No room in this arena generation: the vCPU must reset the arena.
+    Full(u64),
+}
+
+/// A vCPU's compiler thread and the channels to it.
+struct Compiler {
+    jobs: Option<mpsc::SyncSender<Job>>,
+    done: mpsc::Receiver<Done>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Finished translations whose block has not run since, by serial.
+    ready: HashMap<u64, Done>,
+    /// Bumped whenever `ready` is emptied (a block queued in an earlier
+    /// round may have lost its result, so it is queued again).
+    round: u32,
+}
+
+/// Most finished translations kept for blocks that have not run since
+/// (blocks the cache dropped never will).
+const READY_MAX: usize = 1 << 14;
+
+/// Jobs waiting for the compiler at most (a full queue leaves the block
+/// to be queued on a later run).
+const QUEUE: usize = 512;
+
 pub struct Jit {
-    arena: code::CodeArena,
+    /// Shared with the compiler thread, which appends; the vCPU patches
+    /// links and resets.
+    arena: Arc<Mutex<Arena>>,
     /// Returns and indirect jumps in translated code look their target up
     /// here before going back to the dispatcher; the dispatcher fills it.
     /// Boxed: its address is in `Cpu::jit_targets`.
@@ -164,6 +252,7 @@ pub struct Jit {
     insns: Vec<Box<[Insn]>>,
     /// Shared routines at the arena's start (kept across resets).
     thunks: emit::Thunks,
+    compiler: Option<Compiler>,
     pub config: JitConfig,
     pub stats: JitStats,
 }
@@ -182,14 +271,24 @@ impl Jit {
                 Ok((arena, thunks))
             });
         match made {
-            Ok((arena, thunks)) => Some(Jit {
-                arena,
-                targets: vec![Target::default(); TARGETS].into_boxed_slice(),
-                insns: Vec::new(),
-                thunks,
-                config,
-                stats: JitStats::default(),
-            }),
+            Ok((code, thunks)) => {
+                let arena = Arc::new(Mutex::new(Arena {
+                    code,
+                    generation: 0,
+                }));
+                let compiler = (config.background && config.verify_runs == 0)
+                    .then(|| Compiler::start(arena.clone(), thunks))
+                    .flatten();
+                Some(Jit {
+                    arena,
+                    targets: vec![Target::default(); TARGETS].into_boxed_slice(),
+                    insns: Vec::new(),
+                    thunks,
+                    compiler,
+                    config,
+                    stats: JitStats::default(),
+                })
+            }
             Err(e) => {
                 tracing::warn!(
                     "emu: no executable memory for the translation tier ({e}); interpreting only"
@@ -199,80 +298,165 @@ impl Jit {
         }
     }
 
+    fn arena(&self) -> MutexGuard<'_, Arena> {
+        // A panic elsewhere cannot leave the arena half-written: pushes
+        // copy whole translations.
+        self.arena.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Translates `block`, which starts at the current RIP in 64-bit
-    /// code. `false` if it cannot be (the block stays interpreted).
-    /// `clear_all` is called when the arena had to be reset first: every
-    /// block must forget its translation.
+    /// code. `false` if it is not translated now (it stays interpreted;
+    /// with the background compiler, until its code is ready).
+    /// `clear_all` is called when the arena had to be reset: every block
+    /// must forget its translation.
     pub fn compile(&mut self, cpu: &Cpu, block: &mut Block, clear_all: impl FnOnce()) -> bool {
+        if self.compiler.is_some() {
+            return self.compile_in_background(cpu, block, clear_all);
+        }
         let t0 = std::time::Instant::now();
         let Some((ins, insns)) = decode_again(cpu, block) else {
             self.stats.failed += 1;
             block.jit_tried = true;
             return false;
         };
-        let (gen_word, gen_expected) = block.generation_word(&cpu.vm.code);
-        let attention = &cpu.vm.platform.signals[cpu.id as usize].attention as *const _ as u64;
-        let base = self.arena.next_addr();
-        let e = match emit::compile(
-            &ins,
-            &insns,
-            (gen_word, gen_expected),
-            attention,
-            base,
-            self.config.verify_runs == 0,
-            &self.thunks,
-        ) {
-            Ok(e) => e,
-            Err(err) => {
+        let job = self.job(cpu, block, ins, insns);
+        let done = translate(&self.arena, &self.thunks, job, t0);
+        match self.install(cpu, block, done) {
+            Installed::Yes => true,
+            Installed::No => false,
+            Installed::Full => {
+                self.reset_arena();
+                clear_all();
+                false
+            }
+        }
+    }
+
+    /// The background path of [`Jit::compile`]: installs the block's
+    /// finished code, or queues the block.
+    fn compile_in_background(
+        &mut self,
+        cpu: &Cpu,
+        block: &mut Block,
+        clear_all: impl FnOnce(),
+    ) -> bool {
+        let Some(c) = self.compiler.as_mut() else {
+            return false;
+        };
+        let generation = self
+            .arena
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation;
+        let mut full = false;
+        while let Ok(d) = c.done.try_recv() {
+            match d.outcome {
+                Err(Failure::Full(g)) => full |= g == generation,
+                _ => {
+                    if c.ready.len() >= READY_MAX {
+                        c.ready.clear();
+                        c.round += 1;
+                    }
+                    c.ready.insert(d.serial, d);
+                }
+            }
+        }
+        if full {
+            // Everything made so far goes with the arena; blocks queued
+            // since are queued again when they next run.
+            self.reset_arena();
+            clear_all();
+            return false;
+        }
+        if let Some(d) = c.ready.remove(&block.serial()) {
+            return match self.install(cpu, block, d) {
+                Installed::Yes => true,
+                Installed::No | Installed::Full => false,
+            };
+        }
+        if block.jit_queued == c.round {
+            return false;
+        }
+        let Some((ins, insns)) = decode_again(cpu, block) else {
+            self.stats.failed += 1;
+            block.jit_tried = true;
+            return false;
+        };
+        let job = self.job(cpu, block, ins, insns);
+        let Some(c) = self.compiler.as_mut() else {
+            return false;
+        };
+        match c.jobs.as_ref().map(|j| j.try_send(job)) {
+            Some(Ok(())) => block.jit_queued = c.round,
+            // Queue full: ask again on a later run.
+            Some(Err(mpsc::TrySendError::Full(_))) => {}
+            // The thread is gone: compile in line from now on.
+            Some(Err(mpsc::TrySendError::Disconnected(_))) | None => self.compiler = None,
+        }
+        false
+    }
+
+    fn job(&self, cpu: &Cpu, block: &Block, ins: Vec<Instruction>, insns: Box<[Insn]>) -> Job {
+        Job {
+            serial: block.serial(),
+            ins,
+            insns,
+            generation_word: block.generation_word(&cpu.vm.code),
+            attention: &cpu.vm.platform.signals[cpu.id as usize].attention as *const _ as u64,
+            chain: self.config.verify_runs == 0,
+        }
+    }
+
+    /// Makes `done` the translation of `block` if it is one for it in
+    /// the current arena.
+    fn install(&mut self, cpu: &Cpu, block: &mut Block, done: Done) -> Installed {
+        self.stats.compile_ns += done.ns;
+        let t = match done.outcome {
+            Ok(t) => t,
+            Err(Failure::Full(_)) => return Installed::Full,
+            Err(Failure::Refused(err)) => {
                 tracing::debug!("emu jit: block at {:#x} not translated: {err}", cpu.rip());
                 #[cfg(test)]
                 eprintln!("emu jit: block at {:#x} not translated: {err}", cpu.rip());
                 self.stats.failed += 1;
                 block.jit_tried = true;
-                return false;
+                return Installed::No;
             }
         };
-        match self.arena.push(&e.bytes) {
-            Some(at) => {
-                if tracing::enabled!(tracing::Level::TRACE) || dump_wanted() {
-                    dump(&ins, &e.bytes, at);
-                }
-                block.set_jit(at + e.head, at + e.head, at + e.head_spill);
-                // Results that differ between two runs (the clock, random
-                // numbers) or stores the undo log does not see (the
-                // string instructions' page-sized fast paths).
-                block.jit_verifiable = ins.iter().all(|i| {
-                    !matches!(
-                        i.mnemonic(),
-                        iced_x86::Mnemonic::Rdtsc
-                            | iced_x86::Mnemonic::Rdtscp
-                            | iced_x86::Mnemonic::Rdrand
-                            | iced_x86::Mnemonic::Rdseed
-                            | iced_x86::Mnemonic::Rdpid
-                    ) && !i.is_string_instruction()
-                });
-                block.jit_undefined_flags = e.undefined;
-                self.insns.push(insns);
-                self.stats.compiled += 1;
-                cpu.vm
-                    .jit_totals
-                    .translated
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.stats.native += e.native as u64;
-                self.stats.fallback += e.fallback as u64;
-                self.stats.compile_ns += t0.elapsed().as_nanos() as u64;
-                true
-            }
-            None => {
-                // Full: every block forgets its translation, then the
-                // arena starts over (hot blocks are translated again).
-                clear_all();
-                self.stats.resets += 1;
-                self.targets.fill(Target::default());
-                self.arena.reset();
-                self.insns.clear();
-                false
-            }
+        if t.generation != self.arena().generation || done.serial != block.serial() {
+            block.jit_queued = 0;
+            return Installed::No;
+        }
+        let e = t.emitted;
+        block.set_jit(t.at + e.head, t.at + e.head, t.at + e.head_spill);
+        block.jit_verifiable = t.verifiable;
+        block.jit_undefined_flags = e.undefined;
+        self.insns.push(done.insns);
+        self.stats.compiled += 1;
+        cpu.vm
+            .jit_totals
+            .translated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.native += e.native as u64;
+        self.stats.fallback += e.fallback as u64;
+        Installed::Yes
+    }
+
+    /// Full: every translation goes (the caller makes every block forget
+    /// its own) and the arena starts over; hot blocks are translated
+    /// again.
+    fn reset_arena(&mut self) {
+        self.stats.resets += 1;
+        self.targets.fill(Target::default());
+        {
+            let mut a = self.arena();
+            a.code.reset();
+            a.generation += 1;
+        }
+        self.insns.clear();
+        if let Some(c) = self.compiler.as_mut() {
+            c.ready.clear();
+            c.round += 1;
         }
     }
 
@@ -305,9 +489,10 @@ impl Jit {
         let Ok(rel) = i32::try_from(rel) else {
             return;
         };
-        self.arena.patch_u32(site + 1, rel as u32);
+        let mut a = self.arena();
+        a.code.patch_u32(site + 1, rel as u32);
         if let Some((at, e)) = epoch {
-            self.arena.patch_u32(at + 1, e);
+            a.code.patch_u32(at + 1, e);
         }
     }
 
@@ -318,7 +503,122 @@ impl Jit {
         // the arena has not been reset since (a reset clears every
         // block's entry first); the `Insn`s it points at live in
         // `self.insns`, the code map and signals in `cpu.vm`.
-        unsafe { self.arena.enter(self.thunks.enter, entry, cpu) }
+        unsafe { code::CodeArena::enter(self.thunks.enter, entry, cpu) }
+    }
+}
+
+/// Whether [`Jit::install`] installed a translation.
+enum Installed {
+    Yes,
+    No,
+    /// The arena is full: reset it.
+    Full,
+}
+
+impl Compiler {
+    /// Starts the compiler thread for one vCPU's arena; `None` if the host
+    /// cannot make a thread (the vCPU compiles in line).
+    fn start(arena: Arc<Mutex<Arena>>, thunks: emit::Thunks) -> Option<Compiler> {
+        let (jobs, rx) = mpsc::sync_channel::<Job>(QUEUE);
+        let (tx, done) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("emu-jit".into())
+            .spawn(move || {
+                for job in rx {
+                    let t0 = std::time::Instant::now();
+                    if tx.send(translate(&arena, &thunks, job, t0)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| tracing::warn!("emu jit: no compiler thread ({e}); compiling in line"))
+            .ok()?;
+        Some(Compiler {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+            ready: HashMap::new(),
+            round: 1,
+        })
+    }
+}
+
+impl Drop for Compiler {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread after its current job.
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Generates `job`'s code and appends it to the arena (on the compiler
+/// thread, or in line). The code is made for the address it lands at:
+/// if the vCPU reset the arena meanwhile, it is made again.
+fn translate(
+    arena: &Mutex<Arena>,
+    thunks: &emit::Thunks,
+    job: Job,
+    t0: std::time::Instant,
+) -> Done {
+    let lock = || arena.lock().unwrap_or_else(|e| e.into_inner());
+    let outcome = loop {
+        let (base, generation) = {
+            let a = lock();
+            (a.code.next_addr(), a.generation)
+        };
+        let e = match emit::compile(
+            &job.ins,
+            &job.insns,
+            job.generation_word,
+            job.attention,
+            base,
+            job.chain,
+            thunks,
+        ) {
+            Ok(e) => e,
+            Err(err) => break Err(Failure::Refused(err)),
+        };
+        let mut a = lock();
+        if a.generation != generation || a.code.next_addr() != base {
+            continue;
+        }
+        let Some(at) = a.code.push(&e.bytes) else {
+            break Err(Failure::Full(generation));
+        };
+        drop(a);
+        let mut e = e;
+        if tracing::enabled!(tracing::Level::TRACE) || dump_wanted() {
+            dump(&job.ins, &e.bytes, at);
+        }
+        // In the arena now; the copy need not wait for the install.
+        e.bytes = Vec::new();
+        // Results that differ between two runs (the clock, random
+        // numbers) or stores the undo log does not see (the string
+        // instructions' page-sized fast paths).
+        let verifiable = job.ins.iter().all(|i| {
+            !matches!(
+                i.mnemonic(),
+                iced_x86::Mnemonic::Rdtsc
+                    | iced_x86::Mnemonic::Rdtscp
+                    | iced_x86::Mnemonic::Rdrand
+                    | iced_x86::Mnemonic::Rdseed
+                    | iced_x86::Mnemonic::Rdpid
+            ) && !i.is_string_instruction()
+        });
+        break Ok(Translation {
+            at,
+            emitted: e,
+            verifiable,
+            generation,
+        });
+    };
+    Done {
+        serial: job.serial,
+        insns: job.insns,
+        outcome,
+        ns: t0.elapsed().as_nanos() as u64,
     }
 }
 

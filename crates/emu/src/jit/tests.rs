@@ -39,6 +39,7 @@ fn jit_verified() -> JitConfig {
         tier: Tier::Jit,
         threshold: 0,
         verify_runs: u64::MAX,
+        background: false,
     }
 }
 
@@ -48,6 +49,17 @@ fn jit_chained() -> JitConfig {
         tier: Tier::Jit,
         threshold: 2,
         verify_runs: 0,
+        background: false,
+    }
+}
+
+/// As [`jit_chained`], translating on the compiler thread (the default
+/// outside tests): when code gets installed depends on timing, results
+/// must not.
+fn jit_background() -> JitConfig {
+    JitConfig {
+        background: true,
+        ..jit_chained()
     }
 }
 
@@ -187,6 +199,36 @@ fn translated_code_ends_where_the_interpreter_does() {
     assert!(shared.jit_totals.translated.load(Ordering::Relaxed) > 3);
     assert_eq!(got, want, "registers after the chained jit run");
     assert_eq!(got_sum, want_sum, "memory after the chained jit run");
+    let (got, got_sum, _) = run_mixed(jit_background());
+    assert_eq!(got, want, "registers after the background-compiled run");
+    assert_eq!(
+        got_sum, want_sum,
+        "memory after the background-compiled run"
+    );
+}
+
+/// The compiler thread's code is installed while the guest runs: a long
+/// loop ends with the interpreter's result and was translated.
+#[test]
+fn the_background_compiler_installs_hot_code_while_the_guest_runs() {
+    let (mut g, shared) = guest(jit_background());
+    g.code(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.xor(eax, eax).unwrap();
+        a.mov(ecx, 20_000_000u32).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.add(rax, rcx).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let s = g.long_mode(CODE);
+    g.vcpu.set_state(&s).unwrap();
+    let o = g.run_with(100_000, |_| 0, |_| 0);
+    assert_eq!(o.end, End::Halt);
+    let n = 20_000_000u64;
+    assert_eq!(g.state().gpr[0], n * (n + 1) / 2);
+    assert!(shared.jit_totals.translated.load(Ordering::Relaxed) >= 1);
 }
 
 #[test]
@@ -251,7 +293,7 @@ fn page_fault_in_translated_code_is_precise() {
 
 #[test]
 fn code_rewritten_after_translation_runs_its_new_bytes() {
-    for jit in [interp(), jit_verified(), jit_chained()] {
+    for jit in [interp(), jit_verified(), jit_chained(), jit_background()] {
         let (mut g, _) = guest(jit);
         const PATCHED: u64 = CODE + 0x400;
         // PATCHED: add rbx, imm32 ; ret — called 50 times, then its
@@ -439,6 +481,7 @@ fn hlt_after_sti_in_a_trace_still_wakes_for_the_timer_across_kicks() {
         tier: Tier::Jit,
         threshold: 0,
         verify_runs: 0,
+        background: false,
     };
     let (mut g, _) = guest(jit);
     g.code(64, 0x30_0000, |a| {
