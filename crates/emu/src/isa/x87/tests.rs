@@ -434,7 +434,16 @@ fn fnstenv_and_fnsave_images_match_the_host() {
             init.fx.0[8..16].copy_from_slice(&(rng.next() & 0xffff_ffff).to_le_bytes());
             init.fx.0[16..24].copy_from_slice(&(rng.next() & 0xffff_ffff).to_le_bytes());
             let mut host = init;
-            (form.host)(&mut host);
+            for _ in 0..10 {
+                host = init;
+                (form.host)(&mut host);
+                // Preempted between its fxrstor64 and the instruction, the
+                // host thread gets its x87 state back with FIP/FDP cleared
+                // (Linux's AMD FXSAVE-leak workaround): measure again.
+                if host.mem[12..16] == init.fx.0[8..12] {
+                    break;
+                }
+            }
             let mut guest = guest_run(&mut vm, rip, &init).expect("no fault");
             guest.mem[16..18].copy_from_slice(&host.mem[16..18]);
             assert_eq!(
