@@ -220,6 +220,9 @@ fn debian_workloads_give_the_same_results_on_both_emu_tiers() {
     assert_workload_results(&interp);
     let jit = run_workloads("jit", &[]);
     assert_workload_results(&jit);
+    // And with the compiler thread: code installed whenever it is ready.
+    let background = run_workloads("jit", &[("VMPLAY_EMU_JIT_BACKGROUND", "1")]);
+    assert_workload_results(&background);
     let gz = |r: &support::Run| {
         r.stdout
             .lines()
@@ -227,6 +230,7 @@ fn debian_workloads_give_the_same_results_on_both_emu_tiers() {
             .map(str::to_string)
     };
     assert_eq!(gz(&interp), gz(&jit));
+    assert_eq!(gz(&interp), gz(&background));
 }
 
 /// Co-simulation over a whole boot and the workloads: every translated

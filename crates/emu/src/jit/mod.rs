@@ -12,11 +12,11 @@
 //!   dispatcher fills ([`Jit::link`]); one to another page also checks
 //!   the TLB epoch it was linked under. Calls push a return frame on the
 //!   host stack, so the matching `ret` returns with a host `ret`.
-//! * Translating costs ~30 µs a trace, so by default a vCPU hands hot
-//!   blocks to its own compiler thread and goes on interpreting them; the
-//!   finished code is installed the next time the block runs
-//!   ([`JitConfig::background`]). Co-simulation and tests that count
-//!   translations compile in line instead.
+//! * Translating costs ~30 µs a trace. Optionally
+//!   ([`JitConfig::background`]) a vCPU hands hot blocks to its own
+//!   compiler thread and goes on interpreting them; the finished code is
+//!   installed the next time the block runs. By default, and always under
+//!   co-simulation, blocks are compiled in line.
 //! * `emit.rs` generates code, `helpers.rs` is what that code calls,
 //!   `code.rs` owns executable memory (the only unsafe boundary),
 //!   `verify.rs` runs translated blocks against the interpreter.
@@ -69,7 +69,8 @@ pub struct JitConfig {
     pub verify_runs: u64,
     /// Translate on a compiler thread beside each vCPU (the vCPU goes on
     /// interpreting a hot block until its code is ready) instead of in
-    /// line. Off under co-simulation, which checks a block's first runs.
+    /// line: less wall time, more CPU time (see `DESIGN.md`). Off under
+    /// co-simulation, which checks a block's first runs.
     pub background: bool,
 }
 
@@ -87,13 +88,10 @@ impl Default for JitConfig {
 impl JitConfig {
     /// The defaults, overridden by `VMPLAY_EMU_TIER` (`interp`/`jit`),
     /// `VMPLAY_EMU_JIT_THRESHOLD` (runs) and `VMPLAY_EMU_VERIFY`
-    /// (`1`: check each block's first 32 runs, `all`, or a number), with
-    /// the background compiler on unless `VMPLAY_EMU_JIT_BACKGROUND=0`.
+    /// (`1`: check each block's first 32 runs, `all`, or a number), and
+    /// `VMPLAY_EMU_JIT_BACKGROUND=1` for the compiler thread.
     pub fn from_env(tier: Option<Tier>) -> Result<JitConfig, String> {
-        let mut c = JitConfig {
-            background: true,
-            ..JitConfig::default()
-        };
+        let mut c = JitConfig::default();
         if let Ok(v) = std::env::var("VMPLAY_EMU_JIT_BACKGROUND") {
             c.background = match v.as_str() {
                 "0" => false,
