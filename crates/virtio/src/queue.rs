@@ -12,41 +12,124 @@ use vmplay_hypervisor::GuestMemory;
 /// A descriptor chain borrowed from guest memory.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemory>;
 
-/// The guest memory behind bytes `[skip, skip + len)` of `chain`'s
-/// device-readable (`writable == false`) or device-writable descriptors,
-/// as slices of mapped memory split where guest memory regions end: what
-/// a device hands to vectored host I/O. `None` if a descriptor leaves
-/// guest memory or the chain holds fewer bytes.
-pub fn chain_slices<'a>(
-    mem: &'a GuestMemory,
-    chain: &Chain<'a>,
-    writable: bool,
-    mut skip: usize,
-    mut len: usize,
-) -> Option<Vec<vm_memory::VolatileSlice<'a, ()>>> {
-    use vm_memory::{GuestAddress, GuestMemoryBackend};
-    let mut out = Vec::new();
-    for d in chain.clone() {
-        if len == 0 {
-            break;
+/// A chain's descriptors, walked once and each checked to lie in guest
+/// memory: the device-readable ones are one byte stream, the
+/// device-writable ones another. Devices that move much data per chain
+/// (block) use this instead of `virtio_queue`'s `Reader`/`Writer`, which
+/// walk the chain and map every descriptor again for each use.
+pub struct Descriptors {
+    /// (guest address, length, device-writable)
+    list: Vec<(u64, u32, bool)>,
+    readable: usize,
+    writable: usize,
+}
+
+impl Descriptors {
+    /// Walks `chain` (which itself stops at loops, over-long chains and bad
+    /// indirect tables); an error names a descriptor outside guest memory
+    /// or lengths that overflow.
+    pub fn walk(mem: &GuestMemory, chain: &Chain<'_>) -> Result<Descriptors, String> {
+        use vm_memory::{GuestAddress, GuestMemoryBackend};
+        let mut d = Descriptors {
+            list: Vec::new(),
+            readable: 0,
+            writable: 0,
+        };
+        for desc in chain.clone() {
+            let (addr, len, w) = (desc.addr().0, desc.len(), desc.is_write_only());
+            for slice in mem.get_slices(GuestAddress(addr), len as usize) {
+                slice.map_err(|e| format!("descriptor {addr:#x}+{len}: {e}"))?;
+            }
+            let total = if w { &mut d.writable } else { &mut d.readable };
+            *total = total
+                .checked_add(len as usize)
+                .ok_or("descriptor lengths overflow")?;
+            d.list.push((addr, len, w));
         }
-        if d.is_write_only() != writable {
-            continue;
-        }
-        let dlen = d.len() as usize;
-        if skip >= dlen {
-            skip -= dlen;
-            continue;
-        }
-        let take = (dlen - skip).min(len);
-        let start = d.addr().0.checked_add(skip as u64)?;
-        for slice in mem.get_slices(GuestAddress(start), take) {
-            out.push(slice.ok()?);
-        }
-        skip = 0;
-        len -= take;
+        Ok(d)
     }
-    (len == 0).then_some(out)
+
+    /// Bytes in the device-readable descriptors.
+    pub fn readable(&self) -> usize {
+        self.readable
+    }
+
+    /// Bytes in the device-writable descriptors.
+    pub fn writable(&self) -> usize {
+        self.writable
+    }
+
+    /// The guest memory behind bytes `[skip, skip + len)` of the readable
+    /// (`writable == false`) or writable stream, split where guest memory
+    /// regions end: what vectored host I/O takes. `None` if the stream is
+    /// shorter.
+    pub fn slices<'m>(
+        &self,
+        mem: &'m GuestMemory,
+        writable: bool,
+        mut skip: usize,
+        mut len: usize,
+    ) -> Option<Vec<vm_memory::VolatileSlice<'m, ()>>> {
+        use vm_memory::{GuestAddress, GuestMemoryBackend};
+        let mut out = Vec::with_capacity(self.list.len());
+        for &(addr, dlen, w) in &self.list {
+            if len == 0 {
+                break;
+            }
+            if w != writable {
+                continue;
+            }
+            let dlen = dlen as usize;
+            if skip >= dlen {
+                skip -= dlen;
+                continue;
+            }
+            let take = (dlen - skip).min(len);
+            let start = addr.checked_add(skip as u64)?;
+            for slice in mem.get_slices(GuestAddress(start), take) {
+                out.push(slice.ok()?);
+            }
+            skip = 0;
+            len -= take;
+        }
+        (len == 0).then_some(out)
+    }
+
+    /// Copies readable bytes `[skip, skip + buf.len())` into `buf`.
+    pub fn read(&self, mem: &GuestMemory, skip: usize, buf: &mut [u8]) -> bool {
+        let Some(slices) = self.slices(mem, false, skip, buf.len()) else {
+            return false;
+        };
+        let mut at = 0;
+        for s in slices {
+            s.copy_to(&mut buf[at..at + s.len()]);
+            at += s.len();
+        }
+        true
+    }
+
+    /// Copies `data` into writable bytes `[skip, skip + data.len())`.
+    pub fn write(&self, mem: &GuestMemory, skip: usize, data: &[u8]) -> bool {
+        let Some(slices) = self.slices(mem, true, skip, data.len()) else {
+            return false;
+        };
+        let mut at = 0;
+        for s in slices {
+            s.copy_from(&data[at..at + s.len()]);
+            at += s.len();
+        }
+        true
+    }
+
+    /// Records every writable descriptor as written (for the DMA
+    /// observer), as [`note_writes`] does.
+    pub fn note_writes(&self, ram: &GuestRam) {
+        for &(addr, len, w) in &self.list {
+            if w {
+                ram.written(addr, len.into());
+            }
+        }
+    }
 }
 
 /// Records every device-writable range of `chain` as written (for the DMA

@@ -6,7 +6,6 @@
 //! request with IOERR and the device goes on.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -293,60 +292,59 @@ impl Worker<'_> {
     /// Serves one request; `None` leaves it queued (rate limited).
     fn request(&mut self, chain: Chain<'_>, limiter: &mut RateLimiter) -> Option<u32> {
         let mem = &self.ram.mem;
-        let mut reader = match chain.clone().reader(mem) {
-            Ok(r) => r,
-            Err(e) => return Some(self.invalid(&format!("unreadable chain: {e:?}"))),
-        };
-        let mut writer = match chain.clone().writer(mem) {
-            Ok(w) => w,
-            Err(e) => return Some(self.invalid(&format!("unwritable chain: {e:?}"))),
+        // One walk over the chain serves the header, the data, the status
+        // byte and the DMA notes (a 1 MiB request has ~256 descriptors).
+        let descs = match queue::Descriptors::walk(mem, &chain) {
+            Ok(d) => d,
+            Err(e) => return Some(self.invalid(&format!("bad chain: {e}"))),
         };
         let mut raw = [0u8; Header::SIZE];
-        if reader.read_exact(&mut raw).is_err() {
+        if !descs.read(mem, 0, &mut raw) {
             return Some(self.invalid("request shorter than its header"));
         }
         let header = Header::parse(raw);
-        let writable = writer.available_bytes();
+        let writable = descs.writable();
         if writable == 0 {
             return Some(self.invalid("no status byte"));
         }
-        let mut status_w = match writer.split_at(writable - 1) {
-            Ok(s) => s,
-            Err(e) => return Some(self.invalid(&format!("chain split: {e:?}"))),
-        };
+        // The status byte is the last writable one; data comes before it
+        // (IN) or after the header (OUT).
+        let in_len = writable - 1;
+        let out_len = descs.readable() - Header::SIZE;
         let bytes = match header.kind {
-            request::IN => writer.available_bytes(),
-            request::OUT => reader.available_bytes(),
+            request::IN => in_len,
+            request::OUT => out_len,
             _ => 0,
         } as u64;
         if !limiter.consume(bytes, 1) {
             self.counters.rate_limiter_throttled += 1;
             return None;
         }
-        // Data a read put into the chain behind the Writer's back.
-        let mut read_len = 0;
+        // Bytes put into the chain before the status byte.
+        let mut data_len = 0;
         let status = match header.kind {
             request::IN => {
-                let len = writer.available_bytes();
-                let status = self.read(header.sector, &chain, len);
+                let status = self.read(header.sector, &descs, in_len);
                 if status == S_OK {
-                    read_len = len;
+                    data_len = in_len;
                 }
                 status
             }
-            request::OUT => self.write(header.sector, &chain, reader.available_bytes()),
+            request::OUT => self.write(header.sector, &descs, out_len),
             request::FLUSH => self.flush(),
             request::GET_ID => {
                 let mut id = [0u8; ID_BYTES];
                 let n = self.id.len().min(ID_BYTES);
                 id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
-                let n = writer.available_bytes().min(ID_BYTES);
-                match writer.write_all(&id[..n]) {
-                    Ok(()) => S_OK,
-                    Err(_) => S_IOERR,
+                let n = in_len.min(ID_BYTES);
+                if descs.write(mem, 0, &id[..n]) {
+                    data_len = n;
+                    S_OK
+                } else {
+                    S_IOERR
                 }
             }
-            request::DISCARD | request::WRITE_ZEROES => self.discard(header.kind, &mut reader),
+            request::DISCARD | request::WRITE_ZEROES => self.discard(header.kind, &descs, out_len),
             other => {
                 tracing::debug!("drive {}: unsupported request type {other}", self.id);
                 S_UNSUPP
@@ -355,9 +353,9 @@ impl Worker<'_> {
         if status == S_IOERR {
             self.counters.io_errors += 1;
         }
-        let _ = status_w.write_obj(status);
-        queue::note_writes(self.ram, &chain);
-        Some((read_len + writer.bytes_written() + status_w.bytes_written()) as u32)
+        let wrote_status = descs.write(mem, in_len, &[status]);
+        descs.note_writes(self.ram);
+        Some((data_len + usize::from(wrote_status)) as u32)
     }
 
     fn invalid(&mut self, why: &str) -> u32 {
@@ -375,7 +373,7 @@ impl Worker<'_> {
 
     /// IN: the file's bytes at `sector` straight into the chain's
     /// writable buffers (all but the status byte), one `preadv`.
-    fn read(&mut self, sector: u64, chain: &Chain<'_>, len: usize) -> u8 {
+    fn read(&mut self, sector: u64, descs: &queue::Descriptors, len: usize) -> u8 {
         let Some(at) = self.range(sector, len as u64) else {
             tracing::debug!(
                 "drive {}: read past the end (sector {sector}, {len} bytes)",
@@ -383,7 +381,7 @@ impl Worker<'_> {
             );
             return S_IOERR;
         };
-        let Some(bufs) = queue::chain_slices(&self.ram.mem, chain, true, 0, len) else {
+        let Some(bufs) = descs.slices(&self.ram.mem, true, 0, len) else {
             return S_IOERR;
         };
         if let Err(e) = sys::file_io_vectored(&self.backing.file, &bufs, at, Direction::FileToGuest)
@@ -407,7 +405,7 @@ impl Worker<'_> {
 
     /// OUT: the chain's readable bytes after the header straight into the
     /// file at `sector`, one `pwritev`.
-    fn write(&mut self, sector: u64, chain: &Chain<'_>, len: usize) -> u8 {
+    fn write(&mut self, sector: u64, descs: &queue::Descriptors, len: usize) -> u8 {
         if self.read_only {
             return S_IOERR;
         }
@@ -418,7 +416,7 @@ impl Worker<'_> {
             );
             return S_IOERR;
         };
-        let Some(bufs) = queue::chain_slices(&self.ram.mem, chain, false, Header::SIZE, len) else {
+        let Some(bufs) = descs.slices(&self.ram.mem, false, Header::SIZE, len) else {
             return S_IOERR;
         };
         if let Err(e) = sys::file_io_vectored(&self.backing.file, &bufs, at, Direction::GuestToFile)
@@ -442,21 +440,19 @@ impl Worker<'_> {
         }
     }
 
-    fn discard(&mut self, kind: u32, reader: &mut virtio_queue::Reader<'_>) -> u8 {
+    /// DISCARD / WRITE_ZEROES: `len` bytes of segments after the header.
+    fn discard(&mut self, kind: u32, descs: &queue::Descriptors, len: usize) -> u8 {
         if self.read_only {
             return S_IOERR;
         }
         let seg_size = Segment::SIZE;
-        let count = reader.available_bytes() / seg_size;
-        if count == 0
-            || count > MAX_DISCARD_SEGMENTS as usize
-            || !reader.available_bytes().is_multiple_of(seg_size)
-        {
+        let count = len / seg_size;
+        if count == 0 || count > MAX_DISCARD_SEGMENTS as usize || !len.is_multiple_of(seg_size) {
             return S_UNSUPP;
         }
-        for _ in 0..count {
+        for k in 0..count {
             let mut raw = [0u8; Segment::SIZE];
-            if reader.read_exact(&mut raw).is_err() {
+            if !descs.read(&self.ram.mem, Header::SIZE + k * seg_size, &mut raw) {
                 return S_IOERR;
             }
             let seg = Segment::parse(raw);
