@@ -338,14 +338,10 @@ impl Jit {
         block: &mut Block,
         clear_all: impl FnOnce(),
     ) -> bool {
+        let generation = self.arena().generation;
         let Some(c) = self.compiler.as_mut() else {
             return false;
         };
-        let generation = self
-            .arena
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .generation;
         let mut full = false;
         while let Ok(d) = c.done.try_recv() {
             match d.outcome {
@@ -409,6 +405,8 @@ impl Jit {
     /// the current arena.
     fn install(&mut self, cpu: &Cpu, block: &mut Block, done: Done) -> Installed {
         self.stats.compile_ns += done.ns;
+        // Whatever the outcome, the block no longer waits for the compiler.
+        block.jit_queued = 0;
         let t = match done.outcome {
             Ok(t) => t,
             Err(Failure::Full(_)) => return Installed::Full,
@@ -422,7 +420,6 @@ impl Jit {
             }
         };
         if t.generation != self.arena().generation || done.serial != block.serial() {
-            block.jit_queued = 0;
             return Installed::No;
         }
         let e = t.emitted;

@@ -159,7 +159,6 @@ pub struct Block {
     cache: CacheType,
     limiter: RateLimiter,
     active: Option<Active>,
-    buf: Vec<u8>,
     pub counters: BlockCounters,
 }
 
@@ -218,7 +217,6 @@ impl Block {
             cache: config.cache,
             limiter,
             active: None,
-            buf: vec![0; CHUNK],
             counters: Default::default(),
         })
     }
@@ -266,7 +264,6 @@ impl Block {
             id: &self.id,
             backing: &self.backing,
             read_only: self.read_only,
-            buf: &mut self.buf,
             counters: &mut self.counters,
             ram: &a.ram,
         };
@@ -283,7 +280,6 @@ struct Worker<'a> {
     id: &'a str,
     backing: &'a Backing,
     read_only: bool,
-    buf: &'a mut Vec<u8>,
     counters: &'a mut BlockCounters,
     ram: &'a GuestRam,
 }
@@ -486,8 +482,9 @@ impl Worker<'_> {
 
     fn zero_by_writing(&mut self, mut at: u64, len: u64) -> std::io::Result<()> {
         let mut left = len;
-        let zeros = &mut self.buf[..];
-        zeros.fill(0);
+        // Only where the file system cannot zero a range itself: no buffer
+        // is kept for it.
+        let zeros = vec![0u8; CHUNK.min(len as usize)];
         while left > 0 {
             let n = left.min(zeros.len() as u64) as usize;
             self.backing.file.write_all_at(&zeros[..n], at)?;
