@@ -435,7 +435,7 @@ fn service(cpu: &mut Cpu, vm: &VmShared, att: u32) -> Option<Event> {
         if !cpu.iff() {
             return Some(Event::Halt);
         }
-        sig.wait();
+        sig.wait_halted();
     }
     None
 }
