@@ -6,12 +6,14 @@
 //! branch keeps its rel32 form and one pass of one `Encoder` suffices:
 //! rel32 and RIP-relative disp32 forms have the same length whatever the
 //! target, so each instruction is encoded once at its final address and
-//! its label reference patched when all labels are known.
+//! its label reference patched when all labels are known. The common
+//! forms are written by `encode` (a direct encoder), the rest by iced.
 //!
 //! `CodeAssembler` marks a labelled instruction with its label's id as
 //! `ip`, and a reference to a label (a branch target, a RIP-relative
 //! memory operand) with that id as the target.
 
+use super::encode;
 use iced_x86::code_asm::{CodeAssembler, CodeLabel};
 use iced_x86::{Code, Encoder, Instruction};
 
@@ -64,7 +66,10 @@ fn reference(i: &Instruction) -> Reference {
 /// Encodes `a`'s instructions for address `base`.
 pub fn assemble(a: &CodeAssembler, base: u64) -> Result<Assembled, String> {
     let ins = a.instructions();
-    let mut enc = Encoder::try_with_capacity(64, ins.len() * 6).map_err(|e| e.to_string())?;
+    // The forms `encode` knows are written straight into `bytes`; iced's
+    // encoder writes the rest.
+    let mut bytes: Vec<u8> = Vec::with_capacity(ins.len() * 6);
+    let mut enc = Encoder::new(64);
     let mut labels: Vec<u32> = Vec::new();
     // (where the rel32/disp32 field is, the end of its instruction, the
     // label id it names).
@@ -88,9 +93,7 @@ pub fn assemble(a: &CodeAssembler, base: u64) -> Result<Assembled, String> {
         }
         if i.code() == Code::DeclareQword {
             for n in 0..i.declare_data_len() {
-                for b in i.get_declare_qword_value(n).to_le_bytes() {
-                    enc.write_u8(b);
-                }
+                bytes.extend_from_slice(&i.get_declare_qword_value(n).to_le_bytes());
             }
             pos += 8 * i.declare_data_len() as u64;
             continue;
@@ -115,24 +118,37 @@ pub fn assemble(a: &CodeAssembler, base: u64) -> Result<Assembled, String> {
             }
             Reference::None => None,
         };
-        let n = enc.encode(&i, base + pos).map_err(|e| e.to_string())? as u64;
+        let ip = base + pos;
+        let (n, disp_at) = match encode::encode(&i, ip, &mut bytes) {
+            Some(e) => {
+                #[cfg(debug_assertions)]
+                check_against_iced(&i, ip, &bytes[bytes.len() - e.len..]);
+                (e.len as u64, e.disp_at)
+            }
+            None => {
+                enc.set_buffer(std::mem::take(&mut bytes));
+                let n = enc.encode(&i, ip);
+                bytes = enc.take_buffer();
+                let n = n.map_err(|e| e.to_string())?;
+                let c = enc.get_constant_offsets();
+                (
+                    n as u64,
+                    (c.displacement_size() == 4).then(|| c.displacement_offset()),
+                )
+            }
+        };
         if let Some(id) = id {
             // A near branch's rel32 ends it; a memory operand's disp32 is
             // where the encoder says.
             let field = if matches!(reference(&i), Reference::Branch) {
                 n as usize - 4
             } else {
-                let c = enc.get_constant_offsets();
-                if c.displacement_size() != 4 {
-                    return Err(format!("instruction {k}: no 32-bit displacement"));
-                }
-                c.displacement_offset()
+                disp_at.ok_or_else(|| format!("instruction {k}: no 32-bit displacement"))?
             };
             fixups.push((pos as usize + field, pos + n, id));
         }
         pos += n;
     }
-    let mut bytes = enc.take_buffer();
     for (at, end, id) in fixups {
         let target = match labels.get(id as usize) {
             Some(&o) if o != u32::MAX => u64::from(o),
@@ -142,6 +158,18 @@ pub fn assemble(a: &CodeAssembler, base: u64) -> Result<Assembled, String> {
         bytes[at..at + 4].copy_from_slice(&rel.to_le_bytes());
     }
     Ok(Assembled { bytes, labels })
+}
+
+/// Debug builds: the direct encoder wrote what iced would have.
+#[cfg(debug_assertions)]
+fn check_against_iced(i: &Instruction, ip: u64, ours: &[u8]) {
+    let mut e = Encoder::new(64);
+    let iced = e.encode(i, ip).map(|_| e.take_buffer());
+    assert_eq!(
+        iced.as_deref(),
+        Ok(ours),
+        "jit encoder and iced differ on {i}"
+    );
 }
 
 #[cfg(test)]

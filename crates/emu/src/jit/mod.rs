@@ -24,6 +24,7 @@
 pub(crate) mod asm;
 pub(crate) mod code;
 pub(crate) mod emit;
+pub(crate) mod encode;
 pub(crate) mod helpers;
 pub(crate) mod regs;
 pub(crate) mod verify;
