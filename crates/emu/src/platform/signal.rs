@@ -83,19 +83,20 @@ impl Signal {
     /// halts were short enough that polling caught their wake-up), then
     /// sleeping. The poll window grows while halts end within it and is
     /// dropped after one that outlasts the maximum, as KVM's halt polling
-    /// does, so an idle guest costs no spinning.
+    /// does, so an idle guest costs no spinning. The spin yields the CPU
+    /// at every turn (KVM stops polling when another task is runnable):
+    /// the thread that will wake this vCPU, a host process feeding its
+    /// network, may be waiting for this very CPU.
     pub fn wait_halted(&self) {
         let poll = self.halt_poll_ns.load(Ordering::Relaxed);
         let start = Instant::now();
         if poll > 0 {
-            let mut spins = 0u32;
             loop {
                 if self.attention.load(Ordering::Acquire) != 0 {
                     return;
                 }
-                std::hint::spin_loop();
-                spins += 1;
-                if spins.is_multiple_of(64) && start.elapsed().as_nanos() as u64 >= poll {
+                std::thread::yield_now();
+                if start.elapsed().as_nanos() as u64 >= poll {
                     break;
                 }
             }
