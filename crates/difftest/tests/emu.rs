@@ -26,6 +26,7 @@ fn emu_translated() -> EmuHypervisor {
         jit: Some(JitConfig {
             tier: Tier::Jit,
             threshold: 0,
+            idle_threshold: u64::MAX,
             verify_runs: 0,
             // Each case runs once: translated in line, on its first run.
             background: false,

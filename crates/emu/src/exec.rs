@@ -55,6 +55,17 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
             prev = std::ptr::null_mut();
             // An event may move RIP: the exit just taken leads elsewhere.
             cpu.jit_link = 0;
+            // Halted with nothing pending: time to translate warm code.
+            if att == 0
+                && cpu.run_state == RunState::Halted
+                && cpu.iff()
+                && let Some(jit) = cache.jit.as_mut()
+                && jit.translate_while_idle(|| {
+                    sig.attention.load(std::sync::atomic::Ordering::Acquire) == 0
+                })
+            {
+                cache.clear_jit();
+            }
             if let Some(ev) = service(cpu, &vm, att) {
                 return ev;
             }
@@ -222,7 +233,7 @@ fn run_translated(
 ) -> Option<u64> {
     let jit = cache.jit.as_mut()?;
     if block.jit_entry == 0 {
-        if block.jit_tried || block.runs < jit.config.threshold {
+        if block.jit_tried || block.runs < jit.config.threshold.min(jit.config.idle_threshold) {
             return None;
         }
         let mut reset = false;

@@ -65,6 +65,11 @@ pub struct JitConfig {
     pub tier: Tier,
     /// Interpreted runs before a block is translated.
     pub threshold: u64,
+    /// Interpreted runs before a block is queued for translation in the
+    /// vCPU's idle time (while the guest halts, e.g. waiting for a disk):
+    /// warm code is made ready before it is hot, at no cost to a busy
+    /// guest. At or above `threshold`: off.
+    pub idle_threshold: u64,
     /// Co-simulation: how many runs of each translated block are checked
     /// against the interpreter (0: off; `u64::MAX`: every run).
     pub verify_runs: u64,
@@ -80,6 +85,7 @@ impl Default for JitConfig {
         JitConfig {
             tier: Tier::Jit,
             threshold: 64,
+            idle_threshold: 16,
             verify_runs: 0,
             background: false,
         }
@@ -88,7 +94,8 @@ impl Default for JitConfig {
 
 impl JitConfig {
     /// The defaults, overridden by `VMPLAY_EMU_TIER` (`interp`/`jit`),
-    /// `VMPLAY_EMU_JIT_THRESHOLD` (runs) and `VMPLAY_EMU_VERIFY`
+    /// `VMPLAY_EMU_JIT_THRESHOLD` and `VMPLAY_EMU_JIT_IDLE_THRESHOLD`
+    /// (runs) and `VMPLAY_EMU_VERIFY`
     /// (`1`: check each block's first 32 runs, `all`, or a number), and
     /// `VMPLAY_EMU_JIT_BACKGROUND=1` for the compiler thread.
     pub fn from_env(tier: Option<Tier>) -> Result<JitConfig, String> {
@@ -110,6 +117,11 @@ impl JitConfig {
             c.threshold = v
                 .parse()
                 .map_err(|_| format!("VMPLAY_EMU_JIT_THRESHOLD: not a number: {v:?}"))?;
+        }
+        if let Ok(v) = std::env::var("VMPLAY_EMU_JIT_IDLE_THRESHOLD") {
+            c.idle_threshold = v
+                .parse()
+                .map_err(|_| format!("VMPLAY_EMU_JIT_IDLE_THRESHOLD: not a number: {v:?}"))?;
         }
         if let Ok(v) = std::env::var("VMPLAY_EMU_VERIFY") {
             c.verify_runs = match v.as_str() {
@@ -230,6 +242,23 @@ struct Compiler {
     round: u32,
 }
 
+/// Warm blocks waiting for the vCPU's idle time, and what it made of
+/// them (installed when the block next runs).
+struct IdleQueue {
+    pending: std::collections::VecDeque<Job>,
+    ready: HashMap<u64, Done>,
+    /// As [`Compiler::round`].
+    round: u32,
+}
+
+impl IdleQueue {
+    fn forget_all(&mut self) {
+        self.pending.clear();
+        self.ready.clear();
+        self.round += 1;
+    }
+}
+
 /// Most finished translations kept for blocks that have not run since
 /// (blocks the cache dropped never will).
 const READY_MAX: usize = 1 << 14;
@@ -252,6 +281,7 @@ pub struct Jit {
     /// Shared routines at the arena's start (kept across resets).
     thunks: emit::Thunks,
     compiler: Option<Compiler>,
+    idle: IdleQueue,
     pub config: JitConfig,
     pub stats: JitStats,
 }
@@ -284,6 +314,11 @@ impl Jit {
                     insns: Vec::new(),
                     thunks,
                     compiler,
+                    idle: IdleQueue {
+                        pending: Default::default(),
+                        ready: HashMap::new(),
+                        round: 1,
+                    },
                     config,
                     stats: JitStats::default(),
                 })
@@ -312,6 +347,37 @@ impl Jit {
         if self.compiler.is_some() {
             return self.compile_in_background(cpu, block, clear_all);
         }
+        if let Some(d) = self.idle.ready.remove(&block.serial()) {
+            return match self.install(cpu, block, d) {
+                Installed::Yes => true,
+                Installed::No => false,
+                Installed::Full => {
+                    self.reset_arena();
+                    clear_all();
+                    false
+                }
+            };
+        }
+        let queued = block.jit_queued == self.idle.round;
+        if block.runs < self.config.threshold {
+            // Warm: queue it for idle time, once.
+            if !queued && self.idle.pending.len() < QUEUE {
+                let Some((ins, insns)) = decode_again(cpu, block) else {
+                    self.stats.failed += 1;
+                    block.jit_tried = true;
+                    return false;
+                };
+                let job = self.job(cpu, block, ins, insns);
+                self.idle.pending.push_back(job);
+                block.jit_queued = self.idle.round;
+            }
+            return false;
+        }
+        if queued {
+            // Hot before idle time came: translated now, in line.
+            let serial = block.serial();
+            self.idle.pending.retain(|j| j.serial != serial);
+        }
         let t0 = std::time::Instant::now();
         let Some((ins, insns)) = decode_again(cpu, block) else {
             self.stats.failed += 1;
@@ -329,6 +395,34 @@ impl Jit {
                 false
             }
         }
+    }
+
+    /// Translates queued warm blocks while `idle()` holds (the vCPU is
+    /// halted with nothing to do). `true` if the arena had to be reset:
+    /// every block must forget its translation.
+    pub fn translate_while_idle(&mut self, idle: impl Fn() -> bool) -> bool {
+        while idle() {
+            // Newest first: the code warmed last is what the guest runs
+            // next (jobs left over from boot would otherwise come first).
+            let Some(job) = self.idle.pending.pop_back() else {
+                break;
+            };
+            let done = translate(&self.arena, &self.thunks, job, std::time::Instant::now());
+            match done.outcome {
+                Err(Failure::Full(_)) => {
+                    self.reset_arena();
+                    return true;
+                }
+                _ => {
+                    if self.idle.ready.len() >= READY_MAX {
+                        self.idle.ready.clear();
+                        self.idle.round += 1;
+                    }
+                    self.idle.ready.insert(done.serial, done);
+                }
+            }
+        }
+        false
     }
 
     /// The background path of [`Jit::compile`]: installs the block's
@@ -450,6 +544,7 @@ impl Jit {
             a.generation += 1;
         }
         self.insns.clear();
+        self.idle.forget_all();
         if let Some(c) = self.compiler.as_mut() {
             c.ready.clear();
             c.round += 1;

@@ -38,6 +38,7 @@ fn jit_verified() -> JitConfig {
     JitConfig {
         tier: Tier::Jit,
         threshold: 0,
+        idle_threshold: u64::MAX,
         verify_runs: u64::MAX,
         background: false,
     }
@@ -48,6 +49,7 @@ fn jit_chained() -> JitConfig {
     JitConfig {
         tier: Tier::Jit,
         threshold: 2,
+        idle_threshold: u64::MAX,
         verify_runs: 0,
         background: false,
     }
@@ -480,6 +482,7 @@ fn hlt_after_sti_in_a_trace_still_wakes_for_the_timer_across_kicks() {
     let jit = JitConfig {
         tier: Tier::Jit,
         threshold: 0,
+        idle_threshold: u64::MAX,
         verify_runs: 0,
         background: false,
     };
@@ -534,6 +537,67 @@ fn hlt_after_sti_in_a_trace_still_wakes_for_the_timer_across_kicks() {
     t.join().unwrap();
     assert_eq!(end, End::Halt, "timer interrupts stopped waking hlt");
     assert_eq!(g.state().gpr[12], 20);
+}
+
+#[test]
+fn warm_blocks_are_translated_while_the_vcpu_halts() {
+    // Nothing runs often enough to be translated in line; the loop body
+    // runs often enough to be queued, and the halts between timer ticks
+    // translate it.
+    let jit = JitConfig {
+        tier: Tier::Jit,
+        threshold: 1_000_000,
+        idle_threshold: 4,
+        verify_runs: 0,
+        background: false,
+    };
+    let (mut g, shared) = guest(jit);
+    g.code(64, 0x30_0000, |a| {
+        a.add(r12, 1).unwrap();
+        a.mov(dword_ptr(rbx + 0xb0), 0).unwrap(); // EOI
+        a.iretq().unwrap();
+    });
+    g.idt64(0x40, 0x30_0000, 0);
+    g.write_u64(PML4 + 0x1000 + 3 * 8, 0xc000_0000 | 0x83); // the APIC page
+    g.code(64, CODE, |a| {
+        let mut again = a.create_label();
+        let mut body = a.create_label();
+        a.mov(rbx, 0xfee0_0000u64).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
+        a.mov(dword_ptr(rbx + 0x3e0), 0xb).unwrap();
+        a.mov(dword_ptr(rbx + 0x320), 0x2_0040).unwrap(); // periodic, 0x40
+        a.mov(dword_ptr(rbx + 0x380), 200_000).unwrap(); // 0.2 ms
+        a.set_label(&mut again).unwrap();
+        a.mov(ecx, 10u32).unwrap();
+        a.set_label(&mut body).unwrap();
+        a.add(r13, rcx).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(body).unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.cli().unwrap();
+        a.cmp(r12, 20).unwrap();
+        a.jb(again).unwrap();
+        a.hlt().unwrap();
+    });
+    let s = g.long_mode(CODE);
+    g.vcpu.set_state(&s).unwrap();
+    let o = crate::tests::guest::run_vcpu_within(
+        g.vcpu.as_mut(),
+        10_000,
+        std::time::Duration::from_secs(10),
+        |_| 0,
+        |_| 0,
+    );
+    assert_eq!(o.end, End::Halt);
+    let st = g.state();
+    assert_eq!(st.gpr[12], 20);
+    // Every pass of the loop adds 10+9+...+1, translated or not.
+    assert_eq!(st.gpr[13], 20 * 55);
+    assert!(
+        shared.jit_totals.translated.load(Ordering::Relaxed) >= 1,
+        "nothing was translated in idle time"
+    );
 }
 
 #[test]
