@@ -211,17 +211,18 @@ pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<Encoded> {
                     8 => 3,
                     _ => return None,
                 };
+                // The SIB index field (100: none).
+                let x = if index == Register::None {
+                    4
+                } else {
+                    let n = index.number() as u8;
+                    rex |= (n >> 3) << 1;
+                    n & 7
+                };
                 if base == Register::None {
                     // [index*scale+disp32] or [disp32] (always with a SIB in
                     // 64-bit code; no SIB would mean RIP-relative).
                     modrm |= 4;
-                    let x = if index == Register::None {
-                        4
-                    } else {
-                        let n = index.number() as u8;
-                        rex |= (n >> 3) << 1;
-                        n & 7
-                    };
                     sib = Some(scale << 6 | x << 3 | 5);
                     disp = (4, d);
                 } else {
@@ -256,13 +257,6 @@ pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<Encoded> {
                         modrm |= b & 7;
                     } else {
                         modrm |= 4;
-                        let x = if index == Register::None {
-                            4
-                        } else {
-                            let n = index.number() as u8;
-                            rex |= (n >> 3) << 1;
-                            n & 7
-                        };
                         sib = Some(scale << 6 | x << 3 | (b & 7));
                     }
                     disp = (size, d);

@@ -348,26 +348,15 @@ impl Jit {
             return self.compile_in_background(cpu, block, clear_all);
         }
         if let Some(d) = self.idle.ready.remove(&block.serial()) {
-            return match self.install(cpu, block, d) {
-                Installed::Yes => true,
-                Installed::No => false,
-                Installed::Full => {
-                    self.reset_arena();
-                    clear_all();
-                    false
-                }
-            };
+            return self.install_or_reset(cpu, block, d, clear_all);
         }
         let queued = block.jit_queued == self.idle.round;
         if block.runs < self.config.threshold {
             // Warm: queue it for idle time, once.
             if !queued && self.idle.pending.len() < QUEUE {
-                let Some((ins, insns)) = decode_again(cpu, block) else {
-                    self.stats.failed += 1;
-                    block.jit_tried = true;
+                let Some(job) = self.job(cpu, block) else {
                     return false;
                 };
-                let job = self.job(cpu, block, ins, insns);
                 self.idle.pending.push_back(job);
                 block.jit_queued = self.idle.round;
             }
@@ -379,13 +368,21 @@ impl Jit {
             self.idle.pending.retain(|j| j.serial != serial);
         }
         let t0 = std::time::Instant::now();
-        let Some((ins, insns)) = decode_again(cpu, block) else {
-            self.stats.failed += 1;
-            block.jit_tried = true;
+        let Some(job) = self.job(cpu, block) else {
             return false;
         };
-        let job = self.job(cpu, block, ins, insns);
         let done = translate(&self.arena, &self.thunks, job, t0);
+        self.install_or_reset(cpu, block, done, clear_all)
+    }
+
+    /// Installs `done`; a full arena is reset (and `clear_all` called).
+    fn install_or_reset(
+        &mut self,
+        cpu: &Cpu,
+        block: &mut Block,
+        done: Done,
+        clear_all: impl FnOnce(),
+    ) -> bool {
         match self.install(cpu, block, done) {
             Installed::Yes => true,
             Installed::No => false,
@@ -466,12 +463,9 @@ impl Jit {
         if block.jit_queued == c.round {
             return false;
         }
-        let Some((ins, insns)) = decode_again(cpu, block) else {
-            self.stats.failed += 1;
-            block.jit_tried = true;
+        let Some(job) = self.job(cpu, block) else {
             return false;
         };
-        let job = self.job(cpu, block, ins, insns);
         let Some(c) = self.compiler.as_mut() else {
             return false;
         };
@@ -485,15 +479,22 @@ impl Jit {
         false
     }
 
-    fn job(&self, cpu: &Cpu, block: &Block, ins: Vec<Instruction>, insns: Box<[Insn]>) -> Job {
-        Job {
+    /// `block` decoded again for translation; `None` (and the block
+    /// left to the interpreter for good) if it cannot be.
+    fn job(&mut self, cpu: &Cpu, block: &mut Block) -> Option<Job> {
+        let Some((ins, insns)) = decode_again(cpu, block) else {
+            self.stats.failed += 1;
+            block.jit_tried = true;
+            return None;
+        };
+        Some(Job {
             serial: block.serial(),
             ins,
             insns,
             generation_word: block.generation_word(&cpu.vm.code),
             attention: &cpu.vm.platform.signals[cpu.id as usize].attention as *const _ as u64,
             chain: self.config.verify_runs == 0,
-        }
+        })
     }
 
     /// Makes `done` the translation of `block` if it is one for it in

@@ -475,6 +475,27 @@ fn a_call_to_another_page_follows_a_remapping() {
     }
 }
 
+/// Guest code at `CODE` that programs a periodic LAPIC timer (vector
+/// 0x40, `count` ticks of the 1 GHz bus clock; its handler counts ticks
+/// in r12, rbx holds the APIC base) and then runs `body`.
+fn periodic_timer_guest(g: &Guest, count: u32, body: impl FnOnce(&mut CodeAssembler)) {
+    g.code(64, 0x30_0000, |a| {
+        a.add(r12, 1).unwrap();
+        a.mov(dword_ptr(rbx + 0xb0), 0).unwrap(); // EOI
+        a.iretq().unwrap();
+    });
+    g.idt64(0x40, 0x30_0000, 0);
+    g.write_u64(PML4 + 0x1000 + 3 * 8, 0xc000_0000 | 0x83); // the APIC page
+    g.code(64, CODE, |a| {
+        a.mov(rbx, 0xfee0_0000u64).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
+        a.mov(dword_ptr(rbx + 0x3e0), 0xb).unwrap();
+        a.mov(dword_ptr(rbx + 0x320), 0x2_0040).unwrap(); // periodic, 0x40
+        a.mov(dword_ptr(rbx + 0x380), count).unwrap();
+        body(a);
+    });
+}
+
 #[test]
 fn hlt_after_sti_in_a_trace_still_wakes_for_the_timer_across_kicks() {
     // `sti; hlt` in one translation (the trace runs on past `sti`), a
@@ -487,20 +508,8 @@ fn hlt_after_sti_in_a_trace_still_wakes_for_the_timer_across_kicks() {
         background: false,
     };
     let (mut g, _) = guest(jit);
-    g.code(64, 0x30_0000, |a| {
-        a.add(r12, 1).unwrap();
-        a.mov(dword_ptr(rbx + 0xb0), 0).unwrap(); // EOI
-        a.iretq().unwrap();
-    });
-    g.idt64(0x40, 0x30_0000, 0);
-    g.write_u64(PML4 + 0x1000 + 3 * 8, 0xc000_0000 | 0x83); // the APIC page
-    g.code(64, CODE, |a| {
+    periodic_timer_guest(&g, 1_000_000, |a| {
         let mut again = a.create_label();
-        a.mov(rbx, 0xfee0_0000u64).unwrap();
-        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
-        a.mov(dword_ptr(rbx + 0x3e0), 0xb).unwrap();
-        a.mov(dword_ptr(rbx + 0x320), 0x2_0040).unwrap(); // periodic, 0x40
-        a.mov(dword_ptr(rbx + 0x380), 1_000_000).unwrap(); // 1 ms
         a.set_label(&mut again).unwrap();
         a.sti().unwrap();
         a.hlt().unwrap();
@@ -552,21 +561,9 @@ fn warm_blocks_are_translated_while_the_vcpu_halts() {
         background: false,
     };
     let (mut g, shared) = guest(jit);
-    g.code(64, 0x30_0000, |a| {
-        a.add(r12, 1).unwrap();
-        a.mov(dword_ptr(rbx + 0xb0), 0).unwrap(); // EOI
-        a.iretq().unwrap();
-    });
-    g.idt64(0x40, 0x30_0000, 0);
-    g.write_u64(PML4 + 0x1000 + 3 * 8, 0xc000_0000 | 0x83); // the APIC page
-    g.code(64, CODE, |a| {
+    periodic_timer_guest(&g, 200_000, |a| {
         let mut again = a.create_label();
         let mut body = a.create_label();
-        a.mov(rbx, 0xfee0_0000u64).unwrap();
-        a.mov(dword_ptr(rbx + 0xf0), 0x1ff).unwrap();
-        a.mov(dword_ptr(rbx + 0x3e0), 0xb).unwrap();
-        a.mov(dword_ptr(rbx + 0x320), 0x2_0040).unwrap(); // periodic, 0x40
-        a.mov(dword_ptr(rbx + 0x380), 200_000).unwrap(); // 0.2 ms
         a.set_label(&mut again).unwrap();
         a.mov(ecx, 10u32).unwrap();
         a.set_label(&mut body).unwrap();
