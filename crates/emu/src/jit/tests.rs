@@ -570,6 +570,7 @@ fn warm_blocks_are_translated_while_the_vcpu_halts() {
         a.add(r13, rcx).unwrap();
         a.dec(ecx).unwrap();
         a.jnz(body).unwrap();
+        a.add(r14, 1).unwrap();
         a.sti().unwrap();
         a.hlt().unwrap();
         a.cli().unwrap();
@@ -588,9 +589,13 @@ fn warm_blocks_are_translated_while_the_vcpu_halts() {
     );
     assert_eq!(o.end, End::Halt);
     let st = g.state();
-    assert_eq!(st.gpr[12], 20);
+    // Ticks (r12) can outnumber passes (r14): two may land between an
+    // `iret` and the `cli` after the `hlt`.
+    assert!(st.gpr[12] >= 20);
+    let passes = st.gpr[14];
+    assert!((1..=20).contains(&passes), "{passes} passes");
     // Every pass of the loop adds 10+9+...+1, translated or not.
-    assert_eq!(st.gpr[13], 20 * 55);
+    assert_eq!(st.gpr[13], passes * 55);
     assert!(
         shared.jit_totals.translated.load(Ordering::Relaxed) >= 1,
         "nothing was translated in idle time"
