@@ -147,7 +147,7 @@ impl VmResources {
             return Err(ConfigError::MachineConfig(VCPU_COUNT_MSG.into()));
         }
         if m.mem_size_mib == 0
-            || (m.huge_pages == HugePages::Hugetlbfs2M && !m.mem_size_mib.is_multiple_of(2))
+            || (m.huge_pages != HugePages::None && !m.mem_size_mib.is_multiple_of(2))
         {
             return Err(ConfigError::MachineConfig(MEM_SIZE_MSG.into()));
         }
@@ -158,7 +158,7 @@ impl VmResources {
         if m.track_dirty_pages {
             return Err(not_yet("dirty page tracking (track_dirty_pages: true)"));
         }
-        if m.huge_pages != HugePages::None {
+        if m.huge_pages == HugePages::Hugetlbfs2M {
             return Err(not_yet("huge pages (huge_pages: \"2M\")"));
         }
         if let Some(t) = m.cpu_template.filter(|t| *t != CpuTemplate::None) {
@@ -533,6 +533,11 @@ impl VmResources {
             cmdline: self.boot_args(),
             entry: machine::KernelEntry::Auto,
             memory: (self.machine_config.mem_size_mib as u64) << 20,
+            huge_pages: match self.machine_config.huge_pages {
+                HugePages::Transparent => machine::HugePages::Transparent,
+                // "2M" (hugetlbfs) is refused by check_machine_config.
+                HugePages::None | HugePages::Hugetlbfs2M => machine::HugePages::None,
+            },
             vcpus: self.machine_config.vcpu_count.into(),
             serial,
             virtio,
@@ -715,8 +720,31 @@ mod tests {
                 .contains("either 0")
         );
         m.mem_size_mib = 256;
-        r.set_machine_config(m).unwrap();
+        r.set_machine_config(m.clone()).unwrap();
         assert_eq!(r.machine_config.mem_size_mib, 256);
+        // Transparent huge pages reach the machine; hugetlbfs is refused
+        // by name; either wants a whole number of 2 MiB pages.
+        m.huge_pages = HugePages::Transparent;
+        m.mem_size_mib = 255;
+        assert!(r.set_machine_config(m.clone()).is_err());
+        m.mem_size_mib = 256;
+        r.set_machine_config(m.clone()).unwrap();
+        r.boot_source = Some(BootSource {
+            kernel_image_path: "/k".into(),
+            initrd_path: None,
+            boot_args: None,
+        });
+        let built = r
+            .machine_config(machine::SerialMode::None, &Default::default())
+            .unwrap();
+        assert_eq!(built.huge_pages, machine::HugePages::Transparent);
+        m.huge_pages = HugePages::Hugetlbfs2M;
+        assert!(
+            r.set_machine_config(m)
+                .unwrap_err()
+                .to_string()
+                .contains("\"2M\"")
+        );
     }
 
     #[test]

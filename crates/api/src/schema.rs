@@ -27,6 +27,8 @@ pub struct BootSource {
 pub enum HugePages {
     #[default]
     None,
+    /// Transparent huge pages on guest RAM (`MADV_HUGEPAGE`).
+    Transparent,
     #[serde(rename = "2M")]
     Hugetlbfs2M,
 }

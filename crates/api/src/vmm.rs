@@ -146,6 +146,10 @@ impl Vmm {
         });
         self.resources.machine_config.vcpu_count = config.vcpus.min(255) as u8;
         self.resources.machine_config.mem_size_mib = (config.memory >> 20) as usize;
+        self.resources.machine_config.huge_pages = match config.huge_pages {
+            vmplay_machine::HugePages::None => crate::schema::HugePages::None,
+            vmplay_machine::HugePages::Transparent => crate::schema::HugePages::Transparent,
+        };
         self.preset = Some(config);
     }
 

@@ -65,6 +65,7 @@ fn vmplay_run(ctx: &Ctx, n: u32) -> Result<Cost, BenchError> {
         cmdline: String::new(),
         entry: KernelEntry::Auto,
         memory: GUEST_MEMORY,
+        huge_pages: Default::default(),
         vcpus: 1,
         serial: SerialMode::None,
         virtio: Default::default(),

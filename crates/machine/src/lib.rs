@@ -16,7 +16,7 @@ mod memory;
 mod vcpu_loop;
 
 pub use handle::{ControlError, RunningMachine, ThreadHooks, VcpuThreadHook};
-pub use memory::{host_memory_bytes, parse_size};
+pub use memory::{HugePages, host_memory_bytes, parse_size};
 pub use vcpu_loop::VcpuCounters;
 pub use vmplay_boot::{KernelEntry, Protocol};
 pub use vmplay_devices::control::{StopReason, VmControl};
@@ -53,6 +53,7 @@ pub struct MachineConfig {
     pub entry: KernelEntry,
     /// Guest RAM in bytes.
     pub memory: u64,
+    pub huge_pages: HugePages,
     pub vcpus: u32,
     pub serial: SerialMode,
     /// The virtio devices, in the order the guest enumerates them.
@@ -124,7 +125,7 @@ impl Machine {
                 reason: "xAPIC IDs stop at 254".into(),
             });
         }
-        let memory = memory::create(config.memory)?;
+        let memory = memory::create(config.memory, config.huge_pages)?;
         let backend_err = |source| MachineError::Backend { backend, source };
         let vm = hv
             .create_vm(

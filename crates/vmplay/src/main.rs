@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vmplay_hypervisor::Hypervisor;
-use vmplay_machine::{KernelEntry, Machine, MachineConfig, SerialMode, StopReason};
+use vmplay_machine::{HugePages, KernelEntry, Machine, MachineConfig, SerialMode, StopReason};
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +65,12 @@ enum EntryArg {
     Pvh,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum HugePagesArg {
+    None,
+    Transparent,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Kernel to boot: a bzImage, an ELF vmlinux (PVH or 64-bit entry), or a Multiboot v1 ELF kernel.
@@ -79,6 +85,10 @@ struct RunArgs {
     /// Guest RAM: a number with K/M/G suffix; a bare number is MiB [default: 512M].
     #[arg(long, value_name = "SIZE")]
     memory: Option<String>,
+    /// Guest RAM backing: `none` (ordinary pages, the default, as
+    /// Firecracker) or `transparent` (transparent huge pages, as QEMU).
+    #[arg(long, value_name = "none|transparent")]
+    huge_pages: Option<HugePagesArg>,
     /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
     cpus: Option<u32>,
@@ -219,6 +229,12 @@ fn machine_config(args: &RunArgs) -> Result<MachineConfig> {
             EntryArg::Pvh => KernelEntry::Pvh,
         },
         memory,
+        huge_pages: match (args.huge_pages, &file) {
+            (Some(HugePagesArg::None), _) => HugePages::None,
+            (Some(HugePagesArg::Transparent), _) => HugePages::Transparent,
+            (None, Some(f)) => f.huge_pages,
+            (None, None) => HugePages::None,
+        },
         vcpus: args.cpus.or(file.as_ref().map(|f| f.vcpus)).unwrap_or(1),
         serial: parse_serial(&args.serial)?,
         virtio,
@@ -497,6 +513,7 @@ impl RunArgs {
             initrd: None,
             cmdline: Some("demo from `vmplay demo`".into()),
             memory: None,
+            huge_pages: None,
             cpus: None,
             accel,
             kernel_entry: EntryArg::Auto,
@@ -628,5 +645,43 @@ mod tests {
         let c = machine_config(&args).unwrap();
         assert_eq!((c.memory, c.vcpus), (1 << 30, 2));
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.huge_pages, HugePages::None);
+    }
+
+    #[test]
+    fn huge_pages_come_from_the_flag_or_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("vmplay-huge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.json");
+        let kernel = dir.join("kernel");
+        std::fs::write(&kernel, b"not booted").unwrap();
+        std::fs::write(
+            &file,
+            r#"{"boot-source": {"kernel_image_path": "KERNEL"},
+                "drives": [],
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 256, "huge_pages": "Transparent"}}"#
+                .replace("KERNEL", kernel.to_str().unwrap()),
+        )
+        .unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["vmplay", "run", "--config", file.to_str().unwrap()];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("parsed as run")
+            };
+            machine_config(&args)
+        };
+        assert_eq!(
+            parse(&[]).map_err(|e| format!("{e:#}")).unwrap().huge_pages,
+            HugePages::Transparent
+        );
+        assert_eq!(
+            parse(&["--huge-pages", "none"]).unwrap().huge_pages,
+            HugePages::None
+        );
+        assert!(
+            Cli::try_parse_from(["vmplay", "run", "--kernel", "k", "--huge-pages", "2M"]).is_err()
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -33,20 +33,21 @@ pub struct CodeArena {
 unsafe impl Send for CodeArena {}
 
 impl CodeArena {
-    /// Maps `size` bytes (a multiple of 2 MiB) readable, writable and
-    /// executable, on 2 MiB boundaries and asking for transparent huge
-    /// pages: translated code is spread thinly over many blocks, and with
-    /// 4 KiB pages nearly every jump into another block missed the host's
-    /// instruction TLB.
+    /// Maps `size` bytes readable, writable and executable, in ordinary
+    /// pages. Not transparent huge pages: a huge page's first touch zeroes
+    /// 2 MiB in one fault, and where the host is itself a VM with lazily
+    /// backed memory (a Firecracker microVM, as CI's machines) that fault
+    /// stalled the vCPU 5-30 ms, in the middle of a translation, about
+    /// once per 2 MiB of code; the busybox workloads ran as fast without
+    /// them (BENCHMARKS.md).
     pub fn new(size: usize) -> std::io::Result<CodeArena> {
-        const HUGE: usize = 2 << 20;
-        let size = size.next_multiple_of(HUGE);
+        let size = size.next_multiple_of(4096);
         // SAFETY: an anonymous private mapping at an address the kernel
         // picks; no existing memory is affected.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size + HUGE,
+                size,
                 libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -56,24 +57,7 @@ impl CodeArena {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        // Keep the 2 MiB-aligned `size` bytes inside, unmap the rest.
-        let start = p as usize;
-        let aligned = start.next_multiple_of(HUGE);
-        let head = aligned - start;
-        let tail = HUGE - head;
-        // SAFETY: both ranges lie inside the mapping just made, outside
-        // the part kept; nothing references them.
-        unsafe {
-            if head != 0 {
-                libc::munmap(p, head);
-            }
-            if tail != 0 {
-                libc::munmap((aligned + size) as *mut libc::c_void, tail);
-            }
-            // Advice only: without huge pages the arena works the same.
-            libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
-        }
-        let base = NonNull::new(aligned as *mut u8).ok_or_else(std::io::Error::last_os_error)?;
+        let base = NonNull::new(p.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
         Ok(CodeArena {
             base,
             size,
