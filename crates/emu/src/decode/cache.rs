@@ -242,6 +242,8 @@ pub struct BlockCache {
     /// The uncached block for an instruction crossing a page or fetched
     /// from outside RAM.
     scratch: Box<Block>,
+    /// The last decodes of page-crossing instructions, by RIP.
+    cross: Box<[Option<CrossPage>]>,
     /// Instructions decoded, for statistics.
     pub decoded: u64,
     /// Lookups past the jump cache, and how many of them decoded a block.
@@ -268,6 +270,18 @@ impl Default for BlockCache {
     }
 }
 
+/// Page-crossing instructions remembered (direct-mapped by RIP).
+const CROSS_MEMO: usize = 16;
+
+/// A page-crossing instruction's bytes and their decode.
+struct CrossPage {
+    rip: u64,
+    bits: u8,
+    bytes: [u8; 15],
+    insn: Insn,
+    ins: Instruction,
+}
+
 #[inline(always)]
 fn set_of(key: u64) -> usize {
     ((key ^ (key >> 15) ^ (key >> 30)) as usize >> 2 ^ (key as usize & 3)) & (SETS - 1)
@@ -286,6 +300,7 @@ impl BlockCache {
             victim: vec![0; SETS].into_boxed_slice(),
             jumps: vec![NO_JUMP; JUMPS].into_boxed_slice(),
             scratch: Box::new(Block::empty(false)),
+            cross: (0..CROSS_MEMO).map(|_| None).collect(),
             decoded: 0,
             slow_lookups: 0,
             interpreted: 0,
@@ -466,6 +481,9 @@ impl BlockCache {
 
     /// Decodes one instruction that crosses a page (or is outside RAM,
     /// where fetches read all-ones) into the uncached scratch block.
+    /// Such an instruction can be on a hot path (a kernel function
+    /// straddling a page): its bytes are read afresh each time, and when
+    /// they match the last decode at this RIP that decode is reused.
     #[cold]
     fn decode_scratch(
         &mut self,
@@ -474,26 +492,50 @@ impl BlockCache {
         host: Option<*mut u8>,
     ) -> Res<*mut Block> {
         let mut buf = [0xffu8; 15];
-        if host.is_some() {
+        if let Some(host) = host {
             let first = (0x1000 - (lin & 0xfff) as usize).min(15);
-            for (k, b) in buf.iter_mut().enumerate() {
-                let a = lin.wrapping_add(k as u64) & cpu.lin_mask;
+            // SAFETY: `host..host+first` is inside the RAM page
+            // `fetch_target` found for `lin` (`first` stops at its end);
+            // other vCPUs may write it concurrently, so a raw copy.
+            unsafe { std::ptr::copy_nonoverlapping(host, buf.as_mut_ptr(), first) };
+            if first < 15 {
                 // Bytes from the next page fault as the instruction's own.
-                let _ = first;
-                if let Target::Ram(loc) = cpu.fetch_target(a)? {
-                    // SAFETY: one byte inside a RAM page just translated.
-                    *b = unsafe { loc.host.read_volatile() };
+                let next = lin.wrapping_add(first as u64) & cpu.lin_mask;
+                if let Target::Ram(loc) = cpu.fetch_target(next)? {
+                    // SAFETY: `next` starts a page, so its first
+                    // `15 - first` bytes are inside the RAM page found.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            loc.host,
+                            buf[first..].as_mut_ptr(),
+                            15 - first,
+                        )
+                    };
                 }
             }
         }
-        let mut decoder =
-            Decoder::with_ip(u32::from(cpu.bits), &buf, cpu.rip(), DecoderOptions::NONE);
-        let ins = decoder.decode();
-        let (h, _) = table().resolve(&ins);
+        let rip = cpu.rip();
+        let slot = (rip ^ (rip >> 12)) as usize % CROSS_MEMO;
+        let memo = match &self.cross[slot] {
+            Some(m) if m.rip == rip && m.bits == cpu.bits && m.bytes == buf => m,
+            _ => {
+                let mut decoder =
+                    Decoder::with_ip(u32::from(cpu.bits), &buf, rip, DecoderOptions::NONE);
+                let ins = decoder.decode();
+                let (h, _) = table().resolve(&ins);
+                self.cross[slot].insert(CrossPage {
+                    rip,
+                    bits: cpu.bits,
+                    bytes: buf,
+                    insn: Insn::build(&ins, h),
+                    ins,
+                })
+            }
+        };
         let mut b = Block::empty(false);
-        b.insns = vec![Insn::build(&ins, h)].into_boxed_slice();
+        b.insns = Box::new([memo.insn.clone()]);
         if cpu.vm.trace.is_some() {
-            b.full = vec![ins].into_boxed_slice();
+            b.full = Box::new([memo.ins]);
         }
         *self.scratch = b;
         Ok(&mut *self.scratch)

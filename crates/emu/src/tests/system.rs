@@ -229,6 +229,39 @@ fn self_modifying_code_runs_the_new_bytes() {
 }
 
 #[test]
+fn a_page_crossing_instruction_runs_its_current_bytes() {
+    let mut g = Guest::new(1);
+    let mut s = g.long_mode(CODE);
+    // `mov eax, imm32` from two bytes before a page end: its immediate is
+    // mostly on the next page. Called five times, then the immediate is
+    // patched (on the second page) and it is called again.
+    let f = CODE + 0x2000 - 2;
+    g.code(64, f, |a| {
+        a.mov(eax, 1u32).unwrap();
+        a.ret().unwrap();
+    });
+    g.code(64, CODE, |a| {
+        let mut top = a.create_label();
+        a.xor(ebx, ebx).unwrap();
+        a.mov(ecx, 5u32).unwrap();
+        a.mov(rsi, f).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(rsi).unwrap();
+        a.add(ebx, eax).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.mov(dword_ptr(rsi + 1), 100u32).unwrap();
+        a.call(rsi).unwrap();
+        a.add(ebx, eax).unwrap();
+        a.hlt().unwrap();
+    });
+    s.gpr[4] = STACK;
+    g.vcpu.set_state(&s).unwrap();
+    assert_eq!(g.run().end, End::Halt);
+    assert_eq!(g.state().gpr[3], 105, "five 1s, then the patched 100");
+}
+
+#[test]
 fn unimplemented_instruction_raises_ud() {
     let mut g = Guest::new(1);
     let s = g.long_mode(CODE);
