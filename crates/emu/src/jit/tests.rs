@@ -545,7 +545,9 @@ fn hlt_after_sti_in_a_trace_still_wakes_for_the_timer_across_kicks() {
     stop.store(true, Ordering::Relaxed);
     t.join().unwrap();
     assert_eq!(end, End::Halt, "timer interrupts stopped waking hlt");
-    assert_eq!(g.state().gpr[12], 20);
+    // One more tick may land between the last `cmp` and the `cli`.
+    let ticks = g.state().gpr[12];
+    assert!((20..=21).contains(&ticks), "{ticks} ticks");
 }
 
 #[test]
