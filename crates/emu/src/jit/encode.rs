@@ -53,25 +53,30 @@ enum Rex8 {
     Forbidden,
 }
 
-/// One instruction's bytes (at most 15; room to store 8 past them, so
-/// every field is one fixed-size store, not a `memcpy` call).
+/// One instruction's bytes (at most 15), gathered in a register and
+/// written out with one 16-byte store (bytes stored one by one into a
+/// buffer and read back as 16 would wait on store forwarding).
 struct Bytes {
-    buf: [u8; 24],
+    bits: u128,
     len: usize,
 }
 
 impl Bytes {
     #[inline(always)]
     fn u8(&mut self, b: u8) {
-        self.buf[self.len & 15] = b;
+        self.bits |= u128::from(b) << (8 * (self.len & 15));
         self.len += 1;
     }
 
     /// The low `n` bytes of `v`, little-endian.
     #[inline(always)]
     fn le(&mut self, v: u64, n: usize) {
-        let at = self.len & 15;
-        self.buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        let v = if n >= 8 {
+            v
+        } else {
+            v & ((1u64 << (8 * n)) - 1)
+        };
+        self.bits |= u128::from(v) << (8 * (self.len & 15));
         self.len += n;
     }
 }
@@ -273,10 +278,7 @@ pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<Encoded> {
         }
         rex |= 0x40;
     }
-    let mut b = Bytes {
-        buf: [0; 24],
-        len: 0,
-    };
+    let mut b = Bytes { bits: 0, len: 0 };
     if size16 {
         b.u8(0x66);
     }
@@ -306,10 +308,21 @@ pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<Encoded> {
     }
     debug_assert_eq!(b.len, end);
     let len = b.len;
-    // A fixed 16-byte copy, then cut back: no variable-length `memcpy`.
+    // A fixed 16-byte store, then the length: no variable-length
+    // `memcpy`, no out-of-line `extend` (a fifth of the encoder's time).
+    out.reserve(16);
     let at = out.len();
-    out.extend_from_slice(&b.buf[..16]);
-    out.truncate(at + len);
+    debug_assert!(len <= 15);
+    // SAFETY: `reserve(16)` left room for 16 bytes from `at` (the old
+    // length), all written here; the first `len` (at most 15) are the
+    // instruction's, and only they become part of the vector.
+    unsafe {
+        out.as_mut_ptr()
+            .add(at)
+            .cast::<[u8; 16]>()
+            .write_unaligned(b.bits.to_le_bytes());
+        out.set_len(at + len);
+    }
     Some(Encoded { len, disp_at })
 }
 
