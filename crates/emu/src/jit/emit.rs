@@ -1503,7 +1503,6 @@ pub fn compile(
     // for the dispatcher, whether the flags are parked in `LINK_SPILL`,
     // leave.
     let mut slots = std::mem::take(&mut c.slots);
-    let tails: [CodeLabel; 4] = std::array::from_fn(|_| c.a.create_label());
     for (site, stub, parked, epoch) in slots.iter_mut() {
         bind(&mut c.a, stub)?;
         c.a.lea(rax, qword_ptr(*site)).map_err(err)?;
@@ -1511,24 +1510,7 @@ pub fn compile(
             c.a.lea(rcx, qword_ptr(*e)).map_err(err)?;
         }
         let kind = usize::from(*parked) | usize::from(epoch.is_some()) << 1;
-        c.a.jmp(tails[kind]).map_err(err)?;
-    }
-    for (kind, mut tail) in tails.into_iter().enumerate() {
-        bind(&mut c.a, &mut tail)?;
-        c.a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
-        c.a.mov(qword_ptr(r15 + LINK), rax).map_err(err)?;
-        if kind & 2 != 0 {
-            c.a.mov(qword_ptr(r15 + LINK_EPOCH), rcx).map_err(err)?;
-        } else {
-            c.a.mov(qword_ptr(r15 + LINK_EPOCH), 0).map_err(err)?;
-        }
-        c.a.mov(qword_ptr(r15 + LINK_SPILL), (kind & 1) as i32)
-            .map_err(err)?;
-        if kind & 1 == 1 {
-            c.materialize(true)?;
-        }
-        c.a.xor(eax, eax).map_err(err)?;
-        c.a.jmp(epilogue).map_err(err)?;
+        c.a.jmp(c.thunks.unchained[kind]).map_err(err)?;
     }
     let r = super::asm::assemble(&c.a, base)?;
     // The dispatcher patches these at fixed offsets.
@@ -1585,6 +1567,12 @@ pub struct Thunks {
     /// Jumped to with the exit code in eax: drops the frame (and any
     /// return frames above it) and returns to Rust.
     pub leave: u64,
+    /// An unchained exit's way out, jumped to with the exit's `jmp` in
+    /// rax (and its epoch's `mov` in rcx): records them for the
+    /// dispatcher and leaves. Indexed by kind: bit 0 the flags are
+    /// parked, bit 1 there is an epoch. Shared rather than repeated in
+    /// each translation (a quarter of a short one's code).
+    pub unchained: [u64; 4],
 }
 
 impl Thunks {
@@ -1677,7 +1665,32 @@ impl Thunks {
         }
         a.ret().map_err(err)?;
 
+        // Unchained exits (see `unchained`); the stack is the block
+        // body's, as `materialize` expects.
+        let mut unchained: [CodeLabel; 4] = std::array::from_fn(|_| a.create_label());
+        for (kind, label) in unchained.iter_mut().enumerate() {
+            bind(&mut a, label)?;
+            a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
+            a.mov(qword_ptr(r15 + LINK), rax).map_err(err)?;
+            if kind & 2 != 0 {
+                a.mov(qword_ptr(r15 + LINK_EPOCH), rcx).map_err(err)?;
+            } else {
+                a.mov(qword_ptr(r15 + LINK_EPOCH), 0).map_err(err)?;
+            }
+            a.mov(qword_ptr(r15 + LINK_SPILL), (kind & 1) as i32)
+                .map_err(err)?;
+            if kind & 1 == 1 {
+                a.call(materialize).map_err(err)?;
+            }
+            a.xor(eax, eax).map_err(err)?;
+            a.jmp(leave).map_err(err)?;
+        }
+
         let r = super::asm::assemble(&a, base)?;
+        let mut unchained_at = [0u64; 4];
+        for (at, label) in unchained_at.iter_mut().zip(unchained) {
+            *at = base + r.offset(label)?;
+        }
         let t = Thunks {
             enter: base + r.offset(enter)?,
             leave: base + r.offset(leave)?,
@@ -1686,6 +1699,7 @@ impl Thunks {
             fill: base + r.offset(fill)?,
             interp: base + r.offset(interp)?,
             interp_soft: base + r.offset(interp_soft)?,
+            unchained: unchained_at,
         };
         Ok((r.bytes, t))
     }
