@@ -583,7 +583,7 @@ fn flag_use(ins: &Instruction) -> (u32, u32) {
 }
 
 struct Ctx<'a> {
-    a: CodeAssembler,
+    a: &'a mut CodeAssembler,
     epilogue: CodeLabel,
     /// Chained exits: (the `jmp rel32` the dispatcher patches, its
     /// unchained stub, flags parked, for an exit to another page the
@@ -686,7 +686,7 @@ impl Ctx<'_> {
     fn hold(&mut self, regs: &[(usize, bool)]) -> Result<(), String> {
         let pinned: Vec<usize> = regs.iter().map(|(g, _)| *g).collect();
         for (g, load) in regs {
-            self.regs.get(&mut self.a, *g, *load, &pinned)?;
+            self.regs.get(self.a, *g, *load, &pinned)?;
         }
         Ok(())
     }
@@ -739,7 +739,7 @@ impl Ctx<'_> {
         let miss = self.a.create_label();
         let mut back = self.a.create_label();
         self.memo_check(miss)?;
-        bind(&mut self.a, &mut back)?;
+        bind(self.a, &mut back)?;
         self.a.mov(edx, dword_ptr(r15 + MEMO_SPILL)).map_err(err)?;
         self.cold.push(Cold::FlagsMiss { label: miss, back });
         Ok(())
@@ -907,7 +907,7 @@ impl Ctx<'_> {
         (self.base, self.total) = (next, 0);
         self.exit_to(next, Fl::Spill)?;
         (self.base, self.total) = (base, total);
-        bind(&mut self.a, &mut callee)?;
+        bind(self.a, &mut callee)?;
         Ok(Fl::Spill)
     }
 
@@ -1076,6 +1076,14 @@ const NO_RETURN: u64 = 0x8000_0000_0000_0000;
 /// deeper calls go without one.
 const RAS_BYTES: i32 = 256 * 16;
 
+thread_local! {
+    /// The generator's instruction list, kept from one translation to the
+    /// next on each thread that translates: growing a fresh one was ~6%
+    /// of a translation.
+    static ASSEMBLER: std::cell::RefCell<Option<CodeAssembler>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Translates the 64-bit block `ins` (guest instructions from `rip`, with
 /// `insns[k]` the interpreter's form of `ins[k]`) for address `base`.
 pub fn compile(
@@ -1087,7 +1095,31 @@ pub fn compile(
     chain: bool,
     thunks: &Thunks,
 ) -> Result<Emitted, String> {
-    let mut a = CodeAssembler::new(64).map_err(err)?;
+    let mut a = match ASSEMBLER.with(|slot| slot.borrow_mut().take()) {
+        Some(mut a) => {
+            a.reset();
+            a
+        }
+        None => CodeAssembler::new(64).map_err(err)?,
+    };
+    let made = compile_with(
+        &mut a, ins, insns, generation, attention, base, chain, thunks,
+    );
+    ASSEMBLER.with(|slot| *slot.borrow_mut() = Some(a));
+    made
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_with(
+    a: &mut CodeAssembler,
+    ins: &[Instruction],
+    insns: &[Insn],
+    generation: (u64, u32),
+    attention: u64,
+    base: u64,
+    chain: bool,
+    thunks: &Thunks,
+) -> Result<Emitted, String> {
     let epilogue = a.create_label();
     let stale = a.create_label();
     let mut head = a.create_label();
@@ -1121,18 +1153,18 @@ pub fn compile(
     // the code are offsets from it: the same physical page may be mapped
     // at another address by another process (shared libraries), and the
     // translation is the page's.
-    bind(&mut c.a, &mut head)?;
+    bind(c.a, &mut head)?;
     let stale_head = c.a.create_label();
     if entry_lazy {
-        head_checks(&mut c.a, generation, attention, stale_head)?;
+        head_checks(c.a, generation, attention, stale_head)?;
         c.cold.push(Cold::ParkedEntry {
             label: head_spill,
             head,
         });
     } else {
         c.lazy_to_spill()?;
-        bind(&mut c.a, &mut head_spill)?;
-        head_checks(&mut c.a, generation, attention, stale_spill)?;
+        bind(c.a, &mut head_spill)?;
+        head_checks(c.a, generation, attention, stale_spill)?;
     }
 
     // Flag liveness after each instruction (all live at the block end).
@@ -1165,7 +1197,7 @@ pub fn compile(
                 fallback += 1;
                 c.sse_checked = false;
                 c.ensure_lazy(&mut fl)?;
-                c.regs.write_back(&mut c.a)?;
+                c.regs.write_back(c.a)?;
                 c.interp(k, next)?;
                 // The interpreter may have changed any register.
                 c.regs.forget();
@@ -1226,7 +1258,7 @@ pub fn compile(
                 }
                 let before = fl;
                 let mut retry = c.a.create_label();
-                bind(&mut c.a, &mut retry)?;
+                bind(c.a, &mut retry)?;
                 let held = c.regs.clone();
                 let slow = c.a.create_label();
                 let to_interp = c.a.create_label();
@@ -1296,27 +1328,27 @@ pub fn compile(
                         regs: held,
                     });
                 }
-                bind(&mut c.a, &mut after)?;
+                bind(c.a, &mut after)?;
                 match p {
                     Plan::Call => {
-                        c.regs.write_back(&mut c.a)?;
+                        c.regs.write_back(c.a)?;
                         let fl = c.return_frame(next, fl)?;
                         c.exit_to(i.near_branch_target(), fl)?;
                         ended = true;
                     }
                     Plan::CallInd | Plan::CallMem => {
-                        c.regs.write_back(&mut c.a)?;
+                        c.regs.write_back(c.a)?;
                         let fl = c.return_frame(next, fl)?;
                         c.exit_dynamic(fl)?;
                         ended = true;
                     }
                     Plan::Ret => {
-                        c.regs.write_back(&mut c.a)?;
+                        c.regs.write_back(c.a)?;
                         c.exit_return(fl)?;
                         ended = true;
                     }
                     Plan::JmpMem => {
-                        c.regs.write_back(&mut c.a)?;
+                        c.regs.write_back(c.a)?;
                         c.exit_dynamic(fl)?;
                         ended = true;
                     }
@@ -1328,13 +1360,13 @@ pub fn compile(
                 c.hold(&operand_regs(info))?;
                 let t = c.host(i.op0_register())?;
                 c.a.mov(qword_ptr(r15 + gpr(RIP)), t).map_err(err)?;
-                c.regs.write_back(&mut c.a)?;
+                c.regs.write_back(c.a)?;
                 c.exit_dynamic(fl)?;
                 ended = true;
             }
             Plan::Jmp => {
                 native += 1;
-                c.regs.write_back(&mut c.a)?;
+                c.regs.write_back(c.a)?;
                 c.exit_to(i.near_branch_target(), fl)?;
                 ended = true;
             }
@@ -1351,13 +1383,13 @@ pub fn compile(
                     Fl::Spill => c.unspill()?,
                 }
                 fl = Fl::Spill;
-                c.regs.write_back(&mut c.a)?;
+                c.regs.write_back(c.a)?;
                 let taken = c.a.create_label();
-                emit_jcc(&mut c.a, i.condition_code(), taken)?;
+                emit_jcc(c.a, i.condition_code(), taken)?;
                 if last {
                     c.exit_to(next, fl)?;
                     let mut t = taken;
-                    bind(&mut c.a, &mut t)?;
+                    bind(c.a, &mut t)?;
                     c.exit_to(i.near_branch_target(), fl)?;
                     ended = true;
                 } else {
@@ -1371,7 +1403,7 @@ pub fn compile(
             }
         }
         if last && !ended {
-            c.regs.write_back(&mut c.a)?;
+            c.regs.write_back(c.a)?;
             c.exit_to(next, fl)?;
         }
     }
@@ -1394,19 +1426,19 @@ pub fn compile(
                 branch,
                 regs,
             } => {
-                bind(&mut c.a, &mut label)?;
+                bind(c.a, &mut label)?;
                 // r11 is still the guest address: the check jumps here
                 // before adding the addend.
-                regs.store_changed(&mut c.a)?;
+                regs.store_changed(c.a)?;
                 c.a.mov(eax, kind as u32).map_err(err)?;
                 c.a.call(c.thunks.fill).map_err(err)?;
                 let mut run = c.a.create_label();
                 c.a.jnz(run).map_err(err)?;
-                regs.reload(&mut c.a, false)?;
+                regs.reload(c.a, false)?;
                 c.a.jmp(retry).map_err(err)?;
-                bind(&mut c.a, &mut to_interp)?;
-                regs.store_changed(&mut c.a)?;
-                bind(&mut c.a, &mut run)?;
+                bind(c.a, &mut to_interp)?;
+                regs.store_changed(c.a)?;
+                bind(c.a, &mut run)?;
                 if from_spill {
                     c.materialize(true)?;
                 }
@@ -1430,18 +1462,18 @@ pub fn compile(
                             c.a.mov(edx, dword_ptr(r15 + MEMO_SPILL)).map_err(err)?;
                         }
                     }
-                    regs.reload(&mut c.a, true)?;
+                    regs.reload(c.a, true)?;
                     c.a.jmp(after).map_err(err)?;
                 }
             }
             Cold::Leave { label, k } => leaves.push((label, k)),
             Cold::ParkedEntry { mut label, head } => {
-                bind(&mut c.a, &mut label)?;
+                bind(c.a, &mut label)?;
                 c.materialize(true)?;
                 c.a.jmp(head).map_err(err)?;
             }
             Cold::FlagsMiss { mut label, back } => {
-                bind(&mut c.a, &mut label)?;
+                bind(c.a, &mut label)?;
                 c.a.call(c.thunks.flags_memo).map_err(err)?;
                 c.a.jmp(back).map_err(err)?;
             }
@@ -1450,7 +1482,7 @@ pub fn compile(
                 target,
                 count,
             } => {
-                bind(&mut c.a, &mut label)?;
+                bind(c.a, &mut label)?;
                 let total = c.total;
                 c.total = count;
                 c.exit_to(target, Fl::Spill)?;
@@ -1465,7 +1497,7 @@ pub fn compile(
         }
     }
     for (mut label, k) in leaves {
-        bind(&mut c.a, &mut label)?;
+        bind(c.a, &mut label)?;
         if k > 0 {
             c.a.add(qword_ptr(r15 + ICOUNT), k as i32).map_err(err)?;
         }
@@ -1478,24 +1510,24 @@ pub fn compile(
         if parked {
             parked_misses.push(m);
         } else {
-            bind(&mut c.a, &mut m)?;
+            bind(c.a, &mut m)?;
         }
     }
     let mut stale_l = stale;
-    bind(&mut c.a, &mut stale_l)?;
+    bind(c.a, &mut stale_l)?;
     c.a.xor(eax, eax).map_err(err)?;
     let mut ep = epilogue;
-    bind(&mut c.a, &mut ep)?;
+    bind(c.a, &mut ep)?;
     c.a.jmp(c.thunks.leave).map_err(err)?;
     let mut stale_lazy = stale_head;
-    bind(&mut c.a, &mut stale_lazy)?;
+    bind(c.a, &mut stale_lazy)?;
     c.a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
     c.a.jmp(stale).map_err(err)?;
     let mut stale_parked = stale_spill;
-    bind(&mut c.a, &mut stale_parked)?;
+    bind(c.a, &mut stale_parked)?;
     c.a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
     for mut m in parked_misses {
-        bind(&mut c.a, &mut m)?;
+        bind(c.a, &mut m)?;
     }
     c.materialize(true)?;
     c.a.jmp(stale).map_err(err)?;
@@ -1504,7 +1536,7 @@ pub fn compile(
     // leave.
     let mut slots = std::mem::take(&mut c.slots);
     for (site, stub, parked, epoch) in slots.iter_mut() {
-        bind(&mut c.a, stub)?;
+        bind(c.a, stub)?;
         c.a.lea(rax, qword_ptr(*site)).map_err(err)?;
         if let Some(e) = epoch {
             c.a.lea(rcx, qword_ptr(*e)).map_err(err)?;
@@ -1512,7 +1544,7 @@ pub fn compile(
         let kind = usize::from(*parked) | usize::from(epoch.is_some()) << 1;
         c.a.jmp(c.thunks.unchained[kind]).map_err(err)?;
     }
-    let r = super::asm::assemble(&c.a, base)?;
+    let r = super::asm::assemble(c.a, base)?;
     // The dispatcher patches these at fixed offsets.
     for (site, _, _, epoch) in &slots {
         if r.bytes.get(r.offset(*site)? as usize) != Some(&0xe9) {
