@@ -1428,17 +1428,14 @@ fn compile_with(
             } => {
                 bind(c.a, &mut label)?;
                 // r11 is still the guest address: the check jumps here
-                // before adding the addend.
-                regs.store_changed(c.a)?;
+                // before adding the addend. The fill keeps every held
+                // register.
                 c.a.mov(eax, kind as u32).map_err(err)?;
                 c.a.call(c.thunks.fill).map_err(err)?;
-                let mut run = c.a.create_label();
-                c.a.jnz(run).map_err(err)?;
-                regs.reload(c.a, false)?;
+                c.a.jnz(to_interp).map_err(err)?;
                 c.a.jmp(retry).map_err(err)?;
                 bind(c.a, &mut to_interp)?;
                 regs.store_changed(c.a)?;
-                bind(c.a, &mut run)?;
                 if from_spill {
                     c.materialize(true)?;
                 }
@@ -1585,8 +1582,9 @@ pub struct Thunks {
     /// every register but rax, rcx, rdx, r10, r11 and the host flags.
     pub flags_memo: u64,
     /// `helpers::fill` for the address in r11 and the kind in eax; ZF
-    /// clear if the instruction must go to the interpreter. Keeps rdx;
-    /// clobbers what a call does.
+    /// clear if the instruction must go to the interpreter. Keeps rdx and
+    /// the registers that hold guest registers; clobbers rax, rcx, r10,
+    /// r11 and the host flags.
     pub fill: u64,
     /// `helpers::interp` with the vCPU context as first argument.
     pub interp: u64,
@@ -1650,7 +1648,10 @@ impl Thunks {
         Regs::pop_clobbered(&mut a)?;
         a.ret().map_err(err)?;
 
+        // Keeps the guest registers held in call-clobbered host registers
+        // too: a block's slow path need not store and reload them.
         bind(&mut a, &mut fill)?;
+        Regs::push_clobbered(&mut a)?;
         a.mov(qword_ptr(r15 + SPILL), rdx).map_err(err)?;
         a.mov(edx, eax).map_err(err)?;
         a.mov(rdi, r15).map_err(err)?;
@@ -1660,6 +1661,7 @@ impl Thunks {
         a.call(rax).map_err(err)?;
         a.lea(rsp, rsp + 8).map_err(err)?;
         a.mov(rdx, qword_ptr(r15 + SPILL)).map_err(err)?;
+        Regs::pop_clobbered(&mut a)?;
         a.test(eax, eax).map_err(err)?;
         a.ret().map_err(err)?;
 
