@@ -1156,7 +1156,7 @@ fn compile_with(
     bind(c.a, &mut head)?;
     let stale_head = c.a.create_label();
     if entry_lazy {
-        head_checks(c.a, generation, attention, stale_head)?;
+        head_checks(c.a, generation, attention, c.thunks, stale_head)?;
         c.cold.push(Cold::ParkedEntry {
             label: head_spill,
             head,
@@ -1164,7 +1164,7 @@ fn compile_with(
     } else {
         c.lazy_to_spill()?;
         bind(c.a, &mut head_spill)?;
-        head_checks(c.a, generation, attention, stale_spill)?;
+        head_checks(c.a, generation, attention, c.thunks, stale_spill)?;
     }
 
     // Flag liveness after each instruction (all live at the block end).
@@ -1590,6 +1590,11 @@ pub struct Thunks {
     pub interp: u64,
     /// The same for `helpers::interp_soft`.
     pub interp_soft: u64,
+    /// A block head's attention word (in eax, non-zero) judged: ZF clear
+    /// if the dispatcher can act on it now, set if it must wait (an
+    /// interrupt while IF=0, an NMI while NMIs are blocked; else the
+    /// dispatcher would come straight back). Clobbers eax and the flags.
+    pub attention: u64,
     /// Called from Rust (`CodeArena::enter`) with the `Cpu` and a
     /// block's head: builds the frame translated code runs in and jumps
     /// there.
@@ -1616,6 +1621,7 @@ impl Thunks {
         let mut interp_soft = a.create_label();
         let mut enter = a.create_label();
         let mut leave = a.create_label();
+        let mut attention = a.create_label();
         // Called from a block's body, where the stack is 16-byte aligned:
         // the return address leaves it 8 off.
         bind(&mut a, &mut materialize)?;
@@ -1699,6 +1705,33 @@ impl Thunks {
         }
         a.ret().map_err(err)?;
 
+        bind(&mut a, &mut attention)?;
+        {
+            use crate::platform::signal::{IRQ, NMI};
+            let mut act = a.create_label();
+            let mut no_irq = a.create_label();
+            let mut wait = a.create_label();
+            a.test(eax, !(IRQ | NMI)).map_err(err)?;
+            a.jnz(act).map_err(err)?;
+            a.test(eax, IRQ).map_err(err)?;
+            a.jz(no_irq).map_err(err)?;
+            a.test(dword_ptr(r15 + RFLAGS), crate::cpu::flags::IF as u32)
+                .map_err(err)?;
+            a.jnz(act).map_err(err)?;
+            bind(&mut a, &mut no_irq)?;
+            a.test(eax, NMI).map_err(err)?;
+            a.jz(wait).map_err(err)?;
+            a.cmp(byte_ptr(r15 + NMI_BLOCKED), 0).map_err(err)?;
+            a.jne(wait).map_err(err)?;
+            bind(&mut a, &mut act)?;
+            // eax is non-zero here: ZF clear.
+            a.test(eax, eax).map_err(err)?;
+            a.ret().map_err(err)?;
+            bind(&mut a, &mut wait)?;
+            a.xor(eax, eax).map_err(err)?;
+            a.ret().map_err(err)?;
+        }
+
         // Unchained exits (see `unchained`); the stack is the block
         // body's, as `materialize` expects.
         let mut unchained: [CodeLabel; 4] = std::array::from_fn(|_| a.create_label());
@@ -1733,6 +1766,7 @@ impl Thunks {
             fill: base + r.offset(fill)?,
             interp: base + r.offset(interp)?,
             interp_soft: base + r.offset(interp_soft)?,
+            attention: base + r.offset(attention)?,
             unchained: unchained_at,
         };
         Ok((r.bytes, t))
@@ -1746,33 +1780,19 @@ fn head_checks(
     a: &mut CodeAssembler,
     (gen_word, gen_expected): (u64, u32),
     attention: u64,
+    thunks: &Thunks,
     stale: CodeLabel,
 ) -> Result<(), String> {
     a.mov(rax, gen_word).map_err(err)?;
     a.cmp(dword_ptr(rax), gen_expected).map_err(err)?;
     a.jne(stale).map_err(err)?;
-    // Only what the dispatcher can act on now counts, or it would come
-    // straight back here: an interrupt while IF=0, an NMI while NMIs are
-    // blocked wait.
-    use crate::platform::signal::{IRQ, NMI};
     a.mov(rax, attention).map_err(err)?;
     a.mov(eax, dword_ptr(rax)).map_err(err)?;
     a.test(eax, eax).map_err(err)?;
     let mut ok = a.create_label();
     a.jz(ok).map_err(err)?;
-    a.test(eax, !(IRQ | NMI)).map_err(err)?;
+    a.call(thunks.attention).map_err(err)?;
     a.jnz(stale).map_err(err)?;
-    let mut no_irq = a.create_label();
-    a.test(eax, IRQ).map_err(err)?;
-    a.jz(no_irq).map_err(err)?;
-    a.test(dword_ptr(r15 + RFLAGS), crate::cpu::flags::IF as u32)
-        .map_err(err)?;
-    a.jnz(stale).map_err(err)?;
-    bind(a, &mut no_irq)?;
-    a.test(eax, NMI).map_err(err)?;
-    a.jz(ok).map_err(err)?;
-    a.cmp(byte_ptr(r15 + NMI_BLOCKED), 0).map_err(err)?;
-    a.je(stale).map_err(err)?;
     bind(a, &mut ok)
 }
 
