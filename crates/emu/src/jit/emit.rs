@@ -1084,6 +1084,29 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// This thread's reused `CodeAssembler`, given back when dropped.
+struct Reused(Option<CodeAssembler>);
+
+impl Reused {
+    fn take() -> Result<Reused, String> {
+        let a = match ASSEMBLER.with(|slot| slot.borrow_mut().take()) {
+            Some(mut a) => {
+                a.reset();
+                a
+            }
+            None => CodeAssembler::new(64).map_err(err)?,
+        };
+        Ok(Reused(Some(a)))
+    }
+}
+
+impl Drop for Reused {
+    fn drop(&mut self) {
+        let a = self.0.take();
+        ASSEMBLER.with(|slot| *slot.borrow_mut() = a);
+    }
+}
+
 /// Translates the 64-bit block `ins` (guest instructions from `rip`, with
 /// `insns[k]` the interpreter's form of `ins[k]`) for address `base`.
 pub fn compile(
@@ -1095,31 +1118,8 @@ pub fn compile(
     chain: bool,
     thunks: &Thunks,
 ) -> Result<Emitted, String> {
-    let mut a = match ASSEMBLER.with(|slot| slot.borrow_mut().take()) {
-        Some(mut a) => {
-            a.reset();
-            a
-        }
-        None => CodeAssembler::new(64).map_err(err)?,
-    };
-    let made = compile_with(
-        &mut a, ins, insns, generation, attention, base, chain, thunks,
-    );
-    ASSEMBLER.with(|slot| *slot.borrow_mut() = Some(a));
-    made
-}
-
-#[allow(clippy::too_many_arguments)]
-fn compile_with(
-    a: &mut CodeAssembler,
-    ins: &[Instruction],
-    insns: &[Insn],
-    generation: (u64, u32),
-    attention: u64,
-    base: u64,
-    chain: bool,
-    thunks: &Thunks,
-) -> Result<Emitted, String> {
+    let mut reused = Reused::take()?;
+    let a = reused.0.as_mut().ok_or("no assembler")?;
     let epilogue = a.create_label();
     let stale = a.create_label();
     let mut head = a.create_label();
