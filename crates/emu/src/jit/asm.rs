@@ -70,10 +70,12 @@ pub fn assemble(a: &CodeAssembler, base: u64) -> Result<Assembled, String> {
     // encoder writes the rest.
     let mut bytes: Vec<u8> = Vec::with_capacity(ins.len() * 6);
     let mut enc = Encoder::new(64);
-    let mut labels: Vec<u32> = Vec::new();
+    // Sized for the usual label count up front (grown label by label it
+    // was a string of reallocations in every translation).
+    let mut labels: Vec<u32> = vec![u32::MAX; ins.len() + 64];
     // (where the rel32/disp32 field is, the end of its instruction, the
     // label id it names).
-    let mut fixups: Vec<(usize, u64, u64)> = Vec::new();
+    let mut fixups: Vec<(usize, u64, u64)> = Vec::with_capacity(ins.len() / 2 + 8);
     let mut pos = 0u64;
     for (k, i) in ins.iter().enumerate() {
         let mut i = *i;

@@ -23,6 +23,8 @@
 
 use std::mem::offset_of;
 
+use arrayvec::ArrayVec;
+
 use iced_x86::code_asm::*;
 use iced_x86::{
     Code, ConditionCode, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
@@ -370,26 +372,24 @@ fn plan(ins: &Instruction, info: &iced_x86::InstructionInfo) -> Plan {
         return Plan::Interp;
     }
     // Only explicit GPR operands (no AH..BH), one plain memory operand.
-    let mut explicit: Vec<Register> = Vec::with_capacity(4);
+    let mut explicit: ArrayVec<Register, 10> = ArrayVec::new();
     for k in 0..ins.op_count() {
         match ins.op_kind(k) {
             OpKind::Register => {
                 let r = ins.op_register(k);
-                if !r.is_gpr() || is_high8(r) {
+                if !r.is_gpr() || is_high8(r) || explicit.try_push(r.full_register()).is_err() {
                     return Plan::Interp;
                 }
-                explicit.push(r.full_register());
             }
             OpKind::Memory => {
                 if ins.memory_base() == Register::RIP || ins.memory_base() == Register::EIP {
                     // Fine: folded to a constant.
                 } else {
                     for r in [ins.memory_base(), ins.memory_index()] {
-                        if r != Register::None {
-                            if !r.is_gpr() {
-                                return Plan::Interp;
-                            }
-                            explicit.push(r.full_register());
+                        if r != Register::None
+                            && (!r.is_gpr() || explicit.try_push(r.full_register()).is_err())
+                        {
+                            return Plan::Interp;
                         }
                     }
                 }
@@ -511,7 +511,7 @@ fn sse_form(ins: &Instruction, info: &iced_x86::InstructionInfo) -> bool {
     if !ok || !(0..ins.op_count()).any(|o| is_xmm_operand(ins, o)) {
         return false;
     }
-    let mut explicit: Vec<Register> = Vec::with_capacity(4);
+    let mut explicit: ArrayVec<Register, 10> = ArrayVec::new();
     for k in 0..ins.op_count() {
         match ins.op_kind(k) {
             OpKind::Register => {
@@ -519,21 +519,20 @@ fn sse_form(ins: &Instruction, info: &iced_x86::InstructionInfo) -> bool {
                 if r.is_xmm() {
                     continue;
                 }
-                if !r.is_gpr() || r.size() < 4 {
+                if !r.is_gpr() || r.size() < 4 || explicit.try_push(r.full_register()).is_err() {
                     return false;
                 }
-                explicit.push(r.full_register());
             }
             OpKind::Memory => {
                 if ins.memory_base() == Register::EIP {
                     return false;
                 }
                 for r in [ins.memory_base(), ins.memory_index()] {
-                    if r != Register::None && r != Register::RIP {
-                        if !r.is_gpr() {
-                            return false;
-                        }
-                        explicit.push(r.full_register());
+                    if r != Register::None
+                        && r != Register::RIP
+                        && (!r.is_gpr() || explicit.try_push(r.full_register()).is_err())
+                    {
+                        return false;
                     }
                 }
             }
@@ -542,8 +541,8 @@ fn sse_form(ins: &Instruction, info: &iced_x86::InstructionInfo) -> bool {
         }
     }
     // `pcmpistri` writes its index to ECX.
-    if ins.mnemonic() == M::Pcmpistri {
-        explicit.push(Register::RCX);
+    if ins.mnemonic() == M::Pcmpistri && explicit.try_push(Register::RCX).is_err() {
+        return false;
     }
     info.used_registers().iter().all(|u| {
         let r = u.register();
@@ -656,10 +655,14 @@ fn rel(base: u64, addr: u64) -> Result<i32, String> {
         .map_err(|_| format!("{addr:#x} is too far from {base:#x}"))
 }
 
+/// Guest registers an instruction names (at most the 16 general ones),
+/// each with whether its old value is needed.
+type Operands = ArrayVec<(usize, bool), 16>;
+
 /// Guest registers an instruction names, each with whether its old
 /// value is needed (a whole 32/64-bit write is not).
-fn operand_regs(info: &iced_x86::InstructionInfo) -> Vec<(usize, bool)> {
-    let mut v: Vec<(usize, bool)> = Vec::with_capacity(4);
+fn operand_regs(info: &iced_x86::InstructionInfo) -> Result<Operands, String> {
+    let mut v = Operands::new();
     for u in info.used_registers() {
         let r = u.register();
         if !r.is_gpr() {
@@ -669,10 +672,10 @@ fn operand_regs(info: &iced_x86::InstructionInfo) -> Vec<(usize, bool)> {
         let load = !(u.access() == OpAccess::Write && r.size() >= 4);
         match v.iter_mut().find(|(x, _)| *x == g) {
             Some(e) => e.1 |= load,
-            None => v.push((g, load)),
+            None => v.try_push((g, load)).map_err(|_| "too many operand registers")?,
         }
     }
-    v
+    Ok(v)
 }
 
 impl Ctx<'_> {
@@ -684,7 +687,7 @@ impl Ctx<'_> {
     /// Brings the guest registers `regs` (number, old value needed) into
     /// host registers.
     fn hold(&mut self, regs: &[(usize, bool)]) -> Result<(), String> {
-        let pinned: Vec<usize> = regs.iter().map(|(g, _)| *g).collect();
+        let pinned: ArrayVec<usize, 16> = regs.iter().map(|(g, _)| *g).collect();
         for (g, load) in regs {
             self.regs.get(self.a, *g, *load, &pinned)?;
         }
@@ -1127,13 +1130,15 @@ pub fn compile(
     let mut c = Ctx {
         a,
         epilogue,
-        slots: Vec::new(),
-        cold: Vec::new(),
+        slots: Vec::with_capacity(4),
+        // About one out-of-line path per instruction (grown one push at a
+        // time it was a realloc per doubling, with `Regs` copied each time).
+        cold: Vec::with_capacity(ins.len() + 4),
         insns,
         total: ins.len(),
         page: first.ip() & !0xfff,
         chain,
-        misses: Vec::new(),
+        misses: Vec::with_capacity(4),
         base: first.ip(),
         regs: Regs::default(),
         thunks,
@@ -1209,7 +1214,7 @@ pub fn compile(
             Plan::Nop => native += 1,
             Plan::Lea => {
                 native += 1;
-                c.hold(&operand_regs(info))?;
+                c.hold(&operand_regs(info)?)?;
                 emit_lea(&mut c, i)?;
             }
             Plan::Cdqe => {
@@ -1239,13 +1244,15 @@ pub fn compile(
                 if needs_flags {
                     c.ensure_host(&mut fl)?;
                 }
-                let mut operands = operand_regs(info);
+                let mut operands = operand_regs(info)?;
                 let stack = matches!(
                     p,
                     Plan::Push | Plan::Pop | Plan::Call | Plan::CallInd | Plan::CallMem | Plan::Ret
                 );
                 if stack && !operands.iter().any(|(g, _)| *g == RSP) {
-                    operands.push((RSP, true));
+                    operands
+                        .try_push((RSP, true))
+                        .map_err(|_| "too many operand registers")?;
                 }
                 c.hold(&operands)?;
                 let has_mem = stack || (0..i.op_count()).any(|o| i.op_kind(o) == OpKind::Memory);
@@ -1357,7 +1364,7 @@ pub fn compile(
             }
             Plan::JmpInd => {
                 native += 1;
-                c.hold(&operand_regs(info))?;
+                c.hold(&operand_regs(info)?)?;
                 let t = c.host(i.op0_register())?;
                 c.a.mov(qword_ptr(r15 + gpr(RIP)), t).map_err(err)?;
                 c.regs.write_back(c.a)?;

@@ -88,10 +88,41 @@ enum Rm {
     Mem,
 }
 
-/// Appends `i`, at address `ip`, to `out`; `None` (and `out` untouched)
-/// if `i` is not one of the forms handled here.
-pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<Encoded> {
-    let oc = i.code().op_code();
+/// An operand slot of a handled form, as the encoder needs it.
+#[derive(Clone, Copy, PartialEq)]
+enum Slot {
+    /// ModRM reg.
+    Reg,
+    /// ModRM r/m: a register or memory.
+    RegOrMem,
+    /// A register added to the opcode byte.
+    InOpcode,
+    /// An immediate of this many bytes.
+    Imm(u8),
+    Rel32,
+    /// Implied by the opcode (`al`, `cl`, `eax`, `rax`, the `1` of a shift).
+    Implied,
+}
+
+/// What `encode` needs of a `Code`, packed small: iced's `OpCodeInfo` is
+/// ~150 bytes with its fields spread over cache lines, and looking it up
+/// for every instruction of a translation was most of the encoder's time.
+#[derive(Clone, Copy)]
+struct Form {
+    opcode: u8,
+    /// The 0F escape.
+    t0f: bool,
+    /// The ModRM reg field's `/digit`, if any.
+    digit: u8,
+    size16: bool,
+    rex_w: bool,
+    count: u8,
+    slots: [Slot; 4],
+}
+
+/// `None` for a `Code` outside the handled forms.
+fn form(code: iced_x86::Code) -> Option<Form> {
+    let oc = code.op_code();
     if oc.encoding() != EncodingKind::Legacy
         || !oc.is_instruction()
         || !matches!(
@@ -102,26 +133,81 @@ pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<Encoded> {
         || oc.rm_group_index() >= 0
         || oc.fwait()
         || !oc.mode64()
-        || i.has_lock_prefix()
+        || oc.op_count() > 4
+    {
+        return None;
+    }
+    let t0f = match oc.table() {
+        OpCodeTableKind::Normal => false,
+        OpCodeTableKind::T0F => true,
+        _ => return None,
+    };
+    let mut slots = [Slot::Implied; 4];
+    let mut imms = 0;
+    for n in 0..oc.op_count() {
+        slots[n as usize] = match oc.op_kind(n) {
+            K::r8_reg | K::r16_reg | K::r32_reg | K::r64_reg => Slot::Reg,
+            K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem | K::mem => {
+                Slot::RegOrMem
+            }
+            K::r8_opcode | K::r16_opcode | K::r32_opcode | K::r64_opcode => Slot::InOpcode,
+            // One immediate at most (`enter` has two).
+            K::imm8 | K::imm8sex16 | K::imm8sex32 | K::imm8sex64 => {
+                imms += 1;
+                Slot::Imm(1)
+            }
+            K::imm16 => {
+                imms += 1;
+                Slot::Imm(2)
+            }
+            K::imm32 | K::imm32sex64 => {
+                imms += 1;
+                Slot::Imm(4)
+            }
+            K::imm64 => {
+                imms += 1;
+                Slot::Imm(8)
+            }
+            K::br64_4 => Slot::Rel32,
+            K::al | K::cl | K::eax | K::rax | K::imm8_const_1 => Slot::Implied,
+            _ => return None,
+        };
+    }
+    if imms > 1 {
+        return None;
+    }
+    Some(Form {
+        opcode: oc.op_code() as u8,
+        t0f,
+        digit: oc.group_index().max(0) as u8,
+        size16: oc.operand_size() == 16,
+        rex_w: oc.operand_size() == 64 && !oc.default_op_size64() && !oc.force_op_size64(),
+        count: oc.op_count() as u8,
+        slots,
+    })
+}
+
+/// Every `Code`'s form, built once.
+fn forms() -> &'static [Option<Form>] {
+    static FORMS: std::sync::OnceLock<Box<[Option<Form>]>> = std::sync::OnceLock::new();
+    FORMS.get_or_init(|| iced_x86::Code::values().map(form).collect())
+}
+
+/// Appends `i`, at address `ip`, to `out`; `None` (and `out` untouched)
+/// if `i` is not one of the forms handled here.
+pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<Encoded> {
+    let f = (*forms().get(i.code() as usize)?)?;
+    if i.has_lock_prefix()
         || i.has_rep_prefix()
         || i.has_repne_prefix()
         || i.segment_prefix() != Register::None
     {
         return None;
     }
-    let table: &[u8] = match oc.table() {
-        OpCodeTableKind::Normal => &[],
-        OpCodeTableKind::T0F => &[0x0f],
-        _ => return None,
-    };
-    let mut opcode = oc.op_code() as u8;
+    let mut opcode = f.opcode;
     let mut rex = 0u8;
     let mut rex8 = Rex8::Any;
-    let mut reg_field: u8 = if oc.group_index() >= 0 {
-        oc.group_index() as u8
-    } else {
-        0
-    };
+    let mut reg_field: u8 = f.digit;
     let mut rm = Rm::None;
     // (size, value) of the immediate; a rel32's target.
     let mut imm: (usize, u64) = (0, 0);
@@ -135,46 +221,37 @@ pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<Encoded> {
         }
         Some(())
     };
-    for n in 0..oc.op_count() {
-        match oc.op_kind(n) {
-            K::r8_reg | K::r16_reg | K::r32_reg | K::r64_reg => {
+    for n in 0..u32::from(f.count) {
+        match f.slots[n as usize] {
+            Slot::Reg => {
                 let (num, k) = gpr(i.op_register(n))?;
                 note(k, &mut rex8)?;
                 reg_field = num & 7;
                 rex |= (num >> 3) << 2;
             }
-            K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem | K::mem => {
-                match i.op_kind(n) {
-                    OpKind::Register => {
-                        let (num, k) = gpr(i.op_register(n))?;
-                        note(k, &mut rex8)?;
-                        rm = Rm::Reg(num & 7);
-                        rex |= num >> 3;
-                    }
-                    OpKind::Memory => rm = Rm::Mem,
-                    _ => return None,
+            Slot::RegOrMem => match i.op_kind(n) {
+                OpKind::Register => {
+                    let (num, k) = gpr(i.op_register(n))?;
+                    note(k, &mut rex8)?;
+                    rm = Rm::Reg(num & 7);
+                    rex |= num >> 3;
                 }
-            }
-            K::r8_opcode | K::r16_opcode | K::r32_opcode | K::r64_opcode => {
+                OpKind::Memory => rm = Rm::Mem,
+                _ => return None,
+            },
+            Slot::InOpcode => {
                 let (num, k) = gpr(i.op_register(n))?;
                 note(k, &mut rex8)?;
                 opcode += num & 7;
                 rex |= num >> 3;
             }
-            // One immediate at most (`enter` has two).
-            K::imm8 | K::imm8sex16 | K::imm8sex32 | K::imm8sex64 if imm.0 == 0 => {
-                imm = (1, i.immediate(n))
-            }
-            K::imm16 if imm.0 == 0 => imm = (2, i.immediate(n)),
-            K::imm32 | K::imm32sex64 if imm.0 == 0 => imm = (4, i.immediate(n)),
-            K::imm64 if imm.0 == 0 => imm = (8, i.immediate(n)),
-            K::br64_4 => rel_target = Some(i.near_branch64()),
-            K::al | K::cl | K::eax | K::rax | K::imm8_const_1 => {}
-            _ => return None,
+            Slot::Imm(size) => imm = (usize::from(size), i.immediate(n)),
+            Slot::Rel32 => rel_target = Some(i.near_branch64()),
+            Slot::Implied => {}
         }
     }
-    let size16 = oc.operand_size() == 16;
-    if oc.operand_size() == 64 && !oc.default_op_size64() && !oc.force_op_size64() {
+    let size16 = f.size16;
+    if f.rex_w {
         rex |= 8;
     }
     // The memory operand: ModRM mod/rm, SIB, displacement.
@@ -285,8 +362,8 @@ pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<Encoded> {
     if rex != 0 {
         b.u8(rex);
     }
-    if let Some(&t) = table.first() {
-        b.u8(t);
+    if f.t0f {
+        b.u8(0x0f);
     }
     b.u8(opcode);
     if !matches!(rm, Rm::None) {
