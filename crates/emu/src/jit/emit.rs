@@ -25,7 +25,7 @@ use std::mem::offset_of;
 
 use arrayvec::ArrayVec;
 
-use iced_x86::code_asm::*;
+use super::asm::*;
 use iced_x86::{
     Code, ConditionCode, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
     OpKind, Register, RflagsBits,
@@ -107,7 +107,7 @@ enum Fl {
     Spill,
 }
 
-fn err(e: iced_x86::IcedError) -> String {
+fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
@@ -672,7 +672,9 @@ fn operand_regs(info: &iced_x86::InstructionInfo) -> Result<Operands, String> {
         let load = !(u.access() == OpAccess::Write && r.size() >= 4);
         match v.iter_mut().find(|(x, _)| *x == g) {
             Some(e) => e.1 |= load,
-            None => v.try_push((g, load)).map_err(|_| "too many operand registers")?,
+            None => v
+                .try_push((g, load))
+                .map_err(|_| "too many operand registers")?,
         }
     }
     Ok(v)
@@ -2290,6 +2292,7 @@ mod tests {
 
     #[test]
     fn accumulator_short_forms_are_translated_on_any_host_register() {
+        use iced_x86::code_asm::*;
         let mut a = CodeAssembler::new(64).unwrap();
         // The short forms iced picks for rAX with an immediate, and xchg
         // with rAX: each must become the ModRM form on the host register

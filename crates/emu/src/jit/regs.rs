@@ -14,8 +14,8 @@
 
 use std::mem::offset_of;
 
+use super::asm::*;
 use iced_x86::Register;
-use iced_x86::code_asm::*;
 
 use crate::cpu::Cpu;
 
@@ -38,7 +38,7 @@ pub fn gpr(n: usize) -> i32 {
     (offset_of!(Cpu, gpr) + 8 * n) as i32
 }
 
-fn err(e: iced_x86::IcedError) -> String {
+fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
@@ -191,18 +191,18 @@ mod tests {
         r.changed(0);
         // Touch 0 again so 1 is the oldest; 1 is pinned, so 2 goes.
         r.get(&mut a, 0, true, &[]).unwrap();
-        let before = a.instructions().len();
+        let before = a.decoded().len();
         let h = r.get(&mut a, 9, true, &[1, 9]).unwrap();
         assert_eq!(r.host_of(2), None);
         assert_eq!(r.host_of(9), Some(h));
         // Clean eviction: only the load of 9 was emitted.
-        assert_eq!(a.instructions().len(), before + 1);
+        assert_eq!(a.decoded().len(), before + 1);
         // Evicting the changed register 0 stores it first.
         for g in 10..=16 {
             r.get(&mut a, g, true, &[9]).unwrap();
         }
         assert_eq!(r.host_of(0), None);
-        assert!(a.instructions().iter().any(|i| {
+        assert!(a.decoded().iter().any(|i| {
             i.op0_kind() == iced_x86::OpKind::Memory && i.memory_displacement64() == gpr(0) as u64
         }));
     }
