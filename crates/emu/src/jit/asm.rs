@@ -22,7 +22,7 @@
 //! The tests decode what is written here with iced's decoder and compare
 //! it with the instruction asked for.
 
-use super::encode;
+use super::encode::{self, Bytes};
 use iced_x86::{Encoder, Instruction, Register};
 
 /// An instruction the assembler cannot write (an operand combination or
@@ -551,28 +551,29 @@ impl CodeAssembler {
                 }
             }
         }
-        let at = self.bytes.len();
-        let out = &mut self.bytes;
+        let mut b = Bytes::new();
         if let Some(p) = f.prefix {
-            out.push(p);
+            b.u8(p);
         }
         if rex != 0 || f.rex_needed {
             if f.rex_forbidden {
-                out.truncate(at);
                 return fail("ah..bh cannot be used with a REX prefix");
             }
-            out.push(0x40 | rex);
+            b.u8(0x40 | rex);
         }
-        out.extend_from_slice(f.opcode);
-        out.push(modrm);
+        for &o in f.opcode {
+            b.u8(o);
+        }
+        b.u8(modrm);
         if let Some(s) = sib {
-            out.push(s);
+            b.u8(s);
         }
-        let disp_at = out.len();
-        out.extend_from_slice(&disp.0.to_le_bytes()[..disp.1]);
-        out.extend_from_slice(&f.imm.0.to_le_bytes()[..f.imm.1]);
+        let disp_at = self.bytes.len() + b.len();
+        b.le(disp.0 as u64, disp.1);
+        b.le(f.imm.0 as u64, f.imm.1);
+        let end = self.bytes.len() + b.len();
+        b.append(&mut self.bytes);
         if let Some(id) = label {
-            let end = out.len();
             self.fixups.push(Fixup {
                 at: disp_at,
                 end,
@@ -898,9 +899,13 @@ impl CodeAssembler {
             Op::Imm(a) => Target::Absolute(a as u64),
             t => return fail(format!("not a branch target: {t:?}")),
         };
-        self.bytes.extend_from_slice(opcode);
-        let at = self.bytes.len();
-        self.bytes.extend_from_slice(&[0; 4]);
+        let mut b = Bytes::new();
+        for &o in opcode {
+            b.u8(o);
+        }
+        let at = self.bytes.len() + b.len();
+        b.le(0, 4);
+        b.append(&mut self.bytes);
         self.fixups.push(Fixup {
             at,
             end: at + 4,

@@ -50,21 +50,29 @@ enum Rex8 {
 /// One instruction's bytes (at most 15), gathered in a register and
 /// written out with one 16-byte store (bytes stored one by one into a
 /// buffer and read back as 16 would wait on store forwarding).
-struct Bytes {
+pub(super) struct Bytes {
     bits: u128,
     len: usize,
 }
 
 impl Bytes {
+    pub(super) fn new() -> Bytes {
+        Bytes { bits: 0, len: 0 }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
     #[inline(always)]
-    fn u8(&mut self, b: u8) {
+    pub(super) fn u8(&mut self, b: u8) {
         self.bits |= u128::from(b) << (8 * (self.len & 15));
         self.len += 1;
     }
 
     /// The low `n` bytes of `v`, little-endian.
     #[inline(always)]
-    fn le(&mut self, v: u64, n: usize) {
+    pub(super) fn le(&mut self, v: u64, n: usize) {
         let v = if n >= 8 {
             v
         } else {
@@ -72,6 +80,28 @@ impl Bytes {
         };
         self.bits |= u128::from(v) << (8 * (self.len & 15));
         self.len += n;
+    }
+
+    /// Appends the bytes to `out` with a fixed 16-byte store, then the
+    /// length: no variable-length `memcpy`, no out-of-line `extend` (a
+    /// fifth of the encoder's time).
+    #[inline(always)]
+    pub(super) fn append(self, out: &mut Vec<u8>) {
+        // At most 15 by x86's rule; the forms written here stay under it.
+        debug_assert!(self.len <= 15);
+        let len = self.len.min(16);
+        out.reserve(16);
+        let at = out.len();
+        // SAFETY: `reserve(16)` left room for 16 bytes from `at` (the old
+        // length), all written here; the first `len` (at most 16) are the
+        // instruction's, and only they become part of the vector.
+        unsafe {
+            out.as_mut_ptr()
+                .add(at)
+                .cast::<[u8; 16]>()
+                .write_unaligned(self.bits.to_le_bytes());
+            out.set_len(at + len);
+        }
     }
 }
 
@@ -348,7 +378,7 @@ pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<usize> {
         }
         rex |= 0x40;
     }
-    let mut b = Bytes { bits: 0, len: 0 };
+    let mut b = Bytes::new();
     if size16 {
         b.u8(0x66);
     }
@@ -377,21 +407,7 @@ pub fn encode(i: &Instruction, ip: u64, out: &mut Vec<u8>) -> Option<usize> {
     }
     debug_assert_eq!(b.len, end);
     let len = b.len;
-    // A fixed 16-byte store, then the length: no variable-length
-    // `memcpy`, no out-of-line `extend` (a fifth of the encoder's time).
-    out.reserve(16);
-    let at = out.len();
-    debug_assert!(len <= 15);
-    // SAFETY: `reserve(16)` left room for 16 bytes from `at` (the old
-    // length), all written here; the first `len` (at most 15) are the
-    // instruction's, and only they become part of the vector.
-    unsafe {
-        out.as_mut_ptr()
-            .add(at)
-            .cast::<[u8; 16]>()
-            .write_unaligned(b.bits.to_le_bytes());
-        out.set_len(at + len);
-    }
+    b.append(out);
     Some(len)
 }
 

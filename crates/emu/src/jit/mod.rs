@@ -236,7 +236,7 @@ struct Compiler {
     done: mpsc::Receiver<Done>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Finished translations whose block has not run since, by serial.
-    ready: HashMap<u64, Done>,
+    ready: HashMap<u64, Done, BySerial>,
     /// Bumped whenever `ready` is emptied (a block queued in an earlier
     /// round may have lost its result, so it is queued again).
     round: u32,
@@ -244,9 +244,33 @@ struct Compiler {
 
 /// Warm blocks waiting for the vCPU's idle time, and what it made of
 /// them (installed when the block next runs).
+/// Hashing for maps keyed by block serial numbers (distinct counters):
+/// one multiply, where the default SipHash was a visible cost of every
+/// interpreted run of a warm block.
+type BySerial = std::hash::BuildHasherDefault<SerialHasher>;
+
+#[derive(Default)]
+struct SerialHasher(u64);
+
+impl std::hash::Hasher for SerialHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 struct IdleQueue {
     pending: std::collections::VecDeque<Job>,
-    ready: HashMap<u64, Done>,
+    ready: HashMap<u64, Done, BySerial>,
     /// As [`Compiler::round`].
     round: u32,
 }
@@ -316,7 +340,7 @@ impl Jit {
                     compiler,
                     idle: IdleQueue {
                         pending: Default::default(),
-                        ready: HashMap::new(),
+                        ready: HashMap::default(),
                         round: 1,
                     },
                     config,
@@ -347,10 +371,12 @@ impl Jit {
         if self.compiler.is_some() {
             return self.compile_in_background(cpu, block, clear_all);
         }
-        if let Some(d) = self.idle.ready.remove(&block.serial()) {
+        // Only a block queued this round can have code waiting (asked on
+        // every interpreted run of a warm block, so no hashing otherwise).
+        let queued = block.jit_queued == self.idle.round;
+        if queued && let Some(d) = self.idle.ready.remove(&block.serial()) {
             return self.install_or_reset(cpu, block, d, clear_all);
         }
-        let queued = block.jit_queued == self.idle.round;
         if block.runs < self.config.threshold {
             // Warm: queue it for idle time, once.
             if !queued && self.idle.pending.len() < QUEUE {
@@ -629,7 +655,7 @@ impl Compiler {
             jobs: Some(jobs),
             done,
             thread: Some(thread),
-            ready: HashMap::new(),
+            ready: HashMap::default(),
             round: 1,
         })
     }
