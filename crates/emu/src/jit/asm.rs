@@ -480,7 +480,9 @@ impl CodeAssembler {
         Ok(())
     }
 
-    /// Writes a ModRM-form instruction.
+    /// Writes a ModRM-form instruction (inlined: at each call site most
+    /// of the operand matching folds away).
+    #[inline(always)]
     fn modrm(&mut self, f: Form) -> Result<(), AsmError> {
         let mut rex = u8::from(f.w) << 3 | (f.reg >> 3) << 2;
         let mut modrm = (f.reg & 7) << 3;
@@ -592,6 +594,7 @@ impl CodeAssembler {
     /// `r, r/m` (`load`), `r/m, imm` (`imm_op` with `/digit`; `imm8_op`
     /// its sign-extended 8-bit form). The 8-bit opcodes are the others
     /// minus one.
+    #[inline(always)]
     fn binary(
         &mut self,
         a: Op,

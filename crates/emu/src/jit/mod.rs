@@ -789,14 +789,18 @@ pub(crate) fn decode_again(cpu: &Cpu, block: &Block) -> Option<(Vec<Instruction>
     if len > page_left {
         return None;
     }
-    let avail = page_left.min(MAX_TRACE * 15).max(len);
-    let mut buf = vec![0u8; avail];
+    // On the stack: a heap buffer was a visible part of a translation.
+    let mut buf = [0u8; MAX_TRACE * 15];
+    let avail = page_left.min(buf.len()).max(len);
+    if avail > buf.len() {
+        return None;
+    }
     // SAFETY: the block's bytes, and the rest of its page after them, are
     // inside one RAM page (the cache decoded the block there); other vCPUs
     // may write them concurrently, which the generation check at the
     // translation's head catches.
     unsafe { std::ptr::copy_nonoverlapping(host, buf.as_mut_ptr(), avail) };
-    let mut d = Decoder::with_ip(64, &buf, rip, DecoderOptions::NONE);
+    let mut d = Decoder::with_ip(64, &buf[..avail], rip, DecoderOptions::NONE);
     let t = crate::decode::table::table();
     let mut ins = Vec::with_capacity(16);
     let mut insns = Vec::with_capacity(16);
