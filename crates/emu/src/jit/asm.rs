@@ -392,12 +392,12 @@ pub struct CodeAssembler {
 }
 
 /// The bytes and where each label ended up.
-pub struct Assembled {
+pub struct Assembled<'a> {
     pub bytes: Vec<u8>,
-    labels: Vec<u32>,
+    labels: &'a [u32],
 }
 
-impl Assembled {
+impl Assembled<'_> {
     /// Offset of `label` from the start of the code.
     pub fn offset(&self, label: CodeLabel) -> Result<u64, String> {
         match self.labels.get(label.0 as usize) {
@@ -407,9 +407,9 @@ impl Assembled {
     }
 }
 
-/// Patches `a`'s references for the code's address `base`.
-pub fn assemble(a: &CodeAssembler, base: u64) -> Result<Assembled, String> {
-    let mut bytes = a.bytes.clone();
+/// Patches `a`'s references for the code's address `base` and takes its
+/// bytes (`CodeAssembler::give_back` returns the buffer for reuse).
+pub fn assemble(a: &mut CodeAssembler, base: u64) -> Result<Assembled<'_>, String> {
     for f in &a.fixups {
         let target = match f.target {
             Target::Label(id) => match a.labels.get(id as usize) {
@@ -420,11 +420,11 @@ pub fn assemble(a: &CodeAssembler, base: u64) -> Result<Assembled, String> {
         };
         let rel = i32::try_from(target.wrapping_sub(f.end as i64))
             .map_err(|_| "branch too far".to_string())?;
-        bytes[f.at..f.at + 4].copy_from_slice(&rel.to_le_bytes());
+        a.bytes[f.at..f.at + 4].copy_from_slice(&rel.to_le_bytes());
     }
     Ok(Assembled {
-        bytes,
-        labels: a.labels.clone(),
+        bytes: std::mem::take(&mut a.bytes),
+        labels: &a.labels,
     })
 }
 
@@ -447,6 +447,14 @@ impl CodeAssembler {
             labels: Vec::with_capacity(256),
             fixups: Vec::with_capacity(256),
         })
+    }
+
+    /// Hands back a byte buffer `assemble` took, to be reused.
+    pub fn give_back(&mut self, mut bytes: Vec<u8>) {
+        if self.bytes.capacity() < bytes.capacity() {
+            bytes.clear();
+            self.bytes = bytes;
+        }
     }
 
     /// Empties the assembler for the next translation (keeps its buffers).
@@ -999,7 +1007,7 @@ mod tests {
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 
     /// Decodes `a`'s code at `base` into Intel syntax, one per line.
-    fn listing(a: &CodeAssembler, base: u64) -> Vec<String> {
+    fn listing(a: &mut CodeAssembler, base: u64) -> Vec<String> {
         let r = assemble(a, base).unwrap();
         let mut f = IntelFormatter::new();
         f.options_mut().set_uppercase_hex(false);
@@ -1151,7 +1159,7 @@ mod tests {
             "ja 0x700000000010",
             "ret",
         ];
-        let got = listing(&a, 0x6fff_ffff_0000);
+        let got = listing(&mut a, 0x6fff_ffff_0000);
         assert_eq!(got, want);
     }
 
@@ -1170,7 +1178,7 @@ mod tests {
         a.set_label(&mut slot).unwrap();
         a.ret().unwrap();
         let base = 0x7000_0000_1000;
-        let r = assemble(&a, base).unwrap();
+        let r = assemble(&mut a, base).unwrap();
         let ins: Vec<_> = Decoder::with_ip(64, &r.bytes, base, DecoderOptions::NONE)
             .into_iter()
             .collect();
@@ -1198,7 +1206,7 @@ mod tests {
         assert!(a.set_label(&mut l).is_err());
         let unbound = a.create_label();
         a.jmp(unbound).unwrap();
-        assert!(assemble(&a, 0).is_err());
+        assert!(assemble(&mut a, 0).is_err());
     }
 
     /// An 8-bit register that needs a REX prefix.

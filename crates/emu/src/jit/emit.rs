@@ -1093,6 +1093,16 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
 }
 
+/// Returns a translation's code buffer to this thread's assembler once
+/// the code is in the arena (no allocation per translation).
+pub fn recycle(bytes: Vec<u8>) {
+    SCRATCH.with(|slot| {
+        if let Some(s) = slot.borrow_mut().as_mut() {
+            s.a.give_back(bytes);
+        }
+    });
+}
+
 /// This thread's `Scratch`, emptied, given back when dropped.
 struct Reused(Option<Scratch>);
 
@@ -1557,9 +1567,6 @@ pub fn compile(
         c.a.jmp(c.thunks.unchained[kind]).map_err(err)?;
     }
     let r = super::asm::assemble(c.a, base)?;
-    if let Some(s) = reused.0.as_mut() {
-        s.cold = cold;
-    }
     // The dispatcher patches these at fixed offsets.
     for (site, _, _, epoch) in &slots {
         if r.bytes.get(r.offset(*site)? as usize) != Some(&0xe9) {
@@ -1574,6 +1581,9 @@ pub fn compile(
     let head = r.offset(head)?;
     let head_spill = r.offset(head_spill)?;
     let bytes = r.bytes;
+    if let Some(s) = reused.0.as_mut() {
+        s.cold = cold;
+    }
     let mut undefined = 0u32;
     for i in ins {
         undefined = (undefined & !(i.rflags_modified() & OSZAPC)) | (i.rflags_undefined() & OSZAPC);
@@ -1771,7 +1781,7 @@ impl Thunks {
             a.jmp(leave).map_err(err)?;
         }
 
-        let r = super::asm::assemble(&a, base)?;
+        let r = super::asm::assemble(&mut a, base)?;
         let mut unchained_at = [0u64; 4];
         for (at, label) in unchained_at.iter_mut().zip(unchained) {
             *at = base + r.offset(label)?;

@@ -711,7 +711,7 @@ fn translate(
             dump(&job.ins, &e.bytes, at);
         }
         // In the arena now; the copy need not wait for the install.
-        e.bytes = Vec::new();
+        emit::recycle(std::mem::take(&mut e.bytes));
         // Results that differ between two runs (the clock, random
         // numbers) or stores the undo log does not see (the string
         // instructions' page-sized fast paths).
