@@ -84,8 +84,8 @@ impl Default for JitConfig {
     fn default() -> Self {
         JitConfig {
             tier: Tier::Jit,
-            threshold: 64,
-            idle_threshold: 16,
+            threshold: 32,
+            idle_threshold: 8,
             verify_runs: 0,
             background: false,
         }
