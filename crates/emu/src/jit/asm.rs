@@ -482,12 +482,6 @@ impl CodeAssembler {
         }
     }
 
-    /// `code_asm`'s zero-length instruction (it let several labels share
-    /// a place); labels bind to positions here, so nothing to do.
-    pub fn zero_bytes(&mut self) -> Result<(), AsmError> {
-        Ok(())
-    }
-
     /// Writes a ModRM-form instruction (inlined: at each call site most
     /// of the operand matching folds away).
     #[inline(always)]

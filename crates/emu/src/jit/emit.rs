@@ -111,11 +111,9 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// Binds `l` here, on a zero-sized instruction of its own (several
-/// labels may mark the same place).
+/// Binds `l` here (several labels may mark the same place).
 fn bind(a: &mut CodeAssembler, l: &mut CodeLabel) -> Result<(), String> {
-    a.set_label(l).map_err(err)?;
-    a.zero_bytes().map_err(err)
+    a.set_label(l).map_err(err)
 }
 
 /// The register of `size` bytes within host 64-bit register `r`.
