@@ -388,13 +388,18 @@ impl Jit {
             }
             return false;
         }
-        if queued {
-            // Hot before idle time came: translated now, in line.
-            let serial = block.serial();
-            self.idle.pending.retain(|j| j.serial != serial);
-        }
         let t0 = std::time::Instant::now();
-        let Some(job) = self.job(cpu, block) else {
+        // Hot before idle time came: translated now, in line, from the
+        // job decoded when it was queued (the block is unchanged since:
+        // it is still current).
+        let serial = block.serial();
+        let waiting = if queued {
+            let at = self.idle.pending.iter().position(|j| j.serial == serial);
+            at.and_then(|at| self.idle.pending.remove(at))
+        } else {
+            None
+        };
+        let Some(job) = waiting.or_else(|| self.job(cpu, block)) else {
             return false;
         };
         let done = translate(&self.arena, &self.thunks, job, t0);
