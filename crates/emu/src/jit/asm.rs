@@ -420,7 +420,10 @@ pub fn assemble(a: &mut CodeAssembler, base: u64) -> Result<Assembled<'_>, Strin
         };
         let rel = i32::try_from(target.wrapping_sub(f.end as i64))
             .map_err(|_| "branch too far".to_string())?;
-        a.bytes[f.at..f.at + 4].copy_from_slice(&rel.to_le_bytes());
+        a.bytes
+            .get_mut(f.at..f.at + 4)
+            .ok_or("a fixup outside the code")?
+            .copy_from_slice(&rel.to_le_bytes());
     }
     Ok(Assembled {
         bytes: std::mem::take(&mut a.bytes),
