@@ -714,19 +714,6 @@ impl CodeAssembler {
         )
     }
 
-    pub fn add(&mut self, a: impl IntoOp, b: impl IntoOp) -> Result<(), AsmError> {
-        self.alu(0, a, b)
-    }
-    pub fn and(&mut self, a: impl IntoOp, b: impl IntoOp) -> Result<(), AsmError> {
-        self.alu(4, a, b)
-    }
-    pub fn xor(&mut self, a: impl IntoOp, b: impl IntoOp) -> Result<(), AsmError> {
-        self.alu(6, a, b)
-    }
-    pub fn cmp(&mut self, a: impl IntoOp, b: impl IntoOp) -> Result<(), AsmError> {
-        self.alu(7, a, b)
-    }
-
     pub fn test(&mut self, a: impl IntoOp, b: impl IntoOp) -> Result<(), AsmError> {
         self.binary(a.op(), b.op(), 0x85, None, Some((0xf7, None, 0)))
     }
@@ -794,16 +781,6 @@ impl CodeAssembler {
             }
             b => fail(format!("no shift by {b:?}")),
         }
-    }
-
-    pub fn shl(&mut self, a: impl IntoOp, b: impl IntoOp) -> Result<(), AsmError> {
-        self.shift(4, a, b)
-    }
-    pub fn shr(&mut self, a: impl IntoOp, b: impl IntoOp) -> Result<(), AsmError> {
-        self.shift(5, a, b)
-    }
-    pub fn sar(&mut self, a: impl IntoOp, b: impl IntoOp) -> Result<(), AsmError> {
-        self.shift(7, a, b)
     }
 
     pub fn push(&mut self, a: impl IntoOp) -> Result<(), AsmError> {
@@ -967,6 +944,19 @@ impl CodeAssembler {
         Ok(())
     }
 }
+
+/// The two-operand instructions that differ only in their `/digit`.
+macro_rules! by_digit {
+    ($via:ident: $($name:ident = $digit:expr),* $(,)?) => {
+        impl CodeAssembler {
+            $(pub fn $name(&mut self, a: impl IntoOp, b: impl IntoOp) -> Result<(), AsmError> {
+                self.$via($digit, a, b)
+            })*
+        }
+    };
+}
+by_digit!(alu: add = 0, and = 4, xor = 6, cmp = 7);
+by_digit!(shift: shl = 4, shr = 5, sar = 7);
 
 macro_rules! jcc {
     ($($name:ident = $cc:expr),* $(,)?) => {
