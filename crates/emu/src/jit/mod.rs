@@ -199,8 +199,7 @@ struct Arena {
 /// code embeds.
 struct Job {
     serial: u64,
-    ins: Vec<Instruction>,
-    insns: Box<[Insn]>,
+    code: GuestCode,
     generation_word: (u64, u32),
     attention: u64,
     chain: bool,
@@ -276,6 +275,18 @@ struct IdleQueue {
 }
 
 impl IdleQueue {
+    /// Queues `job`. A full queue drops its oldest job: warm code the
+    /// guest has left behind (a boot with little idle time fills the
+    /// queue, and the next workload's code would wait for it to drain;
+    /// it was 512 stale jobs when a disk benchmark began). A dropped
+    /// job's block is translated in line if it turns hot.
+    fn push(&mut self, job: Job) {
+        if self.pending.len() >= QUEUE {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(job);
+    }
+
     fn forget_all(&mut self) {
         self.pending.clear();
         self.ready.clear();
@@ -287,8 +298,9 @@ impl IdleQueue {
 /// (blocks the cache dropped never will).
 const READY_MAX: usize = 1 << 14;
 
-/// Jobs waiting for the compiler at most (a full queue leaves the block
-/// to be queued on a later run).
+/// Jobs waiting for the compiler at most (a full channel to the compiler
+/// thread leaves the block to be queued on a later run; the idle queue
+/// drops its oldest job instead).
 const QUEUE: usize = 512;
 
 pub struct Jit {
@@ -379,11 +391,11 @@ impl Jit {
         }
         if block.runs < self.config.threshold {
             // Warm: queue it for idle time, once.
-            if !queued && self.idle.pending.len() < QUEUE {
+            if !queued {
                 let Some(job) = self.job(cpu, block) else {
                     return false;
                 };
-                self.idle.pending.push_back(job);
+                self.idle.push(job);
                 block.jit_queued = self.idle.round;
             }
             return false;
@@ -513,15 +525,14 @@ impl Jit {
     /// `block` decoded again for translation; `None` (and the block
     /// left to the interpreter for good) if it cannot be.
     fn job(&mut self, cpu: &Cpu, block: &mut Block) -> Option<Job> {
-        let Some((ins, insns)) = decode_again(cpu, block) else {
+        let Some(code) = GuestCode::copy(cpu, block) else {
             self.stats.failed += 1;
             block.jit_tried = true;
             return None;
         };
         Some(Job {
             serial: block.serial(),
-            ins,
-            insns,
+            code,
             generation_word: block.generation_word(&cpu.vm.code),
             attention: &cpu.vm.platform.signals[cpu.id as usize].attention as *const _ as u64,
             chain: self.config.verify_runs == 0,
@@ -686,14 +697,22 @@ fn translate(
     t0: std::time::Instant,
 ) -> Done {
     let lock = || arena.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((ins, insns)) = job.code.decode() else {
+        return Done {
+            serial: job.serial,
+            insns: Box::default(),
+            outcome: Err(Failure::Refused("its bytes no longer decode".into())),
+            ns: t0.elapsed().as_nanos() as u64,
+        };
+    };
     let outcome = loop {
         let (base, generation) = {
             let a = lock();
             (a.code.next_addr(), a.generation)
         };
         let e = match emit::compile(
-            &job.ins,
-            &job.insns,
+            &ins,
+            &insns,
             job.generation_word,
             job.attention,
             base,
@@ -713,14 +732,14 @@ fn translate(
         drop(a);
         let mut e = e;
         if tracing::enabled!(tracing::Level::TRACE) || dump_wanted() {
-            dump(&job.ins, &e.bytes, at);
+            dump(&ins, &e.bytes, at);
         }
         // In the arena now; the copy need not wait for the install.
         emit::recycle(std::mem::take(&mut e.bytes));
         // Results that differ between two runs (the clock, random
         // numbers) or stores the undo log does not see (the string
         // instructions' page-sized fast paths).
-        let verifiable = job.ins.iter().all(|i| {
+        let verifiable = ins.iter().all(|i| {
             !matches!(
                 i.mnemonic(),
                 iced_x86::Mnemonic::Rdtsc
@@ -739,7 +758,7 @@ fn translate(
     };
     Done {
         serial: job.serial,
-        insns: job.insns,
+        insns,
         outcome,
         ns: t0.elapsed().as_nanos() as u64,
     }
@@ -785,51 +804,73 @@ const MAX_TRACE: usize = 96;
 /// fall-through blocks join the translation (a trace), so the path
 /// through them needs no block entry. Also what co-simulation replays.
 pub(crate) fn decode_again(cpu: &Cpu, block: &Block) -> Option<(Vec<Instruction>, Box<[Insn]>)> {
-    let (host, len) = block.code_bytes();
-    if len == 0 || len > crate::decode::cache::MAX_BLOCK * 15 {
-        return None;
-    }
-    let rip = cpu.rip();
-    let page_left = 0x1000 - (rip & 0xfff) as usize;
-    if len > page_left {
-        return None;
-    }
-    // On the stack: a heap buffer was a visible part of a translation.
-    let mut buf = [0u8; MAX_TRACE * 15];
-    let avail = page_left.min(buf.len()).max(len);
-    if avail > buf.len() {
-        return None;
-    }
-    // SAFETY: the block's bytes, and the rest of its page after them, are
-    // inside one RAM page (the cache decoded the block there); other vCPUs
-    // may write them concurrently, which the generation check at the
-    // translation's head catches.
-    unsafe { std::ptr::copy_nonoverlapping(host, buf.as_mut_ptr(), avail) };
-    let mut d = Decoder::with_ip(64, &buf[..avail], rip, DecoderOptions::NONE);
-    let t = crate::decode::table::table();
-    let mut ins = Vec::with_capacity(16);
-    let mut insns = Vec::with_capacity(16);
-    while d.can_decode() {
-        let i = d.decode();
-        let inside = ((i.ip() - rip) as usize) < len;
-        if i.is_invalid() {
-            if inside {
-                return None;
-            }
-            break;
+    GuestCode::copy(cpu, block)?.decode()
+}
+
+/// A block's guest bytes, and the rest of its page a trace may run on
+/// into, copied when the block is queued: decoding waits for the
+/// translation (idle time, or never for a job the queue drops).
+struct GuestCode {
+    rip: u64,
+    /// The block's own bytes (a trace may decode past them).
+    len: usize,
+    bytes: Box<[u8]>,
+}
+
+impl GuestCode {
+    /// `None` if the block is not one translation can take (empty, or
+    /// crossing its page).
+    fn copy(cpu: &Cpu, block: &Block) -> Option<GuestCode> {
+        let (host, len) = block.code_bytes();
+        if len == 0 || len > crate::decode::cache::MAX_BLOCK * 15 {
+            return None;
         }
-        let (h, stop) = t.resolve(&i);
-        insns.push(Insn::build(&i, h));
-        ins.push(i);
-        if (i.next_ip() - rip) as usize >= len {
-            let goes_on =
-                (!stop && i.flow_control() == FlowControl::Next) || emit::continues_trace(&i);
-            if !goes_on || ins.len() >= MAX_TRACE {
+        let rip = cpu.rip();
+        let page_left = 0x1000 - (rip & 0xfff) as usize;
+        if len > page_left {
+            return None;
+        }
+        let avail = page_left.min(MAX_TRACE * 15).max(len);
+        let mut bytes = vec![0u8; avail].into_boxed_slice();
+        // SAFETY: the block's bytes, and the rest of its page after them,
+        // are inside one RAM page (the cache decoded the block there);
+        // other vCPUs may write them concurrently, which the generation
+        // check at the translation's head catches.
+        unsafe { std::ptr::copy_nonoverlapping(host, bytes.as_mut_ptr(), avail) };
+        Some(GuestCode { rip, len, bytes })
+    }
+
+    /// The instructions (iced's, for the code generator, and the
+    /// interpreter's, for its calls); `None` if the block's own bytes no
+    /// longer decode.
+    fn decode(&self) -> Option<(Vec<Instruction>, Box<[Insn]>)> {
+        let (rip, len) = (self.rip, self.len);
+        let mut d = Decoder::with_ip(64, &self.bytes, rip, DecoderOptions::NONE);
+        let t = crate::decode::table::table();
+        let mut ins = Vec::with_capacity(16);
+        let mut insns = Vec::with_capacity(16);
+        while d.can_decode() {
+            let i = d.decode();
+            let inside = ((i.ip() - rip) as usize) < len;
+            if i.is_invalid() {
+                if inside {
+                    return None;
+                }
                 break;
             }
+            let (h, stop) = t.resolve(&i);
+            insns.push(Insn::build(&i, h));
+            ins.push(i);
+            if (i.next_ip() - rip) as usize >= len {
+                let goes_on =
+                    (!stop && i.flow_control() == FlowControl::Next) || emit::continues_trace(&i);
+                if !goes_on || ins.len() >= MAX_TRACE {
+                    break;
+                }
+            }
         }
+        Some((ins, insns.into_boxed_slice()))
     }
-    Some((ins, insns.into_boxed_slice()))
 }
 
 #[cfg(test)]

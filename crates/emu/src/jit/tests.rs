@@ -756,3 +756,33 @@ fn translated_sse_faults_like_the_interpreter() {
         }
     }
 }
+
+#[test]
+fn a_full_idle_queue_drops_its_oldest_job_for_the_newest() {
+    let mut q = super::IdleQueue {
+        pending: Default::default(),
+        ready: Default::default(),
+        round: 1,
+    };
+    let job = |serial| super::Job {
+        serial,
+        code: super::GuestCode {
+            rip: 0x1000,
+            len: 1,
+            bytes: Box::new([0x90]),
+        },
+        generation_word: (0, 0),
+        attention: 0,
+        chain: true,
+    };
+    let n = super::QUEUE as u64;
+    for serial in 1..=n + 3 {
+        q.push(job(serial));
+    }
+    assert_eq!(q.pending.len(), super::QUEUE);
+    assert_eq!(q.pending.front().map(|j| j.serial), Some(4));
+    // Idle time takes the newest first.
+    assert_eq!(q.pending.back().map(|j| j.serial), Some(n + 3));
+    let (ins, insns) = q.pending[0].code.decode().expect("a nop decodes");
+    assert_eq!((ins.len(), insns.len()), (1, 1));
+}
