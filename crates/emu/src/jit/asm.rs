@@ -472,6 +472,21 @@ impl CodeAssembler {
         CodeLabel((self.labels.len() - 1) as u32)
     }
 
+    /// Where bound label `l` is, from the start of the code (`None` while
+    /// unbound).
+    pub fn label_offset(&self, l: CodeLabel) -> Option<u32> {
+        self.labels
+            .get(l.0 as usize)
+            .copied()
+            .filter(|&o| o != u32::MAX)
+    }
+
+    /// Raw bytes in the code: data the generated code hands to a helper
+    /// (a slow path's site record), never executed.
+    pub fn data(&mut self, bytes: &[u8]) {
+        self.bytes.extend_from_slice(bytes);
+    }
+
     /// Binds `l` to the current position (a label is bound once).
     pub fn set_label(&mut self, l: &mut CodeLabel) -> Result<(), AsmError> {
         let pos = self.bytes.len() as u32;
@@ -1195,5 +1210,20 @@ mod tests {
         let unbound = a.create_label();
         a.jmp(unbound).unwrap();
         assert!(assemble(&mut a, 0).is_err());
+    }
+
+    #[test]
+    fn data_sits_in_the_code_and_labels_know_their_offsets() {
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut record = a.create_label();
+        assert_eq!(a.label_offset(record), None);
+        a.lea(rax, qword_ptr(record)).unwrap();
+        a.set_label(&mut record).unwrap();
+        assert_eq!(a.label_offset(record), Some(7));
+        a.data(&[0xde, 0xad, 0xbe, 0xef]);
+        let r = assemble(&mut a, 0x1000).unwrap();
+        assert_eq!(&r.bytes[7..], &[0xde, 0xad, 0xbe, 0xef]);
+        let lea = Decoder::with_ip(64, &r.bytes, 0x1000, DecoderOptions::NONE).decode();
+        assert_eq!(lea.ip_rel_memory_address(), 0x1007);
     }
 }

@@ -32,7 +32,7 @@ use iced_x86::{
 };
 
 use super::helpers;
-use super::regs::{Regs, gpr};
+use super::regs::{HOST, Regs, gpr};
 use crate::cpu::flags::Flags;
 use crate::cpu::{Cpu, RIP, RSP};
 use crate::decode::Insn;
@@ -647,6 +647,15 @@ enum Cold {
     },
 }
 
+/// Instructions that stop the block only for the dispatcher's sake (see
+/// `helpers::interp_soft`).
+fn soft(m: Mnemonic) -> bool {
+    matches!(
+        m,
+        Mnemonic::Sti | Mnemonic::Iretq | Mnemonic::Syscall | Mnemonic::Sysretq
+    )
+}
+
 /// `addr - base` as a displacement.
 fn rel(base: u64, addr: u64) -> Result<i32, String> {
     i32::try_from(addr.wrapping_sub(base) as i64)
@@ -812,12 +821,7 @@ impl Ctx<'_> {
         self.a.mov(rsi, insn as u64).map_err(err)?;
         let d = self.rel(next)?;
         self.a.lea(rdx, r14 + d).map_err(err)?;
-        // Instructions that stop only for the dispatcher's sake.
-        let soft = matches!(
-            self.mnemonics[k],
-            Mnemonic::Sti | Mnemonic::Iretq | Mnemonic::Syscall | Mnemonic::Sysretq
-        );
-        let thunk = if soft {
+        let thunk = if soft(self.mnemonics[k]) {
             self.thunks.interp_soft
         } else {
             self.thunks.interp
@@ -1435,6 +1439,9 @@ pub fn compile(
     // Out-of-line paths.
     let mut cold = std::mem::take(&mut c.cold);
     let mut leaves = Vec::new();
+    // One dynamic exit (flags lazy) shared by the slow paths of the
+    // block's final indirect branch.
+    let mut dynamic_exit: Option<CodeLabel> = None;
     for item in cold.drain(..) {
         match item {
             Cold::Slow {
@@ -1458,34 +1465,47 @@ pub fn compile(
                 c.a.call(c.thunks.fill).map_err(err)?;
                 c.a.jnz(to_interp).map_err(err)?;
                 c.a.jmp(retry).map_err(err)?;
-                bind(c.a, &mut to_interp)?;
-                regs.store_changed(c.a)?;
-                if from_spill {
-                    c.materialize(true)?;
-                }
-                c.interp(k, next)?;
-                if branch {
-                    c.exit_dynamic(Fl::Lazy)?;
-                } else {
-                    // Rejoin the fast path with the flags and registers
-                    // where it has them (the registers from `Cpu::gpr`,
-                    // where the interpreter left them).
-                    match after_state {
-                        Fl::Lazy => {}
-                        Fl::Host => {
-                            c.a.call(c.thunks.flags_memo).map_err(err)?;
-                            c.a.mov(eax, dword_ptr(r15 + MEMO_SPILL)).map_err(err)?;
-                            c.a.add(al, 0x7f).map_err(err)?;
-                            c.a.sahf().map_err(err)?;
-                        }
-                        Fl::Spill => {
-                            c.a.call(c.thunks.flags_memo).map_err(err)?;
-                            c.a.mov(edx, dword_ptr(r15 + MEMO_SPILL)).map_err(err)?;
+                // The interpreter's way, described by a record the shared
+                // thunk reads (`helpers::Site`).
+                let resume = if branch {
+                    // The interpreter set RIP: leave through the lookup.
+                    match dynamic_exit {
+                        Some(l) => l,
+                        None => {
+                            let mut l = c.a.create_label();
+                            bind(c.a, &mut l)?;
+                            c.exit_dynamic(Fl::Lazy)?;
+                            dynamic_exit = Some(l);
+                            l
                         }
                     }
-                    regs.reload(c.a, true)?;
-                    c.a.jmp(after).map_err(err)?;
-                }
+                } else {
+                    after
+                };
+                let resume =
+                    c.a.label_offset(resume)
+                        .ok_or("a slow path's resume point is not bound")?;
+                bind(c.a, &mut to_interp)?;
+                let mut record = c.a.create_label();
+                c.a.lea(rax, qword_ptr(record)).map_err(err)?;
+                c.a.jmp(c.thunks.interp_site).map_err(err)?;
+                bind(c.a, &mut record)?;
+                let site = helpers::Site {
+                    insn: &c.insns[k],
+                    resume: base + u64::from(resume),
+                    next: next.wrapping_sub(c.base) as i64,
+                    count: k as u32,
+                    from_spill,
+                    soft: soft(c.mnemonics[k]),
+                    after: match after_state {
+                        _ if branch => helpers::SiteFlags::Lazy,
+                        Fl::Lazy => helpers::SiteFlags::Lazy,
+                        Fl::Host => helpers::SiteFlags::Host,
+                        Fl::Spill => helpers::SiteFlags::Spill,
+                    },
+                    slots: regs.slots(),
+                };
+                c.a.data(&site.encode());
             }
             Cold::Leave { label, k } => leaves.push((label, k)),
             Cold::ParkedEntry { mut label, head } => {
@@ -1617,6 +1637,11 @@ pub struct Thunks {
     pub interp: u64,
     /// The same for `helpers::interp_soft`.
     pub interp_soft: u64,
+    /// Jumped to with a site record in rax (`helpers::Site`), the stack
+    /// as in a block's body: the instruction through the interpreter,
+    /// then on at the record's resume point with the registers and flags
+    /// the code there expects, or out through `leave`.
+    pub interp_site: u64,
     /// A block head's attention word (in eax, non-zero) judged: ZF clear
     /// if the dispatcher can act on it now, set if it must wait (an
     /// interrupt while IF=0, an NMI while NMIs are blocked; else the
@@ -1646,6 +1671,7 @@ impl Thunks {
         let mut fill = a.create_label();
         let mut interp = a.create_label();
         let mut interp_soft = a.create_label();
+        let mut interp_site = a.create_label();
         let mut enter = a.create_label();
         let mut leave = a.create_label();
         let mut attention = a.create_label();
@@ -1709,6 +1735,44 @@ impl Thunks {
         a.mov(rax, helpers::interp_soft as *const () as u64)
             .map_err(err)?;
         a.jmp(rax).map_err(err)?;
+
+        // The frame `helpers::interp_site` reads and rewrites
+        // (`helpers::SITE_FRAME`): RDX, the guest-holding registers, the
+        // record; ten words keep the stack 16-byte aligned for the call.
+        bind(&mut a, &mut interp_site)?;
+        a.push(rdx).map_err(err)?;
+        for r in HOST {
+            a.push(get_gpr64(r).ok_or("no 64-bit register")?)
+                .map_err(err)?;
+        }
+        a.push(rax).map_err(err)?;
+        a.mov(rdi, r15).map_err(err)?;
+        a.mov(rsi, rax).map_err(err)?;
+        a.mov(rdx, rsp).map_err(err)?;
+        a.mov(rcx, r14).map_err(err)?;
+        a.mov(rax, helpers::interp_site as *const () as u64)
+            .map_err(err)?;
+        a.call(rax).map_err(err)?;
+        // rax: where to go on (0: leave with the code in rdx).
+        let mut site_leave = a.create_label();
+        a.test(rax, rax).map_err(err)?;
+        a.jz(site_leave).map_err(err)?;
+        a.mov(r11, rax).map_err(err)?;
+        a.pop(rax).map_err(err)?;
+        for r in HOST.iter().rev() {
+            a.pop(get_gpr64(*r).ok_or("no 64-bit register")?)
+                .map_err(err)?;
+        }
+        a.pop(rdx).map_err(err)?;
+        // The flags in the host RFLAGS, from the memo the helper made
+        // (harmless where the code there keeps them elsewhere).
+        a.mov(eax, dword_ptr(r15 + MEMO_SPILL)).map_err(err)?;
+        a.add(al, 0x7f).map_err(err)?;
+        a.sahf().map_err(err)?;
+        a.jmp(r11).map_err(err)?;
+        bind(&mut a, &mut site_leave)?;
+        a.mov(eax, edx).map_err(err)?;
+        a.jmp(leave).map_err(err)?;
 
         bind(&mut a, &mut enter)?;
         for r in SAVED {
@@ -1793,6 +1857,7 @@ impl Thunks {
             fill: base + r.offset(fill)?,
             interp: base + r.offset(interp)?,
             interp_soft: base + r.offset(interp_soft)?,
+            interp_site: base + r.offset(interp_site)?,
             attention: base + r.offset(attention)?,
             unchained: unchained_at,
         };

@@ -5,11 +5,13 @@
 //! register to register instead of through a store and a reload each
 //! (store forwarding costs ~5 cycles a hop). Changed registers are written
 //! back before anything that reads the guest state in `Cpu::gpr` (a call
-//! into the interpreter, an exit) and when evicted.
+//! into the interpreter, an exit) and when evicted; an out-of-line path
+//! to the interpreter hands `slots` to a helper that stores and reloads
+//! them.
 //!
 //! RBX, RBP, R12 and R13 are callee-saved in the SysV ABI and survive
-//! helper calls; RSI, RDI, R8 and R9 do not, so a slow path that calls a
-//! helper reloads them. Every load and store here is a `mov`: host flags
+//! helper calls; RSI, RDI, R8 and R9 do not, so helpers called on the
+//! fast path save them (`push_clobbered`). Every load and store here is a `mov`: host flags
 //! (which may hold the guest's) survive.
 
 use std::mem::offset_of;
@@ -32,6 +34,11 @@ pub const HOST: [Register; 8] = [
     Register::R9,
 ];
 const CALLEE_SAVED: usize = 4;
+
+/// A slot of [`Regs::slots`] whose guest register must be stored.
+pub const SLOT_CHANGED: u8 = 0x80;
+/// A slot of [`Regs::slots`] holding nothing.
+pub const SLOT_FREE: u8 = 0xff;
 
 /// Offset of guest register `n` in `Cpu`.
 pub fn gpr(n: usize) -> i32 {
@@ -119,36 +126,27 @@ impl Regs {
         }
     }
 
-    /// Stores the changed registers to `Cpu::gpr` without changing what
-    /// this state believes (for out-of-line paths that rejoin it).
-    pub fn store_changed(&self, a: &mut CodeAssembler) -> Result<(), String> {
+    /// Stores the changed registers; they stay held, now clean.
+    pub fn write_back(&mut self, a: &mut CodeAssembler) -> Result<(), String> {
         for ((h, held), dirty) in HOST.iter().zip(self.held).zip(self.dirty) {
             if let (Some(g), true) = (held, dirty) {
                 a.mov(qword_ptr(r15 + gpr(usize::from(g))), r64(*h))
                     .map_err(err)?;
             }
         }
-        Ok(())
-    }
-
-    /// Stores the changed registers; they stay held, now clean.
-    pub fn write_back(&mut self, a: &mut CodeAssembler) -> Result<(), String> {
-        self.store_changed(a)?;
         self.dirty = [false; 8];
         Ok(())
     }
 
-    /// Reloads held registers from `Cpu::gpr`: all of them (after the
-    /// interpreter ran an instruction) or only those a call clobbers.
-    pub fn reload(&self, a: &mut CodeAssembler, all: bool) -> Result<(), String> {
-        let from = if all { 0 } else { CALLEE_SAVED };
-        for (h, held) in HOST.iter().zip(self.held).skip(from) {
-            if let Some(g) = held {
-                a.mov(r64(*h), qword_ptr(r15 + gpr(usize::from(g))))
-                    .map_err(err)?;
-            }
-        }
-        Ok(())
+    /// What each host register of [`HOST`] holds, for a slow-path site
+    /// record (`helpers::interp_site`): the guest register's number,
+    /// [`SLOT_CHANGED`] added when it differs from `Cpu::gpr`;
+    /// [`SLOT_FREE`] for none.
+    pub fn slots(&self) -> [u8; 8] {
+        std::array::from_fn(|s| match self.held[s] {
+            Some(g) => g | if self.dirty[s] { SLOT_CHANGED } else { 0 },
+            None => SLOT_FREE,
+        })
     }
 
     /// Forgets every register (after the interpreter may have changed

@@ -786,3 +786,53 @@ fn a_full_idle_queue_drops_its_oldest_job_for_the_newest() {
     let (ins, insns) = q.pending[0].code.decode().expect("a nop decodes");
     assert_eq!((ins.len(), insns.len()), (1, 1));
 }
+
+/// Accesses that cross a page always leave translated code for the
+/// interpreter (the shared slow path, `helpers::interp_site`): changed
+/// guest registers held in host registers, flags live across the access
+/// (in the host RFLAGS and parked), a load and a store, and the block
+/// goes on after each with the interpreter's results.
+#[test]
+fn page_crossing_accesses_go_through_the_interpreter_and_back() {
+    let program = |a: &mut CodeAssembler| {
+        let mut top = a.create_label();
+        a.mov(rsi, DATA).unwrap();
+        a.mov(ecx, 500u32).unwrap();
+        a.xor(ebx, ebx).unwrap();
+        a.mov(r8, 0x1234u64).unwrap();
+        a.xor(r9d, r9d).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.add(rbx, rcx).unwrap();
+        a.lea(r8, r8 + rbx * 2 + 1).unwrap();
+        a.mov(edx, ecx).unwrap();
+        a.and(edx, 7).unwrap();
+        a.cmp(rbx, 60_000).unwrap();
+        // Crosses from DATA's first page into its second unless edx is 7.
+        a.mov(rax, qword_ptr(rsi + rdx + 0xff9)).unwrap();
+        a.adc(rax, r8).unwrap();
+        a.cmp(rax, r9).unwrap();
+        a.mov(qword_ptr(rsi + rdx + 0x1ffa), rax).unwrap();
+        a.sbb(r9, rax).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    };
+    let run = |jit: JitConfig| {
+        let (mut g, shared) = guest(jit);
+        g.code(64, CODE, program);
+        for k in 0..0x800u64 {
+            g.write_u64(DATA + 8 * k, k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+        let s = g.long_mode(CODE);
+        let (regs, _, sum) = run_to_halt(&mut g, &s, jit, 0x4000);
+        (regs, sum, shared)
+    };
+    let (want, want_sum, _) = run(interp());
+    for jit in [jit_chained(), jit_verified()] {
+        let (got, got_sum, shared) = run(jit);
+        assert!(shared.jit_totals.translated.load(Ordering::Relaxed) > 0);
+        assert_eq!(shared.jit_totals.mismatches.load(Ordering::Relaxed), 0);
+        assert_eq!(got, want, "registers");
+        assert_eq!(got_sum, want_sum, "memory");
+    }
+}
