@@ -1090,6 +1090,7 @@ const RAS_BYTES: i32 = 256 * 16;
 struct Scratch {
     a: CodeAssembler,
     cold: Vec<Cold>,
+    factory: InstructionInfoFactory,
 }
 
 thread_local! {
@@ -1120,6 +1121,7 @@ impl Reused {
             None => Scratch {
                 a: CodeAssembler::new(64).map_err(err)?,
                 cold: Vec::with_capacity(64),
+                factory: InstructionInfoFactory::new(),
             },
         };
         Ok(Reused(Some(s)))
@@ -1145,7 +1147,7 @@ pub fn compile(
     thunks: &Thunks,
 ) -> Result<Emitted, String> {
     let mut reused = Reused::take()?;
-    let Scratch { a, cold } = reused.0.as_mut().ok_or("no scratch")?;
+    let Scratch { a, cold, factory } = reused.0.as_mut().ok_or("no scratch")?;
     let epilogue = a.create_label();
     let stale = a.create_label();
     let mut head = a.create_label();
@@ -1166,12 +1168,21 @@ pub fn compile(
         mnemonics: ins.iter().map(|i| i.mnemonic()).collect(),
         sse_checked: false,
     };
-    let mut factory = InstructionInfoFactory::new();
-    let plans: Vec<Plan> = ins.iter().map(|i| plan(i, factory.info(i))).collect();
     // Two ways in, one copy of the checks: the flags are first brought
     // to the form the body starts with (lazy if its first use of them is
-    // the interpreter's, else parked in EDX).
-    let entry_lazy = entry_flags(ins, &plans);
+    // the interpreter's, else parked in EDX). Planned up to the first
+    // instruction that decides it; the rest as the body is emitted (an
+    // instruction's info made twice was ~7% of a translation).
+    let mut plans: ArrayVec<Plan, { super::MAX_TRACE }> = ArrayVec::new();
+    let mut entry_lazy = false;
+    for i in ins {
+        let p = plan(i, factory.info(i));
+        plans.try_push(p).map_err(|_| "trace too long")?;
+        if let Some(lazy) = entry_flags(i, p) {
+            entry_lazy = lazy;
+            break;
+        }
+    }
     let mut head_spill = c.a.create_label();
     let stale_spill = c.a.create_label();
     // Every way in finds the block's start in r14 (`Thunks::enter` loads
@@ -1207,7 +1218,10 @@ pub fn compile(
     let mut ended = false;
     for (k, i) in ins.iter().enumerate() {
         let info = factory.info(i);
-        let p = plans[k];
+        let p = match plans.get(k) {
+            Some(&p) => p,
+            None => plan(i, info),
+        };
         let next = i.next_ip();
         let (read, written) = flag_use(i);
         let last = k + 1 == ins.len();
@@ -1889,18 +1903,16 @@ fn head_checks(
 }
 
 /// Whether the block's body wants the guest flags lazy at entry (its
-/// first use of them is the interpreter's); else parked in EDX.
-fn entry_flags(ins: &[Instruction], plans: &[Plan]) -> bool {
-    for (i, p) in ins.iter().zip(plans) {
-        let (read, written) = flag_use(i);
-        match p {
-            Plan::Interp => return true,
-            Plan::Nop | Plan::Lea => {}
-            Plan::Rewrite | Plan::Mul | Plan::Sse if read == 0 && written == 0 => {}
-            _ => return false,
-        }
+/// first use of them is the interpreter's) or parked in EDX, if `i`
+/// (planned `p`) decides it: `None` when it leaves them alone.
+fn entry_flags(i: &Instruction, p: Plan) -> Option<bool> {
+    let (read, written) = flag_use(i);
+    match p {
+        Plan::Interp => Some(true),
+        Plan::Nop | Plan::Lea => None,
+        Plan::Rewrite | Plan::Mul | Plan::Sse if read == 0 && written == 0 => None,
+        _ => Some(false),
     }
-    false
 }
 
 /// `lea`: the address arithmetic straight into the destination's host

@@ -696,22 +696,44 @@ fn translate(
     job: Job,
     t0: std::time::Instant,
 ) -> Done {
+    thread_local! {
+        static DECODED: std::cell::RefCell<(Vec<Instruction>, Vec<Insn>)> =
+            std::cell::RefCell::new((Vec::with_capacity(MAX_TRACE), Vec::with_capacity(MAX_TRACE)));
+    }
+    DECODED.with(|d| {
+        let (ins, scratch) = &mut *d.borrow_mut();
+        if !job.code.decode_into(ins, scratch) {
+            return Done {
+                serial: job.serial,
+                insns: Box::default(),
+                outcome: Err(Failure::Refused("its bytes no longer decode".into())),
+                ns: t0.elapsed().as_nanos() as u64,
+            };
+        }
+        // The translation keeps its interpreter forms (its code points
+        // at them): one exact allocation.
+        let insns: Box<[Insn]> = scratch.as_slice().into();
+        translate_decoded(arena, thunks, &job, ins, insns, t0)
+    })
+}
+
+/// [`translate`] once the job is decoded.
+fn translate_decoded(
+    arena: &Mutex<Arena>,
+    thunks: &emit::Thunks,
+    job: &Job,
+    ins: &[Instruction],
+    insns: Box<[Insn]>,
+    t0: std::time::Instant,
+) -> Done {
     let lock = || arena.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((ins, insns)) = job.code.decode() else {
-        return Done {
-            serial: job.serial,
-            insns: Box::default(),
-            outcome: Err(Failure::Refused("its bytes no longer decode".into())),
-            ns: t0.elapsed().as_nanos() as u64,
-        };
-    };
     let outcome = loop {
         let (base, generation) = {
             let a = lock();
             (a.code.next_addr(), a.generation)
         };
         let e = match emit::compile(
-            &ins,
+            ins,
             &insns,
             job.generation_word,
             job.attention,
@@ -732,7 +754,7 @@ fn translate(
         drop(a);
         let mut e = e;
         if tracing::enabled!(tracing::Level::TRACE) || dump_wanted() {
-            dump(&ins, &e.bytes, at);
+            dump(ins, &e.bytes, at);
         }
         // In the arena now; the copy need not wait for the install.
         emit::recycle(std::mem::take(&mut e.bytes));
@@ -844,17 +866,26 @@ impl GuestCode {
     /// interpreter's, for its calls); `None` if the block's own bytes no
     /// longer decode.
     fn decode(&self) -> Option<(Vec<Instruction>, Box<[Insn]>)> {
+        let (mut ins, mut insns) = (Vec::new(), Vec::new());
+        self.decode_into(&mut ins, &mut insns)
+            .then(|| (ins, insns.into_boxed_slice()))
+    }
+
+    /// [`GuestCode::decode`] into cleared vectors (a translation's
+    /// scratch: growing fresh ones was a quarter of a decode); `false`
+    /// if the block's own bytes no longer decode.
+    fn decode_into(&self, ins: &mut Vec<Instruction>, insns: &mut Vec<Insn>) -> bool {
+        ins.clear();
+        insns.clear();
         let (rip, len) = (self.rip, self.len);
         let mut d = Decoder::with_ip(64, &self.bytes, rip, DecoderOptions::NONE);
         let t = crate::decode::table::table();
-        let mut ins = Vec::with_capacity(16);
-        let mut insns = Vec::with_capacity(16);
         while d.can_decode() {
             let i = d.decode();
             let inside = ((i.ip() - rip) as usize) < len;
             if i.is_invalid() {
                 if inside {
-                    return None;
+                    return false;
                 }
                 break;
             }
@@ -869,7 +900,7 @@ impl GuestCode {
                 }
             }
         }
-        Some((ins, insns.into_boxed_slice()))
+        true
     }
 }
 
