@@ -356,37 +356,37 @@ mod tests {
         }
     }
 
-    #[test]
-    fn materialized_flags_match_the_parked_form() {
-        // `lahf; seto al` of each flag combination, as translated code
-        // parks them, made lazy by the slow path.
-        for bits in 0..64u64 {
-            let rflags = [CF, PF, AF, ZF, SF, OF]
+    /// Every combination of the six status flags, as RFLAGS (bit 1 set).
+    fn every_rflags() -> impl Iterator<Item = u64> {
+        (0..64u64).map(|bits| {
+            [CF, PF, AF, ZF, SF, OF]
                 .iter()
                 .enumerate()
                 .fold(
                     2,
                     |acc, (k, m)| if bits >> k & 1 != 0 { acc | m } else { acc },
-                );
-            let parked = ((rflags & 0xff) << 8) | (rflags >> 11 & 1) | 0xabcd_0000;
-            let [res, aux] = lazy_of_parked(parked);
+                )
+        })
+    }
+
+    #[test]
+    fn flags_table_round_trips_every_combination() {
+        for rflags in every_rflags() {
+            let idx = (rflags & 0xd5) | ((rflags >> 10) & 2);
+            let [res, aux] = FLAGS_TABLE[idx as usize];
             let f = Flags { res, aux };
             assert_eq!(f.bits() | 2, rflags, "rflags {rflags:#x}");
         }
     }
 
     #[test]
-    fn flags_table_round_trips_every_combination() {
-        for bits in 0..64u64 {
-            let rflags = [CF, PF, AF, ZF, SF, OF]
-                .iter()
-                .enumerate()
-                .fold(
-                    2,
-                    |acc, (k, m)| if bits >> k & 1 != 0 { acc | m } else { acc },
-                );
-            let idx = (rflags & 0xd5) | ((rflags >> 10) & 2);
-            let [res, aux] = FLAGS_TABLE[idx as usize];
+    fn materialized_flags_match_the_parked_form() {
+        // `lahf; seto al` of each combination, as translated code parks
+        // them (EAX's upper half is whatever RAX held), made lazy by the
+        // slow path.
+        for rflags in every_rflags() {
+            let parked = ((rflags & 0xff) << 8) | (rflags >> 11 & 1) | 0xabcd_0000;
+            let [res, aux] = lazy_of_parked(parked);
             let f = Flags { res, aux };
             assert_eq!(f.bits() | 2, rflags, "rflags {rflags:#x}");
         }

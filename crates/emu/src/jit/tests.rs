@@ -157,13 +157,25 @@ fn mixed_program(a: &mut CodeAssembler) {
 }
 
 fn run_mixed(jit: JitConfig) -> (Vec<u64>, u64, Arc<VmShared>) {
+    run_program(jit, mixed_program, 0x1000, 0x2_1000)
+}
+
+/// Runs `program` to `hlt` with `words` pseudo-random words at `DATA`;
+/// the registers, a checksum of the first `checked` bytes at `DATA`, and
+/// the VM's counters.
+fn run_program(
+    jit: JitConfig,
+    program: impl FnOnce(&mut CodeAssembler),
+    words: u64,
+    checked: u64,
+) -> (Vec<u64>, u64, Arc<VmShared>) {
     let (mut g, shared) = guest(jit);
-    g.code(64, CODE, mixed_program);
-    for k in 0..0x1000u64 {
+    g.code(64, CODE, program);
+    for k in 0..words {
         g.write_u64(DATA + 8 * k, k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     }
     let s = g.long_mode(CODE);
-    let (regs, _, sum) = run_to_halt(&mut g, &s, jit, 0x2_1000);
+    let (regs, _, sum) = run_to_halt(&mut g, &s, jit, checked);
     (regs, sum, shared)
 }
 
@@ -817,16 +829,7 @@ fn page_crossing_accesses_go_through_the_interpreter_and_back() {
         a.jnz(top).unwrap();
         a.hlt().unwrap();
     };
-    let run = |jit: JitConfig| {
-        let (mut g, shared) = guest(jit);
-        g.code(64, CODE, program);
-        for k in 0..0x800u64 {
-            g.write_u64(DATA + 8 * k, k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        }
-        let s = g.long_mode(CODE);
-        let (regs, _, sum) = run_to_halt(&mut g, &s, jit, 0x4000);
-        (regs, sum, shared)
-    };
+    let run = |jit: JitConfig| run_program(jit, program, 0x800, 0x4000);
     let (want, want_sum, _) = run(interp());
     for jit in [jit_chained(), jit_verified()] {
         let (got, got_sum, shared) = run(jit);
