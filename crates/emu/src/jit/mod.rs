@@ -804,11 +804,26 @@ fn dump(ins: &[Instruction], bytes: &[u8], at: u64) {
         text.push('\n');
     }
     let mut d = Decoder::with_ip(64, bytes, at, DecoderOptions::NONE);
+    // A slow path's site record (data) follows `lea rax, [record]; jmp`.
+    let mut record = None;
     while d.can_decode() {
         let i = d.decode();
         text.push_str(&format!("    {:#x}: ", i.ip()));
         f.format(&i, &mut text);
         text.push('\n');
+        if i.code() == iced_x86::Code::Lea_r64_m && i.is_ip_rel_memory_operand() {
+            record = Some(i.ip_rel_memory_address());
+        } else if i.mnemonic() == iced_x86::Mnemonic::Jmp && record == Some(i.next_ip()) {
+            let skip = d.position() + helpers::Site::BYTES;
+            text.push_str(&format!("    {:#x}: (site record)\n", i.next_ip()));
+            if d.set_position(skip).is_err() {
+                break;
+            }
+            d.set_ip(i.next_ip() + helpers::Site::BYTES as u64);
+            record = None;
+        } else {
+            record = None;
+        }
     }
     tracing::trace!("emu jit: translated\n{text}");
     if dump_wanted() {
