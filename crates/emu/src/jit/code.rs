@@ -112,7 +112,7 @@ impl CodeArena {
     /// (`MADV_POPULATE_WRITE`, Linux 5.14); where the host lacks it, the
     /// pages fault in one by one as before.
     fn populate(&mut self, end: usize) {
-        let from = self.populated.max(end.saturating_sub(1) & !4095);
+        let from = self.populated;
         let to = (end + POPULATE_AHEAD).next_multiple_of(4096).min(self.size);
         if to <= from {
             return;

@@ -602,8 +602,8 @@ struct Ctx<'a> {
     /// Guest registers in host registers at the current point.
     regs: Regs,
     thunks: &'a Thunks,
-    /// The guest instructions' mnemonics (what `interp` calls).
-    mnemonics: Vec<Mnemonic>,
+    /// The guest instructions (`insns` are their interpreter forms).
+    ins: &'a [Instruction],
     /// SSE is known usable (CR0.EM/TS clear, CR4.OSFXSR set) at this
     /// point of the block: checked once, until an interpreted instruction
     /// (which could change CR0 or CR4).
@@ -821,7 +821,7 @@ impl Ctx<'_> {
         self.a.mov(rsi, insn as u64).map_err(err)?;
         let d = self.rel(next)?;
         self.a.lea(rdx, r14 + d).map_err(err)?;
-        let thunk = if soft(self.mnemonics[k]) {
+        let thunk = if soft(self.ins[k].mnemonic()) {
             self.thunks.interp_soft
         } else {
             self.thunks.interp
@@ -1165,7 +1165,7 @@ pub fn compile(
         base: first.ip(),
         regs: Regs::default(),
         thunks,
-        mnemonics: ins.iter().map(|i| i.mnemonic()).collect(),
+        ins,
         sse_checked: false,
     };
     // Two ways in, one copy of the checks: the flags are first brought
@@ -1510,7 +1510,7 @@ pub fn compile(
                     next: next.wrapping_sub(c.base) as i64,
                     count: k as u32,
                     from_spill,
-                    soft: soft(c.mnemonics[k]),
+                    soft: soft(c.ins[k].mnemonic()),
                     after: match after_state {
                         _ if branch => helpers::SiteFlags::Lazy,
                         Fl::Lazy => helpers::SiteFlags::Lazy,

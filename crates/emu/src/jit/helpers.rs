@@ -13,7 +13,7 @@ use crate::mem::PAGE_MASK;
 use crate::mem::access::Target;
 use crate::mem::paging::Access;
 
-use super::regs::{SLOT_CHANGED, SLOT_FREE};
+use super::regs::{HOST, SLOT_CHANGED, SLOT_FREE};
 
 /// Exit codes of translated code and of [`interp`].
 pub const GO_ON: u64 = 0;
@@ -176,12 +176,12 @@ impl Site {
 /// The host registers `Thunks::interp_site` saves, as [`interp_site`]
 /// sees them: the site record's address, then `regs::HOST` from last to
 /// first, then RDX (the parked flags). Ten words keep the stack aligned.
-pub const SITE_FRAME: usize = 10;
+pub const SITE_FRAME: usize = HOST.len() + 2;
 const FRAME_RDX: usize = SITE_FRAME - 1;
 
 /// Host register `HOST[s]`'s word in the frame.
 const fn frame_slot(s: usize) -> usize {
-    8 - s
+    HOST.len() - s
 }
 
 /// What [`interp_site`] tells its thunk: go on at `resume`, or (0) leave

@@ -402,7 +402,7 @@ impl Jit {
         }
         let t0 = std::time::Instant::now();
         // Hot before idle time came: translated now, in line, from the
-        // job decoded when it was queued (the block is unchanged since:
+        // bytes copied when it was queued (the block is unchanged since:
         // it is still current).
         let serial = block.serial();
         let waiting = if queued {
