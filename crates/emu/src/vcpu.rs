@@ -203,6 +203,8 @@ impl Drop for EmuVcpu {
                 fallback_instructions = s.fallback,
                 arena_resets = s.resets,
                 translate_ms = s.compile_ns / 1_000_000,
+                translated_in_line = s.in_line,
+                in_line_ms = s.in_line_ns / 1_000_000,
                 entries = s.entries,
                 exits_unlinked = s.exits_unlinked,
                 "emu translation tier statistics"

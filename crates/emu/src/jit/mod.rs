@@ -147,6 +147,10 @@ pub struct JitStats {
     pub fallback: u64,
     pub resets: u64,
     pub compile_ns: u64,
+    /// Of those, the translations the guest waited for (made in line
+    /// when a block turned hot), and their time.
+    pub in_line: u64,
+    pub in_line_ns: u64,
     /// Entries from the dispatcher.
     pub entries: u64,
     /// Of the exits back to it, those through a chain slot not yet linked.
@@ -216,6 +220,8 @@ struct Done {
 /// A translation in the arena, ready to install.
 struct Translation {
     at: u64,
+    /// Its size in bytes.
+    len: usize,
     emitted: emit::Emitted,
     verifiable: bool,
     /// The arena generation it was appended in.
@@ -268,27 +274,87 @@ impl std::hash::Hasher for SerialHasher {
 }
 
 struct IdleQueue {
-    pending: std::collections::VecDeque<Job>,
+    /// Queued jobs by block serial.
+    jobs: HashMap<u64, Job, BySerial>,
+    /// Their serials from oldest to newest (a serial whose job was taken
+    /// in line is skipped).
+    order: std::collections::VecDeque<u64>,
+    /// Byte buffers of finished or dropped jobs, for the next ones: a
+    /// boot queues tens of thousands of jobs and drops most, and a fresh
+    /// allocation each was a sixth of the vCPU's translation work.
+    spare: Vec<Box<[u8]>>,
     ready: HashMap<u64, Done, BySerial>,
     /// As [`Compiler::round`].
     round: u32,
 }
 
 impl IdleQueue {
+    fn new() -> IdleQueue {
+        IdleQueue {
+            jobs: HashMap::default(),
+            order: std::collections::VecDeque::new(),
+            spare: Vec::new(),
+            ready: HashMap::default(),
+            round: 1,
+        }
+    }
+
     /// Queues `job`. A full queue drops its oldest job: warm code the
     /// guest has left behind (a boot with little idle time fills the
     /// queue, and the next workload's code would wait for it to drain;
     /// it was 512 stale jobs when a disk benchmark began). A dropped
     /// job's block is translated in line if it turns hot.
     fn push(&mut self, job: Job) {
-        if self.pending.len() >= QUEUE {
-            self.pending.pop_front();
+        if self.jobs.len() >= QUEUE
+            && let Some(oldest) = self.pop(std::collections::VecDeque::pop_front)
+        {
+            self.recycle(oldest);
         }
-        self.pending.push_back(job);
+        // Entries of jobs taken in line go once they outnumber the queue.
+        if self.order.len() >= 2 * QUEUE {
+            let jobs = &self.jobs;
+            self.order.retain(|s| jobs.contains_key(s));
+        }
+        self.order.push_back(job.serial);
+        if let Some(old) = self.jobs.insert(job.serial, job) {
+            self.recycle(old);
+        }
+    }
+
+    /// The newest job: the code warmed last is what the guest runs next
+    /// (jobs left over from boot would otherwise come first).
+    fn pop_newest(&mut self) -> Option<Job> {
+        self.pop(std::collections::VecDeque::pop_back)
+    }
+
+    fn pop(&mut self, end: fn(&mut std::collections::VecDeque<u64>) -> Option<u64>) -> Option<Job> {
+        while let Some(serial) = end(&mut self.order) {
+            if let Some(job) = self.jobs.remove(&serial) {
+                return Some(job);
+            }
+        }
+        None
+    }
+
+    /// The queued job of block `serial`, taken out (the block turned hot
+    /// first): a look-up, where a search of the queue was a twentieth of
+    /// the vCPU's translation work.
+    fn take(&mut self, serial: u64) -> Option<Job> {
+        self.jobs.remove(&serial)
+    }
+
+    /// Keeps `job`'s byte buffer for a later job.
+    fn recycle(&mut self, job: Job) {
+        if self.spare.len() < QUEUE {
+            self.spare.push(job.code.bytes);
+        }
     }
 
     fn forget_all(&mut self) {
-        self.pending.clear();
+        for (_, job) in std::mem::take(&mut self.jobs) {
+            self.recycle(job);
+        }
+        self.order.clear();
         self.ready.clear();
         self.round += 1;
     }
@@ -350,11 +416,7 @@ impl Jit {
                     insns: Vec::new(),
                     thunks,
                     compiler,
-                    idle: IdleQueue {
-                        pending: Default::default(),
-                        ready: HashMap::default(),
-                        round: 1,
-                    },
+                    idle: IdleQueue::new(),
                     config,
                     stats: JitStats::default(),
                 })
@@ -405,16 +467,14 @@ impl Jit {
         // bytes copied when it was queued (the block is unchanged since:
         // it is still current).
         let serial = block.serial();
-        let waiting = if queued {
-            let at = self.idle.pending.iter().position(|j| j.serial == serial);
-            at.and_then(|at| self.idle.pending.remove(at))
-        } else {
-            None
-        };
+        let waiting = if queued { self.idle.take(serial) } else { None };
         let Some(job) = waiting.or_else(|| self.job(cpu, block)) else {
             return false;
         };
-        let done = translate(&self.arena, &self.thunks, job, t0);
+        let done = translate(&self.arena, &self.thunks, &job, t0);
+        self.idle.recycle(job);
+        self.stats.in_line += 1;
+        self.stats.in_line_ns += done.ns;
         self.install_or_reset(cpu, block, done, clear_all)
     }
 
@@ -444,10 +504,11 @@ impl Jit {
         while idle() {
             // Newest first: the code warmed last is what the guest runs
             // next (jobs left over from boot would otherwise come first).
-            let Some(job) = self.idle.pending.pop_back() else {
+            let Some(job) = self.idle.pop_newest() else {
                 break;
             };
-            let done = translate(&self.arena, &self.thunks, job, std::time::Instant::now());
+            let done = translate(&self.arena, &self.thunks, &job, std::time::Instant::now());
+            self.idle.recycle(job);
             match done.outcome {
                 Err(Failure::Full(_)) => {
                     self.reset_arena();
@@ -525,7 +586,7 @@ impl Jit {
     /// `block` decoded again for translation; `None` (and the block
     /// left to the interpreter for good) if it cannot be.
     fn job(&mut self, cpu: &Cpu, block: &mut Block) -> Option<Job> {
-        let Some(code) = GuestCode::copy(cpu, block) else {
+        let Some(code) = GuestCode::copy(cpu, block, self.idle.spare.pop()) else {
             self.stats.failed += 1;
             block.jit_tried = true;
             return None;
@@ -561,6 +622,7 @@ impl Jit {
             return Installed::No;
         }
         let e = t.emitted;
+        perf_map::note(t.at, t.len, cpu.rip());
         block.set_jit(t.at + e.head, t.at + e.head, t.at + e.head_spill);
         block.jit_verifiable = t.verifiable;
         block.jit_undefined_flags = e.undefined;
@@ -641,6 +703,12 @@ impl Jit {
     }
 }
 
+impl Drop for Jit {
+    fn drop(&mut self) {
+        perf_map::flush();
+    }
+}
+
 /// Whether [`Jit::install`] installed a translation.
 enum Installed {
     Yes,
@@ -660,7 +728,7 @@ impl Compiler {
             .spawn(move || {
                 for job in rx {
                     let t0 = std::time::Instant::now();
-                    if tx.send(translate(&arena, &thunks, job, t0)).is_err() {
+                    if tx.send(translate(&arena, &thunks, &job, t0)).is_err() {
                         break;
                     }
                 }
@@ -693,7 +761,7 @@ impl Drop for Compiler {
 fn translate(
     arena: &Mutex<Arena>,
     thunks: &emit::Thunks,
-    job: Job,
+    job: &Job,
     t0: std::time::Instant,
 ) -> Done {
     thread_local! {
@@ -713,7 +781,7 @@ fn translate(
         // The translation keeps its interpreter forms (its code points
         // at them): one exact allocation.
         let insns: Box<[Insn]> = scratch.as_slice().into();
-        translate_decoded(arena, thunks, &job, ins, insns, t0)
+        translate_decoded(arena, thunks, job, ins, insns, t0)
     })
 }
 
@@ -753,6 +821,7 @@ fn translate_decoded(
         };
         drop(a);
         let mut e = e;
+        let len = e.bytes.len();
         if tracing::enabled!(tracing::Level::TRACE) || dump_wanted() {
             dump(ins, &e.bytes, at);
         }
@@ -773,6 +842,7 @@ fn translate_decoded(
         });
         break Ok(Translation {
             at,
+            len,
             emitted: e,
             verifiable,
             generation,
@@ -783,6 +853,54 @@ fn translate_decoded(
         insns,
         outcome,
         ns: t0.elapsed().as_nanos() as u64,
+    }
+}
+
+/// `VMPLAY_EMU_PERF_MAP=1`: each translation is named in
+/// `/tmp/perf-<pid>.map` (perf's JIT symbol file) by the guest address
+/// it starts at, so `perf report` shows which guest code the time goes
+/// to (`guest_<rip>`; the guest's `/proc/kallsyms` names those).
+mod perf_map {
+    use std::io::{BufWriter, Write};
+    use std::sync::{LazyLock, Mutex};
+
+    type Map = Mutex<BufWriter<std::fs::File>>;
+
+    static MAP: LazyLock<Option<Map>> = LazyLock::new(|| {
+        std::env::var_os("VMPLAY_EMU_PERF_MAP")?;
+        let path = format!("/tmp/perf-{}.map", std::process::id());
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(f) => Some(Mutex::new(BufWriter::new(f))),
+            Err(e) => {
+                tracing::warn!("emu jit: no perf map at {path}: {e}");
+                None
+            }
+        }
+    });
+
+    fn map() -> Option<std::sync::MutexGuard<'static, BufWriter<std::fs::File>>> {
+        let m = MAP.as_ref()?;
+        Some(m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Names the `len` bytes of code at `at`, translated from `rip`
+    /// (buffered: one write per translation was a tenth of a profiled
+    /// vCPU's time).
+    pub fn note(at: u64, len: usize, rip: u64) {
+        if let Some(mut f) = map() {
+            let _ = writeln!(f, "{at:x} {len:x} guest_{rip:x}");
+        }
+    }
+
+    /// Writes out what is buffered (a vCPU's translation tier ends).
+    pub fn flush() {
+        if let Some(mut f) = map() {
+            let _ = f.flush();
+        }
     }
 }
 
@@ -841,7 +959,7 @@ const MAX_TRACE: usize = 96;
 /// fall-through blocks join the translation (a trace), so the path
 /// through them needs no block entry. Also what co-simulation replays.
 pub(crate) fn decode_again(cpu: &Cpu, block: &Block) -> Option<(Vec<Instruction>, Box<[Insn]>)> {
-    GuestCode::copy(cpu, block)?.decode()
+    GuestCode::copy(cpu, block, None)?.decode()
 }
 
 /// A block's guest bytes, and the rest of its page a trace may run on
@@ -851,13 +969,19 @@ struct GuestCode {
     rip: u64,
     /// The block's own bytes (a trace may decode past them).
     len: usize,
+    /// Of `bytes` (always [`COPY`] long, so buffers are reused), those
+    /// copied.
+    avail: usize,
     bytes: Box<[u8]>,
 }
 
+/// The most bytes a trace decodes.
+const COPY: usize = MAX_TRACE * 15;
+
 impl GuestCode {
     /// `None` if the block is not one translation can take (empty, or
-    /// crossing its page).
-    fn copy(cpu: &Cpu, block: &Block) -> Option<GuestCode> {
+    /// crossing its page). `spare`: a buffer to reuse.
+    fn copy(cpu: &Cpu, block: &Block, spare: Option<Box<[u8]>>) -> Option<GuestCode> {
         let (host, len) = block.code_bytes();
         if len == 0 || len > crate::decode::cache::MAX_BLOCK * 15 {
             return None;
@@ -867,14 +991,22 @@ impl GuestCode {
         if len > page_left {
             return None;
         }
-        let avail = page_left.min(MAX_TRACE * 15).max(len);
-        let mut bytes = vec![0u8; avail].into_boxed_slice();
+        let avail = page_left.min(COPY);
+        let mut bytes = spare
+            .filter(|b| b.len() == COPY)
+            .unwrap_or_else(|| vec![0u8; COPY].into_boxed_slice());
         // SAFETY: the block's bytes, and the rest of its page after them,
-        // are inside one RAM page (the cache decoded the block there);
-        // other vCPUs may write them concurrently, which the generation
-        // check at the translation's head catches.
+        // are inside one RAM page (the cache decoded the block there), and
+        // `bytes` holds COPY >= avail; other vCPUs may write them
+        // concurrently, which the generation check at the translation's
+        // head catches.
         unsafe { std::ptr::copy_nonoverlapping(host, bytes.as_mut_ptr(), avail) };
-        Some(GuestCode { rip, len, bytes })
+        Some(GuestCode {
+            rip,
+            len,
+            avail,
+            bytes,
+        })
     }
 
     /// The instructions (iced's, for the code generator, and the
@@ -893,7 +1025,7 @@ impl GuestCode {
         ins.clear();
         insns.clear();
         let (rip, len) = (self.rip, self.len);
-        let mut d = Decoder::with_ip(64, &self.bytes, rip, DecoderOptions::NONE);
+        let mut d = Decoder::with_ip(64, &self.bytes[..self.avail], rip, DecoderOptions::NONE);
         let t = crate::decode::table::table();
         while d.can_decode() {
             let i = d.decode();

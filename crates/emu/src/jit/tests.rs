@@ -771,32 +771,45 @@ fn translated_sse_faults_like_the_interpreter() {
 
 #[test]
 fn a_full_idle_queue_drops_its_oldest_job_for_the_newest() {
-    let mut q = super::IdleQueue {
-        pending: Default::default(),
-        ready: Default::default(),
-        round: 1,
-    };
-    let job = |serial| super::Job {
-        serial,
-        code: super::GuestCode {
-            rip: 0x1000,
-            len: 1,
-            bytes: Box::new([0x90]),
-        },
-        generation_word: (0, 0),
-        attention: 0,
-        chain: true,
+    let mut q = super::IdleQueue::new();
+    let job = |serial| {
+        let mut bytes = vec![0u8; super::COPY].into_boxed_slice();
+        bytes[0] = 0x90;
+        super::Job {
+            serial,
+            code: super::GuestCode {
+                rip: 0x1000,
+                len: 1,
+                avail: 1,
+                bytes,
+            },
+            generation_word: (0, 0),
+            attention: 0,
+            chain: true,
+        }
     };
     let n = super::QUEUE as u64;
     for serial in 1..=n + 3 {
         q.push(job(serial));
     }
-    assert_eq!(q.pending.len(), super::QUEUE);
-    assert_eq!(q.pending.front().map(|j| j.serial), Some(4));
-    // Idle time takes the newest first.
-    assert_eq!(q.pending.back().map(|j| j.serial), Some(n + 3));
-    let (ins, insns) = q.pending[0].code.decode().expect("a nop decodes");
+    assert_eq!(q.jobs.len(), super::QUEUE);
+    assert!((1..=3).all(|s| !q.jobs.contains_key(&s)), "the oldest went");
+    // Their buffers wait for the next jobs.
+    assert_eq!(q.spare.len(), 3);
+    // A job taken in line is gone from the order too; idle time takes
+    // the newest first.
+    assert_eq!(q.take(n + 3).map(|j| j.serial), Some(n + 3));
+    assert_eq!(q.pop_newest().map(|j| j.serial), Some(n + 2));
+    let (ins, insns) = q.jobs[&4].code.decode().expect("a nop decodes");
     assert_eq!((ins.len(), insns.len()), (1, 1));
+    // Jobs taken in line never leave the order unbounded.
+    for serial in n + 4..n + 4 + 4 * n {
+        q.push(job(serial));
+        q.take(serial);
+    }
+    assert!(q.order.len() <= 2 * super::QUEUE, "{}", q.order.len());
+    q.forget_all();
+    assert!(q.jobs.is_empty() && q.order.is_empty());
 }
 
 /// Accesses that cross a page always leave translated code for the
