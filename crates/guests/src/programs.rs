@@ -575,6 +575,22 @@ pub fn rtc_date() -> Vec<u8> {
     })
 }
 
+/// Reads IA32_MISC_ENABLE, whose power-on value each backend sets itself,
+/// and prints `misc_enable=VALUE\n` (16 hex digits); then debug-exit 0
+/// (status 1).
+pub fn misc_enable() -> Vec<u8> {
+    build_image(|img| {
+        entry32(img, |a, rt| {
+            rt.print(a, "misc_enable=")?;
+            a.mov(ecx, 0x1a0u32)?;
+            a.rdmsr()?;
+            rt.print_hex64(a, edx, eax)?;
+            rt.print(a, "\n")?;
+            emit_debug_exit(a, 0)
+        })
+    })
+}
+
 /// The shipped demo guest: a banner, the command line, the memory the
 /// loader reported, the RTC date and time, the CPU vendor from `cpuid`,
 /// then an ACPI power-off (vmplay exits 0).
@@ -665,6 +681,7 @@ mod tests {
             ("i8042_reset", i8042_reset()),
             ("triple_fault", triple_fault()),
             ("rtc_date", rtc_date()),
+            ("misc_enable", misc_enable()),
             ("demo", demo()),
         ]
     }

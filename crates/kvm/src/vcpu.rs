@@ -18,10 +18,18 @@ use crate::kick::{self, KickShared, KvmKicker};
 use crate::vm::VmShared;
 use crate::{cpuid, host_error, regs};
 
+/// IA32_MISC_ENABLE bits (SDM vol. 4, table 2-2).
+const MISC_ENABLE_FAST_STRING: u64 = 1 << 0;
+const MISC_ENABLE_BTS_UNAVAILABLE: u64 = 1 << 11;
+const MISC_ENABLE_PEBS_UNAVAILABLE: u64 = 1 << 12;
+
 /// MSRs set on every vCPU at creation, with their values: Firecracker's
 /// boot set. The syscall MSRs start clear; fast strings on; MTRRs enabled
 /// with write-back as the default type so a guest that trusts MTRRs sees
-/// cacheable RAM.
+/// cacheable RAM. IA32_MISC_ENABLE keeps the bits KVM's own reset sets
+/// (BTS and PEBS unavailable: the guest has no debug store), which
+/// Firecracker's plain "fast strings" value clears, and matches emu's
+/// power-on value.
 const BOOT_MSRS: &[(u32, u64, &str)] = &[
     (0x174, 0, "IA32_SYSENTER_CS"),
     (0x175, 0, "IA32_SYSENTER_ESP"),
@@ -32,7 +40,11 @@ const BOOT_MSRS: &[(u32, u64, &str)] = &[
     (0xc000_0084, 0, "SYSCALL_MASK"),
     (0xc000_0102, 0, "KERNEL_GS_BASE"),
     (0x10, 0, "IA32_TSC"),
-    (0x1a0, 1, "IA32_MISC_ENABLE (fast strings)"),
+    (
+        0x1a0,
+        MISC_ENABLE_FAST_STRING | MISC_ENABLE_BTS_UNAVAILABLE | MISC_ENABLE_PEBS_UNAVAILABLE,
+        "IA32_MISC_ENABLE (fast strings; BTS, PEBS unavailable)",
+    ),
     (
         0x2ff,
         (1 << 11) | 6,

@@ -70,6 +70,28 @@ fn long_mode_guest_on_emu() {
     long_mode_guest("emu");
 }
 
+// ---- MSRs ----------------------------------------------------------------
+
+/// Both backends power on with IA32_MISC_ENABLE as KVM resets it (BTS and
+/// PEBS unavailable) plus fast strings.
+fn misc_enable_matches_across_backends(accel: &str) {
+    boot(accel, &vmplay_guests::misc_enable(), &[])
+        .assert_code(1)
+        .assert_stdout("misc_enable=0000000000001801\n");
+}
+
+#[test]
+fn misc_enable_matches_across_backends_on_kvm() {
+    if !skip_without_kvm() {
+        misc_enable_matches_across_backends("kvm");
+    }
+}
+
+#[test]
+fn misc_enable_matches_across_backends_on_emu() {
+    misc_enable_matches_across_backends("emu");
+}
+
 // ---- SMP -----------------------------------------------------------------
 
 fn two_vcpus_report_their_apic_ids(accel: &str) {
