@@ -241,8 +241,9 @@ impl EventLoop {
                 let failed = hooked.is_err();
                 let _ = ready_tx.send(hooked);
                 if !failed {
+                    let mut poll = PollWindow::from_env();
                     while !thread_stop.load(Ordering::Acquire) {
-                        if let Err(e) = manager.run() {
+                        if let Err(e) = poll.run(&mut manager) {
                             // EINTR and friends: the loop goes on; anything
                             // persistent would spin, so slow down and say so.
                             tracing::warn!("event loop: {e:?}");
@@ -268,6 +269,71 @@ impl EventLoop {
             Ok(Err(e)) => Err(EventLoopError::Hook(e)),
             Err(_) => Err(EventLoopError::Hook("the thread ended early".into())),
         }
+    }
+}
+
+/// Adaptive polling of the loop (KVM's halt polling, QEMU's AioContext
+/// polling): after events that came soon after the previous ones, the
+/// loop looks for the next ones for a while before it sleeps in epoll.
+/// A sleeping loop thread's wake-up costs a cross-CPU interrupt (tens of
+/// µs where the host is itself a VM), paid on every request of a disk
+/// doing one request at a time. The window grows while events come
+/// within it and closes after a wait longer than the most it may be, so
+/// an idle device costs nothing; the poll yields the CPU every turn.
+struct PollWindow {
+    ns: u64,
+    max_ns: u64,
+}
+
+/// The first window after a short wait.
+const POLL_START_NS: u64 = 10_000;
+/// The widest window: a guest's turnaround between two requests of a
+/// sequential read, while its request path is still interpreted.
+const POLL_MAX_NS: u64 = 1_000_000;
+
+impl PollWindow {
+    /// The window of at most `VMPLAY_EVENT_POLL_US` µs if set (0: never
+    /// poll), else [`POLL_MAX_NS`].
+    fn from_env() -> PollWindow {
+        let max_ns = std::env::var("VMPLAY_EVENT_POLL_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(POLL_MAX_NS, |us| us.saturating_mul(1000));
+        PollWindow::new(max_ns)
+    }
+
+    fn new(max_ns: u64) -> PollWindow {
+        PollWindow { ns: 0, max_ns }
+    }
+
+    /// Runs one round of events: polls for up to the window, then
+    /// sleeps in epoll.
+    fn run(&mut self, manager: &mut EventManager<Subscriber>) -> Result<(), event_manager::Error> {
+        let start = Instant::now();
+        if self.ns > 0 {
+            loop {
+                if manager.run_with_timeout(0)? > 0 {
+                    self.ns = self.grown();
+                    return Ok(());
+                }
+                if start.elapsed().as_nanos() as u64 >= self.ns {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+        manager.run()?;
+        let waited = start.elapsed().as_nanos() as u64;
+        self.ns = if waited > self.max_ns {
+            0
+        } else {
+            self.grown()
+        };
+        Ok(())
+    }
+
+    fn grown(&self) -> u64 {
+        (self.ns * 2).max(POLL_START_NS).min(self.max_ns)
     }
 }
 
@@ -371,6 +437,43 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         false
+    }
+
+    #[test]
+    fn the_poll_window_grows_while_events_come_soon_and_closes_after_a_long_wait() {
+        let mut manager: EventManager<Subscriber> = EventManager::new().unwrap();
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        manager.add_subscriber(Arc::new(Mutex::new(Counter {
+            fd: fd.try_clone().unwrap(),
+            seen: seen.clone(),
+        })));
+        let mut poll = PollWindow::new(5_000_000);
+        fd.write(1).unwrap();
+        poll.run(&mut manager).unwrap();
+        assert_eq!(poll.ns, POLL_START_NS, "a short wait opens the window");
+        fd.write(1).unwrap();
+        poll.run(&mut manager).unwrap();
+        assert_eq!(
+            poll.ns,
+            2 * POLL_START_NS,
+            "an event found by polling widens it"
+        );
+        let late = fd.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            late.write(1).unwrap();
+        });
+        poll.run(&mut manager).unwrap();
+        writer.join().unwrap();
+        assert_eq!(poll.ns, 0, "a wait past the widest window closes it");
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+        // A window of at most 0 never opens.
+        let mut never = PollWindow::new(0);
+        fd.write(1).unwrap();
+        never.run(&mut manager).unwrap();
+        assert_eq!(never.ns, 0);
+        assert_eq!(seen.load(Ordering::SeqCst), 4);
     }
 
     #[test]
