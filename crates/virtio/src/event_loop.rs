@@ -279,7 +279,10 @@ impl EventLoop {
 /// µs where the host is itself a VM), paid on every request of a disk
 /// doing one request at a time. The window grows while events come
 /// within it and closes after a wait longer than the most it may be, so
-/// an idle device costs nothing; the poll yields the CPU every turn.
+/// an idle device costs nothing; the poll yields the CPU every turn. (The
+/// emu's halted vCPUs poll the same way, `emu::platform::signal`; the
+/// two crates share no home below the seam, which holds only traits and
+/// plain data.)
 struct PollWindow {
     ns: u64,
     max_ns: u64,
