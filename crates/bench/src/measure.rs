@@ -38,10 +38,17 @@ impl Scratch {
         Ok(Scratch { dir })
     }
 
-    /// Writes `bytes` to `name` in the directory and returns its path.
+    /// Writes `bytes` to `name` in the directory, through to the disk,
+    /// and returns its path. Durable before any run starts: the host's
+    /// writeback of a fresh 160 MiB disk image ran during the first boot
+    /// measured (its sequential write 1.7-2.5x the other boots').
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, BenchError> {
+        use std::io::Write;
         let path = self.dir.join(name);
-        std::fs::write(&path, bytes).map_err(|e| BenchError::File(path.clone(), e))?;
+        let fail = |e| BenchError::File(path.clone(), e);
+        let mut f = std::fs::File::create(&path).map_err(fail)?;
+        f.write_all(bytes).map_err(fail)?;
+        f.sync_all().map_err(fail)?;
         Ok(path)
     }
 }
