@@ -451,7 +451,7 @@ mod tests {
             fd: fd.try_clone().unwrap(),
             seen: seen.clone(),
         })));
-        let mut poll = PollWindow::new(5_000_000);
+        let mut poll = PollWindow::new(50_000_000);
         fd.write(1).unwrap();
         poll.run(&mut manager).unwrap();
         assert_eq!(poll.ns, POLL_START_NS, "a short wait opens the window");
@@ -464,7 +464,7 @@ mod tests {
         );
         let late = fd.try_clone().unwrap();
         let writer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(30));
+            std::thread::sleep(Duration::from_millis(300));
             late.write(1).unwrap();
         });
         poll.run(&mut manager).unwrap();
