@@ -502,8 +502,6 @@ impl Jit {
     /// every block must forget its translation.
     pub fn translate_while_idle(&mut self, idle: impl Fn() -> bool) -> bool {
         while idle() {
-            // Newest first: the code warmed last is what the guest runs
-            // next (jobs left over from boot would otherwise come first).
             let Some(job) = self.idle.pop_newest() else {
                 break;
             };

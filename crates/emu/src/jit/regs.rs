@@ -11,8 +11,8 @@
 //!
 //! RBX, RBP, R12 and R13 are callee-saved in the SysV ABI and survive
 //! helper calls; RSI, RDI, R8 and R9 do not, so helpers called on the
-//! fast path save them (`push_clobbered`). Every load and store here is a `mov`: host flags
-//! (which may hold the guest's) survive.
+//! fast path save them (`push_clobbered`). Every load and store here is
+//! a `mov`: host flags (which may hold the guest's) survive.
 
 use std::mem::offset_of;
 
