@@ -60,7 +60,7 @@ pub fn run(cpu: &mut Cpu, cache: &mut BlockCache) -> Event {
                 && cpu.run_state == RunState::Halted
                 && cpu.iff()
                 && let Some(jit) = cache.jit.as_mut()
-                && jit.translate_while_idle(|| {
+                && jit.translate_while_idle(cpu.icount, || {
                     sig.attention.load(std::sync::atomic::Ordering::Acquire) == 0
                 })
             {

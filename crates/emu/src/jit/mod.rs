@@ -273,12 +273,40 @@ impl std::hash::Hasher for SerialHasher {
     }
 }
 
+/// A queued job, and when its block is expected to turn hot.
+struct Queued {
+    job: Job,
+    /// Of its newest entries in `order` and `urgent`.
+    stamp: u64,
+    /// The block's runs and the vCPU's instruction count when it was
+    /// queued or last ran on a REQUEUE_EVERY boundary.
+    runs: u64,
+    at: u64,
+    /// The instruction count by which, at its recent rate, the block
+    /// reaches the in-line threshold; [`UNKNOWN`] before a second sighting.
+    deadline: u64,
+}
+
+/// The deadline of a job seen once (after every timed one).
+const UNKNOWN: u64 = u64::MAX / 4;
+/// The deadline of a job whose block cooled (after every other).
+const COOLED: u64 = u64::MAX / 2;
+
 struct IdleQueue {
     /// Queued jobs by block serial.
-    jobs: HashMap<u64, Job, BySerial>,
-    /// Their serials from oldest to newest (a serial whose job was taken
-    /// in line is skipped).
-    order: std::collections::VecDeque<u64>,
+    jobs: HashMap<u64, Queued, BySerial>,
+    /// (serial, stamp) from the least to the most recently queued or
+    /// run, for dropping; an entry whose job was taken, or superseded by
+    /// a later sighting (another stamp), is skipped.
+    order: std::collections::VecDeque<(u64, u64)>,
+    /// (deadline, !stamp, serial), earliest deadline first, then newest
+    /// (entries skipped as in `order`): idle time takes the block that
+    /// would otherwise be translated in line soonest. Newest-first alone
+    /// let the hottest blocks of a disk benchmark's first pass, queued
+    /// first, wait under cooler ones until ~200 turned hot at once.
+    urgent: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u64, u64)>>,
+    /// The next stamp.
+    stamp: u64,
     /// Byte buffers of finished or dropped jobs, for the next ones: a
     /// boot queues tens of thousands of jobs and drops most, and a fresh
     /// allocation each was a sixth of the vCPU's translation work.
@@ -293,44 +321,111 @@ impl IdleQueue {
         IdleQueue {
             jobs: HashMap::default(),
             order: std::collections::VecDeque::new(),
+            urgent: std::collections::BinaryHeap::new(),
+            stamp: 0,
             spare: Vec::new(),
             ready: HashMap::default(),
             round: 1,
         }
     }
 
-    /// Queues `job`. A full queue drops its oldest job: warm code the
-    /// guest has left behind (a boot with little idle time fills the
-    /// queue, and the next workload's code would wait for it to drain;
-    /// it was 512 stale jobs when a disk benchmark began). A dropped
-    /// job's block is translated in line if it turns hot.
-    fn push(&mut self, job: Job) {
+    /// Queues `job`, whose block has run `runs` times by instruction
+    /// count `now`. A full queue drops its least recently seen job: warm
+    /// code the guest has left behind (a boot with little idle time
+    /// fills the queue, and the next workload's code would wait for it
+    /// to drain; it was 512 stale jobs when a disk benchmark began). A
+    /// dropped job's block is queued again if it runs on
+    /// ([`Jit::compile`]), or translated in line if it turns hot first.
+    fn push(&mut self, job: Job, runs: u64, now: u64) {
         if self.jobs.len() >= QUEUE
-            && let Some(oldest) = self.pop(std::collections::VecDeque::pop_front)
+            && let Some(oldest) = self.pop_oldest()
         {
             self.recycle(oldest);
         }
-        // Entries of jobs taken in line go once they outnumber the queue.
+        let serial = job.serial;
+        let q = Queued {
+            job,
+            stamp: 0,
+            runs,
+            at: now,
+            deadline: UNKNOWN,
+        };
+        if let Some(old) = self.jobs.insert(serial, q) {
+            self.recycle(old.job);
+        }
+        self.enter(serial);
+    }
+
+    /// Block `serial` ran again (`runs` times by `now`): its deadline
+    /// from its rate since the last sighting, and it becomes the most
+    /// recently seen. `false` if it has no job queued.
+    fn touch(&mut self, serial: u64, runs: u64, now: u64, threshold: u64) -> bool {
+        let Some(q) = self.jobs.get_mut(&serial) else {
+            return false;
+        };
+        let (dr, dt) = (runs.saturating_sub(q.runs), now.saturating_sub(q.at));
+        let left = threshold.saturating_sub(runs);
+        if let Some(wait) = dt.saturating_mul(left).checked_div(dr) {
+            q.deadline = now.saturating_add(wait).min(UNKNOWN - 1);
+        }
+        (q.runs, q.at) = (runs, now);
+        self.enter(serial);
+        true
+    }
+
+    /// New entries for `serial`'s job (queued or seen again).
+    fn enter(&mut self, serial: u64) {
+        self.compact();
+        let stamp = self.stamp;
+        self.stamp += 1;
+        let Some(q) = self.jobs.get_mut(&serial) else {
+            return;
+        };
+        q.stamp = stamp;
+        self.order.push_back((serial, stamp));
+        self.urgent
+            .push(std::cmp::Reverse((q.deadline, !stamp, serial)));
+    }
+
+    /// Drops superseded entries once they outnumber the jobs.
+    fn compact(&mut self) {
+        let jobs = &self.jobs;
+        let live = |serial: &u64, stamp: u64| jobs.get(serial).is_some_and(|q| q.stamp == stamp);
         if self.order.len() >= 2 * QUEUE {
-            let jobs = &self.jobs;
-            self.order.retain(|s| jobs.contains_key(s));
+            self.order.retain(|(serial, stamp)| live(serial, *stamp));
         }
-        self.order.push_back(job.serial);
-        if let Some(old) = self.jobs.insert(job.serial, job) {
-            self.recycle(old);
+        if self.urgent.len() >= 2 * QUEUE {
+            self.urgent
+                .retain(|std::cmp::Reverse((_, stamp, serial))| live(serial, !stamp));
         }
     }
 
-    /// The newest job: the code warmed last is what the guest runs next
-    /// (jobs left over from boot would otherwise come first).
-    fn pop_newest(&mut self) -> Option<Job> {
-        self.pop(std::collections::VecDeque::pop_back)
+    /// The job whose block is due soonest at instruction count `now`
+    /// (one whose deadline passed without it turning hot has cooled:
+    /// after the rest, newest first; jobs left over from boot would
+    /// otherwise come first).
+    fn pop_next(&mut self, now: u64) -> Option<Job> {
+        while let Some(std::cmp::Reverse((deadline, inv, serial))) = self.urgent.pop() {
+            let Some(q) = self.jobs.get_mut(&serial) else {
+                continue;
+            };
+            if q.stamp != !inv {
+                continue;
+            }
+            if deadline < now {
+                q.deadline = COOLED;
+                self.urgent.push(std::cmp::Reverse((COOLED, inv, serial)));
+                continue;
+            }
+            return self.jobs.remove(&serial).map(|q| q.job);
+        }
+        None
     }
 
-    fn pop(&mut self, end: fn(&mut std::collections::VecDeque<u64>) -> Option<u64>) -> Option<Job> {
-        while let Some(serial) = end(&mut self.order) {
-            if let Some(job) = self.jobs.remove(&serial) {
-                return Some(job);
+    fn pop_oldest(&mut self) -> Option<Job> {
+        while let Some((serial, stamp)) = self.order.pop_front() {
+            if self.jobs.get(&serial).is_some_and(|q| q.stamp == stamp) {
+                return self.jobs.remove(&serial).map(|q| q.job);
             }
         }
         None
@@ -340,7 +435,7 @@ impl IdleQueue {
     /// first): a look-up, where a search of the queue was a twentieth of
     /// the vCPU's translation work.
     fn take(&mut self, serial: u64) -> Option<Job> {
-        self.jobs.remove(&serial)
+        self.jobs.remove(&serial).map(|q| q.job)
     }
 
     /// Keeps `job`'s byte buffer for a later job.
@@ -351,14 +446,20 @@ impl IdleQueue {
     }
 
     fn forget_all(&mut self) {
-        for (_, job) in std::mem::take(&mut self.jobs) {
-            self.recycle(job);
+        for (_, q) in std::mem::take(&mut self.jobs) {
+            self.recycle(q.job);
         }
         self.order.clear();
+        self.urgent.clear();
         self.ready.clear();
         self.round += 1;
     }
 }
+
+/// How often (in runs) a warm queued block's job is timed again (or
+/// queued again, if it was dropped): every 4 runs cost a Debian boot
+/// ~4% in queue work, every 8 nothing measurable.
+const REQUEUE_EVERY: u64 = 8;
 
 /// Most finished translations kept for blocks that have not run since
 /// (blocks the cache dropped never will).
@@ -452,12 +553,25 @@ impl Jit {
             return self.install_or_reset(cpu, block, d, clear_all);
         }
         if block.runs < self.config.threshold {
-            // Warm: queue it for idle time, once.
-            if !queued {
+            // Warm: queued for idle time. Every REQUEUE_EVERY runs after,
+            // its job's deadline is set from its rate (`IdleQueue::touch`),
+            // or it is queued again if a full queue dropped it: a disk
+            // benchmark's first pass queued blocks faster than idle time
+            // took them, and ~390 whose jobs had been dropped were later
+            // translated in line, some while the queue stood empty.
+            let dropped = queued
+                && block.runs.is_multiple_of(REQUEUE_EVERY)
+                && !self.idle.touch(
+                    block.serial(),
+                    block.runs,
+                    cpu.icount,
+                    self.config.threshold,
+                );
+            if !queued || dropped {
                 let Some(job) = self.job(cpu, block) else {
                     return false;
                 };
-                self.idle.push(job);
+                self.idle.push(job, block.runs, cpu.icount);
                 block.jit_queued = self.idle.round;
             }
             return false;
@@ -500,9 +614,10 @@ impl Jit {
     /// Translates queued warm blocks while `idle()` holds (the vCPU is
     /// halted with nothing to do). `true` if the arena had to be reset:
     /// every block must forget its translation.
-    pub fn translate_while_idle(&mut self, idle: impl Fn() -> bool) -> bool {
+    /// `now` is the vCPU's instruction count.
+    pub fn translate_while_idle(&mut self, now: u64, idle: impl Fn() -> bool) -> bool {
         while idle() {
-            let Some(job) = self.idle.pop_newest() else {
+            let Some(job) = self.idle.pop_next(now) else {
                 break;
             };
             let done = translate(&self.arena, &self.thunks, &job, std::time::Instant::now());

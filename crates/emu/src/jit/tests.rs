@@ -769,47 +769,80 @@ fn translated_sse_faults_like_the_interpreter() {
     }
 }
 
+fn idle_job(serial: u64) -> super::Job {
+    let mut bytes = vec![0u8; super::COPY].into_boxed_slice();
+    bytes[0] = 0x90;
+    super::Job {
+        serial,
+        code: super::GuestCode {
+            rip: 0x1000,
+            len: 1,
+            avail: 1,
+            bytes,
+        },
+        generation_word: (0, 0),
+        attention: 0,
+        chain: true,
+    }
+}
+
 #[test]
-fn a_full_idle_queue_drops_its_oldest_job_for_the_newest() {
+fn a_full_idle_queue_drops_its_least_recently_seen_job() {
     let mut q = super::IdleQueue::new();
-    let job = |serial| {
-        let mut bytes = vec![0u8; super::COPY].into_boxed_slice();
-        bytes[0] = 0x90;
-        super::Job {
-            serial,
-            code: super::GuestCode {
-                rip: 0x1000,
-                len: 1,
-                avail: 1,
-                bytes,
-            },
-            generation_word: (0, 0),
-            attention: 0,
-            chain: true,
-        }
-    };
     let n = super::QUEUE as u64;
-    for serial in 1..=n + 3 {
-        q.push(job(serial));
+    for serial in 1..=n {
+        q.push(idle_job(serial), 8, 0);
+    }
+    // Block 1 ran again: block 2's job is now the least recently seen.
+    assert!(q.touch(1, 12, 100, 32));
+    for serial in n + 1..=n + 3 {
+        q.push(idle_job(serial), 8, 100);
     }
     assert_eq!(q.jobs.len(), super::QUEUE);
-    assert!((1..=3).all(|s| !q.jobs.contains_key(&s)), "the oldest went");
+    assert!(
+        (2..=4).all(|s| !q.jobs.contains_key(&s)),
+        "the least recent went"
+    );
+    assert!(q.jobs.contains_key(&1) && !q.touch(2, 12, 100, 32));
     // Their buffers wait for the next jobs.
     assert_eq!(q.spare.len(), 3);
-    // A job taken in line is gone from the order too; idle time takes
-    // the newest first.
+    // A job taken in line is gone; idle time takes the timed job first,
+    // then the newest of the rest.
     assert_eq!(q.take(n + 3).map(|j| j.serial), Some(n + 3));
-    assert_eq!(q.pop_newest().map(|j| j.serial), Some(n + 2));
-    let (ins, insns) = q.jobs[&4].code.decode().expect("a nop decodes");
+    assert_eq!(q.pop_next(100).map(|j| j.serial), Some(1));
+    assert_eq!(q.pop_next(100).map(|j| j.serial), Some(n + 2));
+    let (ins, insns) = q.jobs[&5].job.code.decode().expect("a nop decodes");
     assert_eq!((ins.len(), insns.len()), (1, 1));
-    // Jobs taken in line never leave the order unbounded.
+    // Jobs taken in line, or seen again and again, never leave the
+    // order unbounded.
     for serial in n + 4..n + 4 + 4 * n {
-        q.push(job(serial));
+        q.push(idle_job(serial), 8, serial);
+        q.touch(5, serial % 24 + 8, serial, 32);
         q.take(serial);
     }
     assert!(q.order.len() <= 2 * super::QUEUE, "{}", q.order.len());
+    assert!(q.urgent.len() <= 2 * super::QUEUE, "{}", q.urgent.len());
     q.forget_all();
-    assert!(q.jobs.is_empty() && q.order.is_empty());
+    assert!(q.jobs.is_empty() && q.order.is_empty() && q.urgent.is_empty());
+}
+
+#[test]
+fn idle_time_takes_the_block_due_soonest_and_cooled_ones_last() {
+    let mut q = super::IdleQueue::new();
+    for serial in 1..=4 {
+        q.push(idle_job(serial), 8, 0);
+    }
+    // Block 1: 4 runs in 1,000 instructions, 20 more to go: due at
+    // 6,000. Block 2: 4 runs in 400: due at 2,400. Block 3: 4 runs in
+    // 100, due at 600, but by 5,000 it has not turned hot: it cooled.
+    q.touch(1, 12, 1_000, 32);
+    q.touch(2, 12, 400, 32);
+    q.touch(3, 12, 100, 32);
+    assert_eq!(q.jobs[&2].deadline, 2_400);
+    let order: Vec<u64> = std::iter::from_fn(|| q.pop_next(5_000).map(|j| j.serial)).collect();
+    // Block 2's deadline passed too (2,400 < 5,000): both cooled ones
+    // come after block 4, seen once, newest first.
+    assert_eq!(order, [1, 4, 3, 2]);
 }
 
 /// Accesses that cross a page always leave translated code for the
