@@ -65,14 +65,21 @@ pub fn differences(case: &Case, native: &Observed, backend: &Observed) -> Vec<St
     if n.fcw != b.fcw {
         d.push(format!("fcw: host {:#06x}, backend {:#06x}", n.fcw, b.fcw));
     }
-    let fsw_mask = !undefined_fsw;
+    // An MMX instruction that faults: Intel's CPUs have already made the
+    // x87-to-MMX switch (TOP = 0, every tag valid), AMD's have not. The
+    // registers are then compared by physical number, TOP and the tags
+    // not at all.
+    let mmx_fault = matches!(native.outcome, Outcome::Exception { .. })
+        && instruction_at(case, native.rip).is_some_and(|i| uses_mmx(&i));
+    let top_mask = if mmx_fault { !FSW_TOP } else { !0 };
+    let fsw_mask = !undefined_fsw & top_mask;
     if (n.fsw ^ b.fsw) & fsw_mask != 0 {
         d.push(format!(
             "fsw: host {:#06x}, backend {:#06x} (undefined bits {:#06x} masked)",
             n.fsw, b.fsw, undefined_fsw
         ));
     }
-    if n.ftw != b.ftw {
+    if n.ftw != b.ftw && !mmx_fault {
         d.push(format!("ftw: host {:#04x}, backend {:#04x}", n.ftw, b.ftw));
     }
     if n.mxcsr != b.mxcsr {
@@ -81,17 +88,36 @@ pub fn differences(case: &Case, native: &Observed, backend: &Observed) -> Vec<St
             n.mxcsr, b.mxcsr
         ));
     }
-    for i in 0..8 {
-        if n.st[i][..10] != b.st[i][..10] {
+    // ST(i) is physical register (TOP + i) mod 8.
+    let top = |fsw: u16| usize::from(fsw >> 11 & 7);
+    let (nt, bt) = if mmx_fault {
+        (top(n.fsw), top(b.fsw))
+    } else {
+        (0, 0)
+    };
+    for p in 0..8 {
+        let (ni, bi) = ((p + 8 - nt) % 8, (p + 8 - bt) % 8);
+        if n.st[ni][..10] != b.st[bi][..10] {
+            let which = if mmx_fault {
+                format!("physical {p}")
+            } else {
+                format!("st{p}/mm{p}")
+            };
             d.push(format!(
-                "st{i}/mm{i}: host {}, backend {}",
-                f80(&n.st[i]),
-                f80(&b.st[i])
+                "{which}: host {}, backend {}",
+                f80(&n.st[ni]),
+                f80(&b.st[bi])
             ));
         }
     }
+    // DPPS/DPPD with two NaNs among the products: which one each lane
+    // gets is the CPU's own (Intel's lanes differ from one another,
+    // AMD's do not), so there any NaN matches any NaN.
+    let nan_lanes = nan_lanes(case);
     for i in 0..16 {
-        if n.xmm[i] != b.xmm[i] {
+        let same = n.xmm[i] == b.xmm[i]
+            || nan_lanes.is_some_and(|w| lanes_match_up_to_nan(n.xmm[i], b.xmm[i], w));
+        if !same {
             d.push(format!(
                 "xmm{i}: host {:#034x}, backend {:#034x}",
                 n.xmm[i], b.xmm[i]
@@ -101,6 +127,50 @@ pub fn differences(case: &Case, native: &Observed, backend: &Observed) -> Vec<St
     memory_diff(&mut d, "data", DATA_ADDR, &native.data, &backend.data);
     memory_diff(&mut d, "stack", STACK_ADDR, &native.stack, &backend.stack);
     d
+}
+
+const FSW_TOP: u16 = 0x3800;
+
+/// The case's instruction at `rip`.
+fn instruction_at(case: &Case, rip: u64) -> Option<iced_x86::Instruction> {
+    let at = usize::try_from(rip.checked_sub(CODE_ADDR)?).ok()?;
+    let code = case.code.get(at..)?;
+    let i = Decoder::with_ip(64, code, rip, DecoderOptions::NONE).decode();
+    (!i.is_invalid()).then_some(i)
+}
+
+fn uses_mmx(i: &iced_x86::Instruction) -> bool {
+    (0..i.op_count())
+        .any(|o| i.op_kind(o) == iced_x86::OpKind::Register && i.op_register(o).is_mm())
+}
+
+/// The lane width (bits) in which XMM results are compared up to NaN
+/// payloads: 32 if the case runs DPPS, 64 if only DPPD.
+fn nan_lanes(case: &Case) -> Option<u32> {
+    let mut width = None;
+    for i in Decoder::with_ip(64, &case.code, CODE_ADDR, DecoderOptions::NONE) {
+        match i.mnemonic() {
+            iced_x86::Mnemonic::Dpps => return Some(32),
+            iced_x86::Mnemonic::Dppd => width = Some(64),
+            _ => {}
+        }
+    }
+    width
+}
+
+/// Every `width`-bit lane equal, or a NaN in both.
+fn lanes_match_up_to_nan(a: u128, b: u128, width: u32) -> bool {
+    let (exp, frac) = if width == 32 {
+        (0xffu128 << 23, (1u128 << 23) - 1)
+    } else {
+        (0x7ffu128 << 52, (1u128 << 52) - 1)
+    };
+    let nan = |v: u128| v & exp == exp && v & frac != 0;
+    let mask = (1u128 << width) - 1;
+    (0..128 / width).all(|k| {
+        let (x, y) = (a >> (k * width) & mask, b >> (k * width) & mask);
+        x == y || (nan(x) && nan(y))
+    })
 }
 
 fn f80(v: &[u8; 16]) -> String {
@@ -262,6 +332,53 @@ mod tests {
         for needle in ["r13", "data [0x40100010]", "xmm2", "#UD"] {
             assert!(d.contains(needle), "{needle} missing in:\n{d}");
         }
+    }
+
+    #[test]
+    fn a_faulting_mmx_instruction_compares_x87_registers_by_physical_number() {
+        // movq [r9+7ACh],mm5, faulting: Intel has switched to MMX (TOP 0),
+        // AMD has not (TOP 6); the same physical registers either way.
+        let mut c = case();
+        c.code = vec![0x41, 0x0f, 0x7f, 0xa9, 0xac, 0x07, 0x00, 0x00];
+        let mut intel = obs();
+        intel.outcome = Outcome::Exception { vector: 14 };
+        intel.rip = CODE_ADDR;
+        let mut amd = intel.clone();
+        intel.fpu.fsw = 0x0400;
+        amd.fpu.fsw = 0x3400;
+        amd.fpu.ftw = 0xbf;
+        for p in 0..8u8 {
+            intel.fpu.st[usize::from(p)][0] = p + 1;
+            amd.fpu.st[usize::from((p + 2) % 8)][0] = p + 1;
+        }
+        assert!(differences(&c, &intel, &amd).is_empty());
+        // A physical register that differs still counts.
+        amd.fpu.st[0][1] = 7;
+        let d = differences(&c, &intel, &amd);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].contains("physical 6"), "{d:?}");
+        // Not an MMX instruction: TOP counts.
+        c.code = vec![0x48, 0x01, 0xc8];
+        assert!(!differences(&c, &intel, &amd).is_empty());
+    }
+
+    #[test]
+    fn dpps_results_match_up_to_nan_payloads_and_nothing_else() {
+        let mut c = case();
+        // dpps xmm3,xmm10,0FFh
+        c.code = vec![0x66, 0x41, 0x0f, 0x3a, 0x40, 0xda, 0xff];
+        let mut host = obs();
+        host.fpu.xmm[3] = 0xffffffc5_ffffffff_ffffffc5_ffffffff;
+        let mut emu = obs();
+        emu.fpu.xmm[3] = 0xffffffc5_ffffffc5_ffffffc5_ffffffc5;
+        assert!(differences(&c, &host, &emu).is_empty());
+        // A number against a NaN is a difference.
+        emu.fpu.xmm[3] = 0xffffffc5_ffffffc5_ffffffc5_3f800000;
+        assert_eq!(differences(&c, &host, &emu).len(), 1);
+        // Without DPPS, payloads count.
+        c.code = vec![0x48, 0x01, 0xc8];
+        emu.fpu.xmm[3] = 0xffffffc5_ffffffc5_ffffffc5_ffffffc5;
+        assert_eq!(differences(&c, &host, &emu).len(), 1);
     }
 
     #[test]

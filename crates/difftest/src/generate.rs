@@ -1105,6 +1105,13 @@ fn vendor_specific(ins: &Instruction) -> bool {
     // A failed `cmpxchg r32, r32` writes the destination back on Intel
     // (zeroing its upper half) but leaves it alone on AMD.
     ins.code() == Code::Cmpxchg_rm32_r32 && ins.op0_kind() == OpKind::Register
+        // A 16-bit double shift by more than 16 (the count masked to 5
+        // bits) leaves the result undefined, and Intel and AMD differ
+        // (the CL form sets CL in range first).
+        || matches!(ins.mnemonic(), Mnemonic::Shld | Mnemonic::Shrd)
+            && ins.code().op_code().operand_size() == 16
+            && ins.op2_kind() == OpKind::Immediate8
+            && ins.immediate8() & 31 > 16
 }
 
 /// One sequence under construction.
