@@ -211,19 +211,9 @@ mod tests {
     /// Runs one instruction in a long-mode guest with `v0`-`v2` in rax, rcx
     /// and rdx and the arithmetic flags `f`; returns (rax, rdx, flags).
     /// Runs on the interpreter alone: these tests pin its choice for
-    /// flags the SDM leaves undefined (translated code leaves the host
-    /// CPU's, which the difftest masks).
+    /// flags the SDM leaves undefined ([`Guest::interpreted`]).
     fn guest_run(emit: Emit, v0: u64, v1: u64, v2: u64, f: u64) -> (u64, u64, u64) {
-        let interp = crate::jit::JitConfig {
-            tier: crate::jit::Tier::Interp,
-            ..Default::default()
-        };
-        let opts = crate::EmuOptions {
-            jit: Some(interp),
-            ..Default::default()
-        };
-        let mut vm = Guest::with_options(1, opts);
-        vm.exception_stubs();
+        let mut vm = Guest::interpreted();
         vm.asm(64, CODE, |a| {
             emit(a).unwrap();
             a.hlt().unwrap();

@@ -101,6 +101,24 @@ impl Guest {
         g
     }
 
+    /// A guest run by the interpreter alone, with exception stubs: for
+    /// tests that pin the interpreter's choice where the SDM leaves a
+    /// result undefined (translated code leaves the host CPU's, and
+    /// Intel's and AMD's differ; the difftest masks them).
+    pub fn interpreted() -> Guest {
+        let interp = crate::jit::JitConfig {
+            tier: crate::jit::Tier::Interp,
+            ..Default::default()
+        };
+        let opts = EmuOptions {
+            jit: Some(interp),
+            ..Default::default()
+        };
+        let g = Self::with_options(1, opts);
+        g.exception_stubs();
+        g
+    }
+
     pub fn with_options(vcpus: u32, opts: EmuOptions) -> Guest {
         let mem = memory();
         let vm = EmuHypervisor::new(opts)
