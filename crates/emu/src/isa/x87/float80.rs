@@ -1101,8 +1101,8 @@ pub fn rem(env: &mut Env, a: F80, b: F80, ieee: bool) -> (F80, u8, bool) {
 
 /// ST(0) left as it is (FSCALE by ±0, FPREM/FPREM1 by ±∞; the SDM's
 /// tables): a pseudo-denormal comes back normalised, a denormal as it is,
-/// with no underflow even when UE is unmasked (Intel's CPUs, and the
-/// vendor emu's CPUID names; AMD's renormalise it with the underflow).
+/// with no underflow even when UE is unmasked (as Intel's CPUs do, the
+/// vendor emu's CPUID reports; AMD's renormalise it and underflow).
 fn unchanged(env: &mut Env, a: F80) -> F80 {
     if a.kind() == Kind::Denormal && a.signif >> 63 == 0 {
         return a;
