@@ -585,7 +585,7 @@ struct Ctx<'a> {
     /// Chained exits: (the `jmp rel32` the dispatcher patches, its
     /// unchained stub, flags parked, for an exit to another page the
     /// `mov eax, imm32` holding the epoch it was linked under).
-    slots: Vec<(CodeLabel, CodeLabel, bool, Option<CodeLabel>)>,
+    slots: Vec<Slot>,
     /// Out-of-line code emitted after the main path.
     cold: Vec<Cold>,
     insns: &'a [Insn],
@@ -1091,7 +1091,14 @@ struct Scratch {
     a: CodeAssembler,
     cold: Vec<Cold>,
     factory: InstructionInfoFactory,
+    slots: Vec<Slot>,
+    misses: Vec<(CodeLabel, bool)>,
+    leaves: Vec<(CodeLabel, usize)>,
+    parked: Vec<CodeLabel>,
 }
+
+/// A chained exit (see [`Ctx::slots`]).
+type Slot = (CodeLabel, CodeLabel, bool, Option<CodeLabel>);
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
@@ -1116,12 +1123,20 @@ impl Reused {
             Some(mut s) => {
                 s.a.reset();
                 s.cold.clear();
+                s.slots.clear();
+                s.misses.clear();
+                s.leaves.clear();
+                s.parked.clear();
                 s
             }
             None => Scratch {
                 a: CodeAssembler::new(64).map_err(err)?,
                 cold: Vec::with_capacity(64),
                 factory: InstructionInfoFactory::new(),
+                slots: Vec::with_capacity(8),
+                misses: Vec::with_capacity(8),
+                leaves: Vec::with_capacity(16),
+                parked: Vec::with_capacity(8),
             },
         };
         Ok(Reused(Some(s)))
@@ -1147,7 +1162,16 @@ pub fn compile(
     thunks: &Thunks,
 ) -> Result<Emitted, String> {
     let mut reused = Reused::take()?;
-    let Scratch { a, cold, factory } = reused.0.as_mut().ok_or("no scratch")?;
+    let Scratch {
+        a,
+        cold,
+        factory,
+        slots,
+        misses,
+        leaves,
+        parked,
+    } = reused.0.as_mut().ok_or("no scratch")?;
+    let (mut leaves, mut parked_misses) = (std::mem::take(leaves), std::mem::take(parked));
     let epilogue = a.create_label();
     let stale = a.create_label();
     let mut head = a.create_label();
@@ -1155,13 +1179,13 @@ pub fn compile(
     let mut c = Ctx {
         a,
         epilogue,
-        slots: Vec::with_capacity(4),
+        slots: std::mem::take(slots),
         cold: std::mem::take(cold),
         insns,
         total: ins.len(),
         page: first.ip() & !0xfff,
         chain,
-        misses: Vec::with_capacity(4),
+        misses: std::mem::take(misses),
         base: first.ip(),
         regs: Regs::default(),
         thunks,
@@ -1202,15 +1226,6 @@ pub fn compile(
         c.lazy_to_spill()?;
         bind(c.a, &mut head_spill)?;
         head_checks(c.a, generation, attention, c.thunks, stale_spill)?;
-    }
-
-    // Flag liveness after each instruction (all live at the block end).
-    let mut live_after = vec![0u32; ins.len()];
-    let mut live = OSZAPC;
-    for (k, i) in ins.iter().enumerate().rev() {
-        live_after[k] = live;
-        let (r, w) = flag_use(i);
-        live = (live & !w) | r;
     }
 
     let mut fl = if entry_lazy { Fl::Lazy } else { Fl::Spill };
@@ -1452,7 +1467,6 @@ pub fn compile(
 
     // Out-of-line paths.
     let mut cold = std::mem::take(&mut c.cold);
-    let mut leaves = Vec::new();
     // One dynamic exit (flags lazy) shared by the slow paths of the
     // block's final indirect branch.
     let mut dynamic_exit: Option<CodeLabel> = None;
@@ -1551,7 +1565,7 @@ pub fn compile(
             leaves.push((label, k));
         }
     }
-    for (mut label, k) in leaves {
+    for (mut label, k) in leaves.drain(..) {
         bind(c.a, &mut label)?;
         if k > 0 {
             c.a.add(qword_ptr(r15 + ICOUNT), k as i32).map_err(err)?;
@@ -1560,8 +1574,8 @@ pub fn compile(
     }
     // Target-cache misses and stale code: back to the dispatcher with the
     // flags lazy.
-    let mut parked_misses = Vec::new();
-    for (mut m, parked) in std::mem::take(&mut c.misses) {
+    let mut misses = std::mem::take(&mut c.misses);
+    for (mut m, parked) in misses.drain(..) {
         if parked {
             parked_misses.push(m);
         } else {
@@ -1581,7 +1595,7 @@ pub fn compile(
     let mut stale_parked = stale_spill;
     bind(c.a, &mut stale_parked)?;
     c.a.mov(qword_ptr(r15 + gpr(RIP)), r14).map_err(err)?;
-    for mut m in parked_misses {
+    for mut m in parked_misses.drain(..) {
         bind(c.a, &mut m)?;
     }
     c.materialize(true)?;
@@ -1615,7 +1629,9 @@ pub fn compile(
     let head_spill = r.offset(head_spill)?;
     let bytes = r.bytes;
     if let Some(s) = reused.0.as_mut() {
-        s.cold = cold;
+        slots.clear();
+        (s.cold, s.slots, s.misses) = (cold, slots, misses);
+        (s.leaves, s.parked) = (leaves, parked_misses);
     }
     // Flags left undefined where the code can leave: a trace's taken
     // branches as well as its end (the end alone let a flag that a later
