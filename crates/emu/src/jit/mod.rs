@@ -292,6 +292,12 @@ const UNKNOWN: u64 = u64::MAX / 4;
 /// The deadline of a job whose block cooled (after every other).
 const COOLED: u64 = u64::MAX / 2;
 
+/// Whether an entry (`serial`, `stamp`) of the queue's orders is its
+/// job's newest (else the job was taken or seen again since).
+fn current(jobs: &HashMap<u64, Queued, BySerial>, serial: u64, stamp: u64) -> bool {
+    jobs.get(&serial).is_some_and(|q| q.stamp == stamp)
+}
+
 struct IdleQueue {
     /// Queued jobs by block serial.
     jobs: HashMap<u64, Queued, BySerial>,
@@ -390,13 +396,13 @@ impl IdleQueue {
     /// Drops superseded entries once they outnumber the jobs.
     fn compact(&mut self) {
         let jobs = &self.jobs;
-        let live = |serial: &u64, stamp: u64| jobs.get(serial).is_some_and(|q| q.stamp == stamp);
         if self.order.len() >= 2 * QUEUE {
-            self.order.retain(|(serial, stamp)| live(serial, *stamp));
+            self.order
+                .retain(|(serial, stamp)| current(jobs, *serial, *stamp));
         }
         if self.urgent.len() >= 2 * QUEUE {
             self.urgent
-                .retain(|std::cmp::Reverse((_, stamp, serial))| live(serial, !stamp));
+                .retain(|std::cmp::Reverse((_, stamp, serial))| current(jobs, *serial, !stamp));
         }
     }
 
@@ -406,14 +412,10 @@ impl IdleQueue {
     /// otherwise come first).
     fn pop_next(&mut self, now: u64) -> Option<Job> {
         while let Some(std::cmp::Reverse((deadline, inv, serial))) = self.urgent.pop() {
-            let Some(q) = self.jobs.get_mut(&serial) else {
-                continue;
-            };
-            if q.stamp != !inv {
+            if !current(&self.jobs, serial, !inv) {
                 continue;
             }
             if deadline < now {
-                q.deadline = COOLED;
                 self.urgent.push(std::cmp::Reverse((COOLED, inv, serial)));
                 continue;
             }
@@ -424,7 +426,7 @@ impl IdleQueue {
 
     fn pop_oldest(&mut self) -> Option<Job> {
         while let Some((serial, stamp)) = self.order.pop_front() {
-            if self.jobs.get(&serial).is_some_and(|q| q.stamp == stamp) {
+            if current(&self.jobs, serial, stamp) {
                 return self.jobs.remove(&serial).map(|q| q.job);
             }
         }

@@ -185,6 +185,12 @@ impl F80 {
         }
     }
 
+    /// A denormal proper: exponent field 0, J bit clear (not a
+    /// pseudo-denormal).
+    pub fn is_true_denormal(self) -> bool {
+        self.kind() == Kind::Denormal && self.signif >> 63 == 0
+    }
+
     pub fn is_nan(self) -> bool {
         matches!(self.kind(), Kind::QNan | Kind::SNan)
     }
@@ -1104,7 +1110,7 @@ pub fn rem(env: &mut Env, a: F80, b: F80, ieee: bool) -> (F80, u8, bool) {
 /// with no underflow even when UE is unmasked (as Intel's CPUs do, the
 /// vendor emu's CPUID reports; AMD's renormalise it and underflow).
 fn unchanged(env: &mut Env, a: F80) -> F80 {
-    if a.kind() == Kind::Denormal && a.signif >> 63 == 0 {
+    if a.is_true_denormal() {
         return a;
     }
     normalize(env, fin(a))
@@ -1547,7 +1553,7 @@ pub(crate) mod host {
     /// renormalises it and raises an unmasked underflow. The model
     /// follows the SDM and Intel (`identities_leave_a_denormal_unchanged`).
     fn denormal_identity(a: F80, b: F80, fcw: u16, by: Kind) -> bool {
-        a.kind() == Kind::Denormal && a.signif >> 63 == 0 && b.kind() == by && fcw & UE == 0
+        a.is_true_denormal() && b.kind() == by && fcw & UE == 0
     }
 
     #[test]
